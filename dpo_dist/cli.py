@@ -1,0 +1,47 @@
+"""What every launch script shares: arguments, config loading, and user errors without tracebacks.
+
+`deepspeed` passes `--local_rank=N` to the script, torchrun and srun set LOCAL_RANK; both work.
+A `UserError` (bad config key, malformed data line, missing model) prints one line prefixed with
+`error:` on rank 0 (each rank finds the same mistake) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from dpo_dist.config import Config, describe_keys, load_config
+from dpo_dist.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="overrides: section.key=value words after the config, e.g. training.num_epochs=1\n\n"
+        "config keys:\n" + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    return args, args.overrides
+
+
+def run_main(description: str, body: Callable[[Config], int | None], argv: list[str] | None = None) -> None:
+    """Parse, load the config, run `body(config)`; user errors become one clean line and exit 2."""
+    args, overrides = parse_args(description, argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        config = load_config(args.config, overrides)
+        status = body(config)
+    except UserError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(status or 0)

@@ -1,0 +1,314 @@
+"""The typed run config: YAML plus `section.key=value` overrides -> frozen, validated dataclasses.
+
+One dataclass per section; each field carries its help text in `metadata["help"]` (what
+`launch/train.py --help` prints) and, where the value is one of a fixed set, `metadata["choices"]`.
+Loading is strict: an unknown key, a wrong type or a value outside its choices raises `UserError`
+naming the full key path (`training.learning_rate`) and what is accepted. Nothing outside this
+module reads a key with a default; every default lives here.
+
+The standard seed config (sections model/dpo/lora/training) loads unchanged. Note that PyYAML
+reads `1e-6` (no dot) as a string; float fields accept such strings on purpose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_dist.errors import UserError
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field with help text (and allowed values) kept next to its default."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    base_model: str = _opt("", "HF model id or local directory of the base model (e.g. Qwen/Qwen3-4B).")
+    sft_model: str | None = _opt(None, "Checkpoint the policy starts from (the SFT model); defaults to base_model.")
+    ref_model: str | None = _opt(None, "Reference checkpoint; defaults to the policy's starting checkpoint.")
+    dtype: str = _opt(
+        "auto",
+        "Parameter dtype. auto = bfloat16 on a GPU that supports it, else float32.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    attn_implementation: str = _opt(
+        "sdpa", "Attention kernel passed to transformers.", ("eager", "sdpa", "flash_attention_2")
+    )
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    logps_chunk_tokens: int = _opt(
+        1024,
+        "Completion tokens per chunk when computing log-probs; bounds the [chunk, vocab] fp32 logits in memory.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.logps_chunk_tokens < 1:
+            raise UserError("model.logps_chunk_tokens must be >= 1")
+
+    @property
+    def policy_path(self) -> str:
+        """The checkpoint the policy is initialised from."""
+        return self.sft_model or self.base_model
+
+    @property
+    def reference_path(self) -> str:
+        """The frozen reference checkpoint: by default the policy's own starting point."""
+        return self.ref_model or self.policy_path
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    beta: float = _opt(0.1, "Strength of the KL penalty toward the reference (DPO's beta).")
+    loss_type: str = _opt("sigmoid", "Preference loss.", ("sigmoid",))
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise UserError(f"dpo.beta must be > 0, got {self.beta}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    r: int = _opt(16, "LoRA rank.")
+    alpha: int = _opt(32, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
+    target_modules: list[str] = _opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module names that get an adapter.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise UserError(f"lora.r must be >= 1, got {self.r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    num_epochs: int = _opt(1, "Passes over the training data.")
+    batch_size: int = _opt(1, "Preference pairs per micro-batch per process.")
+    eval_batch_size: int | None = _opt(None, "Pairs per eval micro-batch per process; defaults to batch_size.")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _opt(1e-6, "Peak learning rate (AdamW).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.")
+    adam_beta2: float = _opt(0.999, "AdamW beta2.")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+    warmup_ratio: float = _opt(0.0, "Fraction of optimizer steps with linear warmup.")
+    lr_scheduler: str = _opt("linear", "Decay after warmup.", ("linear", "cosine", "constant"))
+    max_seq_length: int = _opt(1024, "Tokens per prompt+completion sequence; longer ones are truncated.")
+    max_steps: int = _opt(-1, "Stop after this many optimizer steps (-1: run num_epochs).")
+    output_dir: str = _opt("output", "Where metrics, the resolved config and the final export go.")
+    seed: int = _opt(42, "Seed for model init, dropout and data order.")
+    logging_steps: int = _opt(10, "Log train metrics every N optimizer steps.")
+    eval_steps: int = _opt(0, "Evaluate every N optimizer steps (0: only before and after training).")
+
+    def __post_init__(self) -> None:
+        positive = ("num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise UserError(f"training.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise UserError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if self.eval_steps < 0:
+            raise UserError(f"training.eval_steps must be >= 0, got {self.eval_steps}")
+
+    @property
+    def micro_eval_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train_files: list[str] = _opt([], "Training preference files (JSONL, JSON, Parquet, or a saved HF dataset dir).")
+    eval_files: list[str] = _opt([], "Held-out preference files, same formats.")
+    skip_invalid: bool = _opt(False, "Skip and count invalid records instead of failing on the first.")
+    truncation_mode: str = _opt(
+        "keep_start", "Which end of an over-long sequence survives (as TRL).", ("keep_start", "keep_end")
+    )
+    shuffle: bool = _opt(True, "Shuffle the training pairs every epoch (seeded).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedConfig:
+    config: str = _opt("ds_configs/zero2.json", "DeepSpeed JSON; 'auto' fields are filled from this config.")
+    timeout_minutes: int = _opt(30, "Collective timeout: a dead rank ends the job after this long.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceConfig:
+    mode: str = _opt("model", "Where reference log-probs come from: a separate frozen model.", ("model",))
+    offload: bool = _opt(False, "Keep the reference's parameters on CPU (ZeRO-3 param offload).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig | None = None
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model.base_model and not self.model.sft_model:
+            raise UserError("model.base_model is required (an HF model id or a local checkpoint directory)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "dpo": DPOConfig,
+    "lora": LoRAConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "deepspeed": DeepSpeedConfig,
+    "reference": ReferenceConfig,
+}
+
+
+def _describe(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any:
+    """Check (and gently convert) one value against its field annotation; `key` names it in errors."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, choices)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]  # a single path is a one-item list
+        return [_coerce(item, args[0], f"{key}[{i}]", None) for i, item in enumerate(items)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-6 as a string (YAML 1.1 wants a dot)
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        if choices and value not in choices:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown key '{key}' in {where}.{hint} Accepted: {', '.join(sorted(known))}")
+
+
+def _build_section(cls: type, raw: Any, section: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{section}: expected a mapping of keys in {where}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown_key_error(f"{section}.{key}", list(fields), where)
+        choices = fields[key].metadata.get("choices")
+        values[key] = _coerce(value, hints[key], f"{section}.{key}", choices)
+    return cls(**values)
+
+
+def parse_override(word: str) -> tuple[list[str], Any]:
+    """`training.learning_rate=2e-6` -> (["training", "learning_rate"], 2e-06); values are YAML."""
+    if "=" not in word:
+        raise UserError(f"override '{word}' must look like section.key=value (e.g. training.num_epochs=1)")
+    key, text = word.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise UserError(f"override '{word}': the key must be section.key, e.g. training.num_epochs")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise UserError(f"override '{word}': the value is not valid YAML ({err})") from None
+    return path, value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections ({', '.join(_SECTIONS)})")
+    for word in overrides:
+        (section, key), value = parse_override(word)
+        if section not in _SECTIONS:
+            raise _unknown_key_error(section, list(_SECTIONS), "the overrides")
+        current = raw.get(section) or {}
+        if not isinstance(current, dict):
+            raise UserError(f"{section}: expected a mapping in {path}")
+        raw[section] = {**current, key: value}
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise _unknown_key_error(name, list(_SECTIONS), str(path))
+        if value is None:  # an empty section (or `lora: null`) keeps the defaults / disables LoRA
+            continue
+        sections[name] = _build_section(_SECTIONS[name], value, name, str(path))
+    return Config(**sections)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (temp file + rename, so a reader never sees half of it)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def describe_keys() -> str:
+    """Every config key with its type, default and help: the body of `launch/train.py --help`."""
+    lines = []
+    for section, cls in _SECTIONS.items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            allowed = f" [{' | '.join(choices)}]" if choices else ""
+            lines.append(f"  {section}.{f.name} ({_describe(hints[f.name])}, default {default!r}){allowed}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

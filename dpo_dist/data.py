@@ -1,0 +1,224 @@
+"""Records -> token ids -> padded pair batches, tokenized the way TRL's DPOTrainer does.
+
+Rendering follows TRL so the numbers of the two tools compare:
+- chat records: the prompt is rendered with the chat template and the generation prompt; the
+  prompt + completion conversation is rendered in full. The rendered prompt must be a prefix of
+  the rendered conversation (a template that renders the prompt differently alone, as Qwen3's
+  thinking tags can, fails here with the record's location instead of training on a context the
+  model never sees at inference).
+- plain strings: the prompt and prompt + completion are tokenized as text; EOS is appended to a
+  completion that does not already end with it.
+The completion starts where the tokenized prompt and the tokenized prompt + completion first
+differ (usually right after the prompt; earlier when tokens merge across the boundary).
+
+Truncation (as TRL's collator): each prompt + completion sequence is cut to `max_seq_length`,
+keeping its start (`keep_start`, the default) or its end (`keep_end`). With `keep_start`, a pair
+whose prompt alone fills the budget has no completion left; it is dropped and counted (the
+count is logged), never silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dpo_dist.records import DataError, Record
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One tokenized pair: each side is prompt + completion ids after truncation."""
+
+    uid: str
+    chosen_ids: list[int]
+    chosen_prompt_len: int  # tokens of chosen_ids before the completion
+    rejected_ids: list[int]
+    rejected_prompt_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class PairBatch:
+    """A micro-batch of B pairs as ONE concatenated batch: rows [0, B) chosen, [B, 2B) rejected."""
+
+    input_ids: torch.Tensor  # (2B, T) right-padded
+    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
+    completion_mask: torch.Tensor  # (2B, T) 1 on completion tokens (the ones scored)
+    pair_weight: torch.Tensor  # (B,) 1.0 for real pairs, 0.0 for eval padding pairs
+    uids: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> "PairBatch":
+        return PairBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            completion_mask=self.completion_mask.to(device),
+            pair_weight=self.pair_weight.to(device),
+            uids=self.uids,
+        )
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pair_weight.shape[0]
+
+
+@dataclass
+class TokenizeStats:
+    total: int = 0
+    dropped_prompt_too_long: int = 0
+    truncated: int = 0
+    boundary_merges: int = 0  # pairs whose completion starts before the end of the tokenized prompt
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def render_texts(record: Record, tokenizer) -> tuple[str, str, str]:
+    """(prompt, prompt + chosen, prompt + rejected) as text, rendered as TRL renders them."""
+    if not record.conversational:
+        eos = tokenizer.eos_token
+        chosen = record.chosen if record.chosen.endswith(eos) else record.chosen + eos
+        rejected = record.rejected if record.rejected.endswith(eos) else record.rejected + eos
+        return record.prompt, record.prompt + chosen, record.prompt + rejected
+    if tokenizer.chat_template is None:
+        raise DataError(
+            f"{record.location}: the record is a chat conversation but the tokenizer has no chat template; "
+            "use a tokenizer with one (Qwen's instruct tokenizers have it) or plain-string records"
+        )
+    prompt = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
+    full_chosen = tokenizer.apply_chat_template(record.prompt + record.chosen, tokenize=False)
+    full_rejected = tokenizer.apply_chat_template(record.prompt + record.rejected, tokenize=False)
+    for name, full in (("chosen", full_chosen), ("rejected", full_rejected)):
+        if not full.startswith(prompt):
+            raise DataError(
+                f"{record.location}: the chat template renders the prompt (with the generation prompt) "
+                f"differently from the start of prompt + {name}, so the completion has no clean start. "
+                f"Prompt ends with {prompt[-40:]!r}; the conversation continues {full[len(prompt) - 40:len(prompt)]!r}. "
+                "Qwen3's template does this with thinking tags: pass enable_thinking consistently or use a "
+                "template whose generation prompt matches how it renders the assistant turn"
+            )
+    return prompt, full_chosen, full_rejected
+
+
+def _token_ids(tokenizer, text: str, conversational: bool) -> list[int]:
+    # Chat text already holds its special tokens; plain text gets the tokenizer's own (TRL does the same).
+    return tokenizer(text, add_special_tokens=not conversational)["input_ids"]
+
+
+def _truncate(ids: list[int], prompt_len: int, max_len: int, mode: str) -> tuple[list[int], int]:
+    if len(ids) <= max_len:
+        return ids, prompt_len
+    if mode == "keep_start":
+        return ids[:max_len], min(prompt_len, max_len)
+    cut = len(ids) - max_len
+    return ids[cut:], max(prompt_len - cut, 0)
+
+
+def tokenize_record(record: Record, tokenizer, max_seq_length: int, truncation_mode: str, stats: TokenizeStats):
+    """One record -> `PreferenceExample`, or None when truncation leaves no completion token."""
+    prompt_text, chosen_text, rejected_text = render_texts(record, tokenizer)
+    prompt_ids = _token_ids(tokenizer, prompt_text, record.conversational)
+    chosen_ids = _token_ids(tokenizer, chosen_text, record.conversational)
+    rejected_ids = _token_ids(tokenizer, rejected_text, record.conversational)
+    prompt_len = min(_common_prefix_length(prompt_ids, chosen_ids), _common_prefix_length(prompt_ids, rejected_ids))
+    stats.total += 1
+    stats.boundary_merges += prompt_len < len(prompt_ids)
+    if len(chosen_ids) == prompt_len or len(rejected_ids) == prompt_len:
+        raise DataError(f"{record.location}: a completion renders to no tokens")
+    stats.truncated += max(len(chosen_ids), len(rejected_ids)) > max_seq_length
+    chosen_ids, chosen_prompt_len = _truncate(chosen_ids, prompt_len, max_seq_length, truncation_mode)
+    rejected_ids, rejected_prompt_len = _truncate(rejected_ids, prompt_len, max_seq_length, truncation_mode)
+    if chosen_prompt_len >= len(chosen_ids) or rejected_prompt_len >= len(rejected_ids):
+        stats.dropped_prompt_too_long += 1
+        return None
+    return PreferenceExample(record.uid, chosen_ids, chosen_prompt_len, rejected_ids, rejected_prompt_len)
+
+
+def tokenize_records(records: list[Record], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool):
+    """All records -> examples, plus stats. A record that cannot render fails (or is skipped and counted)."""
+    stats = TokenizeStats()
+    examples = []
+    render_failures = 0
+    for record in records:
+        try:
+            example = tokenize_record(record, tokenizer, max_seq_length, truncation_mode, stats)
+        except DataError:
+            if not skip_invalid:
+                raise
+            render_failures += 1
+            continue
+        if example is not None:
+            examples.append(example)
+    return examples, stats, render_failures
+
+
+def collate(examples: list[PreferenceExample], pad_token_id: int, pair_weight: list[float] | None = None) -> PairBatch:
+    """Right-pad chosen and rejected sequences into one (2B, T) batch with its masks."""
+    sequences = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+    prompt_lens = [e.chosen_prompt_len for e in examples] + [e.rejected_prompt_len for e in examples]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(zip(sequences, prompt_lens)):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        completion_mask[row, prompt_len : len(ids)] = 1
+    weights = torch.tensor(pair_weight if pair_weight is not None else [1.0] * len(examples), dtype=torch.float32)
+    return PairBatch(input_ids, attention_mask, completion_mask, weights, [e.uid for e in examples])
+
+
+def epoch_order(num_examples: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """The example order of one epoch: a seeded permutation, the same on every rank."""
+    if not shuffle:
+        return list(range(num_examples))
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()
+
+
+def steps_per_epoch(num_examples: int, global_batch_pairs: int) -> int:
+    """Optimizer steps in one epoch; the last partial global batch is left out (a different one each epoch)."""
+    return num_examples // global_batch_pairs
+
+
+def rank_step_indices(
+    order: list[int], step: int, rank: int, world_size: int, micro_batch: int, accumulation: int
+) -> list[list[int]]:
+    """Example indices of this rank's micro-batches for optimizer step `step` of the epoch.
+
+    Global batch `step` is order[step*G : (step+1)*G] with G = micro_batch * world_size * accumulation;
+    micro-step m gives rank r the slice starting at m*micro_batch*world_size + r*micro_batch. One
+    process with micro_batch*world_size pairs per micro-batch sees the same global batch.
+    """
+    global_batch = micro_batch * world_size * accumulation
+    start = step * global_batch
+    micro_batches = []
+    for micro_step in range(accumulation):
+        offset = start + micro_step * micro_batch * world_size + rank * micro_batch
+        micro_batches.append(order[offset : offset + micro_batch])
+    return micro_batches
+
+
+def eval_batches(examples: list[PreferenceExample], rank: int, world_size: int, micro_batch: int, pad_token_id: int):
+    """This rank's share of the eval set as batches; every example is scored exactly once overall.
+
+    All ranks get the same number of micro-batches (ZeRO-3 forwards are collective), so short
+    ranks are filled with weight-0 copies of the first example that add nothing to the metrics.
+    """
+    per_round = micro_batch * world_size
+    rounds = -(-len(examples) // per_round)
+    for round_index in range(rounds):
+        start = round_index * per_round + rank * micro_batch
+        chunk = examples[start : start + micro_batch]
+        weights = [1.0] * len(chunk) + [0.0] * (micro_batch - len(chunk))
+        chunk = chunk + [examples[0]] * (micro_batch - len(chunk))
+        yield collate(chunk, pad_token_id, weights)

@@ -1,0 +1,257 @@
+"""Everything DeepSpeed: process group, config filling, the training and inference engines.
+
+The trainer never imports deepspeed; it gets a `TrainEngine` with forward/backward/step and the
+numbers it logs. DeepSpeed JSONs in `ds_configs/` hold "auto" where a value follows from the
+run config (batch sizes, clipping, precision, bucket sizes); `fill_ds_config` resolves them and
+checks the batch arithmetic, so the JSON and the YAML can never disagree silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpo_dist.config import Config, TrainingConfig
+from dpo_dist.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int) -> DistInfo:
+    """Join the process group made by deepspeed/torchrun/srun, or make a one-process group for plain python."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(),
+        auto_mpi_discovery=False,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+    import torch.distributed as dist
+
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"),
+    )
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' -> bfloat16 on a CUDA device that supports it, float32 elsewhere (CPU tests, old GPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def read_ds_config(path_text: str) -> dict:
+    """Load a DeepSpeed JSON: the path as given, else relative to the project (ds_configs/zero3.json)."""
+    for candidate in (Path(path_text), PROJECT_ROOT / path_text, PROJECT_ROOT / "ds_configs" / path_text):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError as err:
+                raise UserError(f"{candidate}: not valid JSON ({err}); deepspeed.config must name a DeepSpeed JSON")
+    raise UserError(f"deepspeed.config: {path_text} not found (shipped: {', '.join(sorted(p.name for p in (PROJECT_ROOT / 'ds_configs').glob('*.json')))})")
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _fill(section: dict, key: str, value) -> None:
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+
+
+def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, hidden_size: int, world_size: int) -> dict:
+    """Resolve "auto" fields from the run config and check micro x accumulation x world = global batch."""
+    ds = copy.deepcopy(raw)
+    micro, accumulation = training.batch_size, training.gradient_accumulation_steps
+    _fill(ds, "train_micro_batch_size_per_gpu", micro)
+    _fill(ds, "gradient_accumulation_steps", accumulation)
+    _fill(ds, "train_batch_size", micro * accumulation * world_size)
+    _fill(ds, "gradient_clipping", training.max_grad_norm)
+    if (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) != (micro, accumulation):
+        raise UserError(
+            f"the DeepSpeed config sets micro batch {ds['train_micro_batch_size_per_gpu']} x accumulation "
+            f"{ds['gradient_accumulation_steps']}, but training.batch_size={micro} and "
+            f"training.gradient_accumulation_steps={accumulation}; set those fields to \"auto\" in the JSON"
+        )
+    if ds["train_batch_size"] != micro * accumulation * world_size:
+        raise UserError(
+            f"the DeepSpeed config's train_batch_size {ds['train_batch_size']} != batch_size {micro} x "
+            f"gradient_accumulation_steps {accumulation} x world size {world_size}; set it to \"auto\""
+        )
+    for key, enabled in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = ds.setdefault(key, {})
+        _fill(section, "enabled", enabled)
+        if section["enabled"] != enabled:
+            raise UserError(f"the DeepSpeed config sets {key}.enabled={section['enabled']} but model.dtype is {dtype}")
+    zero = ds.setdefault("zero_optimization", {})
+    # Bucket sizes as transformers' integration derives them from the hidden size.
+    _fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
+    if zero_stage(ds) == 3:
+        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
+    leftover = [key for key, value in _walk(ds) if value == "auto"]
+    if leftover:
+        raise UserError(f"the DeepSpeed config has \"auto\" values dpo-dist cannot fill: {', '.join(leftover)}")
+    return ds
+
+
+def _walk(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _walk(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def reference_ds_config(train_ds: dict, offload: bool) -> dict:
+    """Config of the frozen reference: ZeRO-3 sharded like the policy when the policy is ZeRO-3,
+    or when offloaded (ZeRO-3 param offload keeps its weights in CPU memory); no optimizer."""
+    ds = {
+        key: copy.deepcopy(train_ds[key])
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16")
+        if key in train_ds
+    }
+    train_zero = train_ds.get("zero_optimization", {})
+    if zero_stage(train_ds) == 3 or offload:
+        zero = {"stage": 3}
+        for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "reduce_bucket_size"):
+            if key in train_zero:
+                zero[key] = train_zero[key]
+        if offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds["zero_optimization"] = zero
+    else:
+        ds["zero_optimization"] = {"stage": 0}
+    return ds
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Linear warmup from 0 to 1 over `warmup_steps`, then linear/cosine decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.0, 1.0 - progress)
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and norm weights are 1-D (under ZeRO-3 the true shape is ds_shape)."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if not param.requires_grad:
+            continue
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (decay if ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TrainEngine:
+    """A DeepSpeed engine around the policy `SequenceLogps`, with the optimizer and LR schedule."""
+
+    def __init__(self, module: nn.Module, ds_config: dict, training: TrainingConfig, total_steps: int):
+        import deepspeed
+
+        warmup_steps = math.ceil(training.warmup_ratio * total_steps)
+        optimizer = torch.optim.AdamW(
+            _param_groups(module, training.weight_decay),
+            lr=training.learning_rate,
+            betas=(training.adam_beta1, training.adam_beta2),
+            eps=training.adam_epsilon,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, training.lr_scheduler)
+        )
+        ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.scheduler = scheduler
+
+    def __call__(self, *args):
+        return self.engine(*args)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    def step(self) -> None:
+        self.engine.step()  # optimizer + scheduler step only at the accumulation boundary
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+
+def build_inference_engine(module: nn.Module, ds_config: dict, device: torch.device) -> nn.Module:
+    """A frozen model for scoring: ZeRO-3 sharded (and maybe CPU-offloaded) through DeepSpeed, else plain."""
+    module.eval()
+    module.requires_grad_(False)
+    if zero_stage(ds_config) != 3:
+        return module.to(device)
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config)
+    engine.eval()
+    return engine

@@ -1,0 +1,96 @@
+"""Sequence log-probs of completions from a causal LM, without a [batch, seq, vocab] logits tensor.
+
+Qwen's vocabulary is 151,936 tokens: full fp32 logits for a 2 x 2 x 2048 batch are 5 GB, and a
+log-softmax over them doubles it. Instead the decoder runs once, the hidden states of the positions
+that predict completion tokens are gathered (prompt and padding are never projected), and the
+lm_head + logsumexp run over chunks of `chunk_tokens` of them. With gradients on, each chunk is
+checkpointed: only its hidden states are kept and its logits are recomputed in backward, so peak
+logits memory is one chunk, `chunk_tokens x vocab x 4` bytes, in forward and backward alike.
+
+`SequenceLogps` is an `nn.Module` around the causal LM so that DeepSpeed sees one root module
+(its ZeRO-3 hooks gather the lm_head on every chunk call, including the recomputation). Chosen and
+rejected go through it in ONE forward: the batch is [chosen rows; rejected rows].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dpo_dist.data import PairBatch
+
+
+@dataclass
+class PairLogps:
+    """Per-pair outputs of one concatenated forward; every tensor is (B,)."""
+
+    chosen_logps: torch.Tensor  # sum of log p(token) over the chosen completion
+    rejected_logps: torch.Tensor
+    chosen_logits_sum: torch.Tensor  # detached: sum over completion tokens of the mean-over-vocab logit
+    rejected_logits_sum: torch.Tensor
+    chosen_tokens: torch.Tensor  # completion token counts
+    rejected_tokens: torch.Tensor
+
+
+def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
+    """(n, H) hidden states and (n,) next tokens -> (n,) log p(target) and (n,) mean logit, in fp32."""
+    logits = lm_head(hidden).float()  # (n, V)
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return target_logits - torch.logsumexp(logits, dim=-1), logits.mean(dim=-1).detach()
+
+
+class SequenceLogps(nn.Module):
+    """Wraps a causal LM; `forward` maps a concatenated pair batch to per-sequence sums."""
+
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+        """Returns (logps, logits_sum, token_counts), each (2B,): sums over each row's completion tokens."""
+        decoder = self.causal_lm.get_decoder()
+        lm_head = self.causal_lm.get_output_embeddings()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # Position t predicts token t+1: score position t when token t+1 is a completion token.
+        scored = completion_mask[:, 1:].bool()  # (2B, T-1)
+        hidden = hidden[:, :-1][scored]  # (N, H), N = completion tokens in the batch
+        targets = input_ids[:, 1:][scored]  # (N,)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(scored)[scored]
+
+        token_logps, token_mean_logits = [], []
+        for start in range(0, hidden.shape[0], self.chunk_tokens):
+            chunk = (hidden[start : start + self.chunk_tokens], targets[start : start + self.chunk_tokens])
+            if torch.is_grad_enabled() and hidden.requires_grad:
+                logps, mean_logits = checkpoint(_chunk_token_stats, lm_head, *chunk, use_reentrant=False)
+            else:
+                logps, mean_logits = _chunk_token_stats(lm_head, *chunk)
+            token_logps.append(logps)
+            token_mean_logits.append(mean_logits)
+
+        num_rows = input_ids.shape[0]
+        zeros = hidden.new_zeros(num_rows, dtype=torch.float32)
+        if token_logps:
+            logps = zeros.index_add(0, rows, torch.cat(token_logps))
+            logits_sum = zeros.detach().index_add(0, rows, torch.cat(token_mean_logits))
+        else:  # no completion tokens at all: keep the graph connected so backward still runs
+            logps = zeros + 0.0 * hidden.sum()
+            logits_sum = zeros.detach()
+        return logps, logits_sum, scored.sum(dim=1)
+
+
+def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
+    """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected."""
+    logps, logits_sum, tokens = model(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    num_pairs = batch.num_pairs
+    return PairLogps(
+        chosen_logps=logps[:num_pairs],
+        rejected_logps=logps[num_pairs:],
+        chosen_logits_sum=logits_sum[:num_pairs],
+        rejected_logits_sum=logits_sum[num_pairs:],
+        chosen_tokens=tokens[:num_pairs],
+        rejected_tokens=tokens[num_pairs:],
+    )

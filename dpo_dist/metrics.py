@@ -1,0 +1,148 @@
+"""Metric sums across micro-steps and ranks, and where they are written (rank 0 only).
+
+Sums stay as device tensors over a logging window; a log step stacks them and runs ONE
+all-reduce, then divides by the global counts. Names and meanings follow TRL's DPOTrainer:
+- per-pair means (over every pair of every rank): loss, rewards/chosen, rewards/rejected,
+  rewards/accuracies (chosen reward strictly greater), rewards/margins, logps/chosen, logps/rejected;
+- per-token means: logits/chosen, logits/rejected (the mean-over-vocab logit of completion tokens).
+Eval padding pairs carry weight 0 and count nowhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dpo_dist.losses import PreferenceLoss
+from dpo_dist.logps import PairLogps
+
+# name -> the count it is divided by after the all-reduce
+_MEAN_OVER = {
+    "loss": "pairs",
+    "rewards/chosen": "pairs",
+    "rewards/rejected": "pairs",
+    "rewards/accuracies": "pairs",
+    "rewards/margins": "pairs",
+    "logps/chosen": "pairs",
+    "logps/rejected": "pairs",
+    "logits/chosen": "chosen_tokens",
+    "logits/rejected": "rejected_tokens",
+}
+_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens")
+
+
+def batch_sums(loss: PreferenceLoss, policy: PairLogps, weight: torch.Tensor, num_tokens: torch.Tensor) -> dict:
+    """Weighted sums of one micro-batch's metrics (detached); `weight` is (B,) with 0 for padding pairs."""
+    w = weight.to(loss.losses.dtype)
+    return {
+        "loss": (loss.losses.detach() * w).sum(),
+        "rewards/chosen": (loss.chosen_rewards * w).sum(),
+        "rewards/rejected": (loss.rejected_rewards * w).sum(),
+        "rewards/accuracies": ((loss.chosen_rewards > loss.rejected_rewards).to(w.dtype) * w).sum(),
+        "rewards/margins": ((loss.chosen_rewards - loss.rejected_rewards) * w).sum(),
+        "logps/chosen": (policy.chosen_logps.detach() * w).sum(),
+        "logps/rejected": (policy.rejected_logps.detach() * w).sum(),
+        "logits/chosen": (policy.chosen_logits_sum * w).sum(),
+        "logits/rejected": (policy.rejected_logits_sum * w).sum(),
+        "pairs": w.sum(),
+        "chosen_tokens": (policy.chosen_tokens.to(w.dtype) * w).sum(),
+        "rejected_tokens": (policy.rejected_tokens.to(w.dtype) * w).sum(),
+        "tokens": num_tokens.to(w.dtype),
+    }
+
+
+class MetricWindow:
+    """Accumulates `batch_sums` over micro-steps; `reduce()` all-reduces once and returns means."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def add(self, sums: dict[str, torch.Tensor]) -> None:
+        for name, value in sums.items():
+            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+
+    def reduce(self) -> dict[str, float]:
+        """Global means over all ranks since the last reduce (collective: every rank calls it)."""
+        names = list(_MEAN_OVER) + list(_COUNTS)
+        local = torch.stack([self._sums[name].double() for name in names])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        totals = dict(zip(names, local.tolist()))
+        self._sums = {}
+        means = {name: totals[name] / max(totals[count], 1.0) for name, count in _MEAN_OVER.items()}
+        means["num_pairs"] = totals["pairs"]
+        means["num_tokens"] = totals["tokens"]
+        return means
+
+
+class NullLogger:
+    """What ranks other than 0 get: the loop calls `log` everywhere and never branches on rank."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def progress(self, total: int, initial: int = 0):
+        return _NullProgress()
+
+    def info(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _NullProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RankZeroLogger(NullLogger):
+    """metrics.jsonl (appended), TensorBoard events and a tqdm bar, written by rank 0."""
+
+    def __init__(self, output_dir: str | os.PathLike, use_tensorboard: bool = True):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._tensorboard = None
+        if use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(name, value, step)
+            self._tensorboard.flush()
+
+    def progress(self, total: int, initial: int = 0):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def info(self, message: str) -> None:
+        print(message, flush=True)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def make_logger(rank: int, output_dir: str | os.PathLike) -> NullLogger:
+    return RankZeroLogger(output_dir) if rank == 0 else NullLogger()

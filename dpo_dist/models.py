@@ -1,0 +1,109 @@
+"""Load the tokenizer, the policy and the reference from HF-format checkpoints.
+
+Under ZeRO-3 a model is created inside DeepSpeed's `zero.Init` (transformers does this while an
+`HfDeepSpeedConfig` for a stage-3 config is alive), so each rank only ever holds its shard and a
+model larger than one device never materialises whole. A name that is not a local directory is
+looked up in the Hugging Face cache / hub; when it cannot be found the error says so plainly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpo_dist.config import LoRAConfig, ModelConfig
+from dpo_dist.errors import UserError
+
+
+def _missing_model_error(name: str, err: Exception) -> UserError:
+    if Path(name).exists() or name.startswith((".", "/")):
+        return UserError(f"model checkpoint {name}: cannot load it as a Hugging Face model ({err})")
+    return UserError(
+        f"model '{name}' is not a local directory and could not be loaded from the Hugging Face cache or hub "
+        f"({type(err).__name__}). Download it where the hub is reachable (huggingface-cli download {name}), "
+        "point HF_HOME at a cache that holds it, or give a local checkpoint directory"
+    )
+
+
+def load_tokenizer(name: str):
+    """The policy's tokenizer; a pad token is required for batching (Qwen's is <|endoftext|>)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise _missing_model_error(name, err) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer of {name} has no EOS token; plain-string completions need one")
+    return tokenizer
+
+
+def read_model_config(name: str):
+    """The HF config alone (no weights): hidden size for DeepSpeed buckets, shapes for the planner."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise _missing_model_error(name, err) from None
+
+
+@contextlib.contextmanager
+def zero3_init_scope(ds_config: dict | None):
+    """While active, transformers builds models partitioned (zero.Init) for a stage-3 `ds_config`."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        yield
+        return
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
+
+
+def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_config: dict | None) -> nn.Module:
+    """An `AutoModelForCausalLM` from `name`, partitioned at creation when `ds_config` is ZeRO-3."""
+    from transformers import AutoModelForCausalLM
+
+    with zero3_init_scope(ds_config):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, attn_implementation=model_config.attn_implementation
+            )
+        except (OSError, ValueError) as err:
+            raise _missing_model_error(name, err) from None
+        except ImportError as err:  # e.g. flash_attention_2 requested without the package
+            raise UserError(f"model.attn_implementation={model_config.attn_implementation}: {err}") from None
+    model.config.use_cache = False
+    return model
+
+
+def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig | None) -> nn.Module:
+    """Gradient checkpointing and, when configured, a PEFT LoRA adapter on the policy."""
+    if model_config.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (LoRA) and with ZeRO-3's parameter hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    adapter = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, adapter)
+    except ValueError as err:
+        raise UserError(f"lora.target_modules: {err}") from None

@@ -1,0 +1,151 @@
+"""Read preference records from disk and check their shape, naming file and line on any problem.
+
+A record is `{"prompt": P, "chosen": C, "rejected": R}` where P is a string or a list of chat
+messages (`{"role": ..., "content": ...}`, system/user/assistant/tool), and C, R are strings or
+lists of assistant messages. A string completion under a chat prompt is taken as one assistant
+message. Each record gets a `uid` from its content, so the same pair has the same id in every
+run, on every rank, and in the reference cache.
+
+Formats: `.jsonl` is parsed here line by line (so errors give the line); `.json` and `.parquet`
+go through `datasets` (errors give the row); a directory is a dataset saved with
+`datasets.Dataset.save_to_disk`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from dpo_dist.errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(UserError):
+    """A record that cannot be used; the message starts with `file:line:`."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated preference pair and where it came from."""
+
+    uid: str
+    location: str  # "file:line" or "file:row N", for error messages
+    prompt: str | list[dict[str, str]]
+    chosen: str | list[dict[str, str]]
+    rejected: str | list[dict[str, str]]
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def record_uid(prompt: Any, chosen: Any, rejected: Any) -> str:
+    """A stable id from the pair's content: canonical JSON, sha256, first 16 hex digits."""
+    canonical = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_messages(value: Any, field: str, completion: bool) -> str | None:
+    """The reason a message list is malformed, or None."""
+    if not value:
+        return f"'{field}' is an empty list"
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} - {"name", "tool_calls"}:
+            return f"'{field}[{i}]' must be a mapping with 'role' and 'content'"
+        if message.get("role") not in ROLES:
+            return f"'{field}[{i}].role' is {message.get('role')!r}; expected one of {', '.join(ROLES)}"
+        if not isinstance(message.get("content"), str):
+            return f"'{field}[{i}].content' must be a string"
+        if completion and message["role"] != "assistant":
+            return f"'{field}[{i}]' has role {message['role']!r}; completions hold assistant messages only"
+    return None
+
+
+def validate(raw: Any) -> tuple[dict | None, str | None]:
+    """Check one parsed record. Returns (normalised record, None) or (None, reason)."""
+    if not isinstance(raw, dict):
+        return None, f"expected a JSON object, got {type(raw).__name__}"
+    missing = [key for key in ("prompt", "chosen", "rejected") if raw.get(key) is None]
+    if missing:
+        return None, f"missing key(s) {', '.join(repr(k) for k in missing)} (each record needs prompt, chosen, rejected)"
+    prompt, chosen, rejected = raw["prompt"], raw["chosen"], raw["rejected"]
+    if isinstance(prompt, list):
+        reason = _check_messages(prompt, "prompt", completion=False)
+        if reason:
+            return None, reason
+        if prompt[-1]["role"] == "assistant":
+            return None, "'prompt' ends with an assistant message; the last prompt turn must be from the user"
+        # A plain-string completion under a chat prompt is one assistant turn.
+        chosen = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
+        rejected = [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else rejected
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, list):
+                return None, f"'{name}' must be a string or a list of assistant messages"
+            reason = _check_messages(value, name, completion=True)
+            if reason:
+                return None, reason
+    elif isinstance(prompt, str):
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str):
+                return None, f"'{name}' must be a string when 'prompt' is a string"
+            if not value:
+                return None, f"'{name}' is empty"
+    else:
+        return None, "'prompt' must be a string or a list of chat messages"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_number}", json.loads(line), None
+            except json.JSONDecodeError as err:
+                yield f"{path}:{line_number}", None, f"not valid JSON ({err.msg} at column {err.colno})"
+
+
+def _dataset_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    import datasets  # imported here: slow to import and only needed for these formats
+
+    try:
+        if path.is_dir():
+            dataset = datasets.load_from_disk(str(path))
+        else:
+            builder = "parquet" if path.suffix == ".parquet" else "json"
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise DataError(f"{path}: cannot read as a {path.suffix or 'saved'} dataset: {err}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise DataError(f"{path}: holds several splits ({', '.join(dataset)}); point at one split's directory")
+    for row, item in enumerate(dataset):
+        yield f"{path}:row {row}", item, None
+
+
+def read_records(paths: list[str], skip_invalid: bool) -> tuple[list[Record], dict[str, int]]:
+    """All valid records from `paths`, in file order, and the count of skipped ones by reason.
+
+    Without `skip_invalid` the first bad record raises `DataError` naming its file and line.
+    """
+    records: list[Record] = []
+    skipped: dict[str, int] = {}
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise DataError(f"{path}: data file does not exist (check data.train_files / data.eval_files)")
+        rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _dataset_rows(path)
+        for location, raw, parse_error in rows:
+            normalised, reason = (None, parse_error) if parse_error else validate(raw)
+            if reason:
+                if not skip_invalid:
+                    raise DataError(f"{location}: {reason}. Fix the record, or set data.skip_invalid: true to skip it")
+                skipped[reason.split(" (")[0]] = skipped.get(reason.split(" (")[0], 0) + 1
+                continue
+            uid = record_uid(normalised["prompt"], normalised["chosen"], normalised["rejected"])
+            records.append(Record(uid=uid, location=location, **normalised))
+    return records, skipped

@@ -1,0 +1,221 @@
+"""The DPO loop: setup() -> train() / evaluate() -> cleanup().
+
+One optimizer step (`train_step`): for each micro-batch, policy log-probs of chosen and rejected
+in one forward, reference log-probs, the preference loss, backward; DeepSpeed steps at the
+accumulation boundary. Logging, eval and export are calls around it, not branches inside it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpo_dist import data as data_lib
+from dpo_dist.checkpoint import export_hf
+from dpo_dist.config import Config, save_config
+from dpo_dist.engine import (
+    DistInfo,
+    TrainEngine,
+    build_inference_engine,
+    fill_ds_config,
+    read_ds_config,
+    reference_ds_config,
+    resolve_dtype,
+)
+from dpo_dist.errors import UserError
+from dpo_dist.logps import SequenceLogps, forward_pair
+from dpo_dist.losses import LOSSES
+from dpo_dist.metrics import MetricWindow, batch_sums, make_logger
+from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
+from dpo_dist.records import read_records
+from dpo_dist.reference import ModelReference
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_examples(files: list[str], tokenizer, config: Config, logger, split: str):
+    """Read, validate and tokenize one split; report everything that was skipped or cut."""
+    records, skipped = read_records(files, config.data.skip_invalid)
+    examples, stats, render_failures = data_lib.tokenize_records(
+        records, tokenizer, config.training.max_seq_length, config.data.truncation_mode, config.data.skip_invalid
+    )
+    logger.info(f"{split}: {len(examples)} pairs from {len(files)} file(s)")
+    for reason, count in skipped.items():
+        logger.info(f"{split}: skipped {count} invalid record(s): {reason}")
+    if render_failures:
+        logger.info(f"{split}: skipped {render_failures} record(s) the chat template could not render cleanly")
+    if stats.truncated:
+        logger.info(f"{split}: {stats.truncated} pair(s) longer than training.max_seq_length were truncated")
+    if stats.dropped_prompt_too_long:
+        logger.info(
+            f"{split}: dropped {stats.dropped_prompt_too_long} pair(s) whose prompt alone fills "
+            f"training.max_seq_length={config.training.max_seq_length} (no completion token left)"
+        )
+    if not examples:
+        raise UserError(f"{split}: no usable preference pairs in {', '.join(files)}")
+    return examples
+
+
+class Trainer:
+    def __init__(self, config: Config, dist_info: DistInfo):
+        self.config = config
+        self.dist = dist_info
+        self.logger = make_logger(dist_info.rank, config.training.output_dir)
+        self.loss_fn = LOSSES[config.dpo.loss_type]
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, train: bool = True) -> None:
+        """Tokenizer, data, DeepSpeed configs, reference, policy. `train=False` builds no optimizer."""
+        config, training = self.config, self.config.training
+        seed_everything(training.seed)
+        self.tokenizer = load_tokenizer(config.model.policy_path)
+        self.dtype = resolve_dtype(config.model.dtype)
+        hidden_size = read_model_config(config.model.policy_path).hidden_size
+        raw_ds = read_ds_config(config.deepspeed.config)
+        self.ds_config = fill_ds_config(raw_ds, training, self.dtype, hidden_size, self.dist.world_size)
+
+        if train and not config.data.train_files:
+            raise UserError("data.train_files is empty: set it in the config or pass data.train_files=[path.jsonl]")
+        self.train_examples = load_examples(config.data.train_files, self.tokenizer, config, self.logger, "train") if train else []
+        self.eval_examples = (
+            load_examples(config.data.eval_files, self.tokenizer, config, self.logger, "eval") if config.data.eval_files else []
+        )
+        self.global_batch = training.batch_size * self.dist.world_size * training.gradient_accumulation_steps
+        self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_examples), self.global_batch)
+        if train and self.steps_per_epoch == 0:
+            raise UserError(
+                f"{len(self.train_examples)} training pairs are fewer than one global batch of {self.global_batch} "
+                "(batch_size x processes x gradient_accumulation_steps); lower one of them or add data"
+            )
+        total = self.steps_per_epoch * training.num_epochs
+        self.total_steps = min(total, training.max_steps) if training.max_steps > 0 else total
+
+        self.reference = self._build_reference()
+        policy = load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config)
+        policy = prepare_policy(policy, config.model, config.lora)
+        self.causal_lm = policy
+        scorer = SequenceLogps(policy, config.model.logps_chunk_tokens)
+        if train:
+            self.policy = TrainEngine(scorer, self.ds_config, training, max(self.total_steps, 1))
+        else:
+            self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device)
+        if self.dist.is_main:
+            Path(training.output_dir).mkdir(parents=True, exist_ok=True)
+            save_config(config, Path(training.output_dir) / "config.yaml")
+
+    def _build_reference(self) -> ModelReference:
+        ref_ds = reference_ds_config(self.ds_config, self.config.reference.offload)
+        model = load_causal_lm(self.config.model.reference_path, self.config.model, self.dtype, ref_ds)
+        scorer = SequenceLogps(model, self.config.model.logps_chunk_tokens)
+        return ModelReference(build_inference_engine(scorer, ref_ds, self.dist.device))
+
+    # ---------------------------------------------------------------- the step
+    def _pair_loss(self, batch: data_lib.PairBatch):
+        policy_logps = forward_pair(self.policy, batch)
+        ref_logps = self.reference.logps(batch)
+        loss = self.loss_fn(
+            policy_logps.chosen_logps,
+            policy_logps.rejected_logps,
+            ref_logps.chosen_logps,
+            ref_logps.rejected_logps,
+            beta=self.config.dpo.beta,
+        )
+        return loss, policy_logps
+
+    def train_step(self, micro_batches: list[data_lib.PairBatch], window: MetricWindow) -> None:
+        """One optimizer step over this rank's micro-batches."""
+        for batch in micro_batches:
+            batch = batch.to(self.dist.device)
+            loss, policy_logps = self._pair_loss(batch)
+            # Mean over this micro-batch; DeepSpeed averages over ranks and accumulation steps.
+            self.policy.backward(loss.losses.mean())
+            self.policy.step()
+            window.add(batch_sums(loss, policy_logps, batch.pair_weight, batch.attention_mask.sum()))
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict[str, float]:
+        training = self.config.training
+        self.logger.info(
+            f"training {self.total_steps} optimizer steps: {self.steps_per_epoch} per epoch of "
+            f"{self.global_batch} pairs ({len(self.train_examples) - self.steps_per_epoch * self.global_batch} "
+            f"pairs of each epoch's last partial batch left out; shuffling varies which)"
+        )
+        eval_metrics = self.maybe_evaluate(step=0, force=True)
+        window, step = MetricWindow(), 0
+        progress = self.logger.progress(total=self.total_steps)
+        window_start = time.perf_counter()
+        self.policy.train()
+        for epoch in range(training.num_epochs):
+            order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
+            for epoch_step in range(self.steps_per_epoch):
+                if step >= self.total_steps:
+                    break
+                micro_batches = [
+                    data_lib.collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
+                    for indices in data_lib.rank_step_indices(
+                        order, epoch_step, self.dist.rank, self.dist.world_size,
+                        training.batch_size, training.gradient_accumulation_steps,
+                    )
+                ]
+                self.train_step(micro_batches, window)
+                step += 1
+                progress.update(1)
+                if step % training.logging_steps == 0 or step == self.total_steps:
+                    metrics = window.reduce()
+                    elapsed = time.perf_counter() - window_start
+                    metrics.update(
+                        grad_norm=self.policy.grad_norm(),
+                        learning_rate=self.policy.learning_rate(),
+                        epoch=epoch + (epoch_step + 1) / self.steps_per_epoch,
+                        tokens_per_second=metrics["num_tokens"] / elapsed,
+                    )
+                    self.logger.log(step, metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+                    window_start = time.perf_counter()
+                if training.eval_steps and step % training.eval_steps == 0 and step != self.total_steps:
+                    self.maybe_evaluate(step)
+                    self.policy.train()
+        progress.close()
+        eval_metrics = self.maybe_evaluate(step, force=True) or eval_metrics
+        export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist)
+        self.logger.info(f"exported the policy to {Path(training.output_dir) / 'final'}")
+        return eval_metrics
+
+    # ---------------------------------------------------------------- eval
+    def maybe_evaluate(self, step: int, force: bool = False) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        metrics = self.evaluate()
+        self.logger.log(step, metrics)
+        self.logger.info(
+            f"eval @ step {step}: loss {metrics['eval_loss']:.4f}, "
+            f"reward accuracy {metrics['eval_rewards/accuracies']:.3f}, margin {metrics['eval_rewards/margins']:.4f}"
+        )
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the policy vs the reference on every eval pair exactly once, averaged over all ranks."""
+        self.policy.eval()
+        window = MetricWindow()
+        batches = data_lib.eval_batches(
+            self.eval_examples, self.dist.rank, self.dist.world_size,
+            self.config.training.micro_eval_batch_size, self.tokenizer.pad_token_id,
+        )
+        for batch in batches:
+            batch = batch.to(self.dist.device)
+            loss, policy_logps = self._pair_loss(batch)
+            window.add(batch_sums(loss, policy_logps, batch.pair_weight, batch.attention_mask.sum()))
+        metrics = window.reduce()
+        return {f"eval_{name}": value for name, value in metrics.items()}
+
+    def cleanup(self) -> None:
+        self.logger.close()

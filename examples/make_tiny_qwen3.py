@@ -1,0 +1,104 @@
+"""Make a tiny, randomly initialised Qwen3 model and a small Qwen-style tokenizer, saved to disk.
+
+The demo and the tests load these through the same `from_pretrained` path as a real Qwen
+checkpoint, so nothing here is a mock: it is a real `Qwen3ForCausalLM`, only small (2 layers,
+hidden 64), and a real byte-level BPE tokenizer with Qwen's ChatML special tokens and template.
+No download is involved.
+
+    python examples/make_tiny_qwen3.py examples/tiny-qwen3            # policy / SFT stand-in
+    python examples/make_tiny_qwen3.py examples/tiny-qwen3-ref --seed 1  # a different reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+HERE = Path(__file__).resolve().parent
+
+# Qwen's special tokens: <|endoftext|> pads, <|im_end|> ends an assistant turn (Qwen3 chat EOS).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# ChatML as Qwen2.5/Qwen3 render it (without Qwen3's thinking logic and default system prompt).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _training_corpus() -> list[str]:
+    """Text the BPE merges are learned from: the shipped demo data plus digits and common words."""
+    corpus = [" ".join(str(n) for n in range(100)), "system user assistant You are a helpful assistant."]
+    for name in ("demo_train.jsonl", "demo_eval.jsonl"):
+        path = HERE / "data" / name
+        if path.exists():
+            corpus.extend(path.read_text().splitlines())
+    return corpus
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_training_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=32768,
+    )
+
+
+def build_model(vocab_size: int, seed: int, **overrides) -> Qwen3ForCausalLM:
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,  # as Qwen3-0.6B..4B
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def make_checkpoint(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
+    """Write a tokenizer + random Qwen3 model to `out_dir`, loadable with `from_pretrained`."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), seed, **overrides)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "made_by.json").write_text(json.dumps({"script": "examples/make_tiny_qwen3.py", "seed": seed}))
+    return out_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"wrote {make_checkpoint(args.out_dir, seed=args.seed)}")
+
+
+if __name__ == "__main__":
+    main()
