@@ -39,10 +39,10 @@ def gathered_state_dict(model: nn.Module, dist_info: DistInfo) -> dict[str, torc
 
 
 def export_hf(causal_lm: nn.Module, tokenizer, out_dir: str | os.PathLike, dist_info: DistInfo) -> Path:
-    """Write `causal_lm` (PEFT adapters merged away? no: saved as-is) loadable by `from_pretrained`.
+    """Write `causal_lm` to `out_dir`, loadable by `from_pretrained`. Collective: every rank calls it.
 
-    For a PEFT model this writes the adapter (`PeftModel.from_pretrained` loads it); for a plain
-    model, the full weights. Collective: every rank must call it.
+    A plain model is written as full safetensors weights with its config; a PEFT model as its
+    adapter (`peft.PeftModel.from_pretrained` loads it). The tokenizer goes beside either.
     """
     out_dir = Path(out_dir)
     state = gathered_state_dict(causal_lm, dist_info)

@@ -239,6 +239,11 @@ class TrainEngine:
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def release_gathered_params(self) -> None:
+        """Under ZeRO-3, re-partition parameters left gathered or in flight by prefetching, so that
+        an export can gather them one by one (a no-op for other stages)."""
+        self.engine.empty_partition_cache()
+
     @property
     def module(self) -> nn.Module:
         return self.engine.module

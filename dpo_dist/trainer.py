@@ -185,6 +185,7 @@ class Trainer:
                     self.policy.train()
         progress.close()
         eval_metrics = self.maybe_evaluate(step, force=True) or eval_metrics
+        self.policy.release_gathered_params()
         export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist)
         self.logger.info(f"exported the policy to {Path(training.output_dir) / 'final'}")
         return eval_metrics
