@@ -233,7 +233,7 @@ def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
     return UserError(f"unknown key '{key}' in {where}.{hint} Accepted: {', '.join(sorted(known))}")
 
 
-def _build_section(cls: type, raw: Any, section: str, where: str) -> Any:
+def _build_section(cls: type, raw: Any, section: str, where: str, overridden: set[str]) -> Any:
     if not isinstance(raw, dict):
         raise UserError(f"{section}: expected a mapping of keys in {where}, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -241,7 +241,8 @@ def _build_section(cls: type, raw: Any, section: str, where: str) -> Any:
     values = {}
     for key, value in raw.items():
         if key not in fields:
-            raise _unknown_key_error(f"{section}.{key}", list(fields), where)
+            origin = "the overrides" if f"{section}.{key}" in overridden else where
+            raise _unknown_key_error(f"{section}.{key}", list(fields), origin)
         choices = fields[key].metadata.get("choices")
         values[key] = _coerce(value, hints[key], f"{section}.{key}", choices)
     return cls(**values)
@@ -273,8 +274,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections ({', '.join(_SECTIONS)})")
+    overridden: set[str] = set()
     for word in overrides:
         (section, key), value = parse_override(word)
+        overridden.add(f"{section}.{key}")
         if section not in _SECTIONS:
             raise _unknown_key_error(section, list(_SECTIONS), "the overrides")
         current = raw.get(section) or {}
@@ -287,7 +290,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
             raise _unknown_key_error(name, list(_SECTIONS), str(path))
         if value is None:  # an empty section (or `lora: null`) keeps the defaults / disables LoRA
             continue
-        sections[name] = _build_section(_SECTIONS[name], value, name, str(path))
+        sections[name] = _build_section(_SECTIONS[name], value, name, str(path), overridden)
     return Config(**sections)
 
 

@@ -172,6 +172,19 @@ def reference_ds_config(train_ds: dict, offload: bool) -> dict:
     return ds
 
 
+def param_elements(module: nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole model): under ZeRO-3 a rank holds a shard."""
+    local = total = 0
+    for param in module.parameters():
+        if hasattr(param, "ds_tensor"):
+            local += param.ds_tensor.numel()
+            total += param.ds_numel
+        else:
+            local += param.numel()
+            total += param.numel()
+    return local, total
+
+
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
     """Linear warmup from 0 to 1 over `warmup_steps`, then linear/cosine decay to 0, or constant."""
     if step < warmup_steps:

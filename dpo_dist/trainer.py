@@ -22,6 +22,7 @@ from dpo_dist.engine import (
     TrainEngine,
     build_inference_engine,
     fill_ds_config,
+    param_elements,
     read_ds_config,
     reference_ds_config,
     resolve_dtype,
@@ -107,6 +108,9 @@ class Trainer:
             self.policy = TrainEngine(scorer, self.ds_config, training, max(self.total_steps, 1))
         else:
             self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device)
+        for name, model in (("policy", policy), ("reference", self.reference_model)):
+            local, total = param_elements(model)
+            self.logger.info(f"{name}: rank 0 holds {local:,} of {total:,} parameter elements")
         if self.dist.is_main:
             Path(training.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(config, Path(training.output_dir) / "config.yaml")
@@ -114,6 +118,7 @@ class Trainer:
     def _build_reference(self) -> ModelReference:
         ref_ds = reference_ds_config(self.ds_config, self.config.reference.offload)
         model = load_causal_lm(self.config.model.reference_path, self.config.model, self.dtype, ref_ds)
+        self.reference_model = model
         scorer = SequenceLogps(model, self.config.model.logps_chunk_tokens)
         return ModelReference(build_inference_engine(scorer, ref_ds, self.dist.device))
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny random Qwen3 policy and a DIFFERENT tiny reference, saved to disk once per
+session and loaded through `from_pretrained` like a real checkpoint; small preference files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from make_tiny_qwen3 import make_checkpoint  # noqa: E402
+
+DEMO_TRAIN = ROOT / "examples" / "data" / "demo_train.jsonl"
+DEMO_EVAL = ROOT / "examples" / "data" / "demo_eval.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "policy", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "reference", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_policy):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_policy)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+CHAT_RECORD = {
+    "prompt": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Sort ascending: 5 3"},
+        {"role": "assistant", "content": "3 5"},
+        {"role": "user", "content": "Sort ascending: 9 1 4"},
+    ],
+    "chosen": [{"role": "assistant", "content": "1 4 9"}],
+    "rejected": [{"role": "assistant", "content": "9 4 1"}],
+}
+PLAIN_RECORD = {"prompt": "Sort ascending: 7 2\nAnswer:", "chosen": " 2 7", "rejected": " 7 2 7 2"}

@@ -1,0 +1,77 @@
+"""Config loading: the seed config unchanged, strict keys and types, overrides, help."""
+
+import textwrap
+
+import pytest
+
+from dpo_dist.config import describe_keys, load_config
+from dpo_dist.errors import UserError
+
+SEED_CONFIG = """\
+model: {base_model: Qwen/Qwen3-4B, sft_model: ./output/sft_model}
+dpo: {beta: 0.1}
+lora: {r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}
+training: {num_epochs: 3, batch_size: 2, gradient_accumulation_steps: 8, learning_rate: 1e-6,
+           warmup_ratio: 0.1, max_seq_length: 2048}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_seed_config_loads_unchanged(tmp_path):
+    config = load_config(write(tmp_path, SEED_CONFIG))
+    assert config.model.policy_path == "./output/sft_model"
+    assert config.model.reference_path == "./output/sft_model"  # the reference defaults to the policy's start
+    assert config.training.learning_rate == 1e-6  # PyYAML reads 1e-6 as a string; it must still be a float
+    assert isinstance(config.training.learning_rate, float)
+    assert config.training.gradient_accumulation_steps == 8 and config.training.max_seq_length == 2048
+    assert config.lora.r == 16 and config.lora.alpha == 32 and len(config.lora.target_modules) == 7
+    assert config.dpo.beta == 0.1 and config.reference.mode == "model"
+
+
+def test_overrides_apply_with_yaml_values(tmp_path):
+    config = load_config(
+        write(tmp_path, SEED_CONFIG),
+        ["training.num_epochs=1", "model.ref_model=/ckpt/ref", "data.train_files=[a.jsonl, b.jsonl]", "data.eval_files=e.jsonl"],
+    )
+    assert config.training.num_epochs == 1
+    assert config.model.reference_path == "/ckpt/ref"
+    assert config.data.train_files == ["a.jsonl", "b.jsonl"] and config.data.eval_files == ["e.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        (SEED_CONFIG + "training2: {}\n", [], "unknown key 'training2'"),
+        (SEED_CONFIG, ["training.lerning_rate=1"], "unknown key 'training.lerning_rate' in the overrides"),
+        (SEED_CONFIG, ["training.num_epochs=two"], "training.num_epochs: expected an integer, got 'two'"),
+        (SEED_CONFIG, ["training.learning_rate=fast"], "training.learning_rate: expected a number"),
+        (SEED_CONFIG, ["model.dtype=float8"], "model.dtype: 'float8' is not one of auto, float32, bfloat16, float16"),
+        (SEED_CONFIG, ["model.gradient_checkpointing=maybe"], "expected true or false"),
+        (SEED_CONFIG, ["training.batch_size=0"], "training.batch_size must be >= 1"),
+        (SEED_CONFIG, ["training"], "must look like section.key=value"),
+        ("model: {sft_model: x}\ndpo: {beta: -1}\n", [], "dpo.beta must be > 0"),
+        ("dpo: {beta: 0.1}\n", [], "model.base_model is required"),
+        ("- a\n- b\n", [], "the top level must be a mapping"),
+        ("model: [1]\n", [], "model: expected a mapping"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(UserError, match="Did you mean 'learning_rate'"):
+        load_config(write(tmp_path, SEED_CONFIG), ["training.lerning_rate=1"])
+
+
+def test_help_lists_every_key():
+    text = describe_keys()
+    for key in ("model.ref_model", "training.eval_steps", "data.train_files", "deepspeed.config", "reference.offload", "lora.r"):
+        assert key in text

@@ -1,0 +1,102 @@
+"""Rendering, tokenization, truncation and batching of preference pairs."""
+
+import pytest
+import torch
+
+from conftest import CHAT_RECORD, PLAIN_RECORD
+from dpo_dist.data import (
+    TokenizeStats,
+    collate,
+    epoch_order,
+    eval_batches,
+    rank_step_indices,
+    render_texts,
+    steps_per_epoch,
+    tokenize_record,
+)
+from dpo_dist.records import DataError
+from test_logps import make_record
+
+
+def test_plain_completion_gets_eos_once(tokenizer):
+    prompt, chosen, rejected = render_texts(make_record(PLAIN_RECORD), tokenizer)
+    assert chosen == PLAIN_RECORD["prompt"] + PLAIN_RECORD["chosen"] + tokenizer.eos_token
+    already = make_record(PLAIN_RECORD | {"chosen": " 2 7" + tokenizer.eos_token})
+    assert render_texts(already, tokenizer)[1].count(tokenizer.eos_token) == 1
+
+
+def test_chat_completion_is_the_assistant_turn(tokenizer):
+    example = tokenize_record(make_record(CHAT_RECORD), tokenizer, 1024, "keep_start", TokenizeStats())
+    completion = tokenizer.decode(example.chosen_ids[example.chosen_prompt_len :])
+    assert completion == "1 4 9<|im_end|>\n"
+    prompt = tokenizer.decode(example.chosen_ids[: example.chosen_prompt_len])
+    assert prompt.endswith("<|im_start|>assistant\n") and "Sort ascending: 5 3" in prompt  # multi-turn kept
+
+
+def test_template_that_breaks_the_prefix_fails_clearly(tokenizer, tmp_path):
+    broken = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    # Like Qwen3 with thinking: the generation prompt adds an empty think block the full render lacks.
+    broken.chat_template = tokenizer.chat_template.replace(
+        "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'"
+    )
+    with pytest.raises(DataError, match=r"test:1: the chat template renders the prompt"):
+        render_texts(make_record(CHAT_RECORD), broken)
+
+
+def test_keep_start_truncation_and_too_long_prompt_dropped(tokenizer):
+    record = make_record(CHAT_RECORD)
+    full = tokenize_record(record, tokenizer, 10_000, "keep_start", TokenizeStats())
+    budget = full.chosen_prompt_len + 2
+    stats = TokenizeStats()
+    cut = tokenize_record(record, tokenizer, budget, "keep_start", stats)
+    assert cut.chosen_ids == full.chosen_ids[:budget] and cut.chosen_prompt_len == full.chosen_prompt_len
+    assert stats.truncated == 1
+    stats = TokenizeStats()
+    assert tokenize_record(record, tokenizer, full.chosen_prompt_len, "keep_start", stats) is None
+    assert stats.dropped_prompt_too_long == 1
+
+
+def test_keep_end_truncation_keeps_the_completion(tokenizer):
+    record = make_record(CHAT_RECORD)
+    full = tokenize_record(record, tokenizer, 10_000, "keep_start", TokenizeStats())
+    cut = tokenize_record(record, tokenizer, 8, "keep_end", TokenizeStats())
+    assert cut.chosen_ids == full.chosen_ids[-8:]
+    completion_len = len(full.chosen_ids) - full.chosen_prompt_len
+    assert len(cut.chosen_ids) - cut.chosen_prompt_len == completion_len
+
+
+def test_collate_masks(tokenizer):
+    examples = [tokenize_record(make_record(r), tokenizer, 1024, "keep_start", TokenizeStats()) for r in (CHAT_RECORD, PLAIN_RECORD)]
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert batch.input_ids.shape[0] == 4 and batch.num_pairs == 2
+    for row, (ids, prompt_len) in enumerate(
+        [(e.chosen_ids, e.chosen_prompt_len) for e in examples] + [(e.rejected_ids, e.rejected_prompt_len) for e in examples]
+    ):
+        assert batch.input_ids[row, : len(ids)].tolist() == ids
+        assert batch.attention_mask[row].sum() == len(ids)
+        assert batch.completion_mask[row].nonzero().flatten().tolist() == list(range(prompt_len, len(ids)))
+    assert batch.uids == [e.uid for e in examples]
+
+
+def test_rank_step_indices_partition_the_global_batch():
+    order = epoch_order(50, epoch=3, seed=7, shuffle=True)
+    assert sorted(order) == list(range(50)) and order != list(range(50))
+    assert order == epoch_order(50, epoch=3, seed=7, shuffle=True) != epoch_order(50, epoch=4, seed=7, shuffle=True)
+    world, micro, accumulation = 2, 3, 2
+    assert steps_per_epoch(50, micro * world * accumulation) == 4
+    for step in range(4):
+        seen = [i for rank in range(world) for mb in rank_step_indices(order, step, rank, world, micro, accumulation) for i in mb]
+        assert sorted(seen) == sorted(order[step * 12 : (step + 1) * 12])
+        # one process with micro*world pairs per micro-batch sees the same pairs
+        single = [i for mb in rank_step_indices(order, step, 0, 1, micro * world, accumulation) for i in mb]
+        assert sorted(single) == sorted(seen)
+
+
+def test_eval_batches_score_every_pair_once_across_ranks(tokenizer):
+    examples = [tokenize_record(make_record(PLAIN_RECORD | {"chosen": f" {i}"}), tokenizer, 64, "keep_start", TokenizeStats()) for i in range(7)]
+    world, micro = 2, 3
+    per_rank = [list(eval_batches(examples, rank, world, micro, tokenizer.pad_token_id)) for rank in range(world)]
+    assert len(per_rank[0]) == len(per_rank[1])  # collective forwards stay in step under ZeRO-3
+    real = [uid for batches in per_rank for b in batches for uid, w in zip(b.uids, b.pair_weight) if w == 1.0]
+    assert sorted(real) == sorted(e.uid for e in examples)
+    assert sum(float(b.pair_weight.sum()) for batches in per_rank for b in batches) == 7

@@ -1,0 +1,57 @@
+"""DeepSpeed config filling, batch arithmetic and the learning-rate schedule."""
+
+import pytest
+import torch
+
+from dpo_dist.config import TrainingConfig
+from dpo_dist.engine import fill_ds_config, lr_multiplier, read_ds_config, reference_ds_config, zero_stage
+from dpo_dist.errors import UserError
+
+
+def test_auto_fields_are_filled_from_the_run_config():
+    training = TrainingConfig(batch_size=2, gradient_accumulation_steps=8, max_grad_norm=0.5)
+    ds = fill_ds_config(read_ds_config("ds_configs/zero3.json"), training, torch.bfloat16, hidden_size=64, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 8
+    assert ds["train_batch_size"] == 2 * 8 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+
+
+def test_batch_arithmetic_mismatch_is_a_clear_error():
+    raw = read_ds_config("zero2.json") | {"train_batch_size": 10}
+    with pytest.raises(UserError, match=r"train_batch_size 10 != batch_size 2 x gradient_accumulation_steps 1 x world size 2"):
+        fill_ds_config(raw, TrainingConfig(batch_size=2), torch.float32, 64, world_size=2)
+    raw = read_ds_config("zero2.json") | {"train_micro_batch_size_per_gpu": 4}
+    with pytest.raises(UserError, match="training.batch_size=2"):
+        fill_ds_config(raw, TrainingConfig(batch_size=2), torch.float32, 64, world_size=1)
+
+
+def test_precision_conflict_and_missing_file():
+    raw = read_ds_config("zero2.json") | {"bf16": {"enabled": True}}
+    with pytest.raises(UserError, match="bf16.enabled=True but model.dtype"):
+        fill_ds_config(raw, TrainingConfig(), torch.float32, 64, 1)
+    with pytest.raises(UserError, match="deepspeed.config: nope.json not found"):
+        read_ds_config("nope.json")
+
+
+def test_reference_config_follows_the_policy_stage_and_offload():
+    training = TrainingConfig()
+    zero2 = fill_ds_config(read_ds_config("zero2.json"), training, torch.float32, 64, 1)
+    zero3 = fill_ds_config(read_ds_config("zero3.json"), training, torch.float32, 64, 1)
+    assert zero_stage(reference_ds_config(zero2, offload=False)) == 0
+    assert zero_stage(reference_ds_config(zero3, offload=False)) == 3
+    offloaded = reference_ds_config(zero2, offload=True)
+    assert zero_stage(offloaded) == 3 and offloaded["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "optimizer" not in offloaded
+
+
+def test_lr_schedule_warmup_then_decay():
+    # 10 steps, 2 warmup: 1/3, 2/3, then linear from 1 down toward 0
+    values = [lr_multiplier(s, 2, 10, "linear") for s in range(10)]
+    assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert values[-1] == pytest.approx(1 - 7 / 8)
+    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert lr_multiplier(6, 2, 10, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(9, 2, 10, "constant") == 1.0

@@ -1,0 +1,98 @@
+"""Chunked completion log-probs against a naive full-vocabulary log-softmax of the same model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import CHAT_RECORD, PLAIN_RECORD
+from dpo_dist.data import PairBatch, TokenizeStats, collate, tokenize_record
+from dpo_dist.logps import SequenceLogps, forward_pair
+from dpo_dist.records import Record, record_uid, validate
+
+
+def make_record(raw, location="test:1"):
+    normalised, reason = validate(raw)
+    assert reason is None, reason
+    return Record(uid=record_uid(**normalised), location=location, **normalised)
+
+
+def naive_completion_logps(model, input_ids, attention_mask, completion_mask):
+    """Plain PyTorch: full logits, full log_softmax, gather, sum over completion targets."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (2B, T, V)
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+    token_logps = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (2B, T-1)
+    return (token_logps * completion_mask[:, 1:]).sum(dim=1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_policy):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    records = [
+        make_record(CHAT_RECORD),  # multi-turn chat with a system message
+        make_record(PLAIN_RECORD),
+        make_record({"prompt": [{"role": "user", "content": "Sort ascending: 3 1 2 " * 6}], "chosen": "1 2 3", "rejected": "3 2 1 " * 9}),
+    ]
+    stats = TokenizeStats()
+    # max length 64 truncates only the long rejected side of the third pair (keep_start): padding AND truncation
+    examples = [tokenize_record(r, tokenizer, 64, "keep_start", stats) for r in records]
+    assert stats.truncated == 1
+    return collate(examples, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 4096])
+def test_matches_naive_full_softmax(model, batch, chunk_tokens):
+    scorer = SequenceLogps(model, chunk_tokens=chunk_tokens)
+    with torch.no_grad():
+        pair = forward_pair(scorer, batch)
+        expected = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    got = torch.cat([pair.chosen_logps, pair.rejected_logps])
+    assert batch.attention_mask.min() == 0  # the batch really is padded
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    counts = torch.cat([pair.chosen_tokens, pair.rejected_tokens])
+    assert torch.equal(counts, batch.completion_mask[:, 1:].sum(dim=1))
+
+
+def test_prompt_and_padding_tokens_are_never_counted(model, batch):
+    """Only completion positions are scored: a row whose completion mask is cleared sums to exactly 0."""
+    masked = PairBatch(
+        batch.input_ids, batch.attention_mask, batch.completion_mask.clone(), batch.pair_weight, batch.uids
+    )
+    masked.completion_mask[0] = 0
+    with torch.no_grad():
+        pair = forward_pair(SequenceLogps(model, 5), masked)
+    assert pair.chosen_logps[0].item() == 0.0 and pair.chosen_tokens[0].item() == 0
+    # and the first scored token of each row is the first completion token, not a prompt token
+    first = batch.completion_mask.argmax(dim=1)
+    assert (first > 0).all()
+
+
+def test_gradients_match_naive(model, batch):
+    """The checkpointed chunks recompute logits in backward; gradients equal the naive graph's."""
+    scorer = SequenceLogps(model, chunk_tokens=5)
+    model.zero_grad()
+    pair = forward_pair(scorer, batch)
+    (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    half = batch.num_pairs
+    (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
+
+
+def test_mean_logits_metric(model, batch):
+    """logits_sum is the sum over completion tokens of the mean-over-vocab logit (TRL's logits/* metric)."""
+    with torch.no_grad():
+        pair = forward_pair(SequenceLogps(model, 3), batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    expected = (logits[:, :-1].mean(-1) * batch.completion_mask[:, 1:]).sum(1)
+    torch.testing.assert_close(torch.cat([pair.chosen_logits_sum, pair.rejected_logits_sum]), expected, atol=1e-5, rtol=0)

@@ -1,0 +1,80 @@
+"""Bad records fail with file:line and the reason, or are skipped and counted; uids are stable."""
+
+import json
+
+import pytest
+
+from conftest import CHAT_RECORD, PLAIN_RECORD, write_jsonl
+from dpo_dist.records import DataError, read_records, record_uid
+
+
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        ('{"prompt": "x", "chosen": "y"', "not valid JSON"),
+        (json.dumps({"prompt": "x", "chosen": "y"}), "missing key(s) 'rejected'"),
+        (json.dumps({"prompt": "x", "chosen": 3, "rejected": "z"}), "'chosen' must be a string"),
+        (json.dumps({"prompt": "x", "chosen": "", "rejected": "z"}), "'chosen' is empty"),
+        (json.dumps({"prompt": [{"role": "robot", "content": "hi"}], "chosen": "a", "rejected": "b"}), "role' is 'robot'"),
+        (json.dumps({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}), "content' must be a string"),
+        (json.dumps({"prompt": [], "chosen": "a", "rejected": "b"}), "'prompt' is an empty list"),
+        (json.dumps({"prompt": 5, "chosen": "a", "rejected": "b"}), "'prompt' must be a string or a list"),
+        (
+            json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}),
+            "completions hold assistant messages only",
+        ),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_record_names_file_line_and_reason(tmp_path, bad_line, reason):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(PLAIN_RECORD) + "\n\n" + bad_line + "\n")
+    with pytest.raises(DataError) as err:
+        read_records([str(path)], skip_invalid=False)
+    message = str(err.value)
+    assert message.startswith(f"{path}:3: ")  # blank line 2 is skipped, the count stays true
+    assert reason in message
+    assert "data.skip_invalid" in message
+
+
+def test_skip_invalid_counts_instead_of_failing(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [PLAIN_RECORD, "{oops", {"prompt": "x"}, CHAT_RECORD, "{bad"])
+    records, skipped = read_records([str(path)], skip_invalid=True)
+    assert [r.location for r in records] == [f"{path}:1", f"{path}:4"]
+    assert sum(skipped.values()) == 3 and skipped["not valid JSON"] == 2
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
+        read_records([str(tmp_path / "nope.jsonl")], skip_invalid=False)
+
+
+def test_uid_is_stable_and_content_derived(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [CHAT_RECORD, PLAIN_RECORD])
+    b = write_jsonl(tmp_path / "b.jsonl", [PLAIN_RECORD])
+    records_a, _ = read_records([str(a)], False)
+    records_b, _ = read_records([str(b)], False)
+    assert records_a[1].uid == records_b[0].uid  # same content, other file and line: same uid
+    assert records_a[0].uid != records_a[1].uid
+    assert records_b[0].uid == record_uid(PLAIN_RECORD["prompt"], PLAIN_RECORD["chosen"], PLAIN_RECORD["rejected"])
+    assert len(records_b[0].uid) == 16
+
+
+def test_string_completion_under_chat_prompt_becomes_assistant_turn(tmp_path):
+    raw = {"prompt": [{"role": "user", "content": "q"}], "chosen": "yes", "rejected": "no"}
+    records, _ = read_records([str(write_jsonl(tmp_path / "c.jsonl", [raw]))], False)
+    assert records[0].chosen == [{"role": "assistant", "content": "yes"}]
+    assert records[0].conversational
+
+
+def test_json_and_parquet_through_datasets(tmp_path):
+    import datasets
+
+    rows = [PLAIN_RECORD, PLAIN_RECORD | {"chosen": " 2 7 !"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for name in ("d.json", "d.parquet", "saved"):
+        records, _ = read_records([str(tmp_path / name)], False)
+        assert [r.chosen for r in records] == [" 2 7", " 2 7 !"], name
+        assert records[1].location == f"{tmp_path / name}:row 1"

@@ -1,0 +1,185 @@
+"""Parity with TRL: `launch/evaluate.py` reports the same eval metrics as `trl.DPOTrainer.evaluate()`.
+
+Same policy, a DIFFERENT reference checkpoint (so rewards are not trivially 0), the same records,
+the same beta and max length, fp32 on CPU. Run once with plain-string records and once with chat
+records. The data is chosen to exercise the tokenization rules both tools share: EOS appended to
+plain completions, a prompt/completion token merge (the completion starts at the common prefix),
+sequences longer than max_length (keep_start truncation) and one pair whose prompt alone fills
+max_length (dropped by both).
+
+TRL runs in this process; ours runs as the real `python launch/evaluate.py` subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import CHAT_RECORD, DEMO_EVAL, PLAIN_RECORD, write_jsonl
+from launching import assert_ok, python_launch, run, write_config
+
+BETA = 0.1
+TOLERANCE = 1e-4
+
+# Metrics both tools define the same way (TRL's names). TRL also reports `eval_num_tokens`, but there it
+# is the cumulative number of TRAINING tokens (0 before training), not the eval tokens we count, so it is
+# not compared; entropy / mean_token_accuracy / runtime are TRL-only, num_pairs is ours only.
+REQUIRED = {
+    "eval_loss",
+    "eval_rewards/chosen",
+    "eval_rewards/rejected",
+    "eval_rewards/accuracies",
+    "eval_rewards/margins",
+    "eval_logps/chosen",
+    "eval_logps/rejected",
+    "eval_logits/chosen",
+    "eval_logits/rejected",
+}
+NOT_COMPARABLE = {"eval_num_tokens"}
+
+
+def _demo_records(conversational: bool) -> list[dict]:
+    records = [json.loads(line) for line in DEMO_EVAL.read_text().splitlines() if line.strip()]
+    return [r for r in records if isinstance(r["prompt"], list) == conversational]
+
+
+def _as_plain(record: dict) -> dict:
+    """A chat demo record as a plain-string one: the last user turn, then ' Answer:' style completions."""
+    return {
+        "prompt": record["prompt"][-1]["content"] + "\nAnswer:",
+        "chosen": " " + record["chosen"][0]["content"],
+        "rejected": " " + record["rejected"][0]["content"],
+    }
+
+
+LONG_NUMBERS = " ".join(str((7 * i) % 100) for i in range(40))
+
+
+def plain_records() -> list[dict]:
+    records = _demo_records(conversational=False)  # 12 in the demo file
+    records += [_as_plain(r) for r in _demo_records(conversational=True)[:6]]
+    records += [
+        PLAIN_RECORD,
+        # "...Answer: 2 1" + "3" tokenizes as "... 2 13": the completion starts before the prompt's end.
+        {"prompt": "Sort ascending: 13 2\nAnswer: 2 1", "chosen": "3", "rejected": "3 2"},
+        # The prompt alone is longer than max_length: both tools drop this pair.
+        {"prompt": f"Sort ascending: {LONG_NUMBERS}\nAnswer:", "chosen": " 0 7", "rejected": " 7 0"},
+    ]
+    return records
+
+
+def chat_records() -> list[dict]:
+    records = _demo_records(conversational=True)[:18]
+    records += [
+        CHAT_RECORD,
+        {
+            "prompt": [{"role": "user", "content": f"Sort ascending: {LONG_NUMBERS}"}],
+            "chosen": [{"role": "assistant", "content": "0 7"}],
+            "rejected": [{"role": "assistant", "content": "7 0"}],
+        },
+    ]
+    return records
+
+
+# (records, max_seq_length): the lengths are chosen so that some pairs are truncated (checked below).
+CASES = {
+    "plain": (plain_records, 20),
+    "chat": (chat_records, 40),
+}
+
+
+def trl_evaluate(policy_path, reference_path, records: list[dict], max_length: int, output_dir):
+    """TRL's DPOTrainer.evaluate() on `records`; returns (metrics, the prepared eval dataset)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+
+    args = DPOConfig(
+        output_dir=str(output_dir),
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=max_length,
+        truncation_mode="keep_start",
+        # The whole eval set is ONE batch. TRL logs the mean over batches of per-batch means (and its logits/*
+        # metrics are token-weighted within a batch only), while we weight every pair / token of the eval set
+        # equally; with a single TRL batch the two definitions coincide exactly.
+        per_device_eval_batch_size=len(records),
+        # TRL's config defaults to bf16=True even on CPU. Accelerate then wraps the REFERENCE model's forward
+        # in a bf16 autocast (the policy's eval forward is not wrapped), which moves rewards/* and loss by
+        # ~1e-4 away from the fp32 truth. Both tools must be fp32 here.
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        dataset_num_proc=None,
+        precompute_ref_log_probs=False,
+    )
+    dataset = Dataset.from_list(records)
+    trainer = DPOTrainer(
+        model=load(policy_path),
+        ref_model=load(reference_path),
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(policy_path),
+    )
+    return trainer.evaluate(), trainer.eval_dataset
+
+
+def ours_evaluate(policy_path, reference_path, records: list[dict], max_length: int, tmp_path) -> dict:
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", records)
+    output_dir = tmp_path / "ours"
+    config = write_config(
+        tmp_path / "config.yaml",
+        policy_path,
+        reference_path,
+        output_dir,
+        model={"dtype": "float32", "attn_implementation": "sdpa"},
+        dpo={"beta": BETA, "loss_type": "sigmoid"},
+        # A small eval batch that does not divide the pair count: our metrics are global pair / token means,
+        # independent of batching and of the weight-0 padding pairs that fill the last batch.
+        training={"max_seq_length": max_length, "batch_size": 4, "eval_batch_size": 4},
+        data={"eval_files": [str(eval_file)], "truncation_mode": "keep_start"},
+    )
+    result = run(python_launch("evaluate.py", config), timeout=300)
+    assert_ok(result)
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    written = json.loads((output_dir / "eval_results.json").read_text())
+    assert printed == written
+    return printed
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_evaluate_matches_trl(case, tiny_policy, tiny_reference, tmp_path):
+    make_records, max_length = CASES[case]
+    records = make_records()
+    assert all(isinstance(r["prompt"], list) == (case == "chat") for r in records)
+
+    trl_metrics, trl_dataset = trl_evaluate(tiny_policy, tiny_reference, records, max_length, tmp_path / "trl")
+    ours = ours_evaluate(tiny_policy, tiny_reference, records, max_length, tmp_path)
+
+    # The data really exercises truncation and the prompt-too-long drop, and both tools keep the same pairs.
+    lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trl_dataset]
+    assert any(length > max_length for length in lengths), "no pair is truncated: lengthen the data"
+    assert len(trl_dataset) == len(records) - 1, "exactly the long-prompt pair should be dropped"
+    assert ours["eval_num_pairs"] == len(trl_dataset)
+
+    shared = (set(trl_metrics) & set(ours)) - NOT_COMPARABLE
+    assert REQUIRED <= shared, f"metrics missing from one side: {sorted(REQUIRED - shared)}"
+
+    # The reference is really a different model: with reference == policy every reward is exactly 0.
+    assert abs(ours["eval_rewards/chosen"]) > 1e-3 and abs(ours["eval_rewards/rejected"]) > 1e-3
+    assert abs(ours["eval_loss"] - math.log(2)) > 1e-3
+
+    diffs = {key: abs(float(ours[key]) - float(trl_metrics[key])) for key in sorted(shared)}
+    print(f"\n[{case}] max abs diff vs TRL: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
+    mismatched = {key: (ours[key], trl_metrics[key]) for key, diff in diffs.items() if not diff <= TOLERANCE}
+    assert not mismatched, f"ours vs TRL differ by more than {TOLERANCE}: {mismatched}"
