@@ -18,7 +18,7 @@ from dpo_dist.errors import UserError
 EXIT_USER_ERROR = 2
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(description: str, argv: list[str] | None = None, flags: tuple[tuple[str, str], ...] = ()) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=description,
         epilog="overrides: section.key=value words after the config, e.g. training.num_epochs=1\n\n"
@@ -27,19 +27,27 @@ def parse_args(description: str, argv: list[str] | None = None) -> tuple[argpars
     )
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for flag, help_text in flags:
+        parser.add_argument(flag, action="store_true", help=help_text)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    return args, args.overrides
+    return parser.parse_args(argv)
 
 
-def run_main(description: str, body: Callable[[Config], int | None], argv: list[str] | None = None) -> None:
-    """Parse, load the config, run `body(config)`; user errors become one clean line and exit 2."""
-    args, overrides = parse_args(description, argv)
+def run_main(
+    description: str,
+    body: Callable[[Config, argparse.Namespace], int | None],
+    argv: list[str] | None = None,
+    flags: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """Parse, load the config, run `body(config, args)`; user errors become one clean line and exit 2.
+
+    `flags` are extra on/off switches of a script, as (flag, help) pairs."""
+    args = parse_args(description, argv, flags)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        config = load_config(args.config, overrides)
-        status = body(config)
+        config = load_config(args.config, args.overrides)
+        status = body(config, args)
     except UserError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)

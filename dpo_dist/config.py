@@ -152,8 +152,18 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ReferenceConfig:
-    mode: str = _opt("model", "Where reference log-probs come from: a separate frozen model.", ("model",))
+    mode: str = _opt(
+        "model",
+        "Where reference log-probs come from: a separate frozen model, or a cache written by launch/precompute_ref.py.",
+        ("model", "precomputed"),
+    )
     offload: bool = _opt(False, "Keep the reference's parameters on CPU (ZeRO-3 param offload).")
+    cache_dir: str | None = _opt(None, "Reference log-prob cache directory; defaults to <training.output_dir>/reference_cache.")
+    rows_per_shard: int = _opt(2048, "Pairs per cache shard (the unit precompute resumes at).")
+
+    def __post_init__(self) -> None:
+        if self.rows_per_shard < 1:
+            raise UserError(f"reference.rows_per_shard must be >= 1, got {self.rows_per_shard}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +179,10 @@ class Config:
     def __post_init__(self) -> None:
         if not self.model.base_model and not self.model.sft_model:
             raise UserError("model.base_model is required (an HF model id or a local checkpoint directory)")
+
+    @property
+    def reference_cache_dir(self) -> Path:
+        return Path(self.reference.cache_dir or Path(self.training.output_dir) / "reference_cache")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpo_dist.records import DataError, Record
+from dpo_dist.errors import UserError
+from dpo_dist.records import DataError, Record, read_records
 
 
 @dataclass(frozen=True)
@@ -222,3 +223,24 @@ def eval_batches(examples: list[PreferenceExample], rank: int, world_size: int, 
         weights = [1.0] * len(chunk) + [0.0] * (micro_batch - len(chunk))
         chunk = chunk + [examples[0]] * (micro_batch - len(chunk))
         yield collate(chunk, pad_token_id, weights)
+
+
+def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool, logger, split: str):
+    """Read, validate and tokenize one split; report everything that was skipped or cut."""
+    records, skipped = read_records(files, skip_invalid)
+    examples, stats, render_failures = tokenize_records(records, tokenizer, max_seq_length, truncation_mode, skip_invalid)
+    logger.info(f"{split}: {len(examples)} pairs from {len(files)} file(s)")
+    for reason, count in skipped.items():
+        logger.info(f"{split}: skipped {count} invalid record(s): {reason}")
+    if render_failures:
+        logger.info(f"{split}: skipped {render_failures} record(s) the chat template could not render cleanly")
+    if stats.truncated:
+        logger.info(f"{split}: {stats.truncated} pair(s) longer than training.max_seq_length were truncated")
+    if stats.dropped_prompt_too_long:
+        logger.info(
+            f"{split}: dropped {stats.dropped_prompt_too_long} pair(s) whose prompt alone fills "
+            f"training.max_seq_length={max_seq_length} (no completion token left)"
+        )
+    if not examples:
+        raise UserError(f"{split}: no usable preference pairs in {', '.join(files)}")
+    return examples

@@ -79,6 +79,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_from_main(value):
+    """Rank 0's `value` on every rank (any picklable object), so that all ranks act on one decision."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """'auto' -> bfloat16 on a CUDA device that supports it, float32 elsewhere (CPU tests, old GPUs)."""
     if name == "auto":
@@ -104,6 +115,15 @@ def zero_stage(ds_config: dict) -> int:
 def _fill(section: dict, key: str, value) -> None:
     if section.get(key, "auto") == "auto":
         section[key] = value
+
+
+def training_ds_config(config: Config, world_size: int) -> tuple[torch.dtype, dict]:
+    """The run's parameter dtype and its filled DeepSpeed config (read from the policy's HF config)."""
+    from dpo_dist.models import read_model_config
+
+    dtype = resolve_dtype(config.model.dtype)
+    hidden_size = read_model_config(config.model.policy_path).hidden_size
+    return dtype, fill_ds_config(read_ds_config(config.deepspeed.config), config.training, dtype, hidden_size, world_size)
 
 
 def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, hidden_size: int, world_size: int) -> dict:

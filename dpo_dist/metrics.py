@@ -86,7 +86,7 @@ class NullLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def progress(self, total: int, initial: int = 0):
+    def progress(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
         return _NullProgress()
 
     def info(self, message: str) -> None:
@@ -112,15 +112,22 @@ class RankZeroLogger(NullLogger):
 
     def __init__(self, output_dir: str | os.PathLike, use_tensorboard: bool = True):
         self.output_dir = Path(output_dir)
+        self.use_tensorboard = use_tensorboard
+        self._jsonl = None
+        self._tensorboard = None
+
+    def _open(self) -> None:
+        """Files are opened at the first metric, so a run that logs none (precompute) leaves none behind."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        self._tensorboard = None
-        if use_tensorboard:
+        if self.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self._jsonl is None:
+            self._open()
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -130,16 +137,17 @@ class RankZeroLogger(NullLogger):
                     self._tensorboard.add_scalar(name, value, step)
             self._tensorboard.flush()
 
-    def progress(self, total: int, initial: int = 0):
+    def progress(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
 
     def info(self, message: str) -> None:
         print(message, flush=True)
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 

@@ -1,9 +1,12 @@
 """Reference log-probs behind one interface: `reference.logps(batch) -> PairLogps`.
 
-This module holds the separate frozen model strategy: a second `SequenceLogps` in eval mode
-(dropout off), with `requires_grad` off and no optimizer, scored under `torch.no_grad()`. Under
-ZeRO-3 it is sharded across ranks like the policy; with `reference.offload` its parameters stay in
-CPU memory (ZeRO-3 param offload) and are streamed in per layer.
+Two strategies so far:
+- `ModelReference`: a separate frozen model: a `SequenceLogps` in eval mode (dropout off), with
+  `requires_grad` off and no optimizer, scored under `torch.no_grad()`. Under ZeRO-3 it is sharded
+  across ranks like the policy; with `reference.offload` its parameters stay in CPU memory
+  (ZeRO-3 param offload) and are streamed in per layer.
+- `PrecomputedReference`: no model at all; the log-probs come from the verified cache written by
+  `launch/precompute_ref.py`, looked up by each pair's uid.
 """
 
 from __future__ import annotations
@@ -11,16 +14,69 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpo_dist import cache as cache_lib
+from dpo_dist.config import Config
 from dpo_dist.data import PairBatch
-from dpo_dist.logps import PairLogps, forward_pair
+from dpo_dist.engine import build_inference_engine, reference_ds_config
+from dpo_dist.logps import PairLogps, SequenceLogps, forward_pair
+from dpo_dist.models import load_causal_lm
 
 
 class ModelReference:
     """A frozen reference model; `scorer` is a `SequenceLogps` or a DeepSpeed inference engine around one."""
 
-    def __init__(self, scorer: nn.Module):
+    def __init__(self, scorer: nn.Module, model: nn.Module):
         self.scorer = scorer
+        self.model = model  # the causal LM inside, for reporting what this rank holds
 
     @torch.no_grad()
     def logps(self, batch: PairBatch) -> PairLogps:
         return forward_pair(self.scorer, batch)
+
+
+def build_model_reference(config: Config, dtype: torch.dtype, train_ds_config: dict, device) -> ModelReference:
+    ref_ds = reference_ds_config(train_ds_config, config.reference.offload)
+    model = load_causal_lm(config.model.reference_path, config.model, dtype, ref_ds)
+    scorer = SequenceLogps(model, config.model.logps_chunk_tokens)
+    return ModelReference(build_inference_engine(scorer, ref_ds, device), model)
+
+
+class PrecomputedReference:
+    """Reference log-probs read from the cache; `rows` maps uid -> `CachedRow` (checked at load)."""
+
+    model = None
+
+    def __init__(self, rows: dict[str, cache_lib.CachedRow]):
+        self.rows = rows
+
+    def logps(self, batch: PairBatch) -> PairLogps:
+        device = batch.input_ids.device
+        cached = [self.rows[uid] for uid in batch.uids]
+        chosen = torch.tensor([row.ref_chosen_logps for row in cached], dtype=torch.float32, device=device)
+        rejected = torch.tensor([row.ref_rejected_logps for row in cached], dtype=torch.float32, device=device)
+        zeros = torch.zeros_like(chosen)  # the reference's logits are not part of any metric
+        return PairLogps(
+            chosen_logps=chosen,
+            rejected_logps=rejected,
+            chosen_logits_sum=zeros,
+            rejected_logits_sum=zeros,
+            chosen_tokens=torch.tensor([row.chosen_tokens for row in cached], device=device),
+            rejected_tokens=torch.tensor([row.rejected_tokens for row in cached], device=device),
+        )
+
+
+def load_precomputed_reference(config: Config, tokenizer, dtype: torch.dtype, examples, logger) -> PrecomputedReference:
+    """Open the cache and refuse it, saying what differs, unless it fits this run exactly."""
+    cache_dir = config.reference_cache_dir
+    manifest = cache_lib.read_manifest(cache_dir)
+    current = cache_lib.fingerprint(
+        config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
+        str(dtype).removeprefix("torch."), [], known_weights=manifest["fingerprint"]["reference"]["weights"],
+    )
+    differences = cache_lib.fingerprint_differences(manifest["fingerprint"], current)
+    if differences:
+        raise cache_lib.CacheError(f"the reference cache at {cache_dir} does not fit this run: " + "; ".join(differences))
+    rows = cache_lib.read_rows(cache_dir, manifest)
+    cache_lib.check_coverage(rows, examples, cache_dir)
+    logger.info(f"reference: precomputed cache {cache_dir} ({manifest['total_rows']} rows, fingerprint verified); no reference model loaded")
+    return PrecomputedReference(rows)

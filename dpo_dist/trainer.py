@@ -21,48 +21,22 @@ from dpo_dist.engine import (
     DistInfo,
     TrainEngine,
     build_inference_engine,
-    fill_ds_config,
     param_elements,
-    read_ds_config,
     reference_ds_config,
-    resolve_dtype,
+    training_ds_config,
 )
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.losses import LOSSES
 from dpo_dist.metrics import MetricWindow, batch_sums, make_logger
-from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
-from dpo_dist.records import read_records
-from dpo_dist.reference import ModelReference
+from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy
+from dpo_dist.reference import build_model_reference, load_precomputed_reference
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def load_examples(files: list[str], tokenizer, config: Config, logger, split: str):
-    """Read, validate and tokenize one split; report everything that was skipped or cut."""
-    records, skipped = read_records(files, config.data.skip_invalid)
-    examples, stats, render_failures = data_lib.tokenize_records(
-        records, tokenizer, config.training.max_seq_length, config.data.truncation_mode, config.data.skip_invalid
-    )
-    logger.info(f"{split}: {len(examples)} pairs from {len(files)} file(s)")
-    for reason, count in skipped.items():
-        logger.info(f"{split}: skipped {count} invalid record(s): {reason}")
-    if render_failures:
-        logger.info(f"{split}: skipped {render_failures} record(s) the chat template could not render cleanly")
-    if stats.truncated:
-        logger.info(f"{split}: {stats.truncated} pair(s) longer than training.max_seq_length were truncated")
-    if stats.dropped_prompt_too_long:
-        logger.info(
-            f"{split}: dropped {stats.dropped_prompt_too_long} pair(s) whose prompt alone fills "
-            f"training.max_seq_length={config.training.max_seq_length} (no completion token left)"
-        )
-    if not examples:
-        raise UserError(f"{split}: no usable preference pairs in {', '.join(files)}")
-    return examples
 
 
 class Trainer:
@@ -78,17 +52,12 @@ class Trainer:
         config, training = self.config, self.config.training
         seed_everything(training.seed)
         self.tokenizer = load_tokenizer(config.model.policy_path)
-        self.dtype = resolve_dtype(config.model.dtype)
-        hidden_size = read_model_config(config.model.policy_path).hidden_size
-        raw_ds = read_ds_config(config.deepspeed.config)
-        self.ds_config = fill_ds_config(raw_ds, training, self.dtype, hidden_size, self.dist.world_size)
+        self.dtype, self.ds_config = training_ds_config(config, self.dist.world_size)
 
         if train and not config.data.train_files:
             raise UserError("data.train_files is empty: set it in the config or pass data.train_files=[path.jsonl]")
-        self.train_examples = load_examples(config.data.train_files, self.tokenizer, config, self.logger, "train") if train else []
-        self.eval_examples = (
-            load_examples(config.data.eval_files, self.tokenizer, config, self.logger, "eval") if config.data.eval_files else []
-        )
+        self.train_examples = self._load_split(config.data.train_files, "train") if train else []
+        self.eval_examples = self._load_split(config.data.eval_files, "eval") if config.data.eval_files else []
         self.global_batch = training.batch_size * self.dist.world_size * training.gradient_accumulation_steps
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_examples), self.global_batch)
         if train and self.steps_per_epoch == 0:
@@ -99,7 +68,12 @@ class Trainer:
         total = self.steps_per_epoch * training.num_epochs
         self.total_steps = min(total, training.max_steps) if training.max_steps > 0 else total
 
-        self.reference = self._build_reference()
+        if config.reference.mode == "precomputed":
+            self.reference = load_precomputed_reference(
+                config, self.tokenizer, self.dtype, self.train_examples + self.eval_examples, self.logger
+            )
+        else:
+            self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device)
         policy = load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config)
         policy = prepare_policy(policy, config.model, config.lora)
         self.causal_lm = policy
@@ -108,19 +82,21 @@ class Trainer:
             self.policy = TrainEngine(scorer, self.ds_config, training, max(self.total_steps, 1))
         else:
             self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device)
-        for name, model in (("policy", policy), ("reference", self.reference_model)):
+        for name, model in (("policy", policy), ("reference", self.reference.model)):
+            if model is None:
+                continue
             local, total = param_elements(model)
             self.logger.info(f"{name}: rank 0 holds {local:,} of {total:,} parameter elements")
         if self.dist.is_main:
             Path(training.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(config, Path(training.output_dir) / "config.yaml")
 
-    def _build_reference(self) -> ModelReference:
-        ref_ds = reference_ds_config(self.ds_config, self.config.reference.offload)
-        model = load_causal_lm(self.config.model.reference_path, self.config.model, self.dtype, ref_ds)
-        self.reference_model = model
-        scorer = SequenceLogps(model, self.config.model.logps_chunk_tokens)
-        return ModelReference(build_inference_engine(scorer, ref_ds, self.dist.device))
+    def _load_split(self, files: list[str], split: str):
+        config = self.config
+        return data_lib.load_examples(
+            files, self.tokenizer, config.training.max_seq_length, config.data.truncation_mode,
+            config.data.skip_invalid, self.logger, split,
+        )
 
     # ---------------------------------------------------------------- the step
     def _pair_loss(self, batch: data_lib.PairBatch):

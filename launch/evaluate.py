@@ -20,7 +20,7 @@ from dpo_dist.errors import UserError  # noqa: E402
 from dpo_dist.trainer import Trainer  # noqa: E402
 
 
-def main(config) -> int:
+def main(config, args) -> int:
     if not config.data.eval_files:
         raise UserError("data.eval_files is empty: evaluate.py scores the policy on them")
     trainer = Trainer(config, init_distributed(config.deepspeed.timeout_minutes))

@@ -15,7 +15,7 @@ from dpo_dist.engine import init_distributed  # noqa: E402
 from dpo_dist.trainer import Trainer  # noqa: E402
 
 
-def main(config) -> int:
+def main(config, args) -> int:
     trainer = Trainer(config, init_distributed(config.deepspeed.timeout_minutes))
     trainer.setup(train=True)
     trainer.train()

@@ -1,6 +1,5 @@
 """User mistakes end with one `error:` line naming the key, file or line, exit status 2, no traceback."""
 
-import pytest
 
 from conftest import PLAIN_RECORD, write_jsonl
 from launching import python_launch, run, write_config

@@ -1,7 +1,6 @@
 """Rendering, tokenization, truncation and batching of preference pairs."""
 
 import pytest
-import torch
 
 from conftest import CHAT_RECORD, PLAIN_RECORD
 from dpo_dist.data import (

@@ -1,6 +1,5 @@
 """Chunked completion log-probs against a naive full-vocabulary log-softmax of the same model."""
 
-import json
 
 import pytest
 import torch

@@ -1,0 +1,143 @@
+"""The offline reference pass: score every train and eval pair once, write the verified cache.
+
+Work is cut into shards of `reference.rows_per_shard` pairs by the plan (not by the number of
+ranks), so a rerun on any world size resumes from the shards already on disk. Pending shards are
+dealt round-robin to the ranks; each rank writes its shards atomically. Under ZeRO-3 the
+reference is sharded and its forwards are collective, so ranks with less work run weight-0 filler
+batches until every rank has made the same number of forwards. Rank 0 writes the manifest last,
+after a barrier: a cache without a manifest is, visibly, unfinished.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+from dpo_dist import cache as cache_lib
+from dpo_dist import data as data_lib
+from dpo_dist.config import Config
+from dpo_dist.engine import DistInfo, barrier, broadcast_from_main, training_ds_config
+from dpo_dist.errors import UserError
+from dpo_dist.models import load_tokenizer
+from dpo_dist.reference import build_model_reference
+
+
+def unique_examples(config: Config, tokenizer, logger) -> list[data_lib.PreferenceExample]:
+    """Train then eval pairs, each uid once (a pair in both splits needs one row)."""
+    files = config.data.train_files + config.data.eval_files
+    if not files:
+        raise UserError("data.train_files and data.eval_files are empty: nothing to precompute")
+    examples: dict[str, data_lib.PreferenceExample] = {}
+    for split, split_files in (("train", config.data.train_files), ("eval", config.data.eval_files)):
+        if not split_files:
+            continue
+        loaded = data_lib.load_examples(
+            split_files, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
+            config.data.skip_invalid, logger, split,
+        )
+        for example in loaded:
+            examples.setdefault(example.uid, example)
+    return list(examples.values())
+
+
+def _prepare_plan(config: Config, tokenizer, dtype_name: str, uids: list[str], overwrite: bool) -> dict | str:
+    """Rank 0: the plan to work on (new, or the one on disk to resume), or an error message."""
+    cache_dir = config.reference_cache_dir
+    try:
+        fingerprint = cache_lib.fingerprint(
+            config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
+            dtype_name, config.data.train_files + config.data.eval_files,
+        )
+        plan = cache_lib.make_plan(fingerprint, uids, config.reference.rows_per_shard)
+        plan_path = cache_dir / cache_lib.PLAN
+        if plan_path.exists() and not overwrite:
+            old = cache_lib.read_json(plan_path, "plan")
+            if not cache_lib.same_plan(old, plan):
+                return (
+                    f"{cache_dir} holds a reference cache for other data or settings; pass --overwrite to replace "
+                    "it, or set reference.cache_dir to a new directory"
+                )
+            return old
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in list(cache_dir.glob("shard-*.parquet")) + [cache_dir / cache_lib.MANIFEST]:
+            stale.unlink(missing_ok=True)
+        cache_lib.write_atomic(plan_path, cache_lib.json.dumps(plan).encode())
+        return plan
+    except UserError as err:
+        return str(err)
+
+
+def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool = False) -> dict:
+    """Write (or finish) the cache for `config`; returns the manifest."""
+    tokenizer = load_tokenizer(config.model.policy_path)
+    dtype, ds_config = training_ds_config(config, dist_info.world_size)
+    examples = unique_examples(config, tokenizer, logger)
+    by_uid = {example.uid: example for example in examples}
+    dtype_name = str(dtype).removeprefix("torch.")
+    plan = _prepare_plan(config, tokenizer, dtype_name, list(by_uid), overwrite) if dist_info.is_main else None
+    plan = broadcast_from_main(plan)
+    if isinstance(plan, str):
+        raise cache_lib.CacheError(plan)
+
+    cache_dir = config.reference_cache_dir
+    pending = [i for i, shard in enumerate(plan["shards"]) if not (cache_dir / shard["file"]).exists()]
+    barrier()  # every rank has listed what is done before any rank writes
+    micro = config.training.micro_eval_batch_size
+    batches_of = {i: -(-len(plan["shards"][i]["uids"]) // micro) for i in pending}
+    mine = pending[dist_info.rank :: dist_info.world_size]
+    forwards_needed = max(
+        (sum(batches_of[i] for i in pending[r :: dist_info.world_size]) for r in range(dist_info.world_size)), default=0
+    )
+    logger.info(
+        f"precompute: {len(plan['shards'])} shards of up to {config.reference.rows_per_shard} pairs, "
+        f"{len(plan['shards']) - len(pending)} already done, {len(pending)} to score on {dist_info.world_size} rank(s)"
+    )
+
+    if pending:
+        reference = build_model_reference(config, dtype, ds_config, dist_info.device)
+        rows_total = sum(len(plan["shards"][i]["uids"]) for i in mine)
+        progress = logger.progress(total=rows_total, desc="precompute", unit="row")
+        forwards, start = 0, time.perf_counter()
+        for index in mine:
+            uids = plan["shards"][index]["uids"]
+            columns = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+            for offset in range(0, len(uids), micro):
+                batch = data_lib.collate([by_uid[u] for u in uids[offset : offset + micro]], tokenizer.pad_token_id)
+                scores = reference.logps(batch.to(dist_info.device))
+                columns["chosen"] += scores.chosen_logps.tolist()
+                columns["rejected"] += scores.rejected_logps.tolist()
+                columns["chosen_tokens"] += scores.chosen_tokens.tolist()
+                columns["rejected_tokens"] += scores.rejected_tokens.tolist()
+                forwards += 1
+            cache_lib.write_shard(cache_dir / plan["shards"][index]["file"], uids, *columns.values())
+            progress.update(len(uids))
+            progress.set_postfix(rows_per_s=f"{progress.n / max(time.perf_counter() - start, 1e-9):.1f}")
+        filler = data_lib.collate([examples[0]], tokenizer.pad_token_id, [0.0]).to(dist_info.device)
+        for _ in range(forwards_needed - forwards):  # ZeRO-3 forwards are collective: stay in step
+            reference.logps(filler)
+        progress.close()
+    barrier()
+    manifest = cache_lib.write_manifest(cache_dir, plan) if dist_info.is_main else None
+    barrier()
+    logger.info(f"precompute: wrote {cache_dir} ({plan['total_rows']} rows)")
+    return manifest
+
+
+def verify_cache(config: Config, logger) -> dict:
+    """Full check of an existing cache: re-hash the reference weights and every shard, check coverage."""
+    tokenizer = load_tokenizer(config.model.policy_path)
+    cache_dir = config.reference_cache_dir
+    manifest = cache_lib.read_manifest(cache_dir)
+    from dpo_dist.engine import resolve_dtype
+
+    current = cache_lib.fingerprint(
+        config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
+        str(resolve_dtype(config.model.dtype)).removeprefix("torch."), [], verify=True,
+    )
+    differences = cache_lib.fingerprint_differences(manifest["fingerprint"], current)
+    if differences:
+        raise cache_lib.CacheError(f"the reference cache at {cache_dir} does not fit this config: " + "; ".join(differences))
+    rows = cache_lib.read_rows(cache_dir, manifest, verify_checksums=True)
+    cache_lib.check_coverage(rows, unique_examples(config, tokenizer, logger), cache_dir)
+    logger.info(f"verify: {cache_dir} is complete and fits this config ({len(rows)} rows, weights re-hashed)")
+    return manifest
