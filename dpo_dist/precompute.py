@@ -10,8 +10,6 @@ after a barrier: a cache without a manifest is, visibly, unfinished.
 
 from __future__ import annotations
 
-import time
-
 
 from dpo_dist import cache as cache_lib
 from dpo_dist import data as data_lib
@@ -61,6 +59,8 @@ def _prepare_plan(config: Config, tokenizer, dtype_name: str, uids: list[str], o
         cache_dir.mkdir(parents=True, exist_ok=True)
         for stale in list(cache_dir.glob("shard-*.parquet")) + [cache_dir / cache_lib.MANIFEST]:
             stale.unlink(missing_ok=True)
+        for leftover in cache_dir.glob(".shard-*.tmp-*"):  # half-written shards of a killed run
+            leftover.unlink(missing_ok=True)
         cache_lib.write_atomic(plan_path, cache_lib.json.dumps(plan).encode())
         return plan
     except UserError as err:
@@ -97,7 +97,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
         reference = build_model_reference(config, dtype, ds_config, dist_info.device)
         rows_total = sum(len(plan["shards"][i]["uids"]) for i in mine)
         progress = logger.progress(total=rows_total, desc="precompute", unit="row")
-        forwards, start = 0, time.perf_counter()
+        forwards = 0
         for index in mine:
             uids = plan["shards"][index]["uids"]
             columns = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
@@ -110,8 +110,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
                 columns["rejected_tokens"] += scores.rejected_tokens.tolist()
                 forwards += 1
             cache_lib.write_shard(cache_dir / plan["shards"][index]["file"], uids, *columns.values())
-            progress.update(len(uids))
-            progress.set_postfix(rows_per_s=f"{progress.n / max(time.perf_counter() - start, 1e-9):.1f}")
+            progress.update(len(uids))  # tqdm shows rows/s and the ETA
         filler = data_lib.collate([examples[0]], tokenizer.pad_token_id, [0.0]).to(dist_info.device)
         for _ in range(forwards_needed - forwards):  # ZeRO-3 forwards are collective: stay in step
             reference.logps(filler)

@@ -20,7 +20,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(path: Path, policy: Path, reference: Path | None, output_dir: Path, **sections) -> Path:
+def write_config(path: Path, policy: Path, ref_model: Path | None, output_dir: Path, **sections) -> Path:
     """A run config for the tiny models and the demo data; `sections` update it key by key."""
     config = {
         "model": {"base_model": str(policy), "dtype": "float32"},
@@ -40,8 +40,8 @@ def write_config(path: Path, policy: Path, reference: Path | None, output_dir: P
         },
         "deepspeed": {"config": "ds_configs/zero2.json", "timeout_minutes": 5},
     }
-    if reference is not None:
-        config["model"]["ref_model"] = str(reference)
+    if ref_model is not None:
+        config["model"]["ref_model"] = str(ref_model)
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(config))

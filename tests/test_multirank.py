@@ -1,14 +1,20 @@
 """Real multi-process training on CPU (DeepSpeed's CPU accelerator, gloo): ZeRO-2 under torchrun,
-ZeRO-3 under the deepspeed launcher, both against a one-process run on the same global batches.
+ZeRO-3 under the deepspeed launcher, both against a one-process run on the same global batches,
+and both again with the reference replaced by a cache precomputed on ONE process.
 
 Tolerances: the first step's loss is computed from the initial weights on identical pairs, so
 the runs agree to float32 rounding of the reduction order (1e-6). Later steps also depend on
 all-reduced gradients, whose summation order differs between 1 and 2 ranks: we allow 1e-4.
+Online vs precomputed reference on the same 2 ranks: the cached log-probs come from other
+batches (other padding), so they differ from the online ones by float32 rounding; per-step
+losses and rewards must agree to 1e-5 and the final weights to 1e-5.
 """
 
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from launching import (
     assert_ok,
@@ -33,6 +39,31 @@ def single_process_run(tiny_policy, tiny_reference, tmp_path_factory):
     return read_metrics(out / "run")
 
 
+@pytest.fixture(scope="module")
+def precomputed_cache(tiny_policy, tiny_reference, tmp_path_factory):
+    """The reference cache for the demo data, written by ONE process (training then runs on two)."""
+    out = tmp_path_factory.mktemp("precompute")
+    config = write_config(out / "c.yaml", tiny_policy, tiny_reference, out / "run", reference={"cache_dir": str(out / "cache")})
+    assert_ok(run(python_launch("precompute_ref.py", config)))
+    return out / "cache"
+
+
+def check_precomputed_matches_online(online_dir, precomputed_dir, stdout):
+    assert "no reference model loaded" in stdout and "reference: rank 0 holds" not in stdout
+    online, online_evals = read_metrics(online_dir)
+    cached, cached_evals = read_metrics(precomputed_dir)
+    assert sorted(online) == sorted(cached) == list(range(1, STEPS + 1))
+    for step in online:
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert cached[step][key] == pytest.approx(online[step][key], abs=1e-5), (step, key)
+    assert cached_evals[-1]["eval_loss"] == pytest.approx(online_evals[-1]["eval_loss"], abs=1e-5)
+    online_weights = load_file(online_dir / "final" / "model.safetensors")
+    cached_weights = load_file(precomputed_dir / "final" / "model.safetensors")
+    assert online_weights.keys() == cached_weights.keys()
+    for name, tensor in online_weights.items():
+        torch.testing.assert_close(cached_weights[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
 def check_two_rank_run(output_dir, single_process_run):
     train, evals = read_metrics(output_dir)
     single_train, _ = single_process_run
@@ -50,7 +81,7 @@ def check_two_rank_run(output_dir, single_process_run):
     return evals
 
 
-def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_path, single_process_run):
+def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_path, single_process_run, precomputed_cache):
     config = write_config(
         tmp_path / "c.yaml", tiny_policy, tiny_reference, tmp_path / "run",
         training={"max_steps": STEPS}, deepspeed={"config": "ds_configs/zero3.json"},
@@ -75,8 +106,18 @@ def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_pat
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_logits/rejected"):
         assert metrics[key] == pytest.approx(evals[-1][key], abs=1e-5), key
 
+    # The same ZeRO-3 run with the reference read from the cache made on one process.
+    result = run(deepspeed_launch("train.py", config, "reference.mode=precomputed", f"reference.cache_dir={precomputed_cache}",
+                                  f"training.output_dir={tmp_path / 'cached'}"))
+    assert_ok(result)
+    check_precomputed_matches_online(tmp_path / "run", tmp_path / "cached", result.stdout)
 
-def test_zero2_torchrun_two_ranks(tiny_policy, tiny_reference, tmp_path, single_process_run):
+
+def test_zero2_torchrun_two_ranks(tiny_policy, tiny_reference, tmp_path, single_process_run, precomputed_cache):
     config = write_config(tmp_path / "c.yaml", tiny_policy, tiny_reference, tmp_path / "run", training={"max_steps": STEPS})
     assert_ok(run(torchrun_launch("train.py", config)))
     check_two_rank_run(tmp_path / "run", single_process_run)
+    result = run(torchrun_launch("train.py", config, "reference.mode=precomputed", f"reference.cache_dir={precomputed_cache}",
+                                 f"training.output_dir={tmp_path / 'cached'}"))
+    assert_ok(result)
+    check_precomputed_matches_online(tmp_path / "run", tmp_path / "cached", result.stdout)
