@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -54,6 +55,35 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, weight: torch.Tensor, nu
         "rejected_tokens": (policy.rejected_tokens.to(w.dtype) * w).sum(),
         "tokens": num_tokens.to(w.dtype),
     }
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory: CUDA max allocated on a GPU, else the peak resident set (CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class TrainClock:
+    """Seconds spent training since the last reset; time while paused (eval) is not counted."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._seconds = 0.0
+        self._since: float | None = time.perf_counter()
+
+    def pause(self) -> None:
+        self._seconds = self.seconds()
+        self._since = None
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def seconds(self) -> float:
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self._seconds + running
 
 
 class MetricWindow:

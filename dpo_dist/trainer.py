@@ -8,7 +8,6 @@ accumulation boundary. Logging, eval and export are calls around it, not branche
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from dpo_dist.engine import (
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.losses import LOSSES
-from dpo_dist.metrics import MetricWindow, batch_sums, make_logger
+from dpo_dist.metrics import MetricWindow, TrainClock, batch_sums, make_logger, peak_memory_mb
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy
 from dpo_dist.reference import build_model_reference, load_precomputed_reference
 
@@ -129,50 +128,58 @@ class Trainer:
             f"{self.global_batch} pairs ({len(self.train_examples) - self.steps_per_epoch * self.global_batch} "
             f"pairs of each epoch's last partial batch left out; shuffling varies which)"
         )
-        eval_metrics = self.maybe_evaluate(step=0, force=True)
+        eval_metrics = self.maybe_evaluate(step=0)
         window, step = MetricWindow(), 0
         progress = self.logger.progress(total=self.total_steps)
-        window_start = time.perf_counter()
+        clock, self._window_first_step = TrainClock(), 0
         self.policy.train()
         for epoch in range(training.num_epochs):
             order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
-            for epoch_step in range(self.steps_per_epoch):
-                if step >= self.total_steps:
-                    break
-                micro_batches = [
-                    data_lib.collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
-                    for indices in data_lib.rank_step_indices(
-                        order, epoch_step, self.dist.rank, self.dist.world_size,
-                        training.batch_size, training.gradient_accumulation_steps,
-                    )
-                ]
-                self.train_step(micro_batches, window)
+            for epoch_step in range(min(self.steps_per_epoch, self.total_steps - step)):
+                self.train_step(self._micro_batches(order, epoch_step), window)
                 step += 1
                 progress.update(1)
                 if step % training.logging_steps == 0 or step == self.total_steps:
-                    metrics = window.reduce()
-                    elapsed = time.perf_counter() - window_start
-                    metrics.update(
-                        grad_norm=self.policy.grad_norm(),
-                        learning_rate=self.policy.learning_rate(),
-                        epoch=epoch + (epoch_step + 1) / self.steps_per_epoch,
-                        tokens_per_second=metrics["num_tokens"] / elapsed,
-                    )
-                    self.logger.log(step, metrics)
+                    metrics = self._log_window(window, clock, step, epoch + (epoch_step + 1) / self.steps_per_epoch)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                    window_start = time.perf_counter()
                 if training.eval_steps and step % training.eval_steps == 0 and step != self.total_steps:
+                    clock.pause()  # eval time is not train throughput
                     self.maybe_evaluate(step)
                     self.policy.train()
+                    clock.resume()
         progress.close()
-        eval_metrics = self.maybe_evaluate(step, force=True) or eval_metrics
+        eval_metrics = self.maybe_evaluate(step) or eval_metrics
         self.policy.release_gathered_params()
         export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist)
         self.logger.info(f"exported the policy to {Path(training.output_dir) / 'final'}")
         return eval_metrics
 
+    def _micro_batches(self, order: list[int], epoch_step: int) -> list[data_lib.PairBatch]:
+        training = self.config.training
+        indices = data_lib.rank_step_indices(
+            order, epoch_step, self.dist.rank, self.dist.world_size, training.batch_size, training.gradient_accumulation_steps
+        )
+        return [data_lib.collate([self.train_examples[i] for i in chunk], self.tokenizer.pad_token_id) for chunk in indices]
+
+    def _log_window(self, window: MetricWindow, clock: TrainClock, step: int, epoch: float) -> dict[str, float]:
+        """Reduce the window's sums (one all-reduce), add the step-level numbers, log, restart the window."""
+        metrics = window.reduce()
+        seconds = clock.seconds()
+        metrics.update(
+            grad_norm=self.policy.grad_norm(),
+            learning_rate=self.policy.learning_rate(),
+            epoch=epoch,
+            tokens_per_second=metrics["num_tokens"] / seconds,
+            step_seconds=seconds / (step - self._window_first_step),
+            peak_memory_mb=peak_memory_mb(),
+        )
+        self.logger.log(step, metrics)
+        clock.reset()
+        self._window_first_step = step
+        return metrics
+
     # ---------------------------------------------------------------- eval
-    def maybe_evaluate(self, step: int, force: bool = False) -> dict[str, float]:
+    def maybe_evaluate(self, step: int) -> dict[str, float]:
         if not self.eval_examples:
             return {}
         metrics = self.evaluate()

@@ -63,19 +63,21 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,  # as Qwen3-0.6B..4B
+)
+
+
 def build_model(vocab_size: int, seed: int, **overrides) -> Qwen3ForCausalLM:
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,  # as Qwen3-0.6B..4B
-        **overrides,
-    )
+    """A random Qwen3; `overrides` replace entries of TINY_SHAPE (benchmarks use bigger shapes)."""
+    config = Qwen3Config(vocab_size=vocab_size, **{**TINY_SHAPE, **overrides})
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config)
 

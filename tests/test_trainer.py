@@ -45,3 +45,19 @@ def test_lora_with_gradient_checkpointing_trains_and_exports_an_adapter(tiny_pol
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
     assert not torch.allclose(adapted(ids).logits, base_logits)  # the trained adapter changes the model
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_offloaded_reference_gives_the_same_losses(tiny_policy, tiny_reference, tmp_path):
+    """reference.offload puts the reference under ZeRO-3 parameter offload (CPU); the numbers must not move."""
+    losses = {}
+    for offload in (False, True):
+        out = tmp_path / f"offload-{offload}"
+        config = write_config(
+            tmp_path / f"{offload}.yaml", tiny_policy, tiny_reference, out,
+            training={"max_steps": 4}, reference={"offload": offload}, data={"eval_files": []},
+        )
+        assert_ok(run(python_launch("train.py", config)))
+        train, _ = read_metrics(out)
+        losses[offload] = [train[step]["loss"] for step in sorted(train)]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], abs=1e-6)
