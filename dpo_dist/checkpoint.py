@@ -1,6 +1,6 @@
-"""Exports of the trained policy in Hugging Face layout.
+"""Checkpoints to resume from, and exports of the trained policy in Hugging Face layout.
 
-`export_hf` gathers the parameters one at a time (under ZeRO-3 each is all-gathered, copied to CPU
+`Checkpointer` (below) saves and restores everything a run needs to continue exactly. `export_hf` gathers the parameters one at a time (under ZeRO-3 each is all-gathered, copied to CPU
 on rank 0, and released), so no rank ever needs the whole model on its device. Rank 0 writes
 safetensors + config + tokenizer to a temporary directory and renames it into place: a reader
 never sees half an export.
@@ -8,14 +8,19 @@ never sees half an export.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from dpo_dist.engine import DistInfo, barrier
+from dpo_dist.errors import UserError
 
 
 def gathered_state_dict(model: nn.Module, dist_info: DistInfo) -> dict[str, torch.Tensor]:
@@ -58,3 +63,162 @@ def export_hf(causal_lm: nn.Module, tokenizer, out_dir: str | os.PathLike, dist_
         os.replace(tmp_dir, out_dir)
     barrier()
     return out_dir
+
+
+# ---------------------------------------------------------------- training checkpoints
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+ENGINE_TAG = "engine"
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "stopped on a signal after a checkpoint; run me again to resume"
+
+
+@dataclass
+class TrainerState:
+    """Where the run is: enough to continue it exactly (with the engine state and the RNG states)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch the next step belongs to
+    epoch_step: int = 0  # optimizer steps already done in that epoch
+    consumed_pairs: int = 0
+    consumed_tokens: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    world_size: int = 1
+    global_batch: int = 0
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint, oldest first. Unfinished ones end in `.tmp`."""
+    found = []
+    for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and (path / TRAINER_STATE).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def _fsync_dir(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+class Checkpointer:
+    """Saves every `save_steps` and at the end, atomically; finds and loads the checkpoint to resume from.
+
+    A checkpoint is written to `checkpoint-<step>.tmp/` by every rank (DeepSpeed engine state with
+    ZeRO partitions, each rank's RNG states), then rank 0 adds the trainer state and the config and
+    renames the directory to `checkpoint-<step>/` after a barrier: resume only ever sees checkpoints
+    every rank finished. Old ones beyond `save_total_limit` are deleted (the best by eval loss kept
+    when asked).
+    """
+
+    def __init__(self, training, dist_info: DistInfo):
+        self.training = training
+        self.dist = dist_info
+        self.output_dir = Path(training.output_dir)
+
+    def should_save(self, step: int, last: bool) -> bool:
+        return last or (self.training.save_steps > 0 and step % self.training.save_steps == 0)
+
+    def save(self, step: int, engine, state: TrainerState, config_text: str) -> Path:
+        """Collective: every rank calls it with the same step."""
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = self.output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
+        if self.dist.is_main:
+            for stale in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp"):  # left by runs killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        engine.save_state(tmp, ENGINE_TAG)
+        torch.save(rng_state(), tmp / f"rng_state_rank{self.dist.rank}.pt")
+        barrier()
+        if self.dist.is_main:
+            (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+            (tmp / "config.yaml").write_text(config_text)
+            _fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(self.output_dir)
+            self._prune(state)
+        barrier()
+        return final
+
+    def _prune(self, state: TrainerState) -> None:
+        limit = self.training.save_total_limit
+        if limit is None:
+            return
+        checkpoints = complete_checkpoints(self.output_dir)
+        keep = {step for step, _ in checkpoints[-limit:]}
+        if self.training.keep_best_checkpoint and state.best_step is not None:
+            keep.add(state.best_step)
+        for step, path in checkpoints:
+            if step not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint this run continues from, None for a fresh start; refuses to mix two runs."""
+        resume_from = self.training.resume_from
+        existing = complete_checkpoints(self.output_dir)
+        if resume_from is None:
+            if not existing and not (self.output_dir / "metrics.jsonl").exists():
+                return None
+            if not self.training.overwrite_output_dir:
+                names = ", ".join(path.name for _, path in existing[-3:]) or "metrics.jsonl"
+                raise UserError(
+                    f"{self.output_dir} holds another run ({names}). Continue it with training.resume_from=auto, "
+                    "start over with training.overwrite_output_dir=true (deletes its checkpoints and metrics), "
+                    "or choose another training.output_dir"
+                )
+            barrier()  # every rank has listed the directory before rank 0 clears it
+            if self.dist.is_main:
+                for _, path in existing:
+                    shutil.rmtree(path)
+                for name in ("metrics.jsonl", "tensorboard", "final"):
+                    target = self.output_dir / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            barrier()
+            return None
+        if resume_from == "auto":
+            return existing[-1][1] if existing else None
+        path = Path(resume_from)
+        if not (path / TRAINER_STATE).is_file():
+            raise UserError(f"training.resume_from: {path} is not a finished checkpoint (no {TRAINER_STATE})")
+        return path
+
+    def load(self, path: Path, engine, global_batch: int) -> tuple[TrainerState, dict]:
+        """Engine state into `engine`; returns the trainer state and this rank's RNG states (set them last)."""
+        state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+        if state.world_size != self.dist.world_size:
+            raise UserError(
+                f"{path} was saved by {state.world_size} processes and this run has {self.dist.world_size}. Resume "
+                f"on {state.world_size} processes, or convert it with DeepSpeed's universal checkpoint tool "
+                f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {path / ENGINE_TAG} "
+                "--output_folder <dir>) and start a new run from the export (launch/export.py is planned)"
+            )
+        if state.global_batch != global_batch:
+            raise UserError(
+                f"{path} was trained with global batch {state.global_batch}, this run's is {global_batch}; "
+                "keep batch_size x processes x gradient_accumulation_steps the same to resume exactly"
+            )
+        engine.load_state(path, ENGINE_TAG)
+        rng = torch.load(path / f"rng_state_rank{self.dist.rank}.pt", weights_only=False)
+        return state, rng

@@ -113,6 +113,11 @@ class TrainingConfig:
     seed: int = _opt(42, "Seed for model init, dropout and data order.")
     logging_steps: int = _opt(10, "Log train metrics every N optimizer steps.")
     eval_steps: int = _opt(0, "Evaluate every N optimizer steps (0: only before and after training).")
+    save_steps: int = _opt(500, "Write output_dir/checkpoint-<step>/ every N optimizer steps (and at the end; 0: only at the end).")
+    save_total_limit: int | None = _opt(3, "Keep the newest N checkpoints (null: keep all).")
+    keep_best_checkpoint: bool = _opt(False, "Also keep the checkpoint with the lowest eval loss, beyond save_total_limit.")
+    resume_from: str | None = _opt(None, "Resume from a checkpoint: auto (the newest complete one in output_dir) or a path.")
+    overwrite_output_dir: bool = _opt(False, "Start fresh in an output_dir that holds another run's checkpoints (deletes them).")
 
     def __post_init__(self) -> None:
         positive = ("num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps")
@@ -127,6 +132,10 @@ class TrainingConfig:
             raise UserError(f"training.learning_rate must be > 0, got {self.learning_rate}")
         if self.eval_steps < 0:
             raise UserError(f"training.eval_steps must be >= 0, got {self.eval_steps}")
+        if self.save_steps < 0:
+            raise UserError(f"training.save_steps must be >= 0, got {self.save_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise UserError(f"training.save_total_limit must be >= 1 or null, got {self.save_total_limit}")
 
     @property
     def micro_eval_batch_size(self) -> int:
@@ -308,11 +317,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     return Config(**sections)
 
 
+def yaml_text(config: Config) -> str:
+    """The resolved config as YAML; `load_config` reads it back to the same config."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (temp file + rename, so a reader never sees half of it)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.write_text(yaml_text(config))
     os.replace(tmp, path)
 
 

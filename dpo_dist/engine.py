@@ -79,6 +79,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (e.g. a signal reached only some ranks)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def broadcast_from_main(value):
     """Rank 0's `value` on every rank (any picklable object), so that all ranks act on one decision."""
     import torch.distributed as dist
@@ -272,6 +282,18 @@ class TrainEngine:
 
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, directory: Path, tag: str) -> None:
+        """Model, optimizer, scheduler and ZeRO partitions (collective; every rank writes its part)."""
+        self.release_gathered_params()
+        self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+    def load_state(self, directory: Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise UserError(f"{directory}: DeepSpeed found no engine state under tag '{tag}'")
 
     def release_gathered_params(self) -> None:
         """Under ZeRO-3, re-partition parameters left gathered or in flight by prefetching, so that

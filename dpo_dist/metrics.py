@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import time
 from pathlib import Path
 
@@ -62,6 +63,19 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class PreemptionFlag:
+    """Set by SIGTERM or SIGUSR1 (what SLURM sends before preemption or the time limit); the loop
+    reads it after each optimizer step, checkpoints and exits instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
 
 
 class TrainClock:
@@ -122,6 +136,9 @@ class NullLogger:
     def info(self, message: str) -> None:
         pass
 
+    def truncate_after(self, step: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -145,6 +162,7 @@ class RankZeroLogger(NullLogger):
         self.use_tensorboard = use_tensorboard
         self._jsonl = None
         self._tensorboard = None
+        self._purge_step = None
 
     def _open(self) -> None:
         """Files are opened at the first metric, so a run that logs none (precompute) leaves none behind."""
@@ -153,7 +171,17 @@ class RankZeroLogger(NullLogger):
         if self.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self._purge_step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: keep the records up to the checkpoint's step, so steps after it are logged once."""
+        path = self.output_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._purge_step = step + 1  # TensorBoard drops events past the checkpoint too
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self._jsonl is None:

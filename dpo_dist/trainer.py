@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from dpo_dist import data as data_lib
-from dpo_dist.checkpoint import export_hf
-from dpo_dist.config import Config, save_config
+from dpo_dist.checkpoint import Checkpointer, TrainerState, export_hf, set_rng_state
+from dpo_dist.config import Config, save_config, yaml_text
 from dpo_dist.engine import (
     DistInfo,
     TrainEngine,
+    any_rank,
     build_inference_engine,
     param_elements,
     reference_ds_config,
@@ -27,7 +28,7 @@ from dpo_dist.engine import (
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.losses import LOSSES
-from dpo_dist.metrics import MetricWindow, TrainClock, batch_sums, make_logger, peak_memory_mb
+from dpo_dist.metrics import MetricWindow, PreemptionFlag, TrainClock, batch_sums, make_logger, peak_memory_mb
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy
 from dpo_dist.reference import build_model_reference, load_precomputed_reference
 
@@ -66,6 +67,8 @@ class Trainer:
             )
         total = self.steps_per_epoch * training.num_epochs
         self.total_steps = min(total, training.max_steps) if training.max_steps > 0 else total
+        self.checkpointer = Checkpointer(training, self.dist)
+        resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models
 
         if config.reference.mode == "precomputed":
             self.reference = load_precomputed_reference(
@@ -86,6 +89,13 @@ class Trainer:
                 continue
             local, total = param_elements(model)
             self.logger.info(f"{name}: rank 0 holds {local:,} of {total:,} parameter elements")
+        self.state = TrainerState(world_size=self.dist.world_size, global_batch=self.global_batch)
+        self.resume_rng = None
+        if resume_path is not None:
+            self.state, self.resume_rng = self.checkpointer.load(resume_path, self.policy, self.global_batch)
+            self.logger.truncate_after(self.state.step)  # drop what the interrupted run logged past its checkpoint
+            self.logger.info(f"resumed from {resume_path} at step {self.state.step} (epoch {self.state.epoch}, "
+                             f"{self.state.epoch_step} steps into it, {self.state.consumed_pairs} pairs consumed)")
         if self.dist.is_main:
             Path(training.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(config, Path(training.output_dir) / "config.yaml")
@@ -121,41 +131,59 @@ class Trainer:
             window.add(batch_sums(loss, policy_logps, batch.pair_weight, batch.attention_mask.sum()))
 
     # ---------------------------------------------------------------- the loop
-    def train(self) -> dict[str, float]:
-        training = self.config.training
+    def train(self) -> str:
+        """Run to the end ("completed"), or to a checkpoint after SIGTERM/SIGUSR1 ("preempted")."""
+        training, state = self.config.training, self.state
         self.logger.info(
             f"training {self.total_steps} optimizer steps: {self.steps_per_epoch} per epoch of "
             f"{self.global_batch} pairs ({len(self.train_examples) - self.steps_per_epoch * self.global_batch} "
             f"pairs of each epoch's last partial batch left out; shuffling varies which)"
         )
-        eval_metrics = self.maybe_evaluate(step=0)
-        window, step = MetricWindow(), 0
-        progress = self.logger.progress(total=self.total_steps)
-        clock, self._window_first_step = TrainClock(), 0
+        if state.step == 0:
+            self.maybe_evaluate(step=0)
+        if self.resume_rng is not None:
+            set_rng_state(self.resume_rng)  # last, so nothing between here and the next step draws from it
+        window, clock, preemption = MetricWindow(), TrainClock(), PreemptionFlag()
+        self._window_first_step = state.step
+        progress = self.logger.progress(total=self.total_steps, initial=state.step)
         self.policy.train()
-        for epoch in range(training.num_epochs):
-            order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
-            for epoch_step in range(min(self.steps_per_epoch, self.total_steps - step)):
-                self.train_step(self._micro_batches(order, epoch_step), window)
-                step += 1
-                progress.update(1)
-                if step % training.logging_steps == 0 or step == self.total_steps:
-                    metrics = self._log_window(window, clock, step, epoch + (epoch_step + 1) / self.steps_per_epoch)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                if training.eval_steps and step % training.eval_steps == 0 and step != self.total_steps:
-                    clock.pause()  # eval time is not train throughput
-                    self.maybe_evaluate(step)
-                    self.policy.train()
-                    clock.resume()
+        while state.step < self.total_steps:
+            self.train_step(self._micro_batches(state.epoch, state.epoch_step), window)
+            state.step, state.epoch_step, state.consumed_pairs = state.step + 1, state.epoch_step + 1, state.consumed_pairs + self.global_batch
+            epoch_progress = state.epoch + state.epoch_step / self.steps_per_epoch
+            if state.epoch_step == self.steps_per_epoch:
+                state.epoch, state.epoch_step = state.epoch + 1, 0
+            progress.update(1)
+            last = state.step == self.total_steps
+            stopping = any_rank(preemption.requested, self.dist.device)
+            saving = self.checkpointer.should_save(state.step, last) or stopping
+            if state.step % training.logging_steps == 0 or last or saving:  # a checkpoint closes the log window
+                metrics = self._log_window(window, clock, state.step, epoch_progress)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            if (training.eval_steps and state.step % training.eval_steps == 0) or last:
+                clock.pause()  # eval time is not train throughput
+                self.maybe_evaluate(state.step)
+                self.policy.train()
+                clock.resume()
+            if saving:
+                path = self.checkpointer.save(state.step, self.policy, state, yaml_text(self.config))
+                self.logger.info(f"saved {path}")
+            if stopping:
+                progress.close()
+                self.logger.info(f"stopped on a signal at step {state.step}; resume with training.resume_from=auto")
+                return "preempted"
         progress.close()
-        eval_metrics = self.maybe_evaluate(step) or eval_metrics
         self.policy.release_gathered_params()
         export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist)
         self.logger.info(f"exported the policy to {Path(training.output_dir) / 'final'}")
-        return eval_metrics
+        return "completed"
 
-    def _micro_batches(self, order: list[int], epoch_step: int) -> list[data_lib.PairBatch]:
+    def _micro_batches(self, epoch: int, epoch_step: int) -> list[data_lib.PairBatch]:
         training = self.config.training
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
+            self._order_epoch = epoch
+        order = self._order
         indices = data_lib.rank_step_indices(
             order, epoch_step, self.dist.rank, self.dist.world_size, training.batch_size, training.gradient_accumulation_steps
         )
@@ -174,6 +202,7 @@ class Trainer:
             peak_memory_mb=peak_memory_mb(),
         )
         self.logger.log(step, metrics)
+        self.state.consumed_tokens += int(metrics["num_tokens"])
         clock.reset()
         self._window_first_step = step
         return metrics
@@ -184,6 +213,8 @@ class Trainer:
             return {}
         metrics = self.evaluate()
         self.logger.log(step, metrics)
+        if (self.state.best_eval_loss is None or metrics["eval_loss"] < self.state.best_eval_loss):
+            self.state.best_eval_loss, self.state.best_step = metrics["eval_loss"], step
         self.logger.info(
             f"eval @ step {step}: loss {metrics['eval_loss']:.4f}, "
             f"reward accuracy {metrics['eval_rewards/accuracies']:.3f}, margin {metrics['eval_rewards/margins']:.4f}"

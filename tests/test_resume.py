@@ -1,0 +1,162 @@
+"""Exact resume: a run killed with kill -9 (or stopped by SIGUSR1 on one rank) and resumed with
+resume_from=auto gives bitwise the same per-step losses and final weights as a straight run.
+
+Real 2-rank runs, fp32 on CPU, dropout on (attention_dropout=0.1, so the RNG states matter),
+shuffling on, and an epoch of 100 pairs that is not a multiple of the global batch of 16.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launching import ROOT, assert_ok, deepspeed_launch, python_launch, read_metrics, run, torchrun_launch, write_config
+from make_tiny_qwen3 import make_checkpoint
+
+pytestmark = pytest.mark.multirank
+STEPS = 18  # 3 epochs of 6 steps (100 pairs // 16)
+
+
+@pytest.fixture(scope="module")
+def dropout_policy(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "dropout_policy", seed=0, attention_dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """100 train pairs; 48 eval pairs, scored after every step so that a run takes long enough to be
+    killed part-way (eval draws no random numbers and changes nothing the comparison looks at)."""
+    folder = tmp_path_factory.mktemp("data")
+    lines = (ROOT / "examples/data/demo_train.jsonl").read_text().splitlines(keepends=True)
+    (folder / "train.jsonl").write_text("".join(lines[:100]))
+    (folder / "eval.jsonl").write_text("".join(lines[100:148]))
+    return folder
+
+
+def config_for(tmp_path, name, policy, reference, data, ds_config):
+    return write_config(
+        tmp_path / f"{name}.yaml", policy, reference, tmp_path / name,
+        data={"train_files": [str(data / "train.jsonl")], "eval_files": [str(data / "eval.jsonl")]},
+        training={"num_epochs": 3, "gradient_accumulation_steps": 2, "save_steps": 4, "save_total_limit": 2,
+                  "eval_steps": 1, "keep_best_checkpoint": True},
+        deepspeed={"config": ds_config},
+    )
+
+
+def start(command):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def kill_9_everything(process) -> None:
+    """SIGKILL the launcher and every worker: torchrun starts its workers in sessions of their own,
+    so killing the launcher's process group alone would leave them running."""
+    family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+    psutil.wait_procs([psutil.Process(pid) for pid in family if psutil.pid_exists(pid)], timeout=30)
+
+
+def wait_for_checkpoint(output_dir: Path, step: int, process, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (output_dir / f"checkpoint-{step}" / "trainer_state.json").exists():
+        assert process.poll() is None, f"run ended before checkpoint-{step}:\n{process.stdout.read()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def assert_same_run(straight_dir: Path, resumed_dir: Path, resumed_from: int) -> None:
+    straight, _ = read_metrics(straight_dir)
+    resumed, _ = read_metrics(resumed_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # every step logged once: none lost, none repeated
+    for step in range(resumed_from + 1, STEPS + 1):
+        for key in ("loss", "rewards/margins", "grad_norm", "learning_rate"):
+            assert resumed[step][key] == straight[step][key], (step, key)  # bitwise
+    a = load_file(straight_dir / "final" / "model.safetensors")
+    b = load_file(resumed_dir / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def resumed_step(output: str) -> int:
+    line = next(line for line in output.splitlines() if line.startswith("resumed from"))
+    return int(line.split(" at step ")[1].split()[0])
+
+
+def test_zero2_kill_9_and_resume_is_bitwise_exact(dropout_policy, tiny_reference, small_data, tmp_path):
+    straight = config_for(tmp_path, "straight", dropout_policy, tiny_reference, small_data, "ds_configs/zero2.json")
+    assert_ok(run(torchrun_launch("train.py", straight)))
+    assert (tmp_path / "straight" / "checkpoint-18").exists() and not (tmp_path / "straight" / "checkpoint-8").exists()
+
+    killed = config_for(tmp_path, "killed", dropout_policy, tiny_reference, small_data, "ds_configs/zero2.json")
+    process = start(torchrun_launch("train.py", killed))
+    wait_for_checkpoint(tmp_path / "killed", 8, process)
+    kill_9_everything(process)
+    assert not (tmp_path / "killed" / "final").exists()
+    # what a kill during a save leaves behind: a half-written .tmp directory, never trusted
+    partial = tmp_path / "killed" / "checkpoint-99.tmp"
+    partial.mkdir()
+    (partial / "trainer_state.json").write_text("{")
+
+    result = run(torchrun_launch("train.py", killed, "training.resume_from=auto"))
+    assert_ok(result)
+    step = resumed_step(result.stdout)
+    assert 8 <= step < STEPS and not partial.exists()
+    assert_same_run(tmp_path / "straight", tmp_path / "killed", step)
+    kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "killed").glob("checkpoint-*"))
+    best = json.loads((tmp_path / "killed" / "checkpoint-18" / "trainer_state.json").read_text())["best_step"]
+    assert kept == sorted({16, 18} | ({best} if best % 4 == 0 else set()))  # newest 2, plus the best when saved
+
+    # a checkpoint saved by 2 processes is refused on 1, with how to convert it
+    result = run(python_launch("train.py", killed, "training.resume_from=auto"))
+    assert result.returncode == 2 and "saved by 2 processes" in result.stderr and "ds_to_universal" in result.stderr
+
+
+def test_zero3_kill_and_sigusr1_on_one_rank_resume_exactly(dropout_policy, tiny_reference, small_data, tmp_path):
+    straight = config_for(tmp_path, "straight", dropout_policy, tiny_reference, small_data, "ds_configs/zero3.json")
+    assert_ok(run(deepspeed_launch("train.py", straight)))
+
+    # kill -9 of the whole process group after checkpoint-4 (mostly mid-step), then resume
+    killed = config_for(tmp_path, "killed", dropout_policy, tiny_reference, small_data, "ds_configs/zero3.json")
+    process = start(deepspeed_launch("train.py", killed))
+    wait_for_checkpoint(tmp_path / "killed", 4, process)
+    kill_9_everything(process)
+    result = run(deepspeed_launch("train.py", killed, "training.resume_from=auto"))
+    assert_ok(result)
+    assert_same_run(tmp_path / "straight", tmp_path / "killed", resumed_step(result.stdout))
+
+    # SIGUSR1 to ONE rank: every rank finishes the step, a checkpoint is written, exit status 75
+    signalled = config_for(tmp_path, "signalled", dropout_policy, tiny_reference, small_data, "ds_configs/zero3.json")
+    process = start(deepspeed_launch("train.py", signalled, "training.save_steps=100"))
+    deadline = time.time() + 300
+    while not (tmp_path / "signalled" / "metrics.jsonl").exists() or len(read_metrics(tmp_path / "signalled")[0]) < 3:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+    assert len(workers) == 1
+    workers[0].send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 75, output[-3000:]
+    stopped = [p for p in (tmp_path / "signalled").glob("checkpoint-*")]
+    assert len(stopped) == 1 and not (tmp_path / "signalled" / "final").exists()
+    stop_step = int(stopped[0].name.split("-")[1])
+    assert 3 <= stop_step < STEPS
+    result = run(deepspeed_launch("train.py", signalled, "training.resume_from=auto", "training.save_steps=100"))
+    assert_ok(result)
+    assert resumed_step(result.stdout) == stop_step
+    assert_same_run(tmp_path / "straight", tmp_path / "signalled", stop_step)
+    state = json.loads((tmp_path / "signalled" / "checkpoint-18" / "trainer_state.json").read_text())
+    assert state["consumed_pairs"] == STEPS * 16 and state["step"] == STEPS
