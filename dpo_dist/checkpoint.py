@@ -22,6 +22,8 @@ from torch import nn
 from dpo_dist.engine import DistInfo, barrier
 from dpo_dist.errors import UserError
 
+ENGINE_TAG = "engine"  # the DeepSpeed tag (sub-directory) of the engine state inside checkpoint-<step>/
+
 
 def gathered_state_dict(model: nn.Module, dist_info: DistInfo) -> dict[str, torch.Tensor]:
     """Full CPU copies of `model`'s parameters and persistent buffers on rank 0 (empty elsewhere)."""
@@ -43,21 +45,46 @@ def gathered_state_dict(model: nn.Module, dist_info: DistInfo) -> dict[str, torc
     return state
 
 
-def export_hf(causal_lm: nn.Module, tokenizer, out_dir: str | os.PathLike, dist_info: DistInfo) -> Path:
+def _write_merged(peft_model: nn.Module, state: dict[str, torch.Tensor], out_dir: Path, max_shard_size: str) -> None:
+    """Rank 0: a CPU copy of the base model gets the trained adapter, merged into its weights.
+
+    Under ZeRO-3 the live model is partitioned, so the merge runs on a fresh CPU copy loaded from
+    the policy's starting checkpoint, with the gathered state (base + adapter) loaded into it.
+    """
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_path = peft_model.peft_config["default"].base_model_name_or_path
+    dtype = next(iter(state.values())).dtype
+    copy = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype), peft_model.peft_config["default"])
+    missing, unexpected = copy.load_state_dict(state, strict=False)
+    if unexpected or any("lora_" in key for key in missing):
+        raise RuntimeError(f"merged export: state does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    copy.merge_and_unload().save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+
+
+def export_hf(causal_lm: nn.Module, tokenizer, out_dir: str | os.PathLike, dist_info: DistInfo,
+              merge: bool = False, max_shard_size: str = "5GB") -> Path:
     """Write `causal_lm` to `out_dir`, loadable by `from_pretrained`. Collective: every rank calls it.
 
-    A plain model is written as full safetensors weights with its config; a PEFT model as its
-    adapter (`peft.PeftModel.from_pretrained` loads it). The tokenizer goes beside either.
+    A plain model is written as full safetensors weights with its config (sharded with an index
+    past `max_shard_size`); a PEFT model as its adapter (`peft.PeftModel.from_pretrained` loads it)
+    and, with `merge`, also as a full model with the adapter merged, in `out_dir/merged/`. The
+    tokenizer goes beside each.
     """
     out_dir = Path(out_dir)
     state = gathered_state_dict(causal_lm, dist_info)
     if dist_info.is_main:
         tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        if hasattr(causal_lm, "peft_config"):
+        is_peft = hasattr(causal_lm, "peft_config")
+        if is_peft:
             causal_lm.save_pretrained(tmp_dir, state_dict=state)
+            if merge:
+                _write_merged(causal_lm, state, tmp_dir / "merged", max_shard_size)
+                tokenizer.save_pretrained(tmp_dir / "merged")
         else:
-            causal_lm.save_pretrained(tmp_dir, state_dict=state, safe_serialization=True)
+            causal_lm.save_pretrained(tmp_dir, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp_dir)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp_dir, out_dir)
@@ -65,11 +92,20 @@ def export_hf(causal_lm: nn.Module, tokenizer, out_dir: str | os.PathLike, dist_
     return out_dir
 
 
+def consolidated_checkpoint_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The policy's full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, on CPU, in one
+    process: DeepSpeed's own consolidation of the partitions, keys as in the causal LM."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=ENGINE_TAG)
+    prefix = "causal_lm."  # the engine's root module is SequenceLogps(causal_lm)
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
 # ---------------------------------------------------------------- training checkpoints
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
-ENGINE_TAG = "engine"
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "stopped on a signal after a checkpoint; run me again to resume"
 
 

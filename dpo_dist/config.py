@@ -68,14 +68,27 @@ class ModelConfig:
         return self.ref_model or self.policy_path
 
 
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")  # dpo_dist.losses.LOSSES, checked by a test
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DPOConfig:
-    beta: float = _opt(0.1, "Strength of the KL penalty toward the reference (DPO's beta).")
-    loss_type: str = _opt("sigmoid", "Preference loss.", ("sigmoid",))
+    beta: float = _opt(0.1, "Strength of the KL penalty toward the reference (DPO's beta; ORPO's lambda).")
+    loss_type: str = _opt(
+        "sigmoid", "Preference loss; simpo and orpo are reference-free (no reference is loaded).", LOSS_TYPES
+    )
+    label_smoothing: float = _opt(0.0, "Assumed label-flip rate for loss_type=robust, in [0, 0.5).")
+    simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma.")
+    sft_weight: float = _opt(0.0, "Weight of the per-token NLL of the chosen completion added to the loss (TRL's rpo_alpha).")
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise UserError(f"dpo.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise UserError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,9 +175,11 @@ class DeepSpeedConfig:
 @dataclass(frozen=True, kw_only=True)
 class ReferenceConfig:
     mode: str = _opt(
-        "model",
-        "Where reference log-probs come from: a separate frozen model, or a cache written by launch/precompute_ref.py.",
-        ("model", "precomputed"),
+        "auto",
+        "Where reference log-probs come from: model (a separate frozen model), adapter (the LoRA policy with its "
+        "adapter disabled), precomputed (the cache written by launch/precompute_ref.py), none (reference-free losses). "
+        "auto = none for simpo/orpo, adapter with LoRA and no model.ref_model, else model.",
+        ("auto", "model", "adapter", "precomputed", "none"),
     )
     offload: bool = _opt(False, "Keep the reference's parameters on CPU (ZeRO-3 param offload).")
     cache_dir: str | None = _opt(None, "Reference log-prob cache directory; defaults to <training.output_dir>/reference_cache.")
@@ -176,6 +191,12 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    merge: bool = _opt(False, "With LoRA: also write the adapter merged into the base weights (a full model).")
+    max_shard_size: str = _opt("5GB", "Largest safetensors file of a full-model export (bigger models get an index).")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -184,10 +205,28 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         if not self.model.base_model and not self.model.sft_model:
             raise UserError("model.base_model is required (an HF model id or a local checkpoint directory)")
+        mode, loss = self.reference.mode, self.dpo.loss_type
+        if loss in REFERENCE_FREE_LOSSES and mode not in ("auto", "none"):
+            raise UserError(f"dpo.loss_type={loss} is reference-free; reference.mode={mode} does not apply (use auto or none)")
+        if loss not in REFERENCE_FREE_LOSSES and mode == "none":
+            raise UserError(f"dpo.loss_type={loss} needs reference log-probs; reference.mode=none gives none")
+        if mode == "adapter" and self.lora is None:
+            raise UserError("reference.mode=adapter needs a lora: section (the reference is the policy without its adapter)")
+
+    @property
+    def reference_mode(self) -> str:
+        """reference.mode with auto resolved: none for reference-free losses; adapter with LoRA and no
+        explicit model.ref_model; else a separate model."""
+        if self.reference.mode != "auto":
+            return self.reference.mode
+        if self.dpo.loss_type in REFERENCE_FREE_LOSSES:
+            return "none"
+        return "adapter" if self.lora is not None and self.model.ref_model is None else "model"
 
     @property
     def reference_cache_dir(self) -> Path:
@@ -205,6 +244,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "deepspeed": DeepSpeedConfig,
     "reference": ReferenceConfig,
+    "export": ExportConfig,
 }
 
 

@@ -4,7 +4,8 @@ Sums stay as device tensors over a logging window; a log step stacks them and ru
 all-reduce, then divides by the global counts. Names and meanings follow TRL's DPOTrainer:
 - per-pair means (over every pair of every rank): loss, rewards/chosen, rewards/rejected,
   rewards/accuracies (chosen reward strictly greater), rewards/margins, logps/chosen, logps/rejected;
-- per-token means: logits/chosen, logits/rejected (the mean-over-vocab logit of completion tokens).
+- per-token means: logits/chosen, logits/rejected (the mean-over-vocab logit of completion tokens);
+- nll_loss: the per-token NLL of the chosen completion, averaged over pairs (the SFT term).
 Eval padding pairs carry weight 0 and count nowhere.
 """
 
@@ -34,14 +35,16 @@ _MEAN_OVER = {
     "logps/rejected": "pairs",
     "logits/chosen": "chosen_tokens",
     "logits/rejected": "rejected_tokens",
+    "nll_loss": "pairs",
 }
 _COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens")
 
 
-def batch_sums(loss: PreferenceLoss, policy: PairLogps, weight: torch.Tensor, num_tokens: torch.Tensor) -> dict:
+def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weight: torch.Tensor, num_tokens: torch.Tensor) -> dict:
     """Weighted sums of one micro-batch's metrics (detached); `weight` is (B,) with 0 for padding pairs."""
     w = weight.to(loss.losses.dtype)
     return {
+        "nll_loss": (nll.detach() * w).sum(),
         "loss": (loss.losses.detach() * w).sum(),
         "rewards/chosen": (loss.chosen_rewards * w).sum(),
         "rewards/rejected": (loss.rejected_rewards * w).sum(),

@@ -104,6 +104,15 @@ def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, adapter)
+        peft_model = get_peft_model(model, adapter)
     except ValueError as err:
         raise UserError(f"lora.target_modules: {err}") from None
+    # PEFT creates adapters in fp32; under ZeRO-3 they are made after zero.Init and would stay fp32
+    # beside bf16 base weights (under ZeRO-2 DeepSpeed casts them). Cast them to the model's dtype so
+    # every stage trains the same thing: DeepSpeed's bf16/fp16 optimizer keeps fp32 master copies.
+    dtype = model.config.dtype if isinstance(getattr(model.config, "dtype", None), torch.dtype) else None
+    if dtype is not None:
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return peft_model

@@ -1,10 +1,13 @@
 """Reference log-probs behind one interface: `reference.logps(batch) -> PairLogps`.
 
-Two strategies so far:
+Three strategies (and none at all for reference-free losses):
 - `ModelReference`: a separate frozen model: a `SequenceLogps` in eval mode (dropout off), with
   `requires_grad` off and no optimizer, scored under `torch.no_grad()`. Under ZeRO-3 it is sharded
   across ranks like the policy; with `reference.offload` its parameters stay in CPU memory
   (ZeRO-3 param offload) and are streamed in per layer.
+- `AdapterReference`: with LoRA, the policy itself with its adapter disabled: no second model in
+  memory. Scored in eval mode (dropout off, LoRA dropout included) under `torch.no_grad()`, then
+  the policy goes back to train mode.
 - `PrecomputedReference`: no model at all; the log-probs come from the verified cache written by
   `launch/precompute_ref.py`, looked up by each pair's uid.
 """
@@ -39,6 +42,27 @@ def build_model_reference(config: Config, dtype: torch.dtype, train_ds_config: d
     model = load_causal_lm(config.model.reference_path, config.model, dtype, ref_ds)
     scorer = SequenceLogps(model, config.model.logps_chunk_tokens)
     return ModelReference(build_inference_engine(scorer, ref_ds, device), model)
+
+
+class AdapterReference:
+    """The LoRA policy with its adapter disabled; `policy` is its (DeepSpeed) scorer, `peft_model` the PeftModel."""
+
+    model = None  # nothing beyond the policy is held
+
+    def __init__(self, policy, peft_model):
+        self.policy = policy
+        self.peft_model = peft_model
+
+    @torch.no_grad()
+    def logps(self, batch: PairBatch) -> PairLogps:
+        was_training = self.peft_model.training
+        self.policy.eval()
+        try:
+            with self.peft_model.disable_adapter():
+                return forward_pair(self.policy, batch)
+        finally:
+            if was_training:
+                self.policy.train()
 
 
 class PrecomputedReference:

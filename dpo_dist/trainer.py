@@ -27,10 +27,10 @@ from dpo_dist.engine import (
 )
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
-from dpo_dist.losses import LOSSES
+from dpo_dist.losses import LOSSES, PreferenceInputs, chosen_nll
 from dpo_dist.metrics import MetricWindow, PreemptionFlag, TrainClock, batch_sums, make_logger, peak_memory_mb
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy
-from dpo_dist.reference import build_model_reference, load_precomputed_reference
+from dpo_dist.reference import AdapterReference, build_model_reference, load_precomputed_reference
 
 
 def seed_everything(seed: int) -> None:
@@ -44,7 +44,7 @@ class Trainer:
         self.config = config
         self.dist = dist_info
         self.logger = make_logger(dist_info.rank, config.training.output_dir)
-        self.loss_fn = LOSSES[config.dpo.loss_type]
+        self.loss_fn = LOSSES[config.dpo.loss_type].fn
 
     # ---------------------------------------------------------------- setup
     def setup(self, train: bool = True) -> None:
@@ -70,11 +70,13 @@ class Trainer:
         self.checkpointer = Checkpointer(training, self.dist)
         resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models
 
-        if config.reference.mode == "precomputed":
+        mode = config.reference_mode
+        self.reference = None  # reference-free losses (mode none) have none
+        if mode == "precomputed":
             self.reference = load_precomputed_reference(
                 config, self.tokenizer, self.dtype, self.train_examples + self.eval_examples, self.logger
             )
-        else:
+        elif mode == "model":
             self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device)
         policy = load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config)
         policy = prepare_policy(policy, config.model, config.lora)
@@ -84,7 +86,10 @@ class Trainer:
             self.policy = TrainEngine(scorer, self.ds_config, training, max(self.total_steps, 1))
         else:
             self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device)
-        for name, model in (("policy", policy), ("reference", self.reference.model)):
+        if mode == "adapter":
+            self.reference = AdapterReference(self.policy, policy)
+        self.logger.info(f"reference: {mode}")
+        for name, model in (("policy", policy), ("reference", getattr(self.reference, "model", None))):
             if model is None:
                 continue
             local, total = param_elements(model)
@@ -109,26 +114,33 @@ class Trainer:
 
     # ---------------------------------------------------------------- the step
     def _pair_loss(self, batch: data_lib.PairBatch):
+        """Per-pair loss (preference loss + sft_weight x chosen NLL), and what the metrics need."""
+        dpo = self.config.dpo
+        ref_logps = self.reference.logps(batch) if self.reference is not None else None
         policy_logps = forward_pair(self.policy, batch)
-        ref_logps = self.reference.logps(batch)
-        loss = self.loss_fn(
-            policy_logps.chosen_logps,
-            policy_logps.rejected_logps,
-            ref_logps.chosen_logps,
-            ref_logps.rejected_logps,
-            beta=self.config.dpo.beta,
+        inputs = PreferenceInputs(
+            policy_chosen_logps=policy_logps.chosen_logps,
+            policy_rejected_logps=policy_logps.rejected_logps,
+            chosen_tokens=policy_logps.chosen_tokens,
+            rejected_tokens=policy_logps.rejected_tokens,
+            ref_chosen_logps=ref_logps.chosen_logps if ref_logps is not None else None,
+            ref_rejected_logps=ref_logps.rejected_logps if ref_logps is not None else None,
         )
-        return loss, policy_logps
+        loss = self.loss_fn(inputs, beta=dpo.beta, label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma)
+        nll = chosen_nll(inputs)
+        if dpo.sft_weight:
+            loss.losses = loss.losses + dpo.sft_weight * nll
+        return loss, policy_logps, nll
 
     def train_step(self, micro_batches: list[data_lib.PairBatch], window: MetricWindow) -> None:
         """One optimizer step over this rank's micro-batches."""
         for batch in micro_batches:
             batch = batch.to(self.dist.device)
-            loss, policy_logps = self._pair_loss(batch)
+            loss, policy_logps, nll = self._pair_loss(batch)
             # Mean over this micro-batch; DeepSpeed averages over ranks and accumulation steps.
             self.policy.backward(loss.losses.mean())
             self.policy.step()
-            window.add(batch_sums(loss, policy_logps, batch.pair_weight, batch.attention_mask.sum()))
+            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.attention_mask.sum()))
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> str:
@@ -174,7 +186,8 @@ class Trainer:
                 return "preempted"
         progress.close()
         self.policy.release_gathered_params()
-        export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist)
+        export = self.config.export
+        export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist, export.merge, export.max_shard_size)
         self.logger.info(f"exported the policy to {Path(training.output_dir) / 'final'}")
         return "completed"
 
@@ -232,8 +245,8 @@ class Trainer:
         )
         for batch in batches:
             batch = batch.to(self.dist.device)
-            loss, policy_logps = self._pair_loss(batch)
-            window.add(batch_sums(loss, policy_logps, batch.pair_weight, batch.attention_mask.sum()))
+            loss, policy_logps, nll = self._pair_loss(batch)
+            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.attention_mask.sum()))
         metrics = window.reduce()
         return {f"eval_{name}": value for name, value in metrics.items()}
 

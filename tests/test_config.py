@@ -30,7 +30,8 @@ def test_seed_config_loads_unchanged(tmp_path):
     assert isinstance(config.training.learning_rate, float)
     assert config.training.gradient_accumulation_steps == 8 and config.training.max_seq_length == 2048
     assert config.lora.r == 16 and config.lora.alpha == 32 and len(config.lora.target_modules) == 7
-    assert config.dpo.beta == 0.1 and config.reference.mode == "model"
+    assert config.dpo.beta == 0.1
+    assert config.reference_mode == "adapter"  # LoRA and no explicit reference: the policy without its adapter
 
 
 def test_overrides_apply_with_yaml_values(tmp_path):
@@ -57,6 +58,10 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         ("model: {sft_model: x}\ndpo: {beta: -1}\n", [], "dpo.beta must be > 0"),
         ("dpo: {beta: 0.1}\n", [], "model.base_model is required"),
         ("- a\n- b\n", [], "the top level must be a mapping"),
+        (SEED_CONFIG, ["dpo.loss_type=orpo", "reference.mode=precomputed"], "dpo.loss_type=orpo is reference-free"),
+        (SEED_CONFIG, ["reference.mode=none"], "dpo.loss_type=sigmoid needs reference log-probs"),
+        ("model: {base_model: x}\nreference: {mode: adapter}\n", [], "reference.mode=adapter needs a lora: section"),
+        (SEED_CONFIG, ["dpo.label_smoothing=0.5"], "dpo.label_smoothing must be in [0, 0.5)"),
         ("model: [1]\n", [], "model: expected a mapping"),
     ],
 )
@@ -69,6 +74,14 @@ def test_errors_name_the_key(tmp_path, text, overrides, message):
 def test_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(UserError, match="Did you mean 'learning_rate'"):
         load_config(write(tmp_path, SEED_CONFIG), ["training.lerning_rate=1"])
+
+
+def test_reference_mode_auto(tmp_path):
+    plain = "model: {base_model: x}\n"
+    assert load_config(write(tmp_path, plain)).reference_mode == "model"
+    assert load_config(write(tmp_path, plain), ["dpo.loss_type=simpo"]).reference_mode == "none"
+    assert load_config(write(tmp_path, SEED_CONFIG), ["reference.mode=model"]).reference_mode == "model"
+    assert load_config(write(tmp_path, SEED_CONFIG), ["model.ref_model=/other"]).reference_mode == "model"
 
 
 def test_help_lists_every_key():

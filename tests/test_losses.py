@@ -1,55 +1,113 @@
-"""The sigmoid DPO loss against values worked out by hand."""
+"""Every preference loss against values worked out by hand (closed forms via `math`, not torch)."""
 
 import math
 
 import pytest
 import torch
 
-from dpo_dist.losses import LOSSES, sigmoid_loss
+from dpo_dist.config import LOSS_TYPES, REFERENCE_FREE_LOSSES
+from dpo_dist.losses import (
+    LOSSES,
+    PreferenceInputs,
+    chosen_nll,
+    hinge_loss,
+    ipo_loss,
+    orpo_loss,
+    robust_loss,
+    sigmoid_loss,
+    simpo_loss,
+)
 
 
-def test_closed_form_value():
-    # beta=0.1; chosen log-ratio = -1 - (-2) = 1, rejected log-ratio = -3 - (-2) = -1
-    # z = 0.1 * (1 - (-1)) = 0.2; loss = log(1 + e^-0.2) = log(1.8187308) = 0.5981389
-    out = sigmoid_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
-    assert out.losses.item() == pytest.approx(0.5981389, abs=1e-6)
-    assert out.chosen_rewards.item() == pytest.approx(0.1)
-    assert out.rejected_rewards.item() == pytest.approx(-0.1)
+def softplus(x: float) -> float:
+    """-log sigmoid(-x) = log(1 + e^x)"""
+    return math.log1p(math.exp(x))
 
 
-def test_equal_policy_and_reference_gives_ln2():
-    logps = torch.tensor([-5.0, -7.5, -0.25])
-    out = sigmoid_loss(logps, logps - 1, logps, logps - 1, beta=0.5)
-    assert torch.allclose(out.losses, torch.full((3,), math.log(2.0)))
-    assert torch.equal(out.chosen_rewards, torch.zeros(3))
-
-
-def test_per_pair_values_and_large_margins_are_finite():
-    # z = beta * margin: 0.5 * 4 = 2 -> log(1+e^-2) = 0.126928; 0.5 * -4 = -2 -> log(1+e^2) = 2.126928
-    out = sigmoid_loss(
-        torch.tensor([0.0, 0.0, 0.0]),
-        torch.tensor([-4.0, 4.0, -4000.0]),
-        torch.zeros(3),
-        torch.zeros(3),
-        beta=0.5,
+def pair(pc, pr, rc=None, rr=None, nc=1, nr=1, grad=False):
+    t = lambda v: torch.tensor([float(v)], requires_grad=grad)  # noqa: E731
+    return PreferenceInputs(
+        policy_chosen_logps=t(pc), policy_rejected_logps=t(pr),
+        chosen_tokens=torch.tensor([nc]), rejected_tokens=torch.tensor([nr]),
+        ref_chosen_logps=None if rc is None else t(rc), ref_rejected_logps=None if rr is None else t(rr),
     )
-    assert out.losses[0].item() == pytest.approx(0.126928, abs=1e-6)
-    assert out.losses[1].item() == pytest.approx(2.126928, abs=1e-6)
-    assert out.losses[2].item() == pytest.approx(0.0, abs=1e-12)  # margin 2000: no overflow, no NaN
 
 
-def test_gradient_signs():
+# The standard case: chosen log-ratio -1 - (-2) = 1, rejected log-ratio -3 - (-2) = -1, margin 2.
+STANDARD = dict(pc=-1.0, pr=-3.0, rc=-2.0, rr=-2.0)
+
+
+def test_sigmoid_closed_form():
+    # z = beta * margin = 0.1 * 2 = 0.2; loss = log(1 + e^-0.2) = 0.5981389
+    out = sigmoid_loss(pair(**STANDARD), beta=0.1)
+    assert out.losses.item() == pytest.approx(0.5981389, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(0.1) and out.rejected_rewards.item() == pytest.approx(-0.1)
+
+
+def test_sigmoid_equal_policy_and_reference_gives_ln2_and_large_margins_stay_finite():
+    logps = torch.tensor([-5.0, -7.5, -0.25])
+    same = PreferenceInputs(logps, logps - 1, torch.ones(3), torch.ones(3), logps, logps - 1)
+    assert torch.allclose(sigmoid_loss(same, beta=0.5).losses, torch.full((3,), math.log(2.0)))
+    huge = sigmoid_loss(pair(0.0, -4000.0, 0.0, 0.0), beta=0.5).losses.item()
+    assert huge == pytest.approx(0.0, abs=1e-12)
+    flipped = sigmoid_loss(pair(0.0, 4.0, 0.0, 0.0), beta=0.5).losses.item()
+    assert flipped == pytest.approx(softplus(2.0), abs=1e-6)  # z = -2: log(1 + e^2) = 2.126928
+
+
+def test_sigmoid_gradient_signs():
     """Descending the loss raises the chosen log-prob and lowers the rejected one."""
-    chosen = torch.tensor([-2.0], requires_grad=True)
-    rejected = torch.tensor([-2.0], requires_grad=True)
-    out = sigmoid_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
-    out.losses.sum().backward()
-    # d/dchosen of -log sigmoid(beta*(c - r)) at c = r is -beta * sigmoid(0) = -0.05
-    assert chosen.grad.item() == pytest.approx(-0.05)
-    assert rejected.grad.item() == pytest.approx(0.05)
+    inputs = pair(-2.0, -2.0, -2.0, -2.0, grad=True)
+    sigmoid_loss(inputs, beta=0.1).losses.sum().backward()
+    # d/dchosen of -log sigmoid(beta (c - r)) at c = r is -beta * sigmoid(0) = -0.05
+    assert inputs.policy_chosen_logps.grad.item() == pytest.approx(-0.05)
+    assert inputs.policy_rejected_logps.grad.item() == pytest.approx(0.05)
 
 
-def test_rewards_are_detached_and_registry_names_sigmoid():
+def test_robust():
+    # z = 0.2, eps = 0.1: ((0.9 * log(1+e^-0.2)) - 0.1 * log(1+e^0.2)) / 0.8 = 0.5731389
+    expected = (0.9 * softplus(-0.2) - 0.1 * softplus(0.2)) / 0.8
+    assert expected == pytest.approx(0.5731389, abs=1e-6)
+    assert robust_loss(pair(**STANDARD), beta=0.1, label_smoothing=0.1).losses.item() == pytest.approx(expected, abs=1e-6)
+    # eps = 0 is plain DPO
+    assert robust_loss(pair(**STANDARD), beta=0.1, label_smoothing=0.0).losses.item() == pytest.approx(0.5981389, abs=1e-6)
+
+
+def test_hinge():
+    # relu(1 - 0.1 * 2) = 0.8; a margin past 1/beta costs nothing
+    assert hinge_loss(pair(**STANDARD), beta=0.1).losses.item() == pytest.approx(0.8)
+    assert hinge_loss(pair(0.0, -20.0, 0.0, 0.0), beta=0.1).losses.item() == 0.0
+
+
+def test_ipo_is_length_normalised():
+    # per-token margin h = 1/2 - (-1)/4 = 0.75; (0.75 - 1/(2*0.1))^2 = (0.75 - 5)^2 = 18.0625
+    assert ipo_loss(pair(**STANDARD, nc=2, nr=4), beta=0.1).losses.item() == pytest.approx(18.0625)
+
+
+def test_simpo_reference_free():
+    # mean logps -2/2 = -1 and -8/4 = -2; z = 2 * 1 - 0.5 = 1.5; loss = log(1 + e^-1.5) = 0.2014133
+    out = simpo_loss(pair(-2.0, -8.0, nc=2, nr=4), beta=2.0, simpo_gamma=0.5)
+    assert out.losses.item() == pytest.approx(0.2014133, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(-2.0) and out.rejected_rewards.item() == pytest.approx(-4.0)
+
+
+def test_orpo_reference_free():
+    # p_w = -1, p_l = -2; log odds = p - log(1 - e^p): -0.5413249 and -1.8545865, difference 1.3132617
+    # loss = -p_w + beta * log(1 + e^-1.3132617) = 1 + 0.1 * log(1.2689414) = 1 + 0.1 * 0.2381830 = 1.0238183
+    log_odds = (-1 - math.log(1 - math.exp(-1))) - (-2 - math.log(1 - math.exp(-2)))
+    assert log_odds == pytest.approx(1.3132617, abs=1e-6)
+    expected = 1.0 + 0.1 * softplus(-log_odds)
+    assert expected == pytest.approx(1.0238183, abs=1e-6)
+    assert orpo_loss(pair(-2.0, -6.0, nc=2, nr=3), beta=0.1).losses.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_chosen_nll_is_per_token():
+    assert chosen_nll(pair(-6.0, -1.0, nc=3)).item() == pytest.approx(2.0)
+
+
+def test_registry_matches_the_config_choices():
+    assert tuple(LOSSES) == LOSS_TYPES
+    assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == set(REFERENCE_FREE_LOSSES)
     chosen = torch.tensor([-1.0], requires_grad=True)
-    out = LOSSES["sigmoid"](chosen, torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), beta=1.0)
+    out = LOSSES["sigmoid"].fn(PreferenceInputs(chosen, torch.tensor([-2.0]), torch.ones(1), torch.ones(1),
+                                                torch.tensor([-1.5]), torch.tensor([-1.5])), beta=1.0)
     assert out.losses.requires_grad and not out.chosen_rewards.requires_grad
