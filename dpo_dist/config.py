@@ -197,6 +197,12 @@ class ExportConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RoundsConfig:
+    train_files: list[str] = _opt([], "Iterative DPO (launch/multi_round.py): one training file per round, in order.")
+    precompute_reference: bool = _opt(False, "Precompute each round's reference cache before training it.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -206,6 +212,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    rounds: RoundsConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.model.base_model and not self.model.sft_model:
@@ -245,6 +252,7 @@ _SECTIONS: dict[str, type] = {
     "deepspeed": DeepSpeedConfig,
     "reference": ReferenceConfig,
     "export": ExportConfig,
+    "rounds": RoundsConfig,
 }
 
 

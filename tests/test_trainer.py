@@ -61,3 +61,30 @@ def test_offloaded_reference_gives_the_same_losses(tiny_policy, tiny_reference, 
         losses[offload] = [train[step]["loss"] for step in sorted(train)]
     assert len(losses[True]) == 4
     assert losses[True] == pytest.approx(losses[False], abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "simpo"])
+def test_reference_free_losses_load_no_reference(tiny_policy, tmp_path, loss_type):
+    out = tmp_path / loss_type
+    config = write_config(tmp_path / "c.yaml", tiny_policy, None, out, dpo={"loss_type": loss_type, "beta": 1.0},
+                          training={"max_steps": 12, "logging_steps": 2})
+    result = run(python_launch("train.py", config))
+    assert_ok(result)
+    assert "reference: none" in result.stdout and "reference: rank 0 holds" not in result.stdout
+    train, evals = read_metrics(out)
+    if loss_type == "orpo":  # ORPO's loss contains the NLL term, so it is above it
+        assert all(train[s]["loss"] > train[s]["nll_loss"] for s in train)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_sft_weight_adds_the_chosen_nll(tiny_policy, tiny_reference, tmp_path):
+    """Same run with and without sft_weight: the first step's loss differs by exactly weight x nll_loss."""
+    first = {}
+    for weight in (0.0, 0.5):
+        out = tmp_path / f"w{weight}"
+        config = write_config(tmp_path / f"{weight}.yaml", tiny_policy, tiny_reference, out, dpo={"sft_weight": weight},
+                              training={"max_steps": 1}, data={"eval_files": []})
+        assert_ok(run(python_launch("train.py", config)))
+        first[weight] = read_metrics(out)[0][1]
+    assert first[0.5]["nll_loss"] == pytest.approx(first[0.0]["nll_loss"], rel=1e-6) and first[0.0]["nll_loss"] > 1.0
+    assert first[0.5]["loss"] == pytest.approx(first[0.0]["loss"] + 0.5 * first[0.0]["nll_loss"], abs=1e-5)

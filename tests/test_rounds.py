@@ -1,0 +1,42 @@
+"""Iterative DPO: round 2 starts from round 1's export and uses it as the reference (here through a
+precomputed cache per round); a rerun skips finished rounds."""
+
+import math
+
+import pytest
+import yaml
+
+from launching import ROOT, assert_ok, python_launch, read_metrics, run, write_config
+
+pytestmark = pytest.mark.multirank
+
+
+def test_two_rounds_second_reference_is_first_policy(tiny_policy, tmp_path):
+    lines = (ROOT / "examples/data/demo_train.jsonl").read_text().splitlines(keepends=True)
+    files = []
+    for index in range(2):
+        path = tmp_path / f"round{index}.jsonl"
+        path.write_text("".join(lines[index * 96 : (index + 1) * 96]))
+        files.append(str(path))
+    config = write_config(
+        tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out",
+        training={"max_steps": 6, "batch_size": 8}, rounds={"train_files": files, "precompute_reference": True},
+    )
+    assert_ok(run(python_launch("multi_round.py", config)))
+
+    round0, round1 = tmp_path / "out" / "round-0", tmp_path / "out" / "round-1"
+    saved = yaml.safe_load((round1 / "config.yaml").read_text())
+    assert saved["model"]["sft_model"] == saved["model"]["ref_model"] == str(round0 / "final")
+    assert saved["data"]["train_files"] == [files[1]] and saved["reference"]["mode"] == "precomputed"
+    _, evals0 = read_metrics(round0)
+    train1, evals1 = read_metrics(round1)
+    # Round 1 begins with policy == reference == round 0's result: zero rewards, loss ln 2, and its
+    # policy log-probs are the ones round 0 ended with.
+    assert evals1[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert evals1[0]["eval_logps/chosen"] == pytest.approx(evals0[-1]["eval_logps/chosen"], abs=1e-4)
+    assert evals0[-1]["eval_loss"] < math.log(2) - 1e-3  # round 0 really moved away from its reference
+    assert evals1[-1]["eval_loss"] < evals1[0]["eval_loss"]
+
+    result = run(python_launch("multi_round.py", config))
+    assert_ok(result)
+    assert "round 0: already done" in result.stdout and "round 1: already done" in result.stdout
