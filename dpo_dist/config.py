@@ -164,6 +164,13 @@ class DataConfig:
         "keep_start", "Which end of an over-long sequence survives (as TRL).", ("keep_start", "keep_end")
     )
     shuffle: bool = _opt(True, "Shuffle the training pairs every epoch (seeded).")
+    sft_files: list[str] = _opt([], "SFT data mixed into training against forgetting: {prompt, completion} or {messages} records.")
+    sft_ratio: float = _opt(0.0, "SFT examples mixed in per preference pair (e.g. 0.25: one per four pairs).")
+    sft_loss_weight: float = _opt(1.0, "Weight of the SFT examples' per-token NLL in the loss.")
+
+    def __post_init__(self) -> None:
+        if self.sft_ratio < 0 or (self.sft_ratio > 0) != bool(self.sft_files):
+            raise UserError("data.sft_files and data.sft_ratio go together: give both (ratio > 0) or neither")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo_dist.errors import UserError
-from dpo_dist.records import DataError, Record, read_records
+from dpo_dist.records import DataError, Record, read_records, validate
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,15 @@ class PreferenceExample:
 
 @dataclass
 class PairBatch:
-    """A micro-batch of B pairs as ONE concatenated batch: rows [0, B) chosen, [B, 2B) rejected."""
+    """A micro-batch of B pairs as ONE concatenated batch: rows [0, B) chosen, [B, 2B) rejected,
+    then S rows of SFT examples mixed in (`data.sft_files`), [2B, 2B + S)."""
 
-    input_ids: torch.Tensor  # (2B, T) right-padded
-    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
-    completion_mask: torch.Tensor  # (2B, T) 1 on completion tokens (the ones scored)
+    input_ids: torch.Tensor  # (2B + S, T) right-padded
+    attention_mask: torch.Tensor  # (2B + S, T) 1 on real tokens
+    completion_mask: torch.Tensor  # (2B + S, T) 1 on completion tokens (the ones scored)
     pair_weight: torch.Tensor  # (B,) 1.0 for real pairs, 0.0 for eval padding pairs
     uids: list[str] = field(default_factory=list)
+    num_sft: int = 0
 
     def to(self, device: torch.device | str) -> "PairBatch":
         return PairBatch(
@@ -59,11 +61,21 @@ class PairBatch:
             completion_mask=self.completion_mask.to(device),
             pair_weight=self.pair_weight.to(device),
             uids=self.uids,
+            num_sft=self.num_sft,
         )
 
     @property
     def num_pairs(self) -> int:
         return self.pair_weight.shape[0]
+
+    def pairs_only(self) -> "PairBatch":
+        """The preference rows alone (what a reference scores), without the SFT rows."""
+        if not self.num_sft:
+            return self
+        rows = 2 * self.num_pairs
+        width = int(self.attention_mask[:rows].sum(dim=1).max())
+        return PairBatch(self.input_ids[:rows, :width], self.attention_mask[:rows, :width],
+                         self.completion_mask[:rows, :width], self.pair_weight, self.uids)
 
 
 @dataclass
@@ -162,10 +174,19 @@ def tokenize_records(records: list[Record], tokenizer, max_seq_length: int, trun
     return examples, stats, render_failures
 
 
-def collate(examples: list[PreferenceExample], pad_token_id: int, pair_weight: list[float] | None = None) -> PairBatch:
-    """Right-pad chosen and rejected sequences into one (2B, T) batch with its masks."""
-    sequences = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
-    prompt_lens = [e.chosen_prompt_len for e in examples] + [e.rejected_prompt_len for e in examples]
+def collate(
+    examples: list[PreferenceExample],
+    pad_token_id: int,
+    pair_weight: list[float] | None = None,
+    sft_examples: list[PreferenceExample] = (),
+) -> PairBatch:
+    """Right-pad chosen and rejected sequences (then SFT sequences: their chosen side) into one batch."""
+    sequences = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples] + [e.chosen_ids for e in sft_examples]
+    prompt_lens = (
+        [e.chosen_prompt_len for e in examples]
+        + [e.rejected_prompt_len for e in examples]
+        + [e.chosen_prompt_len for e in sft_examples]
+    )
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -175,7 +196,7 @@ def collate(examples: list[PreferenceExample], pad_token_id: int, pair_weight: l
         attention_mask[row, : len(ids)] = 1
         completion_mask[row, prompt_len : len(ids)] = 1
     weights = torch.tensor(pair_weight if pair_weight is not None else [1.0] * len(examples), dtype=torch.float32)
-    return PairBatch(input_ids, attention_mask, completion_mask, weights, [e.uid for e in examples])
+    return PairBatch(input_ids, attention_mask, completion_mask, weights, [e.uid for e in examples], len(sft_examples))
 
 
 def epoch_order(num_examples: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -225,9 +246,11 @@ def eval_batches(examples: list[PreferenceExample], rank: int, world_size: int, 
         yield collate(chunk, pad_token_id, weights)
 
 
-def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool, logger, split: str):
-    """Read, validate and tokenize one split; report everything that was skipped or cut."""
-    records, skipped = read_records(files, skip_invalid)
+def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool, logger,
+                  split: str, validator=validate):
+    """Read, validate and tokenize one split; report everything that was skipped or cut.
+    SFT files (`validator=validate_sft`) become examples whose chosen side is the completion."""
+    records, skipped = read_records(files, skip_invalid, validator)
     examples, stats, render_failures = tokenize_records(records, tokenizer, max_seq_length, truncation_mode, skip_invalid)
     logger.info(f"{split}: {len(examples)} pairs from {len(files)} file(s)")
     for reason, count in skipped.items():
@@ -244,3 +267,23 @@ def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_m
     if not examples:
         raise UserError(f"{split}: no usable preference pairs in {', '.join(files)}")
     return examples
+
+
+def sft_indices(step: int, micro_step: int, rank: int, world_size: int, accumulation: int,
+                pairs_per_micro: int, ratio: float, num_sft: int, seed: int) -> list[int]:
+    """SFT examples mixed into one micro-batch: on average `ratio` per preference pair.
+
+    A pure function of the position (so resume is exact): micro-batch m (counted over the whole
+    run) gets floor((m+1) B r) - floor(m B r) examples on every rank, taken from one stream that
+    walks seeded permutations of the SFT set, each rank its own consecutive slice.
+    """
+    m = step * accumulation + micro_step
+    before, upto = int(m * pairs_per_micro * ratio), int((m + 1) * pairs_per_micro * ratio)
+    count = upto - before
+    indices = []
+    for j in range(count):
+        position = before * world_size + rank * count + j
+        cycle, offset = divmod(position, num_sft)
+        generator = torch.Generator().manual_seed(seed * 7919 + cycle)
+        indices.append(int(torch.randperm(num_sft, generator=generator)[offset]))
+    return indices

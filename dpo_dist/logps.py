@@ -33,6 +33,8 @@ class PairLogps:
     rejected_logits_sum: torch.Tensor
     chosen_tokens: torch.Tensor  # completion token counts
     rejected_tokens: torch.Tensor
+    sft_logps: torch.Tensor | None = None  # (S,) for the SFT rows mixed into the batch, if any
+    sft_tokens: torch.Tensor | None = None
 
 
 def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
@@ -88,9 +90,11 @@ def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
     num_pairs = batch.num_pairs
     return PairLogps(
         chosen_logps=logps[:num_pairs],
-        rejected_logps=logps[num_pairs:],
+        rejected_logps=logps[num_pairs : 2 * num_pairs],
         chosen_logits_sum=logits_sum[:num_pairs],
-        rejected_logits_sum=logits_sum[num_pairs:],
+        rejected_logits_sum=logits_sum[num_pairs : 2 * num_pairs],
         chosen_tokens=tokens[:num_pairs],
-        rejected_tokens=tokens[num_pairs:],
+        rejected_tokens=tokens[num_pairs : 2 * num_pairs],
+        sft_logps=logps[2 * num_pairs :] if batch.num_sft else None,
+        sft_tokens=tokens[2 * num_pairs :] if batch.num_sft else None,
     )

@@ -36,12 +36,15 @@ _MEAN_OVER = {
     "logits/chosen": "chosen_tokens",
     "logits/rejected": "rejected_tokens",
     "nll_loss": "pairs",
+    "sft_nll_loss": "sft_examples",
 }
-_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens")
+_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens", "sft_examples")
 
 
-def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weight: torch.Tensor, num_tokens: torch.Tensor) -> dict:
-    """Weighted sums of one micro-batch's metrics (detached); `weight` is (B,) with 0 for padding pairs."""
+def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weight: torch.Tensor, num_tokens: torch.Tensor,
+               sft_nll: torch.Tensor | None = None) -> dict:
+    """Weighted sums of one micro-batch's metrics (detached); `weight` is (B,) with 0 for padding pairs;
+    `sft_nll` (S,) per-token NLL of the SFT rows mixed in, if any."""
     w = weight.to(loss.losses.dtype)
     return {
         "nll_loss": (nll.detach() * w).sum(),
@@ -58,6 +61,8 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
         "chosen_tokens": (policy.chosen_tokens.to(w.dtype) * w).sum(),
         "rejected_tokens": (policy.rejected_tokens.to(w.dtype) * w).sum(),
         "tokens": num_tokens.to(w.dtype),
+        "sft_nll_loss": (sft_nll.detach().sum() if sft_nll is not None else w.new_zeros(())),
+        "sft_examples": w.new_tensor(float(sft_nll.numel()) if sft_nll is not None else 0.0),
     }
 
 
@@ -122,6 +127,8 @@ class MetricWindow:
         totals = dict(zip(names, local.tolist()))
         self._sums = {}
         means = {name: totals[name] / max(totals[count], 1.0) for name, count in _MEAN_OVER.items()}
+        if not totals["sft_examples"]:
+            del means["sft_nll_loss"]  # no SFT data in this window: nothing to report
         means["num_pairs"] = totals["pairs"]
         means["num_tokens"] = totals["tokens"]
         return means

@@ -99,6 +99,19 @@ def validate(raw: Any) -> tuple[dict | None, str | None]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
 
 
+def validate_sft(raw: Any) -> tuple[dict | None, str | None]:
+    """An SFT record, `{"prompt": P, "completion": C}` or `{"messages": [...]}` (the last assistant turn is
+    the completion), normalised as a pair whose chosen and rejected are both the completion."""
+    if isinstance(raw, dict) and "messages" in raw and "prompt" not in raw:
+        messages = raw["messages"]
+        if not isinstance(messages, list) or len(messages) < 2 or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            return None, "'messages' must be a chat list ending with an assistant turn"
+        raw = {"prompt": messages[:-1], "completion": messages[-1:]}
+    if not isinstance(raw, dict) or raw.get("prompt") is None or raw.get("completion") is None:
+        return None, "an SFT record needs 'prompt' and 'completion' (or 'messages')"
+    return validate({"prompt": raw["prompt"], "chosen": raw["completion"], "rejected": raw["completion"]})
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -127,10 +140,11 @@ def _dataset_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
         yield f"{path}:row {row}", item, None
 
 
-def read_records(paths: list[str], skip_invalid: bool) -> tuple[list[Record], dict[str, int]]:
+def read_records(paths: list[str], skip_invalid: bool, validator=validate) -> tuple[list[Record], dict[str, int]]:
     """All valid records from `paths`, in file order, and the count of skipped ones by reason.
 
     Without `skip_invalid` the first bad record raises `DataError` naming its file and line.
+    `validator` is `validate` for preference pairs, `validate_sft` for SFT records.
     """
     records: list[Record] = []
     skipped: dict[str, int] = {}
@@ -140,7 +154,7 @@ def read_records(paths: list[str], skip_invalid: bool) -> tuple[list[Record], di
             raise DataError(f"{path}: data file does not exist (check data.train_files / data.eval_files)")
         rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _dataset_rows(path)
         for location, raw, parse_error in rows:
-            normalised, reason = (None, parse_error) if parse_error else validate(raw)
+            normalised, reason = (None, parse_error) if parse_error else validator(raw)
             if reason:
                 if not skip_invalid:
                     raise DataError(f"{location}: {reason}. Fix the record, or set data.skip_invalid: true to skip it")

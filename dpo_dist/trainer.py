@@ -30,6 +30,7 @@ from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.losses import LOSSES, PreferenceInputs, chosen_nll
 from dpo_dist.metrics import MetricWindow, PreemptionFlag, TrainClock, batch_sums, make_logger, peak_memory_mb
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy
+from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, load_precomputed_reference
 
 
@@ -45,6 +46,7 @@ class Trainer:
         self.dist = dist_info
         self.logger = make_logger(dist_info.rank, config.training.output_dir)
         self.loss_fn = LOSSES[config.dpo.loss_type].fn
+        self._order, self._order_epoch = [], None  # the shuffled order of the epoch in progress
 
     # ---------------------------------------------------------------- setup
     def setup(self, train: bool = True) -> None:
@@ -57,6 +59,9 @@ class Trainer:
         if train and not config.data.train_files:
             raise UserError("data.train_files is empty: set it in the config or pass data.train_files=[path.jsonl]")
         self.train_examples = self._load_split(config.data.train_files, "train") if train else []
+        self.sft_examples = (
+            self._load_split(config.data.sft_files, "sft", validate_sft) if train and config.data.sft_files else []
+        )
         self.eval_examples = self._load_split(config.data.eval_files, "eval") if config.data.eval_files else []
         self.global_batch = training.batch_size * self.dist.world_size * training.gradient_accumulation_steps
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_examples), self.global_batch)
@@ -105,18 +110,18 @@ class Trainer:
             Path(training.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(config, Path(training.output_dir) / "config.yaml")
 
-    def _load_split(self, files: list[str], split: str):
+    def _load_split(self, files: list[str], split: str, validator=validate):
         config = self.config
         return data_lib.load_examples(
             files, self.tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-            config.data.skip_invalid, self.logger, split,
+            config.data.skip_invalid, self.logger, split, validator,
         )
 
     # ---------------------------------------------------------------- the step
     def _pair_loss(self, batch: data_lib.PairBatch):
         """Per-pair loss (preference loss + sft_weight x chosen NLL), and what the metrics need."""
         dpo = self.config.dpo
-        ref_logps = self.reference.logps(batch) if self.reference is not None else None
+        ref_logps = self.reference.logps(batch.pairs_only()) if self.reference is not None else None
         policy_logps = forward_pair(self.policy, batch)
         inputs = PreferenceInputs(
             policy_chosen_logps=policy_logps.chosen_logps,
@@ -138,9 +143,14 @@ class Trainer:
             batch = batch.to(self.dist.device)
             loss, policy_logps, nll = self._pair_loss(batch)
             # Mean over this micro-batch; DeepSpeed averages over ranks and accumulation steps.
-            self.policy.backward(loss.losses.mean())
+            objective = loss.losses.mean()
+            sft_nll = None
+            if batch.num_sft:  # SFT rows mixed in against forgetting: their per-token NLL
+                sft_nll = -policy_logps.sft_logps / policy_logps.sft_tokens.clamp(min=1)
+                objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
+            self.policy.backward(objective)
             self.policy.step()
-            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.attention_mask.sum()))
+            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.attention_mask.sum(), sft_nll))
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> str:
@@ -193,14 +203,24 @@ class Trainer:
 
     def _micro_batches(self, epoch: int, epoch_step: int) -> list[data_lib.PairBatch]:
         training = self.config.training
-        if getattr(self, "_order_epoch", None) != epoch:
+        if self._order_epoch != epoch:
             self._order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
             self._order_epoch = epoch
         order = self._order
         indices = data_lib.rank_step_indices(
             order, epoch_step, self.dist.rank, self.dist.world_size, training.batch_size, training.gradient_accumulation_steps
         )
-        return [data_lib.collate([self.train_examples[i] for i in chunk], self.tokenizer.pad_token_id) for chunk in indices]
+        batches = []
+        for micro_step, chunk in enumerate(indices):
+            sft = []
+            if self.sft_examples:
+                sft_positions = data_lib.sft_indices(
+                    self.state.step, micro_step, self.dist.rank, self.dist.world_size, training.gradient_accumulation_steps,
+                    training.batch_size, self.config.data.sft_ratio, len(self.sft_examples), training.seed,
+                )
+                sft = [self.sft_examples[i] for i in sft_positions]
+            batches.append(data_lib.collate([self.train_examples[i] for i in chunk], self.tokenizer.pad_token_id, None, sft))
+        return batches
 
     def _log_window(self, window: MetricWindow, clock: TrainClock, step: int, epoch: float) -> dict[str, float]:
         """Reduce the window's sums (one all-reduce), add the step-level numbers, log, restart the window."""

@@ -99,3 +99,20 @@ def test_eval_batches_score_every_pair_once_across_ranks(tokenizer):
     real = [uid for batches in per_rank for b in batches for uid, w in zip(b.uids, b.pair_weight) if w == 1.0]
     assert sorted(real) == sorted(e.uid for e in examples)
     assert sum(float(b.pair_weight.sum()) for batches in per_rank for b in batches) == 7
+
+
+def test_sft_indices_mix_at_the_ratio_and_split_across_ranks():
+    from dpo_dist.data import sft_indices
+
+    world, accumulation, micro, ratio, n = 2, 2, 4, 0.25, 7
+    per_micro = []
+    for step in range(5):
+        for micro_step in range(accumulation):
+            ranks = [sft_indices(step, micro_step, r, world, accumulation, micro, ratio, n, seed=1) for r in range(world)]
+            assert len(ranks[0]) == len(ranks[1])  # every rank the same count
+            per_micro.append(ranks)
+    assert sum(len(r[0]) for r in per_micro) == int(10 * micro * ratio)  # 0.25 per pair on average
+    stream = [i for ranks in per_micro for r in ranks for i in r]
+    assert sorted(stream[:n]) == list(range(n))  # the first cycle is a permutation of the SFT set
+    assert per_micro == [[sft_indices(s, m, r, world, accumulation, micro, ratio, n, seed=1) for r in range(world)]
+                         for s in range(5) for m in range(accumulation)]  # a pure function of the position

@@ -88,3 +88,19 @@ def test_sft_weight_adds_the_chosen_nll(tiny_policy, tiny_reference, tmp_path):
         first[weight] = read_metrics(out)[0][1]
     assert first[0.5]["nll_loss"] == pytest.approx(first[0.0]["nll_loss"], rel=1e-6) and first[0.0]["nll_loss"] > 1.0
     assert first[0.5]["loss"] == pytest.approx(first[0.0]["loss"] + 0.5 * first[0.0]["nll_loss"], abs=1e-5)
+
+
+def test_sft_files_are_mixed_in_and_learned(tiny_policy, tiny_reference, tmp_path):
+    sft = tmp_path / "sft.jsonl"
+    records = [{"prompt": f"Sort ascending: {a} {b}\nAnswer:", "completion": f" {min(a, b)} {max(a, b)}"} for a, b in zip(range(10), range(50, 60))]
+    records += [{"messages": [{"role": "user", "content": f"Sort ascending: {a} 3"}, {"role": "assistant", "content": f"3 {a}"}]} for a in range(4, 14)]
+    sft.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_policy, tiny_reference, out, training={"max_steps": 10, "logging_steps": 5},
+                          data={"sft_files": [str(sft)], "sft_ratio": 0.5, "eval_files": []})
+    result = run(python_launch("train.py", config))
+    assert_ok(result)
+    assert "sft: 20 pairs from 1 file(s)" in result.stdout
+    train, _ = read_metrics(out)
+    assert train[10]["sft_nll_loss"] < train[5]["sft_nll_loss"]  # the SFT completions get more likely
+    assert "sft_nll_loss" in train[5] and train[5]["num_pairs"] == 5 * 4
