@@ -88,3 +88,14 @@ def test_help_lists_every_key():
     text = describe_keys()
     for key in ("model.ref_model", "training.eval_steps", "data.train_files", "deepspeed.config", "reference.offload", "lora.r"):
         assert key in text
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+    assert {c.name for c in configs} >= {"demo.yaml", "demo_lora.yaml", "qwen3_4b_lora.yaml", "qwen3_8b_full_zero3.yaml"}
+    for path in configs:
+        load_config(path)
+    assert load_config(configs[0].parent / "qwen3_4b_lora.yaml").reference_mode == "adapter"
+    assert load_config(configs[0].parent / "qwen3_8b_full_zero3.yaml").reference_mode == "precomputed"

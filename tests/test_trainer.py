@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from launching import assert_ok, python_launch, read_metrics, run, write_config
+from launching import ROOT, assert_ok, python_launch, read_metrics, run, write_config
 
 TRL_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -104,3 +104,11 @@ def test_sft_files_are_mixed_in_and_learned(tiny_policy, tiny_reference, tmp_pat
     train, _ = read_metrics(out)
     assert train[10]["sft_nll_loss"] < train[5]["sft_nll_loss"]  # the SFT completions get more likely
     assert "sft_nll_loss" in train[5] and train[5]["num_pairs"] == 5 * 4
+
+
+def test_demo_lora_recipe_runs(tiny_policy, tmp_path):
+    """configs/demo_lora.yaml as shipped (on the test's tiny model): trains, and exports adapter + merged model."""
+    result = run(python_launch("train.py", ROOT / "configs" / "demo_lora.yaml", f"model.base_model={tiny_policy}",
+                               f"training.output_dir={tmp_path}", "training.max_steps=8"))
+    assert_ok(result)
+    assert (tmp_path / "final" / "adapter_model.safetensors").exists() and (tmp_path / "final" / "merged" / "model.safetensors").exists()
