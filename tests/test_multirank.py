@@ -11,6 +11,7 @@ losses and rewards must agree to 1e-5 and the final weights to 1e-5.
 """
 
 import json
+import sys
 
 import pytest
 import torch
@@ -105,6 +106,14 @@ def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_pat
     assert metrics == json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_logits/rejected"):
         assert metrics[key] == pytest.approx(evals[-1][key], abs=1e-5), key
+
+    # launch/export.py consolidates the ZeRO-3 partitions of the last checkpoint on one CPU process:
+    # the same weights as the export the 2-rank run gathered.
+    assert_ok(run([sys.executable, "launch/export.py", "--checkpoint", str(tmp_path / "run" / f"checkpoint-{STEPS}"),
+                   "--out", str(tmp_path / "exported")]))
+    gathered = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    consolidated = load_file(tmp_path / "exported" / "model.safetensors")
+    assert gathered.keys() == consolidated.keys() and all(torch.equal(gathered[k], consolidated[k]) for k in gathered)
 
     # The same ZeRO-3 run with the reference read from the cache made on one process.
     result = run(deepspeed_launch("train.py", config, "reference.mode=precomputed", f"reference.cache_dir={precomputed_cache}",
