@@ -164,6 +164,8 @@ class DataConfig:
         "keep_start", "Which end of an over-long sequence survives (as TRL).", ("keep_start", "keep_end")
     )
     shuffle: bool = _opt(True, "Shuffle the training pairs every epoch (seeded).")
+    packing: bool = _opt(False, "Pack each micro-batch's sequences into one row without padding (no FLOPs on padding).")
+    group_by_length: bool = _opt(False, "Order each window of 50 global batches by length so micro-batches pad less.")
     sft_files: list[str] = _opt([], "SFT data mixed into training against forgetting: {prompt, completion} or {messages} records.")
     sft_ratio: float = _opt(0.0, "SFT examples mixed in per preference pair (e.g. 0.25: one per four pairs).")
     sft_loss_weight: float = _opt(1.0, "Weight of the SFT examples' per-token NLL in the loss.")

@@ -52,16 +52,36 @@ class SequenceLogps(nn.Module):
         self.causal_lm = causal_lm
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
-        """Returns (logps, logits_sum, token_counts), each (2B,): sums over each row's completion tokens."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        completion_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        sequence_index: torch.Tensor | None = None,
+        num_sequences: int | None = None,
+    ):
+        """Returns (logps, logits_sum, token_counts), one entry per sequence: sums over its completion tokens.
+
+        Padded batch: one sequence per row (`attention_mask` marks real tokens). Packed batch: several
+        sequences in a row, `position_ids` restarting at 0 for each (transformers then keeps attention
+        inside each sequence), `sequence_index` naming each token's sequence, no attention mask.
+        """
         decoder = self.causal_lm.get_decoder()
         lm_head = self.causal_lm.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        # Position t predicts token t+1: score position t when token t+1 is a completion token.
-        scored = completion_mask[:, 1:].bool()  # (2B, T-1)
+        if position_ids is not None:
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if sequence_index is None:  # padded: row r is sequence r
+            sequence_index = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+            num_sequences = input_ids.shape[0]
+        # Position t predicts token t+1: score position t when token t+1 is a completion token of the
+        # same sequence (in a packed row, a sequence's last token must not predict the next one's first).
+        scored = completion_mask[:, 1:].bool() & (sequence_index[:, 1:] == sequence_index[:, :-1])  # (R, T-1)
         hidden = hidden[:, :-1][scored]  # (N, H), N = completion tokens in the batch
         targets = input_ids[:, 1:][scored]  # (N,)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(scored)[scored]
+        owners = sequence_index[:, 1:][scored]  # (N,) the sequence each scored token belongs to
 
         token_logps, token_mean_logits = [], []
         for start in range(0, hidden.shape[0], self.chunk_tokens):
@@ -73,20 +93,23 @@ class SequenceLogps(nn.Module):
             token_logps.append(logps)
             token_mean_logits.append(mean_logits)
 
-        num_rows = input_ids.shape[0]
-        zeros = hidden.new_zeros(num_rows, dtype=torch.float32)
+        zeros = hidden.new_zeros(num_sequences, dtype=torch.float32)
+        counts = torch.zeros(num_sequences, dtype=torch.long, device=input_ids.device).index_add(0, owners, torch.ones_like(owners))
         if token_logps:
-            logps = zeros.index_add(0, rows, torch.cat(token_logps))
-            logits_sum = zeros.detach().index_add(0, rows, torch.cat(token_mean_logits))
+            logps = zeros.index_add(0, owners, torch.cat(token_logps))
+            logits_sum = zeros.detach().index_add(0, owners, torch.cat(token_mean_logits))
         else:  # no completion tokens at all: keep the graph connected so backward still runs
             logps = zeros + 0.0 * hidden.sum()
             logits_sum = zeros.detach()
-        return logps, logits_sum, scored.sum(dim=1)
+        return logps, logits_sum, counts
 
 
 def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
     """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected."""
-    logps, logits_sum, tokens = model(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    logps, logits_sum, tokens = model(
+        batch.input_ids, None if batch.packed else batch.attention_mask, batch.completion_mask,
+        batch.position_ids, batch.sequence_index, batch.num_sequences,
+    )
     num_pairs = batch.num_pairs
     return PairLogps(
         chosen_logps=logps[:num_pairs],

@@ -47,6 +47,7 @@ class Trainer:
         self.logger = make_logger(dist_info.rank, config.training.output_dir)
         self.loss_fn = LOSSES[config.dpo.loss_type].fn
         self._order, self._order_epoch = [], None  # the shuffled order of the epoch in progress
+        self.collate = data_lib.collate_packed if config.data.packing else data_lib.collate
 
     # ---------------------------------------------------------------- setup
     def setup(self, train: bool = True) -> None:
@@ -205,6 +206,9 @@ class Trainer:
         training = self.config.training
         if self._order_epoch != epoch:
             self._order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
+            if self.config.data.group_by_length:
+                lengths = [example.num_tokens for example in self.train_examples]
+                self._order = data_lib.length_grouped_order(self._order, lengths, 50 * self.global_batch)
             self._order_epoch = epoch
         order = self._order
         indices = data_lib.rank_step_indices(
@@ -219,7 +223,7 @@ class Trainer:
                     training.batch_size, self.config.data.sft_ratio, len(self.sft_examples), training.seed,
                 )
                 sft = [self.sft_examples[i] for i in sft_positions]
-            batches.append(data_lib.collate([self.train_examples[i] for i in chunk], self.tokenizer.pad_token_id, None, sft))
+            batches.append(self.collate([self.train_examples[i] for i in chunk], self.tokenizer.pad_token_id, None, sft))
         return batches
 
     def _log_window(self, window: MetricWindow, clock: TrainClock, step: int, epoch: float) -> dict[str, float]:
@@ -261,7 +265,7 @@ class Trainer:
         window = MetricWindow()
         batches = data_lib.eval_batches(
             self.eval_examples, self.dist.rank, self.dist.world_size,
-            self.config.training.micro_eval_batch_size, self.tokenizer.pad_token_id,
+            self.config.training.micro_eval_batch_size, self.tokenizer.pad_token_id, self.collate,
         )
         for batch in batches:
             batch = batch.to(self.dist.device)

@@ -95,3 +95,26 @@ def test_mean_logits_metric(model, batch):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
     expected = (logits[:, :-1].mean(-1) * batch.completion_mask[:, 1:]).sum(1)
     torch.testing.assert_close(torch.cat([pair.chosen_logits_sum, pair.rejected_logits_sum]), expected, atol=1e-5, rtol=0)
+
+
+def test_packed_equals_padded(model, tokenizer):
+    """Packing (one row, position_ids restarting per sequence, no padding) gives the padded log-probs:
+    attention stays inside each sequence, and a sequence's last token never scores the next one's first
+    (here a keep_end pair whose prompt is cut away entirely, so its completion starts the sequence)."""
+    from dpo_dist.data import collate_packed
+
+    records = [make_record(CHAT_RECORD), make_record(PLAIN_RECORD), make_record(PLAIN_RECORD | {"chosen": " 2 7 7 7 7"})]
+    stats = TokenizeStats()
+    examples = [tokenize_record(r, tokenizer, 1024, "keep_start", stats) for r in records]
+    examples.append(tokenize_record(records[0], tokenizer, 5, "keep_end", stats))
+    assert examples[-1].chosen_prompt_len == 0  # completion from the first token on
+    sft = [examples[1]]
+    padded, packed = collate(examples, tokenizer.pad_token_id, None, sft), collate_packed(examples, tokenizer.pad_token_id, None, sft)
+    assert packed.input_ids.shape[0] == 1 and packed.input_ids.shape[1] == int(padded.attention_mask.sum())
+    with torch.no_grad():
+        a, b = forward_pair(SequenceLogps(model, 5), padded), forward_pair(SequenceLogps(model, 5), packed)
+    for name in ("chosen_logps", "rejected_logps", "chosen_logits_sum", "sft_logps"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=0, msg=name)
+    assert torch.equal(a.chosen_tokens, b.chosen_tokens) and torch.equal(a.sft_tokens, b.sft_tokens)
+    with torch.no_grad():  # the reference's view drops the SFT sequence in both layouts alike
+        torch.testing.assert_close(forward_pair(SequenceLogps(model, 5), packed.pairs_only()).rejected_logps, a.rejected_logps, atol=1e-5, rtol=0)
