@@ -66,6 +66,28 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
     }
 
 
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity); `training.peak_tflops` overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+def device_peak_tflops(override: float | None) -> float | None:
+    """Peak TFLOP/s of this process's device: the override, the table by CUDA device name, or None (CPU)."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def flops_per_token(policy_params: int, trainable_params: int, reference_params: int) -> float:
+    """Model FLOPs per non-padding token of one training step, counted honestly:
+    policy forward 2N, backward through all weights 2N for activations plus 2N_trainable for weight
+    gradients (6N in full fine-tuning, ~4N with LoRA), reference forward 2N_ref (0 when precomputed).
+    Attention's sequence-length term and activation-checkpointing recompute are not counted."""
+    return 4.0 * policy_params + 2.0 * trainable_params + 2.0 * reference_params
+
+
 def peak_memory_mb() -> float:
     """This process's peak memory: CUDA max allocated on a GPU, else the peak resident set (CPU)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -28,7 +28,16 @@ from dpo_dist.engine import (
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.losses import LOSSES, PreferenceInputs, chosen_nll
-from dpo_dist.metrics import MetricWindow, PreemptionFlag, TrainClock, batch_sums, make_logger, peak_memory_mb
+from dpo_dist.metrics import (
+    MetricWindow,
+    PreemptionFlag,
+    TrainClock,
+    batch_sums,
+    device_peak_tflops,
+    flops_per_token,
+    make_logger,
+    peak_memory_mb,
+)
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, load_precomputed_reference
@@ -94,6 +103,12 @@ class Trainer:
             self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device)
         if mode == "adapter":
             self.reference = AdapterReference(self.policy, policy)
+        # For mfu: parameter counts of what runs per token (the reference's forward only in model/adapter mode).
+        policy_params = param_elements(policy)[1]
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in policy.parameters() if p.requires_grad)
+        reference_params = policy_params if mode in ("model", "adapter") else 0
+        self.flops_per_token = flops_per_token(policy_params, trainable, reference_params)
+        self.peak_tflops = device_peak_tflops(training.peak_tflops)
         self.logger.info(f"reference: {mode}")
         for name, model in (("policy", policy), ("reference", getattr(self.reference, "model", None))):
             if model is None:
@@ -238,6 +253,8 @@ class Trainer:
             step_seconds=seconds / (step - self._window_first_step),
             peak_memory_mb=peak_memory_mb(),
         )
+        if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak
+            metrics["mfu"] = self.flops_per_token * metrics["tokens_per_second"] / self.dist.world_size / (self.peak_tflops * 1e12)
         self.logger.log(step, metrics)
         self.state.consumed_tokens += int(metrics["num_tokens"])
         clock.reset()

@@ -1,0 +1,51 @@
+"""Metric reduction (weights, per-pair vs per-token means), FLOP counting, the train clock."""
+
+import time
+
+import pytest
+import torch
+
+from dpo_dist.logps import PairLogps
+from dpo_dist.losses import PreferenceLoss
+from dpo_dist.metrics import MetricWindow, TrainClock, batch_sums, flops_per_token
+
+
+def sums(chosen_rewards, rejected_rewards, weight, chosen_tokens, logits_sum):
+    n = len(chosen_rewards)
+    loss = PreferenceLoss(torch.ones(n), torch.tensor(chosen_rewards), torch.tensor(rejected_rewards))
+    policy = PairLogps(
+        chosen_logps=torch.full((n,), -2.0), rejected_logps=torch.full((n,), -3.0),
+        chosen_logits_sum=torch.tensor(logits_sum), rejected_logits_sum=torch.zeros(n),
+        chosen_tokens=torch.tensor(chosen_tokens), rejected_tokens=torch.ones(n, dtype=torch.long),
+    )
+    return batch_sums(loss, policy, torch.full((n,), 0.5), torch.tensor(weight), torch.tensor(10))
+
+
+def test_weighted_means_over_micro_batches():
+    window = MetricWindow()
+    window.add(sums([0.2, 0.0], [0.1, 0.0], [1.0, 1.0], [2, 2], [4.0, 2.0]))
+    window.add(sums([0.0, 9.0], [0.5, 0.0], [1.0, 0.0], [6, 6], [6.0, 99.0]))  # the second pair is eval padding
+    means = window.reduce()
+    assert means["num_pairs"] == 3 and means["num_tokens"] == 20
+    assert means["rewards/chosen"] == pytest.approx(0.2 / 3)
+    assert means["rewards/accuracies"] == pytest.approx(1 / 3)  # strictly greater: the 0 == 0 tie does not count
+    assert means["rewards/margins"] == pytest.approx((0.1 + 0.0 - 0.5) / 3)
+    assert means["logits/chosen"] == pytest.approx((4 + 2 + 6) / (2 + 2 + 6))  # per token, not per pair
+    assert means["nll_loss"] == pytest.approx(0.5) and "sft_nll_loss" not in means
+
+
+def test_flops_per_token():
+    assert flops_per_token(100, 100, 100) == 800  # full fine-tuning + reference: 6N + 2N
+    assert flops_per_token(100, 1, 0) == 402  # LoRA, precomputed reference: 4N + 2 N_trainable
+
+
+def test_train_clock_excludes_paused_time():
+    clock = TrainClock()
+    time.sleep(0.05)
+    clock.pause()
+    time.sleep(0.2)
+    clock.resume()
+    time.sleep(0.05)
+    assert 0.09 < clock.seconds() < 0.2
+    clock.reset()
+    assert clock.seconds() < 0.05
