@@ -154,3 +154,11 @@ def test_training_refuses_with_one_clear_line_and_verify_passes(cache_run, tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and "checksum differs" in result.stderr
     assert not (Path(load_config(config_path).training.output_dir) / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_lora_policy_trains_from_the_cache(cache_run, tmp_path):
+    config_path, cache_dir, _ = cache_run
+    result = run(python_launch("train.py", config_path, "reference.mode=precomputed", f"reference.cache_dir={cache_dir}",
+                               "lora.r=4", "training.max_steps=3", f"training.output_dir={tmp_path / 'lora'}"))
+    assert_ok(result)
+    assert "no reference model loaded" in result.stdout and (tmp_path / "lora" / "final" / "adapter_model.safetensors").exists()
