@@ -179,7 +179,7 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class DeepSpeedConfig:
     config: str = _opt("ds_configs/zero2.json", "DeepSpeed JSON; 'auto' fields are filled from this config.")
-    timeout_minutes: int = _opt(30, "Collective timeout: a dead rank ends the job after this long.")
+    timeout_minutes: float = _opt(30.0, "Collective timeout in minutes (fractions allowed): a hung rank ends the job after this long.")
 
 
 @dataclass(frozen=True, kw_only=True)
