@@ -60,12 +60,27 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def setup(self, train: bool = True) -> None:
-        """Tokenizer, data, DeepSpeed configs, reference, policy. `train=False` builds no optimizer."""
-        config, training = self.config, self.config.training
-        seed_everything(training.seed)
-        self.tokenizer = load_tokenizer(config.model.policy_path)
-        self.dtype, self.ds_config = training_ds_config(config, self.dist.world_size)
+        """Tokenizer, data, DeepSpeed configs, reference, policy, resume. `train=False` builds no optimizer."""
+        seed_everything(self.config.training.seed)
+        self.tokenizer = load_tokenizer(self.config.model.policy_path)
+        self.dtype, self.ds_config = training_ds_config(self.config, self.dist.world_size)
+        self._setup_data(train)
+        self.checkpointer = Checkpointer(self.config.training, self.dist)
+        resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models
+        self._setup_models(train)
+        self.state = TrainerState(world_size=self.dist.world_size, global_batch=self.global_batch)
+        self.resume_rng = None
+        if resume_path is not None:
+            self.state, self.resume_rng = self.checkpointer.load(resume_path, self.policy, self.global_batch)
+            self.logger.truncate_after(self.state.step)  # drop what the interrupted run logged past its checkpoint
+            self.logger.info(f"resumed from {resume_path} at step {self.state.step} (epoch {self.state.epoch}, "
+                             f"{self.state.epoch_step} steps into it, {self.state.consumed_pairs} pairs consumed)")
+        if self.dist.is_main:
+            Path(self.config.training.output_dir).mkdir(parents=True, exist_ok=True)
+            save_config(self.config, Path(self.config.training.output_dir) / "config.yaml")
 
+    def _setup_data(self, train: bool) -> None:
+        config, training = self.config, self.config.training
         if train and not config.data.train_files:
             raise UserError("data.train_files is empty: set it in the config or pass data.train_files=[path.jsonl]")
         self.train_examples = self._load_split(config.data.train_files, "train") if train else []
@@ -82,23 +97,23 @@ class Trainer:
             )
         total = self.steps_per_epoch * training.num_epochs
         self.total_steps = min(total, training.max_steps) if training.max_steps > 0 else total
-        self.checkpointer = Checkpointer(training, self.dist)
-        resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models
 
-        mode = config.reference_mode
+    def _setup_models(self, train: bool) -> None:
+        """The reference (a model, a verified cache, the adapter-less policy, or none) and the policy engine."""
+        config, mode = self.config, self.config.reference_mode
         self.reference = None  # reference-free losses (mode none) have none
-        if mode == "precomputed":
+        if mode == "precomputed":  # checked before the policy loads: a bad cache fails fast
             self.reference = load_precomputed_reference(
                 config, self.tokenizer, self.dtype, self.train_examples + self.eval_examples, self.logger
             )
         elif mode == "model":
             self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device)
-        policy = load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config)
-        policy = prepare_policy(policy, config.model, config.lora)
+        policy = prepare_policy(load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config),
+                                config.model, config.lora)
         self.causal_lm = policy
         scorer = SequenceLogps(policy, config.model.logps_chunk_tokens)
         if train:
-            self.policy = TrainEngine(scorer, self.ds_config, training, max(self.total_steps, 1))
+            self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1))
         else:
             self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device)
         if mode == "adapter":
@@ -106,25 +121,13 @@ class Trainer:
         # For mfu: parameter counts of what runs per token (the reference's forward only in model/adapter mode).
         policy_params = param_elements(policy)[1]
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in policy.parameters() if p.requires_grad)
-        reference_params = policy_params if mode in ("model", "adapter") else 0
-        self.flops_per_token = flops_per_token(policy_params, trainable, reference_params)
-        self.peak_tflops = device_peak_tflops(training.peak_tflops)
+        self.flops_per_token = flops_per_token(policy_params, trainable, policy_params if mode in ("model", "adapter") else 0)
+        self.peak_tflops = device_peak_tflops(config.training.peak_tflops)
         self.logger.info(f"reference: {mode}")
         for name, model in (("policy", policy), ("reference", getattr(self.reference, "model", None))):
-            if model is None:
-                continue
-            local, total = param_elements(model)
-            self.logger.info(f"{name}: rank 0 holds {local:,} of {total:,} parameter elements")
-        self.state = TrainerState(world_size=self.dist.world_size, global_batch=self.global_batch)
-        self.resume_rng = None
-        if resume_path is not None:
-            self.state, self.resume_rng = self.checkpointer.load(resume_path, self.policy, self.global_batch)
-            self.logger.truncate_after(self.state.step)  # drop what the interrupted run logged past its checkpoint
-            self.logger.info(f"resumed from {resume_path} at step {self.state.step} (epoch {self.state.epoch}, "
-                             f"{self.state.epoch_step} steps into it, {self.state.consumed_pairs} pairs consumed)")
-        if self.dist.is_main:
-            Path(training.output_dir).mkdir(parents=True, exist_ok=True)
-            save_config(config, Path(training.output_dir) / "config.yaml")
+            if model is not None:
+                local, total = param_elements(model)
+                self.logger.info(f"{name}: rank 0 holds {local:,} of {total:,} parameter elements")
 
     def _load_split(self, files: list[str], split: str, validator=validate):
         config = self.config
