@@ -44,7 +44,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: int) -> DistInfo:
+def init_distributed(timeout_minutes: float) -> DistInfo:
     """Join the process group made by deepspeed/torchrun/srun, or make a one-process group for plain python."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
