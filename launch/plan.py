@@ -1,0 +1,54 @@
+"""Predict per-GPU memory of a run from the model's config.json alone (no weights are loaded).
+
+    python launch/plan.py --config configs/qwen3_8b_full_zero3.yaml --nodes 1 --gpus-per-node 8 --gpu-mem 80
+    python launch/plan.py --config my.yaml --nodes 4 --gpus-per-node 8 model.gradient_checkpointing=false
+
+Prints each part (weights, gradients, optimizer, reference, activations, logits, overhead), whether
+it fits in --gpu-mem GiB, and single changes that would make it fit. Exit status 0 when it fits, 3
+when it does not. dtype auto plans bf16. dpo_dist/planner.py documents the formula.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dpo_dist.cli import EXIT_USER_ERROR  # noqa: E402
+from dpo_dist.config import load_config  # noqa: E402
+from dpo_dist.engine import fill_ds_config, read_ds_config  # noqa: E402
+from dpo_dist.errors import UserError  # noqa: E402
+from dpo_dist.models import read_model_config  # noqa: E402
+from dpo_dist.planner import GIB, ModelShape, plan_memory  # noqa: E402
+
+EXIT_DOES_NOT_FIT = 3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config, args.overrides)
+        shape = ModelShape.from_hf_config(read_model_config(config.model.policy_path))
+        dtype_name = "bfloat16" if config.model.dtype == "auto" else config.model.dtype
+        import torch
+
+        world = args.nodes * args.gpus_per_node
+        ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, getattr(torch, dtype_name), shape.hidden, world)
+        plan = plan_memory(config, shape, ds, world, dtype_name, args.gpu_mem * GIB)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    print(f"{config.model.policy_path}: {shape.parameters() / 1e9:.2f}B parameters, {dtype_name}, {world} GPU(s), "
+          f"reference {config.reference_mode}, {ds['zero_optimization'].get('stage', 0)=}".replace("ds['zero_optimization'].get('stage', 0)=", "ZeRO-"))
+    print(plan.describe())
+    sys.exit(0 if plan.fits else EXIT_DOES_NOT_FIT)
+
+
+if __name__ == "__main__":
+    main()
