@@ -4,7 +4,6 @@ the setting that should move it. (Its agreement with measured peaks is issue 8's
 import dataclasses
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from dpo_dist.config import LoRAConfig, load_config
