@@ -48,13 +48,14 @@ class ModelConfig:
         "sdpa", "Attention kernel passed to transformers.", ("eager", "sdpa", "flash_attention_2")
     )
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
-    logps_chunk_tokens: int = _opt(
-        1024,
-        "Completion tokens per chunk when computing log-probs; bounds the [chunk, vocab] fp32 logits in memory.",
+    logps_chunk_tokens: int | None = _opt(
+        None,
+        "Completion tokens per chunk when computing log-probs; bounds the [chunk, vocab] fp32 logits in memory. "
+        "Default: as many as fit 128 MiB of fp32 logits (220 tokens for Qwen's 151,936 vocabulary).",
     )
 
     def __post_init__(self) -> None:
-        if self.logps_chunk_tokens < 1:
+        if self.logps_chunk_tokens is not None and self.logps_chunk_tokens < 1:
             raise UserError("model.logps_chunk_tokens must be >= 1")
 
     @property

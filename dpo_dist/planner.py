@@ -10,7 +10,7 @@ The estimate adds up what a rank holds at its peak (bytes, per device):
 - activations: per token of the micro-batch (chosen + rejected, 2 x batch x max_seq_length) and
   layer, dtype bytes x (8 H + 4 I) without gradient checkpointing, dtype bytes x H with it
   (plus one layer's full set, recomputed in backward);
-- logits: one chunk of `logps_chunk_tokens` x vocab in fp32, three times (logits, softmax, grad);
+- logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x vocab in fp32, three times (logits, softmax, grad);
 - overhead: the CUDA context and allocator slack (1.5 GiB + 10%) on a GPU.
 Attention scores are not counted (sdpa / flash-attention do not materialise them).
 """
@@ -115,7 +115,9 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
         activations = tokens * b * (shape.layers * shape.hidden + 8 * shape.hidden + 4 * shape.intermediate)
     else:
         activations = tokens * b * shape.layers * (8 * shape.hidden + 4 * shape.intermediate)
-    chunk = min(config.model.logps_chunk_tokens, tokens)
+    from dpo_dist.logps import default_chunk_tokens
+
+    chunk = min(config.model.logps_chunk_tokens or default_chunk_tokens(shape.vocab), tokens)
     parts = {
         "weights": weights,
         "gradients": shard(trainable * b, stage >= 2),

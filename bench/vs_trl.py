@@ -1,0 +1,389 @@
+"""dpo-dist vs TRL's DPOTrainer: tokens/s, step time and peak memory per rank, in ONE invocation.
+
+Both tools train the same model (a Qwen3-shaped checkpoint with random weights, written here), on the
+same preference pairs, with the same micro-batch, accumulation, sequence length, precision (fp32),
+learning rate, beta, optimizer (torch AdamW), number of ranks and DeepSpeed ZeRO stage, each with a
+separate frozen reference loaded from the same checkpoint. Prints the numbers for both and the ratios
+dpo-dist / TRL, and writes them to a JSON file.
+
+    python bench/vs_trl.py                                   # the CPU proxy case, 2 ranks (~5.5 min on 2 idle cores)
+    python bench/vs_trl.py --steps 3 --seq-len 256 --hidden 64 --no-packing   # a quick smoke run (~1 min)
+    python bench/vs_trl.py --variant chunk256:model.logps_chunk_tokens=256  # one more dpo-dist run
+    python bench/vs_trl.py --trl-backend ddp                 # TRL under DDP instead of its DeepSpeed integration
+
+The CPU proxy case (issue 8): Qwen3 shape with the REAL 151,936-token vocabulary and few small layers
+(hidden 256, 2 layers, tied embeddings as Qwen3-0.6B..4B), chat-formatted pairs whose prompt + completion
+is ~1024 tokens (about half prompt, half completion), 2 ranks, 1 pair per rank per micro-batch. The
+tokenizer is the repo's small Qwen-style one (examples/make_tiny_qwen3.py): token ids stay below 512,
+but every log-prob is a softmax over all 151,936 logits, which is what costs memory and time.
+
+How it is measured, the same way for both tools:
+- tokens: the non-padding tokens of chosen + rejected of every micro-batch of every rank
+  (dpo-dist: `num_tokens` in metrics.jsonl; TRL: `attention_mask.sum()` of each micro-batch it trains on).
+- step time: wall time of each optimizer step, end of one step to the end of the next (dpo-dist:
+  `step_seconds` with logging_steps=1; TRL: a callback's `on_step_end` timestamps). The first
+  `--warmup-steps` steps are left out; tokens/s = tokens of the remaining steps / their total time.
+- peak memory: every rank's peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) read right after each
+  optimizer step, max over steps and ranks (so dpo-dist's final checkpoint + export, outside the step
+  timing, are outside the memory peak too). dpo-dist's own `peak_memory_mb` (rank 0) is reported beside it.
+- threads: each rank gets cores / ranks intra-op threads (OMP_NUM_THREADS), both tools alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_FLAG = "--dpo-dist-worker"  # internal: this file as one dpo-dist rank (see run_dpo_dist_worker)
+
+
+# ----------------------------------------------------------------------------- model and data
+def make_model(out_dir: Path, args: argparse.Namespace) -> Path:
+    """The repo's small Qwen-style tokenizer + a random Qwen3 with the full Qwen vocabulary."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from make_tiny_qwen3 import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Qwen3Config(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or 3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // args.head_dim),
+        num_key_value_heads=max(1, args.hidden // args.head_dim // 2),
+        head_dim=args.head_dim,
+        max_position_embeddings=max(4096, 2 * args.seq_len),
+        tie_word_embeddings=not args.untied,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_pairs(path: Path, model_dir: Path, num_pairs: int, seq_len: int, completion_share: float, seed: int) -> dict:
+    """Chat pairs "sort these numbers": chosen sorted, rejected shuffled; prompt + completion <= seq_len
+    tokens (the prompt carries a context list so the prompt/completion split is `completion_share`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(seed)
+    budget = seq_len - 8  # a little room: the chosen and rejected renderings differ by a token or two
+
+    def length(prompt, completion) -> int:
+        return len(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+
+    stats = {"prompt": [], "chosen": [], "rejected": []}
+    with path.open("w") as handle:
+        for _ in range(num_pairs):
+            n = max(2, int(budget * completion_share))  # ~1 token per number with this tokenizer
+            numbers = [rng.randrange(100) for _ in range(n)]
+            context = [rng.randrange(100) for _ in range(max(0, budget - 2 * n - 16))]  # prompt = context + numbers
+            while True:
+                text = ("Context: " + " ".join(map(str, context)) + "\n" if context else "") + "Sort ascending: "
+                prompt = [{"role": "user", "content": text + " ".join(map(str, numbers))}]
+                shuffled = numbers[:]
+                rng.shuffle(shuffled)
+                chosen = [{"role": "assistant", "content": " ".join(map(str, sorted(numbers)))}]
+                rejected = [{"role": "assistant", "content": " ".join(map(str, shuffled))}]
+                lengths = (length(prompt, chosen), length(prompt, rejected))
+                if max(lengths) <= budget:
+                    break
+                over = max(lengths) - budget
+                if not context and len(numbers) <= 2:
+                    sys.exit(f"--seq-len {seq_len} is too short for a pair of this chat format")
+                if context:
+                    context = context[: max(0, len(context) - over)]
+                else:
+                    numbers = numbers[: max(2, len(numbers) - (over + 1) // 2)]
+            prompt_len = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"])
+            stats["prompt"].append(prompt_len)
+            stats["chosen"].append(lengths[0] - prompt_len)
+            stats["rejected"].append(lengths[1] - prompt_len)
+            handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    return {name: round(statistics.mean(values), 1) for name, values in stats.items()}
+
+
+# ----------------------------------------------------------------------------- launching
+def rank_env(args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    threads = max(1, (os.cpu_count() or 1) // args.processes) if args.threads is None else args.threads
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def torchrun(args: argparse.Namespace, script_and_args: list[str], log: Path) -> dict:
+    """Run `script_and_args` on `args.processes` ranks; stops on failure. Returns the wall seconds, the
+    CPU seconds the ranks used and the load average around the run: the bench shares the machine, and
+    a CPU utilisation well below 1.0 means the ranks waited for cores (or on each other)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes),
+               *script_and_args]
+    env = rank_env(args)
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        result = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        tail = log.read_text()[-4000:]
+        sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n--- last lines of {log} ---\n{tail}")
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    slots = args.processes * int(env["OMP_NUM_THREADS"])
+    return {"wall_seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "cpu_utilisation": round(cpu / (seconds * slots), 3),
+            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
+    record_dir = work / "trl_records"
+    command = [
+        "bench/trl_runner.py", "--model", str(model_dir), "--data", str(data), "--record-dir", str(record_dir),
+        "--output-dir", str(work / "trl_out"), "--backend", args.trl_backend, "--ds-config", args.ds_config,
+        "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
+        "--lr", str(args.lr), "--beta", str(args.beta), "--max-length", str(args.seq_len), "--seed", str(args.seed),
+    ]
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
+    run = torchrun(args, command, work / "trl.log")
+    ranks = [json.loads((record_dir / f"trl_rank{r}.json").read_text()) for r in range(args.processes)]
+    step_ends = [ranks[0]["train_begin"]] + [s["end"] for s in ranks[0]["steps"]]  # ranks step in lockstep
+    durations = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    tokens = [sum(rank["steps"][i]["tokens"] for rank in ranks) for i in range(len(durations))]
+    rss = [max(s["max_rss_mb"] for s in rank["steps"]) for rank in ranks]
+    if ranks[0]["world_size"] != args.processes:
+        sys.exit(f"TRL ran on {ranks[0]['world_size']} processes, not {args.processes}")
+    zero = ranks[0]["zero_stage"]
+    backend = f"DeepSpeed ZeRO-{zero} (TRL integration)" if zero is not None else f"{ranks[0]['distributed_type']} (no DeepSpeed)"
+    return {
+        "backend": backend,
+        **run,
+        **summarize(durations, tokens, rss, args.warmup_steps),
+        "rss_mb_before_first_step_max_over_ranks": max(rank["max_rss_mb_before_first_step"] for rank in ranks),
+        "engines": {key: ranks[0][key] for key in ("policy_engine", "optimizer", "reference_engine")},
+        "torch_threads_per_rank": ranks[0]["torch_threads"],
+        "loss_first_step": next((h["loss"] for h in ranks[0]["log_history"] if "loss" in h), None),
+    }
+
+
+def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overrides: list[str]) -> dict:
+    import yaml
+
+    output_dir = work / name
+    record_dir = work / f"{name}_records"
+    config = {
+        "model": {"base_model": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa",
+                  "gradient_checkpointing": bool(args.gradient_checkpointing)},
+        "dpo": {"beta": args.beta, "loss_type": "sigmoid"},
+        "training": {"num_epochs": 1, "batch_size": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
+                     "learning_rate": args.lr, "warmup_ratio": 0.0, "lr_scheduler": "linear",
+                     "max_seq_length": args.seq_len, "max_steps": args.steps, "output_dir": str(output_dir),
+                     "logging_steps": 1, "eval_steps": 0, "save_steps": 0, "seed": args.seed},
+        "data": {"train_files": [str(data)], "eval_files": [], "packing": False, "truncation_mode": "keep_start"},
+        "deepspeed": {"config": args.ds_config},
+        "reference": {"mode": "model"},
+    }
+    config_path = work / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    run = torchrun(args, ["bench/vs_trl.py", WORKER_FLAG, str(record_dir), "--config", str(config_path), *overrides],
+                   work / f"{name}.log")
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "step_seconds" in r]
+    if any(b["step"] - a["step"] != 1 for a, b in zip(train, train[1:])):
+        sys.exit(f"{output_dir}/metrics.jsonl: expected one record per step (logging_steps=1)")
+    ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in range(args.processes)]
+    rss = [max(rank["max_rss_mb_after_step"]) for rank in ranks]
+    stage = json.loads((ROOT / args.ds_config).read_text())["zero_optimization"]["stage"]
+    return {
+        "backend": f"DeepSpeed ZeRO-{stage}" + (" " + " ".join(overrides) if overrides else ""),
+        "overrides": overrides,
+        **run,
+        **summarize([r["step_seconds"] for r in train], [r["num_tokens"] for r in train], rss, args.warmup_steps),
+        "rss_mb_before_first_step_max_over_ranks": max(rank["max_rss_mb_before_first_step"] for rank in ranks),
+        "peak_memory_mb_rank0_logged": max(r["peak_memory_mb"] for r in train),
+        "torch_threads_per_rank": ranks[0]["torch_threads"],
+        "loss_first_step": train[0]["loss"],
+    }
+
+
+def summarize(durations: list[float], tokens: list[float], rss_per_rank: list[float], warmup: int) -> dict:
+    if len(durations) <= warmup:
+        sys.exit(f"only {len(durations)} steps recorded; need more than --warmup-steps {warmup}")
+    steady_d, steady_t = durations[warmup:], tokens[warmup:]
+    return {
+        "steps_measured": len(steady_d),
+        "step_seconds_median": statistics.median(steady_d),
+        "step_seconds_mean": sum(steady_d) / len(steady_d),
+        "tokens_per_step_mean": sum(steady_t) / len(steady_t),
+        "tokens_per_second": sum(steady_t) / sum(steady_d),
+        "peak_rss_mb_per_rank": [round(x, 1) for x in rss_per_rank],
+        "peak_rss_mb_max_over_ranks": max(rss_per_rank),
+        "step_seconds_all": [round(x, 3) for x in durations],
+    }
+
+
+def run_dpo_dist_worker(record_dir: str, train_argv: list[str]) -> None:
+    """One dpo-dist rank: launch/train.py unchanged, plus this rank's peak RSS after every optimizer step."""
+    import runpy
+
+    import torch
+
+    from dpo_dist import trainer as trainer_module
+
+    after_step: list[float] = []
+    before_first: list[float] = []
+    original = trainer_module.Trainer.train_step
+
+    def train_step(self, micro_batches, window):
+        if not before_first:
+            before_first.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        original(self, micro_batches, window)
+        after_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+    trainer_module.Trainer.train_step = train_step
+    sys.argv = [str(ROOT / "launch/train.py"), *train_argv]
+    try:
+        runpy.run_path(str(ROOT / "launch/train.py"), run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    finally:
+        out = Path(record_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rank = int(os.environ.get("RANK", "0"))
+        (out / f"rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "torch_threads": torch.get_num_threads(), "max_rss_mb_after_step": after_step,
+             "max_rss_mb_before_first_step": before_first[0] if before_first else None}))
+
+
+# ----------------------------------------------------------------------------- main
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=151936, help="Qwen3's real vocabulary")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=None, help="default 3 x hidden")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--untied", action="store_true", help="separate lm_head (as Qwen3-8B+); default tied")
+    parser.add_argument("--seq-len", type=int, default=1024, help="max_length / max_seq_length; pairs are built just under it")
+    parser.add_argument("--completion-share", type=float, default=0.5, help="share of each sequence that is completion")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default cores / ranks)")
+    parser.add_argument("--batch-size", type=int, default=1, help="pairs per rank per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the numbers")
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both (TRL's default is on)")
+    parser.add_argument("--ds-config", default="ds_configs/zero2.json")
+    parser.add_argument("--trl-backend", choices=["deepspeed", "ddp"], default="deepspeed")
+    parser.add_argument("--no-packing", action="store_true", help="skip the dpo-dist data.packing=true variant")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="one more dpo-dist run with these config overrides, e.g. chunk256:model.logps_chunk_tokens=256")
+    parser.add_argument("--work-dir", default=None, help="default: a fresh temp dir, removed at the end")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, metrics)")
+    parser.add_argument("--out", default="bench/vs_trl.json")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dpo_vs_trl_"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir: {work}", flush=True)
+    model_dir = make_model(work / "model", args)
+    num_pairs = args.steps * args.batch_size * args.grad_accum * args.processes
+    data = work / "pairs.jsonl"
+    lengths = make_pairs(data, model_dir, num_pairs, args.seq_len, args.completion_share, args.seed)
+    print(f"model: {model_dir}; {num_pairs} pairs, mean tokens {lengths}", flush=True)
+
+    results = {}
+    print("TRL DPOTrainer ...", flush=True)
+    results["trl"] = run_trl(args, model_dir, data, work)
+    print(f"  {results['trl']['tokens_per_second']:.1f} tokens/s, {results['trl']['peak_rss_mb_max_over_ranks']:.0f} MB", flush=True)
+    variants = [("dpo_dist", [])] + ([] if args.no_packing else [("dpo_dist_packed", ["data.packing=true"])])
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        variants.append((f"dpo_dist_{name}", [o for o in overrides.split(",") if o]))
+    for name, overrides in variants:
+        print(f"{name} ({' '.join(overrides) or 'defaults'}) ...", flush=True)
+        results[name] = run_dpo_dist(args, model_dir, data, work, name, overrides)
+        print(f"  {results[name]['tokens_per_second']:.1f} tokens/s, {results[name]['peak_rss_mb_max_over_ranks']:.0f} MB",
+              flush=True)
+
+    trl = results["trl"]
+    ratios = {}
+    for name in [k for k in results if k != "trl"]:
+        ours = results[name]
+        ratios[name] = {
+            "tokens_per_second": ratio(ours["tokens_per_second"], trl["tokens_per_second"]),
+            "step_seconds_median": ratio(ours["step_seconds_median"], trl["step_seconds_median"]),
+            "peak_rss_mb_max_over_ranks": ratio(ours["peak_rss_mb_max_over_ranks"], trl["peak_rss_mb_max_over_ranks"]),
+        }
+    import torch
+    import transformers
+    import trl as trl_pkg
+    import deepspeed
+
+    report = {
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k not in ("work_dir", "keep", "out")},
+            "dtype": "float32", "reference": "separate frozen model, same checkpoint", "optimizer": "torch.optim.AdamW",
+            "mean_tokens": lengths, "pairs": num_pairs,
+        },
+        "machine": {"device": "cpu", "cores": os.cpu_count(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "trl": trl_pkg.__version__, "deepspeed": deepspeed.__version__},
+        "results": results,
+        "ratios_dpo_dist_over_trl": ratios,
+        "goals": {"peak_memory_ratio_max": 0.6, "tokens_per_second_ratio_min": 1.3},
+        "bench_wall_seconds": time.perf_counter() - start,
+    }
+    out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print()
+    print(f"{'run':<26}{'backend':<44}{'tokens/s':>9}{'step s':>8}{'peak RSS MB':>12}{'RSS pre-step':>13}{'CPU util':>9}")
+    for name, r in results.items():
+        print(f"{name:<26}{r['backend'][:43]:<44}{r['tokens_per_second']:>9.1f}{r['step_seconds_median']:>8.2f}"
+              f"{r['peak_rss_mb_max_over_ranks']:>12.0f}{r['rss_mb_before_first_step_max_over_ranks']:>13.0f}"
+              f"{r['cpu_utilisation']:>9.2f}")
+    for name, r in ratios.items():
+        print(f"{name} / trl: tokens/s {r['tokens_per_second']:.2f}x (goal >= 1.3), step time "
+              f"{r['step_seconds_median']:.2f}x, peak memory {r['peak_rss_mb_max_over_ranks']:.2f}x (goal <= 0.6)")
+    print(f"wrote {out} ({report['bench_wall_seconds']:.0f} s)")
+    if not args.keep and not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == WORKER_FLAG:
+        run_dpo_dist_worker(sys.argv[2], sys.argv[3:])
+    else:
+        main()
