@@ -10,14 +10,16 @@ after a barrier: a cache without a manifest is, visibly, unfinished.
 
 from __future__ import annotations
 
+import json
+
 
 from dpo_dist import cache as cache_lib
 from dpo_dist import data as data_lib
 from dpo_dist.config import Config
-from dpo_dist.engine import DistInfo, barrier, broadcast_from_main, training_ds_config
+from dpo_dist.engine import DistInfo, barrier, broadcast_from_main, resolve_dtype, training_ds_config
 from dpo_dist.errors import UserError
 from dpo_dist.models import load_tokenizer
-from dpo_dist.reference import build_model_reference
+from dpo_dist.reference import build_model_reference, open_fitting_cache
 
 
 def unique_examples(config: Config, tokenizer, logger) -> list[data_lib.PreferenceExample]:
@@ -61,7 +63,7 @@ def _prepare_plan(config: Config, tokenizer, dtype_name: str, uids: list[str], o
             stale.unlink(missing_ok=True)
         for leftover in cache_dir.glob(".shard-*.tmp-*"):  # half-written shards of a killed run
             leftover.unlink(missing_ok=True)
-        cache_lib.write_atomic(plan_path, cache_lib.json.dumps(plan).encode())
+        cache_lib.write_atomic(plan_path, json.dumps(plan).encode())
         return plan
     except UserError as err:
         return str(err)
@@ -125,18 +127,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
 def verify_cache(config: Config, logger) -> dict:
     """Full check of an existing cache: re-hash the reference weights and every shard, check coverage."""
     tokenizer = load_tokenizer(config.model.policy_path)
-    cache_dir = config.reference_cache_dir
-    manifest = cache_lib.read_manifest(cache_dir)
-    from dpo_dist.engine import resolve_dtype
-
-    current = cache_lib.fingerprint(
-        config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-        str(resolve_dtype(config.model.dtype)).removeprefix("torch."), [], verify=True,
-    )
-    differences = cache_lib.fingerprint_differences(manifest["fingerprint"], current)
-    if differences:
-        raise cache_lib.CacheError(f"the reference cache at {cache_dir} does not fit this config: " + "; ".join(differences))
-    rows = cache_lib.read_rows(cache_dir, manifest, verify_checksums=True)
-    cache_lib.check_coverage(rows, unique_examples(config, tokenizer, logger), cache_dir)
-    logger.info(f"verify: {cache_dir} is complete and fits this config ({len(rows)} rows, weights re-hashed)")
+    examples = unique_examples(config, tokenizer, logger)
+    manifest, rows = open_fitting_cache(config, tokenizer, resolve_dtype(config.model.dtype), examples, verify=True)
+    logger.info(f"verify: {config.reference_cache_dir} is complete and fits this config ({len(rows)} rows, weights re-hashed)")
     return manifest

@@ -89,18 +89,28 @@ class PrecomputedReference:
         )
 
 
-def load_precomputed_reference(config: Config, tokenizer, dtype: torch.dtype, examples, logger) -> PrecomputedReference:
-    """Open the cache and refuse it, saying what differs, unless it fits this run exactly."""
+def open_fitting_cache(config: Config, tokenizer, dtype: torch.dtype, examples, verify: bool = False):
+    """The cache's rows for `examples`, or `CacheError` saying what differs from this config.
+
+    Without `verify`, weight files whose size and mtime match the manifest are not re-read."""
     cache_dir = config.reference_cache_dir
     manifest = cache_lib.read_manifest(cache_dir)
+    known = None if verify else manifest["fingerprint"]["reference"]["weights"]
     current = cache_lib.fingerprint(
         config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-        str(dtype).removeprefix("torch."), [], known_weights=manifest["fingerprint"]["reference"]["weights"],
+        str(dtype).removeprefix("torch."), [], known_weights=known, verify=verify,
     )
     differences = cache_lib.fingerprint_differences(manifest["fingerprint"], current)
     if differences:
-        raise cache_lib.CacheError(f"the reference cache at {cache_dir} does not fit this run: " + "; ".join(differences))
+        raise cache_lib.CacheError(f"the reference cache at {cache_dir} does not fit this config: " + "; ".join(differences))
     rows = cache_lib.read_rows(cache_dir, manifest)
     cache_lib.check_coverage(rows, examples, cache_dir)
+    return manifest, rows
+
+
+def load_precomputed_reference(config: Config, tokenizer, dtype: torch.dtype, examples, logger) -> PrecomputedReference:
+    """Open the cache and refuse it, saying what differs, unless it fits this run exactly."""
+    cache_dir = config.reference_cache_dir
+    manifest, rows = open_fitting_cache(config, tokenizer, dtype, examples)
     logger.info(f"reference: precomputed cache {cache_dir} ({manifest['total_rows']} rows, fingerprint verified); no reference model loaded")
     return PrecomputedReference(rows)
