@@ -1,7 +1,7 @@
 """Score the policy against the reference on data.eval_files, without training.
 
     deepspeed launch/evaluate.py --config configs/demo.yaml
-    python launch/evaluate.py --config configs/demo.yaml model.sft_model=output/demo/final
+    python launch/evaluate.py --config configs/demo.yaml model.sft_model=output/demo/final model.ref_model=examples/tiny-qwen3
 
 Prints one JSON object of TRL-named metrics (eval_loss, eval_rewards/accuracies, ...) as the last
 line of stdout and writes the same object to output_dir/eval_results.json.
