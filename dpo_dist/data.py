@@ -19,6 +19,7 @@ count is logged), never silently.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -324,6 +325,12 @@ def sft_indices(step: int, micro_step: int, rank: int, world_size: int, accumula
     for j in range(count):
         position = before * world_size + rank * count + j
         cycle, offset = divmod(position, num_sft)
-        generator = torch.Generator().manual_seed(seed * 7919 + cycle)
-        indices.append(int(torch.randperm(num_sft, generator=generator)[offset]))
+        indices.append(_sft_cycle_order(num_sft, seed, cycle)[offset])
     return indices
+
+
+@functools.lru_cache(maxsize=2)
+def _sft_cycle_order(num_sft: int, seed: int, cycle: int) -> list[int]:
+    """One pass over the SFT set in seeded order; cached because every micro-batch reads from it."""
+    generator = torch.Generator().manual_seed(seed * 7919 + cycle)
+    return torch.randperm(num_sft, generator=generator).tolist()
