@@ -107,6 +107,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16", the spelling the config and the cache fingerprint use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def read_ds_config(path_text: str) -> dict:
     """Load a DeepSpeed JSON: the path as given, else relative to the project (ds_configs/zero3.json)."""
     for candidate in (Path(path_text), PROJECT_ROOT / path_text, PROJECT_ROOT / "ds_configs" / path_text):
@@ -299,10 +304,6 @@ class TrainEngine:
         """Under ZeRO-3, re-partition parameters left gathered or in flight by prefetching, so that
         an export can gather them one by one (a no-op for other stages)."""
         self.engine.empty_partition_cache()
-
-    @property
-    def module(self) -> nn.Module:
-        return self.engine.module
 
 
 def build_inference_engine(module: nn.Module, ds_config: dict, device: torch.device) -> nn.Module:

@@ -16,7 +16,7 @@ import json
 from dpo_dist import cache as cache_lib
 from dpo_dist import data as data_lib
 from dpo_dist.config import Config
-from dpo_dist.engine import DistInfo, barrier, broadcast_from_main, resolve_dtype, training_ds_config
+from dpo_dist.engine import DistInfo, barrier, broadcast_from_main, dtype_name, resolve_dtype, training_ds_config
 from dpo_dist.errors import UserError
 from dpo_dist.models import load_tokenizer
 from dpo_dist.reference import build_model_reference, open_fitting_cache
@@ -40,13 +40,13 @@ def unique_examples(config: Config, tokenizer, logger) -> list[data_lib.Preferen
     return list(examples.values())
 
 
-def _prepare_plan(config: Config, tokenizer, dtype_name: str, uids: list[str], overwrite: bool) -> dict | str:
+def _prepare_plan(config: Config, tokenizer, dtype_text: str, uids: list[str], overwrite: bool) -> dict | str:
     """Rank 0: the plan to work on (new, or the one on disk to resume), or an error message."""
     cache_dir = config.reference_cache_dir
     try:
         fingerprint = cache_lib.fingerprint(
             config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-            dtype_name, config.data.train_files + config.data.eval_files,
+            dtype_text, config.data.train_files + config.data.eval_files,
         )
         plan = cache_lib.make_plan(fingerprint, uids, config.reference.rows_per_shard)
         plan_path = cache_dir / cache_lib.PLAN
@@ -75,8 +75,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
     dtype, ds_config = training_ds_config(config, dist_info.world_size)
     examples = unique_examples(config, tokenizer, logger)
     by_uid = {example.uid: example for example in examples}
-    dtype_name = str(dtype).removeprefix("torch.")
-    plan = _prepare_plan(config, tokenizer, dtype_name, list(by_uid), overwrite) if dist_info.is_main else None
+    plan = _prepare_plan(config, tokenizer, dtype_name(dtype), list(by_uid), overwrite) if dist_info.is_main else None
     plan = broadcast_from_main(plan)
     if isinstance(plan, str):
         raise cache_lib.CacheError(plan)

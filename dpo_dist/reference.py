@@ -20,7 +20,7 @@ from torch import nn
 from dpo_dist import cache as cache_lib
 from dpo_dist.config import Config
 from dpo_dist.data import PairBatch
-from dpo_dist.engine import build_inference_engine, reference_ds_config
+from dpo_dist.engine import build_inference_engine, dtype_name, reference_ds_config
 from dpo_dist.logps import PairLogps, SequenceLogps, forward_pair
 from dpo_dist.models import load_causal_lm
 
@@ -98,7 +98,7 @@ def open_fitting_cache(config: Config, tokenizer, dtype: torch.dtype, examples, 
     known = None if verify else manifest["fingerprint"]["reference"]["weights"]
     current = cache_lib.fingerprint(
         config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-        str(dtype).removeprefix("torch."), [], known_weights=known, verify=verify,
+        dtype_name(dtype), [], known_weights=known, verify=verify,
     )
     differences = cache_lib.fingerprint_differences(manifest["fingerprint"], current)
     if differences:
