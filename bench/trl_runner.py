@@ -2,13 +2,15 @@
 
     torchrun --nproc_per_node 2 bench/trl_runner.py --model DIR --data pairs.jsonl --record-dir DIR ...
 
-Trains with `trl.DPOTrainer` on CPU (bf16 off, `use_cpu=True`, `report_to="none"`), a separate frozen
-reference loaded from the same checkpoint, and either TRL's DeepSpeed integration (`--backend deepspeed`:
+Trains with `trl.DPOTrainer` on CPU (fp32, `use_cpu=True`) or one GPU (`--device cuda`, bf16),
+`report_to="none"`, a separate frozen reference loaded from the same checkpoint (or, with `--lora-r`,
+a PEFT LoRA adapter and TRL's adapter-disabled reference), and either TRL's DeepSpeed integration (`--backend deepspeed`:
 the DeepSpeed JSON goes to `DPOConfig.deepspeed`, so the policy runs under the same ZeRO stage as
 dpo-dist and TRL wraps the reference in a stage-0 inference engine, as it does for ZeRO-1/2) or plain
 DDP (`--backend ddp`). Nothing of TRL is changed: a subclass only counts the non-padding tokens of
 each micro-batch it trains on (chosen + rejected, `attention_mask.sum()`), and a callback records,
-after each optimizer step, the wall time and this process's peak RSS (`ru_maxrss`). Each rank writes
+after each optimizer step, the wall time and this process's peak memory (`ru_maxrss` on CPU, CUDA
+max allocated on a GPU). Each rank writes
 `<record-dir>/trl_rank<r>.json`.
 """
 
@@ -40,11 +42,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (alpha 2r, all linear layers); 0 = full")
     return parser.parse_args()
 
 
 def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak memory of this rank: CUDA max allocated on a GPU, else peak RSS (Linux reports KiB)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -77,8 +85,8 @@ def main() -> None:
 
     config_kwargs = dict(
         output_dir=args.output_dir,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=args.device == "cpu",
+        bf16=args.dtype == "bfloat16",
         fp16=False,
         report_to="none",
         per_device_train_batch_size=args.batch_size,
@@ -111,12 +119,22 @@ def main() -> None:
     dpo_config = DPOConfig(**config_kwargs)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
-    reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    dtype = getattr(torch, args.dtype)
+    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    peft_config = None
+    if args.lora_r:  # TRL then scores the reference with the adapter disabled: no second model
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        reference = None
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
     dataset = load_dataset("json", data_files=args.data, split="train")
     trainer = CountingDPOTrainer(
         model=policy,
         ref_model=reference,
+        peft_config=peft_config,
         args=dpo_config,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -138,7 +156,8 @@ def main() -> None:
         # What actually ran: the policy's engine and optimizer, and the reference's wrapper.
         "policy_engine": type(trainer.model_wrapped).__name__,
         "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
-        "reference_engine": type(trainer.ref_model).__name__,
+        "reference_engine": type(trainer.ref_model).__name__ if trainer.ref_model is not None else "adapter disabled",
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "train_begin": train_begin[0],
         "setup_max_rss_mb": after_setup_rss,
         "max_rss_mb_before_first_step": before_first_step[0],

@@ -1,15 +1,21 @@
 """dpo-dist vs TRL's DPOTrainer: tokens/s, step time and peak memory per rank, in ONE invocation.
 
 Both tools train the same model (a Qwen3-shaped checkpoint with random weights, written here), on the
-same preference pairs, with the same micro-batch, accumulation, sequence length, precision (fp32),
-learning rate, beta, optimizer (torch AdamW), number of ranks and DeepSpeed ZeRO stage, each with a
-separate frozen reference loaded from the same checkpoint. Prints the numbers for both and the ratios
-dpo-dist / TRL, and writes them to a JSON file.
+same preference pairs, with the same micro-batch, accumulation, sequence length, precision (fp32 on
+CPU, bf16 on GPU), learning rate, beta, optimizer (torch AdamW), number of ranks and DeepSpeed ZeRO
+stage, each with a separate frozen reference loaded from the same checkpoint (or, with --lora-r, a LoRA
+adapter and the adapter-disabled reference). Prints the numbers for both, MFU on a GPU, and the ratios
+dpo-dist / TRL, and writes them to a JSON file (after every run, so a failed run keeps the others).
 
     python bench/vs_trl.py                                   # the CPU proxy case, 2 ranks (~5.5 min on 2 idle cores)
     python bench/vs_trl.py --steps 3 --seq-len 256 --hidden 64 --no-packing   # a quick smoke run (~1 min)
     python bench/vs_trl.py --variant chunk256:model.logps_chunk_tokens=256  # one more dpo-dist run
     python bench/vs_trl.py --trl-backend ddp                 # TRL under DDP instead of its DeepSpeed integration
+    # the GPU cases (one GPU): Qwen3-1.7B full-parameter ZeRO-3 bf16, and Qwen3-4B LoRA r16 (the seed recipe)
+    python bench/vs_trl.py --device cuda --processes 1 --preset qwen3-1.7b --ds-config ds_configs/zero3.json \
+        --seq-len 2048 --batch-size 2 --grad-accum 4 --steps 5 --warmup-steps 2
+    python bench/vs_trl.py --device cuda --processes 1 --preset qwen3-4b --lora-r 16 \
+        --seq-len 2048 --batch-size 2 --grad-accum 4 --steps 5 --warmup-steps 2
 
 The CPU proxy case (issue 8): Qwen3 shape with the REAL 151,936-token vocabulary and few small layers
 (hidden 256, 2 layers, tied embeddings as Qwen3-0.6B..4B), chat-formatted pairs whose prompt + completion
@@ -23,10 +29,14 @@ How it is measured, the same way for both tools:
 - step time: wall time of each optimizer step, end of one step to the end of the next (dpo-dist:
   `step_seconds` with logging_steps=1; TRL: a callback's `on_step_end` timestamps). The first
   `--warmup-steps` steps are left out; tokens/s = tokens of the remaining steps / their total time.
-- peak memory: every rank's peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) read right after each
-  optimizer step, max over steps and ranks (so dpo-dist's final checkpoint + export, outside the step
-  timing, are outside the memory peak too). dpo-dist's own `peak_memory_mb` (rank 0) is reported beside it.
+- peak memory: every rank's peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`; on a GPU
+  `torch.cuda.max_memory_allocated`) read right after each optimizer step, max over steps and ranks.
+  dpo-dist's own `peak_memory_mb` (rank 0) is reported beside it. Neither tool writes a checkpoint or
+  an export (TRL: save_strategy="no"; dpo-dist: the bench's rank wrapper skips the final ones).
 - threads: each rank gets cores / ranks intra-op threads (OMP_NUM_THREADS), both tools alike.
+- MFU (GPU): tokens/s x dpo_dist.metrics.flops_per_token (4N + 2N_trainable + 2N_reference per token,
+  exact parameter counts, attention's T^2 term and recompute not counted) / the device's peak bf16
+  FLOP/s (dpo_dist.metrics.PEAK_TFLOPS), one formula for both tools.
 """
 
 from __future__ import annotations
@@ -34,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import shutil
 import statistics
@@ -44,86 +53,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from workload import PRESETS, apply_preset, make_model, make_pairs, model_flops_per_token
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # dpo_dist, also when the package is not installed
 WORKER_FLAG = "--dpo-dist-worker"  # internal: this file as one dpo-dist rank (see run_dpo_dist_worker)
 
 
-# ----------------------------------------------------------------------------- model and data
-def make_model(out_dir: Path, args: argparse.Namespace) -> Path:
-    """The repo's small Qwen-style tokenizer + a random Qwen3 with the full Qwen vocabulary."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    from make_tiny_qwen3 import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = Qwen3Config(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate or 3 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // args.head_dim),
-        num_key_value_heads=max(1, args.hidden // args.head_dim // 2),
-        head_dim=args.head_dim,
-        max_position_embeddings=max(4096, 2 * args.seq_len),
-        tie_word_embeddings=not args.untied,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def make_pairs(path: Path, model_dir: Path, num_pairs: int, seq_len: int, completion_share: float, seed: int) -> dict:
-    """Chat pairs "sort these numbers": chosen sorted, rejected shuffled; prompt + completion <= seq_len
-    tokens (the prompt carries a context list so the prompt/completion split is `completion_share`)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rng = random.Random(seed)
-    budget = seq_len - 8  # a little room: the chosen and rejected renderings differ by a token or two
-
-    def length(prompt, completion) -> int:
-        return len(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
-
-    stats = {"prompt": [], "chosen": [], "rejected": []}
-    with path.open("w") as handle:
-        for _ in range(num_pairs):
-            n = max(2, int(budget * completion_share))  # ~1 token per number with this tokenizer
-            numbers = [rng.randrange(100) for _ in range(n)]
-            context = [rng.randrange(100) for _ in range(max(0, budget - 2 * n - 16))]  # prompt = context + numbers
-            while True:
-                text = ("Context: " + " ".join(map(str, context)) + "\n" if context else "") + "Sort ascending: "
-                prompt = [{"role": "user", "content": text + " ".join(map(str, numbers))}]
-                shuffled = numbers[:]
-                rng.shuffle(shuffled)
-                chosen = [{"role": "assistant", "content": " ".join(map(str, sorted(numbers)))}]
-                rejected = [{"role": "assistant", "content": " ".join(map(str, shuffled))}]
-                lengths = (length(prompt, chosen), length(prompt, rejected))
-                if max(lengths) <= budget:
-                    break
-                over = max(lengths) - budget
-                if not context and len(numbers) <= 2:
-                    sys.exit(f"--seq-len {seq_len} is too short for a pair of this chat format")
-                if context:
-                    context = context[: max(0, len(context) - over)]
-                else:
-                    numbers = numbers[: max(2, len(numbers) - (over + 1) // 2)]
-            prompt_len = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
-            stats["prompt"].append(prompt_len)
-            stats["chosen"].append(lengths[0] - prompt_len)
-            stats["rejected"].append(lengths[1] - prompt_len)
-            handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
-    return {name: round(statistics.mean(values), 1) for name, values in stats.items()}
-
-
 # ----------------------------------------------------------------------------- launching
+class RunFailed(RuntimeError):
+    """One tool's run exited non-zero (its log's tail is the message)."""
+
+
 def rank_env(args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // args.processes) if args.threads is None else args.threads
@@ -148,7 +89,7 @@ def torchrun(args: argparse.Namespace, script_and_args: list[str], log: Path) ->
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         tail = log.read_text()[-4000:]
-        sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n--- last lines of {log} ---\n{tail}")
+        raise RunFailed(f"exit {result.returncode}: {' '.join(command)}\n--- last lines of {log} ---\n{tail}")
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     slots = args.processes * int(env["OMP_NUM_THREADS"])
@@ -164,6 +105,7 @@ def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
         "--output-dir", str(work / "trl_out"), "--backend", args.trl_backend, "--ds-config", args.ds_config,
         "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
         "--lr", str(args.lr), "--beta", str(args.beta), "--max-length", str(args.seq_len), "--seed", str(args.seed),
+        "--device", args.device, "--dtype", args.dtype, "--lora-r", str(args.lora_r),
     ]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
@@ -174,7 +116,7 @@ def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
     tokens = [sum(rank["steps"][i]["tokens"] for rank in ranks) for i in range(len(durations))]
     rss = [max(s["max_rss_mb"] for s in rank["steps"]) for rank in ranks]
     if ranks[0]["world_size"] != args.processes:
-        sys.exit(f"TRL ran on {ranks[0]['world_size']} processes, not {args.processes}")
+        raise RunFailed(f"TRL ran on {ranks[0]['world_size']} processes, not {args.processes}")
     zero = ranks[0]["zero_stage"]
     backend = f"DeepSpeed ZeRO-{zero} (TRL integration)" if zero is not None else f"{ranks[0]['distributed_type']} (no DeepSpeed)"
     return {
@@ -183,6 +125,7 @@ def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
         **summarize(durations, tokens, rss, args.warmup_steps),
         "rss_mb_before_first_step_max_over_ranks": max(rank["max_rss_mb_before_first_step"] for rank in ranks),
         "engines": {key: ranks[0][key] for key in ("policy_engine", "optimizer", "reference_engine")},
+        "device_name": ranks[0].get("device_name"),
         "torch_threads_per_rank": ranks[0]["torch_threads"],
         "loss_first_step": next((h["loss"] for h in ranks[0]["log_history"] if "loss" in h), None),
     }
@@ -194,7 +137,7 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
     output_dir = work / name
     record_dir = work / f"{name}_records"
     config = {
-        "model": {"base_model": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa",
+        "model": {"base_model": str(model_dir), "dtype": args.dtype, "attn_implementation": "sdpa",
                   "gradient_checkpointing": bool(args.gradient_checkpointing)},
         "dpo": {"beta": args.beta, "loss_type": "sigmoid"},
         "training": {"num_epochs": 1, "batch_size": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
@@ -203,8 +146,11 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
                      "logging_steps": 1, "eval_steps": 0, "save_steps": 0, "seed": args.seed},
         "data": {"train_files": [str(data)], "eval_files": [], "packing": False, "truncation_mode": "keep_start"},
         "deepspeed": {"config": args.ds_config},
-        "reference": {"mode": "model"},
+        "reference": {"mode": "adapter" if args.lora_r else "model"},
     }
+    if args.lora_r:
+        config["lora"] = {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
+                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     config_path = work / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run = torchrun(args, ["bench/vs_trl.py", WORKER_FLAG, str(record_dir), "--config", str(config_path), *overrides],
@@ -212,7 +158,7 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "step_seconds" in r]
     if any(b["step"] - a["step"] != 1 for a, b in zip(train, train[1:])):
-        sys.exit(f"{output_dir}/metrics.jsonl: expected one record per step (logging_steps=1)")
+        raise RunFailed(f"{output_dir}/metrics.jsonl: expected one record per step (logging_steps=1)")
     ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in range(args.processes)]
     rss = [max(rank["max_rss_mb_after_step"]) for rank in ranks]
     stage = json.loads((ROOT / args.ds_config).read_text())["zero_optimization"]["stage"]
@@ -230,7 +176,7 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
 
 def summarize(durations: list[float], tokens: list[float], rss_per_rank: list[float], warmup: int) -> dict:
     if len(durations) <= warmup:
-        sys.exit(f"only {len(durations)} steps recorded; need more than --warmup-steps {warmup}")
+        raise RunFailed(f"only {len(durations)} steps recorded; need more than --warmup-steps {warmup}")
     steady_d, steady_t = durations[warmup:], tokens[warmup:]
     return {
         "steps_measured": len(steady_d),
@@ -252,17 +198,23 @@ def run_dpo_dist_worker(record_dir: str, train_argv: list[str]) -> None:
 
     from dpo_dist import trainer as trainer_module
 
+    from dpo_dist.metrics import peak_memory_mb  # CUDA max allocated on a GPU, peak RSS on CPU: as TRL's runner
+
     after_step: list[float] = []
     before_first: list[float] = []
     original = trainer_module.Trainer.train_step
 
     def train_step(self, micro_batches, window):
         if not before_first:
-            before_first.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            before_first.append(peak_memory_mb())
         original(self, micro_batches, window)
-        after_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        after_step.append(peak_memory_mb())
 
     trainer_module.Trainer.train_step = train_step
+    # Like TRL's run (save_strategy="no"), no final checkpoint or export: writing a 1.7B model's optimizer
+    # state is tens of GB of disk time that the bench does not measure.
+    trainer_module.Checkpointer.save = lambda self, step, *_: self.output_dir
+    trainer_module.export_hf = lambda *_, **__: None
     sys.argv = [str(ROOT / "launch/train.py"), *train_argv]
     try:
         runpy.run_path(str(ROOT / "launch/train.py"), run_name="__main__")
@@ -283,14 +235,20 @@ def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a real Qwen3 shape (overrides the shape flags)")
     parser.add_argument("--vocab-size", type=int, default=151936, help="Qwen3's real vocabulary")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=None, help="default 3 x hidden")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=None, help="default hidden / head_dim")
+    parser.add_argument("--kv-heads", type=int, default=None, help="default heads / 2")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--untied", action="store_true", help="separate lm_head (as Qwen3-8B+); default tied")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank on all linear layers (alpha 2r), adapter-disabled reference in both tools; 0 = full fine-tuning with a separate reference")
     parser.add_argument("--seq-len", type=int, default=1024, help="max_length / max_seq_length; pairs are built just under it")
     parser.add_argument("--completion-share", type=float, default=0.5, help="share of each sequence that is completion")
     parser.add_argument("--processes", type=int, default=2)
@@ -305,6 +263,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both (TRL's default is on)")
     parser.add_argument("--ds-config", default="ds_configs/zero2.json")
     parser.add_argument("--trl-backend", choices=["deepspeed", "ddp"], default="deepspeed")
+    parser.add_argument("--no-trl", action="store_true", help="dpo-dist runs only (no ratios)")
     parser.add_argument("--no-packing", action="store_true", help="skip the dpo-dist data.packing=true variant")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="one more dpo-dist run with these config overrides, e.g. chunk256:model.logps_chunk_tokens=256")
@@ -312,7 +271,50 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, metrics)")
     parser.add_argument("--out", default="bench/vs_trl.json")
     args = parser.parse_args()
+    apply_preset(args)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    return args
 
+
+def machine_info(args: argparse.Namespace) -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    info = {"device": args.device, "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "deepspeed": deepspeed.__version__}
+    try:
+        import trl as trl_pkg
+
+        info["trl"] = trl_pkg.__version__
+    except ImportError:
+        info["trl"] = None
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def add_ratios_and_mfu(results: dict, flops_per_token: float, peak_tflops: float | None) -> dict:
+    """MFU of every run from its tokens/s and ONE formula for both tools; ratios dpo-dist / TRL."""
+    for r in results.values():
+        if "tokens_per_second" in r and peak_tflops:
+            r["mfu"] = r["tokens_per_second"] * flops_per_token / (peak_tflops * 1e12)
+    trl = results.get("trl", {})
+    ratios = {}
+    for name in [k for k in results if k != "trl"]:
+        ours = results[name]
+        if "tokens_per_second" not in ours or "tokens_per_second" not in trl:
+            continue
+        ratios[name] = {
+            "tokens_per_second": ratio(ours["tokens_per_second"], trl["tokens_per_second"]),
+            "step_seconds_median": ratio(ours["step_seconds_median"], trl["step_seconds_median"]),
+            "peak_memory_mb_max_over_ranks": ratio(ours["peak_rss_mb_max_over_ranks"], trl["peak_rss_mb_max_over_ranks"]),
+        }
+    return ratios
+
+
+def main() -> None:
+    args = parse_args()
     start = time.perf_counter()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dpo_vs_trl_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -321,62 +323,64 @@ def main() -> None:
     num_pairs = args.steps * args.batch_size * args.grad_accum * args.processes
     data = work / "pairs.jsonl"
     lengths = make_pairs(data, model_dir, num_pairs, args.seq_len, args.completion_share, args.seed)
-    print(f"model: {model_dir}; {num_pairs} pairs, mean tokens {lengths}", flush=True)
+    print(f"model: {model_dir} ({time.perf_counter() - start:.0f} s); {num_pairs} pairs, mean tokens {lengths}", flush=True)
 
-    results = {}
-    print("TRL DPOTrainer ...", flush=True)
-    results["trl"] = run_trl(args, model_dir, data, work)
-    print(f"  {results['trl']['tokens_per_second']:.1f} tokens/s, {results['trl']['peak_rss_mb_max_over_ranks']:.0f} MB", flush=True)
-    variants = [("dpo_dist", [])] + ([] if args.no_packing else [("dpo_dist_packed", ["data.packing=true"])])
-    for spec in args.variant:
-        name, _, overrides = spec.partition(":")
-        variants.append((f"dpo_dist_{name}", [o for o in overrides.split(",") if o]))
-    for name, overrides in variants:
-        print(f"{name} ({' '.join(overrides) or 'defaults'}) ...", flush=True)
-        results[name] = run_dpo_dist(args, model_dir, data, work, name, overrides)
-        print(f"  {results[name]['tokens_per_second']:.1f} tokens/s, {results[name]['peak_rss_mb_max_over_ranks']:.0f} MB",
-              flush=True)
+    from dpo_dist.metrics import PEAK_TFLOPS
 
-    trl = results["trl"]
-    ratios = {}
-    for name in [k for k in results if k != "trl"]:
-        ours = results[name]
-        ratios[name] = {
-            "tokens_per_second": ratio(ours["tokens_per_second"], trl["tokens_per_second"]),
-            "step_seconds_median": ratio(ours["step_seconds_median"], trl["step_seconds_median"]),
-            "peak_rss_mb_max_over_ranks": ratio(ours["peak_rss_mb_max_over_ranks"], trl["peak_rss_mb_max_over_ranks"]),
-        }
-    import torch
-    import transformers
-    import trl as trl_pkg
-    import deepspeed
-
-    report = {
-        "settings": {
-            **{k: v for k, v in vars(args).items() if k not in ("work_dir", "keep", "out")},
-            "dtype": "float32", "reference": "separate frozen model, same checkpoint", "optimizer": "torch.optim.AdamW",
-            "mean_tokens": lengths, "pairs": num_pairs,
-        },
-        "machine": {"device": "cpu", "cores": os.cpu_count(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "trl": trl_pkg.__version__, "deepspeed": deepspeed.__version__},
-        "results": results,
-        "ratios_dpo_dist_over_trl": ratios,
-        "goals": {"peak_memory_ratio_max": 0.6, "tokens_per_second_ratio_min": 1.3},
-        "bench_wall_seconds": time.perf_counter() - start,
-    }
+    gpu_name = machine_info(args).get("gpu", "")
+    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None) if args.device == "cuda" else None
+    flops, counts = model_flops_per_token(args)
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    runs = ([] if args.no_trl else [("trl", None)]) + [("dpo_dist", [])]
+    runs += [] if args.no_packing else [("dpo_dist_packed", ["data.packing=true"])]
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        runs.append((f"dpo_dist_{name}", [o for o in overrides.split(",") if o]))
 
+    results: dict = {}
+    for name, overrides in runs:
+        print(f"{name} ({'TRL DPOTrainer' if overrides is None else ' '.join(overrides) or 'defaults'}) ...", flush=True)
+        try:  # one failed run (e.g. out of memory) is recorded; the others still run
+            results[name] = (run_trl(args, model_dir, data, work) if overrides is None
+                             else run_dpo_dist(args, model_dir, data, work, name, overrides))
+            print(f"  {results[name]['tokens_per_second']:.1f} tokens/s, {results[name]['peak_rss_mb_max_over_ranks']:.0f} MB",
+                  flush=True)
+        except RunFailed as failure:
+            results[name] = {"failed": str(failure)}
+            print(f"  FAILED: {failure}", flush=True)
+        ratios = add_ratios_and_mfu(results, flops, peak_tflops)
+        report = {
+            "settings": {
+                **{k: v for k, v in vars(args).items() if k not in ("work_dir", "keep", "out")},
+                "reference": "adapter disabled" if args.lora_r else "separate frozen model, same checkpoint",
+                "optimizer": "torch.optim.AdamW", "mean_tokens": lengths, "pairs": num_pairs,
+                "flops_per_token": flops, **counts, "peak_tflops": peak_tflops,
+            },
+            "machine": machine_info(args),
+            "results": results,
+            "ratios_dpo_dist_over_trl": ratios,
+            "goals": ({"mfu_min": 0.45, "tokens_per_second_ratio_min": 1.5, "peak_memory_ratio_max": 0.7}
+                      if args.device == "cuda" else {"peak_memory_ratio_max": 0.6, "tokens_per_second_ratio_min": 1.3}),
+            "bench_wall_seconds": time.perf_counter() - start,
+        }
+        out.write_text(json.dumps(report, indent=2) + "\n")  # after every run: a later failure keeps what ran
+
+    memory = "peak MB" if args.device == "cuda" else "peak RSS MB"
     print()
-    print(f"{'run':<26}{'backend':<44}{'tokens/s':>9}{'step s':>8}{'peak RSS MB':>12}{'RSS pre-step':>13}{'CPU util':>9}")
+    print(f"{'run':<26}{'backend':<44}{'tokens/s':>9}{'step s':>8}{memory:>12}{'pre-step':>10}{'MFU':>7}")
     for name, r in results.items():
+        if "failed" in r:
+            print(f"{name:<26}FAILED")
+            continue
+        mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         print(f"{name:<26}{r['backend'][:43]:<44}{r['tokens_per_second']:>9.1f}{r['step_seconds_median']:>8.2f}"
-              f"{r['peak_rss_mb_max_over_ranks']:>12.0f}{r['rss_mb_before_first_step_max_over_ranks']:>13.0f}"
-              f"{r['cpu_utilisation']:>9.2f}")
+              f"{r['peak_rss_mb_max_over_ranks']:>12.0f}{r['rss_mb_before_first_step_max_over_ranks']:>10.0f}{mfu:>7}")
+    goals = report["goals"]
     for name, r in ratios.items():
-        print(f"{name} / trl: tokens/s {r['tokens_per_second']:.2f}x (goal >= 1.3), step time "
-              f"{r['step_seconds_median']:.2f}x, peak memory {r['peak_rss_mb_max_over_ranks']:.2f}x (goal <= 0.6)")
+        print(f"{name} / trl: tokens/s {r['tokens_per_second']:.2f}x (goal >= {goals['tokens_per_second_ratio_min']}), "
+              f"step time {r['step_seconds_median']:.2f}x, peak memory {r['peak_memory_mb_max_over_ranks']:.2f}x "
+              f"(goal <= {goals['peak_memory_ratio_max']})")
     print(f"wrote {out} ({report['bench_wall_seconds']:.0f} s)")
     if not args.keep and not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)

@@ -37,11 +37,35 @@ class PairLogps:
     sft_tokens: torch.Tensor | None = None
 
 
+class TargetLogProb(torch.autograd.Function):
+    """(n, V) fp32 logits, (n,) targets -> (n,) log softmax(logits)[target], with ONE vocab-wide buffer.
+
+    Autograd's own graph for `gather(logits) - logsumexp(logits)` allocates the softmax, a zero-filled
+    gather gradient and their sum in backward: three more (n, V) fp32 buffers on top of the logits.
+    Here backward turns the saved logits themselves into the gradient, in place:
+    d log p(t) / d logit_v = 1[v = t] - softmax(logits)_v. The logits must not be needed by anything
+    else afterwards (true for a fresh `lm_head(h).float()`), and backward may run only once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_normalizer = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, log_normalizer)
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, log_normalizer = ctx.saved_tensors
+        grad_logits = logits.sub_(log_normalizer.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -g * softmax
+        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1).to(grad_logits.dtype))  # + g at t
+        return grad_logits, None
+
+
 def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
     """(n, H) hidden states and (n,) next tokens -> (n,) log p(target) and (n,) mean logit, in fp32."""
     logits = lm_head(hidden).float()  # (n, V)
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return target_logits - torch.logsumexp(logits, dim=-1), logits.mean(dim=-1).detach()
+    mean_logits = logits.detach().mean(dim=-1)
+    return TargetLogProb.apply(logits, targets), mean_logits
 
 
 CHUNK_BUDGET_BYTES = 128 * 2**20

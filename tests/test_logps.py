@@ -118,3 +118,27 @@ def test_packed_equals_padded(model, tokenizer):
     assert torch.equal(a.chosen_tokens, b.chosen_tokens) and torch.equal(a.sft_tokens, b.sft_tokens)
     with torch.no_grad():  # the reference's view drops the SFT sequence in both layouts alike
         torch.testing.assert_close(forward_pair(SequenceLogps(model, 5), packed.pairs_only()).rejected_logps, a.rejected_logps, atol=1e-5, rtol=0)
+
+
+def test_target_log_prob_function_against_float64_log_softmax():
+    """The in-place backward of TargetLogProb equals autograd through log_softmax + gather (float64),
+    for a logit scale where softmax is far from uniform and with repeated targets."""
+    from dpo_dist.logps import TargetLogProb
+
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(9, 1000, generator=generator) * 8).requires_grad_(True)
+    targets = torch.randint(0, 1000, (9,), generator=generator)
+    targets[1] = targets[0]
+    upstream = torch.randn(9, generator=generator)
+
+    reference_input = logits.detach().double().requires_grad_(True)
+    expected = torch.log_softmax(reference_input, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (expected * upstream.double()).sum().backward()
+
+    fused_input = logits.detach().clone().requires_grad_(True)
+    logits_buffer = fused_input * 1.0  # a fresh tensor, as lm_head(h).float() is; the function overwrites it
+    got = TargetLogProb.apply(logits_buffer, targets)
+    (got * upstream).sum().backward()
+
+    torch.testing.assert_close(got.double(), expected.detach(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(fused_input.grad.double(), reference_input.grad, atol=1e-6, rtol=1e-5)

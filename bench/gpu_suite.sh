@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU cases of issue 8 in ONE call on a one-GPU machine (what bench/RESULTS.md's GPU table came from):
+#   1. Qwen3-1.7B-shaped, full-parameter, ZeRO-3, bf16: TRL, dpo-dist, dpo-dist packed, dpo-dist + checkpointing
+#   2. Qwen3-4B-shaped, LoRA r16 on all linear layers (the seed recipe), ZeRO-2, bf16: TRL, dpo-dist,
+#      dpo-dist + checkpointing
+# both at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
+#   bash bench/gpu_suite.sh [OUT_DIR]       (a machine without deepspeed/trl/datasets: put their wheels in .whl/)
+# Writes gpu_*.json (bench/vs_trl.py's report), the console logs and logs.tgz (every run's log) to OUT_DIR.
+set -u
+OUT=${1:-${OUT:-/tmp/dpo_gpu_suite}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+python3 -c "import torch, transformers, deepspeed, trl, peft, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__)" 2>&1 | grep -v WARNING | tee -a "$OUT/machine.txt"
+
+WORK=/tmp/dpo_gpu_work
+COMMON=(--device cuda --processes 1 --seq-len 2048 --batch-size 2 --grad-accum 4 --steps 5 --warmup-steps 2 --keep)
+timeout "${CASE_SECONDS:-270}" python3 bench/vs_trl.py "${COMMON[@]}" --preset qwen3-1.7b --ds-config ds_configs/zero3.json \
+    --variant ckpt:model.gradient_checkpointing=true --work-dir "$WORK/full" --out "$OUT/gpu_qwen3_1.7b_zero3.json" \
+    2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/full.log"
+timeout "${CASE_SECONDS:-270}" python3 bench/vs_trl.py "${COMMON[@]}" --preset qwen3-4b --lora-r 16 --ds-config ds_configs/zero2.json \
+    --no-packing --variant ckpt:model.gradient_checkpointing=true --work-dir "$WORK/lora" --out "$OUT/gpu_qwen3_4b_lora.json" \
+    2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/lora.log"
+tar czf "$OUT/logs.tgz" $(find "$WORK" -name "*.log" -o -name "metrics.jsonl" -o -name "*.yaml" | grep -v /model/) 2>/dev/null
+ls -la "$OUT"
