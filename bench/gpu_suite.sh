@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The GPU cases of issue 8 in ONE call on a one-GPU machine (what bench/RESULTS.md's GPU table came from):
-#   1. Qwen3-1.7B-shaped, full-parameter, ZeRO-3, bf16: TRL, dpo-dist, dpo-dist packed, dpo-dist + checkpointing
-#   2. Qwen3-4B-shaped, LoRA r16 on all linear layers (the seed recipe), ZeRO-2, bf16: TRL, dpo-dist,
-#      dpo-dist + checkpointing
-# both at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
-#   bash bench/gpu_suite.sh [OUT_DIR]       (a machine without deepspeed/trl/datasets: put their wheels in .whl/)
-# Writes gpu_*.json (bench/vs_trl.py's report), the console logs and logs.tgz (every run's log) to OUT_DIR.
+# The GPU cases of issue 8 on a one-GPU machine (what bench/RESULTS.md's GPU tables came from):
+#   full       Qwen3-1.7B-shaped, full-parameter, ZeRO-3, bf16: TRL, dpo-dist, dpo-dist packed, dpo-dist + checkpointing
+#   lora       Qwen3-4B-shaped, LoRA r16 on all linear layers (the seed recipe), ZeRO-2, bf16: TRL, dpo-dist,
+#              dpo-dist + checkpointing
+#   full-ckpt, lora-ckpt   the same with gradient checkpointing on in BOTH tools (TRL's default)
+#   lora-ours  the lora case, dpo-dist alone
+# all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
+#   bash bench/gpu_suite.sh OUT_DIR CASE...   (a machine without deepspeed/trl/datasets: put their wheels in .whl/)
+# Writes gpu_<case>.json (bench/vs_trl.py's report), <case>.log and logs.tgz (every run's log) to OUT_DIR.
 set -u
-OUT=${1:-${OUT:-/tmp/dpo_gpu_suite}}
+OUT=$1
+shift
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -19,11 +22,19 @@ python3 -c "import torch, transformers, deepspeed, trl, peft, datasets; print('t
 
 WORK=/tmp/dpo_gpu_work
 COMMON=(--device cuda --processes 1 --seq-len 2048 --batch-size 2 --grad-accum 4 --steps 5 --warmup-steps 2 --keep)
-timeout "${CASE_SECONDS:-270}" python3 bench/vs_trl.py "${COMMON[@]}" --preset qwen3-1.7b --ds-config ds_configs/zero3.json \
-    --variant ckpt:model.gradient_checkpointing=true --work-dir "$WORK/full" --out "$OUT/gpu_qwen3_1.7b_zero3.json" \
-    2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/full.log"
-timeout "${CASE_SECONDS:-270}" python3 bench/vs_trl.py "${COMMON[@]}" --preset qwen3-4b --lora-r 16 --ds-config ds_configs/zero2.json \
-    --no-packing --variant ckpt:model.gradient_checkpointing=true --work-dir "$WORK/lora" --out "$OUT/gpu_qwen3_4b_lora.json" \
-    2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/lora.log"
+FULL=(--preset qwen3-1.7b --ds-config ds_configs/zero3.json)
+LORA=(--preset qwen3-4b --lora-r 16 --ds-config ds_configs/zero2.json --no-packing)
+CKPT=(--variant ckpt:model.gradient_checkpointing=true)
+for case in "$@"; do
+    case $case in
+        full) args=("${FULL[@]}" "${CKPT[@]}") ;;
+        lora) args=("${LORA[@]}" "${CKPT[@]}") ;;
+        full-ckpt) args=("${FULL[@]}" --gradient-checkpointing --no-packing) ;;
+        lora-ckpt) args=("${LORA[@]}" --gradient-checkpointing) ;;
+        lora-ours) args=("${LORA[@]}" --no-trl) ;;
+        *) echo "unknown case $case"; exit 2 ;;
+    esac
+    timeout "${CASE_SECONDS:-270}" python3 bench/vs_trl.py "${COMMON[@]}" "${args[@]}" --work-dir "$WORK/$case" \
+        --out "$OUT/gpu_$case.json" 2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
+done
 tar czf "$OUT/logs.tgz" $(find "$WORK" -name "*.log" -o -name "metrics.jsonl" -o -name "*.yaml" | grep -v /model/) 2>/dev/null
-ls -la "$OUT"
