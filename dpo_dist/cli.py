@@ -8,14 +8,35 @@ A `UserError` (bad config key, malformed data line, missing model) prints one li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import Callable
+import typing
+from typing import Any, Callable
 
-from dpo_dist.config import Config, describe_keys, load_config
+from dpo_dist.config import SECTIONS, Config, load_config
 from dpo_dist.errors import UserError
 
 EXIT_USER_ERROR = 2
+
+
+def _describe(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def describe_keys() -> str:
+    """Every config key with its type, default and help: the body of `launch/train.py --help`."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            allowed = f" [{' | '.join(choices)}]" if choices else ""
+            lines.append(f"  {section}.{f.name} ({_describe(hints[f.name])}, default {default!r}){allowed}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
 
 
 def parse_args(description: str, argv: list[str] | None = None, flags: tuple[tuple[str, str], ...] = ()) -> argparse.Namespace:

@@ -133,6 +133,7 @@ class TrainingConfig:
     keep_best_checkpoint: bool = _opt(False, "Also keep the checkpoint with the lowest eval loss, beyond save_total_limit.")
     resume_from: str | None = _opt(None, "Resume from a checkpoint: auto (the newest complete one in output_dir) or a path.")
     overwrite_output_dir: bool = _opt(False, "Start fresh in an output_dir that holds another run's checkpoints (deletes them).")
+    memory_check: bool = _opt(True, "On a GPU, refuse before loading weights a run the memory planner (launch/plan.py) says cannot fit.")
 
     def __post_init__(self) -> None:
         positive = ("num_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps")
@@ -254,7 +255,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTIONS: dict[str, type] = {
+# Section name -> its dataclass: what load_config accepts and `launch/train.py --help` lists (dpo_dist.cli).
+SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "dpo": DPOConfig,
     "lora": LoRAConfig,
@@ -265,10 +267,6 @@ _SECTIONS: dict[str, type] = {
     "export": ExportConfig,
     "rounds": RoundsConfig,
 }
-
-
-def _describe(annotation: Any) -> str:
-    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any:
@@ -355,24 +353,24 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of sections ({', '.join(_SECTIONS)})")
+        raise UserError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
     overridden: set[str] = set()
     for word in overrides:
         (section, key), value = parse_override(word)
         overridden.add(f"{section}.{key}")
-        if section not in _SECTIONS:
-            raise _unknown_key_error(section, list(_SECTIONS), "the overrides")
+        if section not in SECTIONS:
+            raise _unknown_key_error(section, list(SECTIONS), "the overrides")
         current = raw.get(section) or {}
         if not isinstance(current, dict):
             raise UserError(f"{section}: expected a mapping in {path}")
         raw[section] = {**current, key: value}
     sections = {}
     for name, value in raw.items():
-        if name not in _SECTIONS:
-            raise _unknown_key_error(name, list(_SECTIONS), str(path))
+        if name not in SECTIONS:
+            raise _unknown_key_error(name, list(SECTIONS), str(path))
         if value is None:  # an empty section (or `lora: null`) keeps the defaults / disables LoRA
             continue
-        sections[name] = _build_section(_SECTIONS[name], value, name, str(path), overridden)
+        sections[name] = _build_section(SECTIONS[name], value, name, str(path), overridden)
     return Config(**sections)
 
 
@@ -387,18 +385,3 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml_text(config))
     os.replace(tmp, path)
-
-
-def describe_keys() -> str:
-    """Every config key with its type, default and help: the body of `launch/train.py --help`."""
-    lines = []
-    for section, cls in _SECTIONS.items():
-        lines.append(f"{section}:")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
-            allowed = f" [{' | '.join(choices)}]" if choices else ""
-            lines.append(f"  {section}.{f.name} ({_describe(hints[f.name])}, default {default!r}){allowed}")
-            lines.append(f"      {f.metadata.get('help', '')}")
-    return "\n".join(lines)

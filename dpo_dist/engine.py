@@ -79,14 +79,55 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one (e.g. a signal reached only some ranks)."""
-    import torch.distributed as dist
+class LaggedVote:
+    """Agree across ranks on a flag (MAX) without stalling the step, one call late.
 
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    A blocking all-reduce + read per optimizer step drains the device queue: the host waits for the
+    step's kernels before it can launch the next step's. Here each call starts this call's all-reduce without
+    waiting and returns the result of the previous call's, which has had a whole step to finish; its
+    device-to-host copy was queued right behind it, so reading it waits for that point of the queue
+    only. Every rank reads the same vote at the same call, so all stop at the same step. One rank:
+    the flag itself, no collective and no copy."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.device = device
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self._pending = None  # (work, host copy, event) of the vote in flight
+
+    def __call__(self, flag: bool, wait: bool = False) -> bool:
+        """The previous call's vote; with `wait`, also this call's (blocking: for the last step)."""
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        previous = self._read()
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        work = dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True)
+        event = None
+        if self.device.type == "cuda":
+            work.wait()  # makes the current stream wait for the collective; does not block the host
+            value = value.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (work, value, event)
+        return previous or (wait and self._read())
+
+    def _read(self) -> bool:
+        if self._pending is None:
+            return False
+        work, value, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        else:
+            work.wait()
+        return bool(value.item())
+
+    def drain(self) -> None:
+        """Finish the vote in flight (before collectives that must not interleave with it, and at exit)."""
+        self._read()
 
 
 def broadcast_from_main(value):

@@ -1,29 +1,74 @@
 """Predict per-device memory of a run from the model's config.json alone, before loading anything.
 
-The estimate adds up what a rank holds at its peak (bytes, per device):
-- weights: N x dtype bytes, divided over all ranks under ZeRO-3, none on the device when offloaded;
-- gradients: trainable N_t x dtype bytes, divided under ZeRO-2/3;
-- optimizer: Adam's two fp32 moments plus DeepSpeed's fp32 master copy, 12 bytes x N_t, divided
-  under ZeRO-1/2/3, none on the device with optimizer offload;
-- reference: a separate model holds N_ref x dtype bytes (divided under ZeRO-3, none when
-  offloaded); the adapter, a precomputed cache and reference-free losses hold nothing;
-- activations: per token of the micro-batch (chosen + rejected, 2 x batch x max_seq_length) and
-  layer, dtype bytes x (8 H + 4 I) without gradient checkpointing, dtype bytes x H with it
-  (plus one layer's full set, recomputed in backward);
-- logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x vocab in fp32, three times (logits, softmax, grad);
-- overhead: the CUDA context and allocator slack (1.5 GiB + 10%) on a GPU.
-Attention scores are not counted (sdpa / flash-attention do not materialise them).
+A training step has three kinds of memory (bytes per device; N parameters, N_t of them trainable, b
+bytes per parameter element, W ranks, H hidden, I intermediate, Q = heads x head_dim, K = kv_heads x
+head_dim, L layers, V vocabulary; fp32 = 4):
+
+Held through the whole step
+- weights: N b, divided over W under ZeRO-3, none on the device with parameter offload (LoRA adds N_t b);
+- optimizer: DeepSpeed's fp32 master copy and Adam's two fp32 moments, 12 N_t, divided under ZeRO-1/2/3,
+  none on the device with optimizer offload;
+- reference: a separate model holds N b (divided under ZeRO-3, none when offloaded); the adapter, a
+  precomputed cache and reference-free losses hold nothing;
+- gradients: N_t b, divided under ZeRO-2/3; held only under ZeRO-3 (a buffer made at start-up) or with
+  gradient accumulation, else they fill in during backward as activations are freed and count with the step.
+
+Alive around forward/backward (the "backward" phase, whose peak is when backward starts at the log-prob chunks)
+- activations: what autograd saves, per token of the micro-batch (2 x batch_size rows of max_seq_length,
+  plus mixed-in SFT rows; packing makes one row of all of them) and decoder layer, counted from transformers'
+  modeling_qwen3.py and checked with saved-tensor hooks:
+    two RMSNorms: input upcast to fp32 (4 H) and output (b H, the next projections' input);
+    q_norm / k_norm: their input upcast to fp32, 4 (Q + K);
+    the normalised input before the norm weight, b (2 H + Q + K), only when norm weights train (not LoRA);
+    attention: rotated q and the output, plus k and v as the kernel gets them: as they are, b (2 Q + 2 K),
+    for flash_attention_2 and for sdpa on padded rows (right-padded, so SequenceLogps passes no mask and
+    sdpa groups the KV heads itself); repeated to every head, b 4 Q, for sdpa on a packed row (its
+    block-causal mask rules grouping out) and for eager;
+    MLP: gate, up, SiLU(gate) and their product, b 4 I;
+    LoRA: each adapted projection's rank-r intermediate, b r (with lora.dropout > 0 also its dropped input
+    and mask, (b + 1) x fan-in);
+  per row and layer, seq^2 x: b for the packed row's mask, which sdpa converts to the model dtype in every
+    layer; heads x (4 [+ b]) for eager's fp32 softmax (and its b-byte copy below fp32);
+  once, outside the layers: the final norm's fp32 input, its normalised input (when trainable) and the
+  gathered hidden states of completion tokens, H (4 + b [+ b]).
+  With gradient checkpointing each layer keeps only its input, b H per token, and backward recomputes one
+  layer's full set at a time.
+- logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x V in fp32, twice (the logits and
+  one vocab-wide temporary: logsumexp's in forward; backward turns the saved logits into their gradient in
+  place). When the lm_head trains (full fine-tuning) its gradient, V H b, exists full-size before any
+  reduction, twice while a further chunk's gradient is added; under ZeRO-3 the lm_head is also gathered
+  whole, V H b.
+
+Alive in the optimizer step (the "step" phase)
+- gradients (unless held, above) and step: the fp32 copy of the gradient partition DeepSpeed hands the
+  optimizer, 4 N_t, and Adam's temporaries (sqrt of the second moment and its quotient): one more 4 N_t
+  with the foreach implementation on a GPU, two with the per-tensor one on a CPU; divided under ZeRO-1/2/3,
+  none on the device with optimizer offload.
+
+The peak is held + the larger phase. On a GPU, overhead adds the CUDA context and allocator slack
+(1.5 GiB + 10%). Attention scores are not counted for sdpa / flash-attention (they do not materialise them).
+Against peaks measured on CPU (fp32, one process, on_gpu=False) for full ZeRO-2/3, gradient-checkpointed
+and LoRA runs the plan is within 5% (tests/test_planner.py allows 25%), and within 9% of CUDA max allocated
+(without `overhead`) for Qwen3-1.7B full ZeRO-3 and Qwen3-4B LoRA runs on an H200; the tables are in
+docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
+import torch
+
 from dpo_dist.config import Config
+from dpo_dist.errors import UserError
 
 GIB = 2**30
+FP32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BACKWARD_PARTS = ("activations", "logits")  # alive around forward/backward only
+STEP_PARTS = ("step",)  # alive in the optimizer step only (and the gradients, unless held)
 
 
 @dataclass(frozen=True)
@@ -61,23 +106,38 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per device by part; `fits` against `device_bytes`; `advice` when it does not."""
+    """Bytes per device by part; `gradients_held` says whether gradients stay through the step (else they
+    belong to the step phase). `fits` against `device_bytes`; `advice` when it does not."""
 
     parts: dict[str, float]
+    gradients_held: bool
     device_bytes: float | None
     advice: tuple[str, ...] = ()
 
     @property
+    def phases(self) -> dict[str, float]:
+        """Bytes alive only in the backward phase and only in the optimizer step."""
+        step = sum(self.parts[name] for name in STEP_PARTS) + (0.0 if self.gradients_held else self.parts["gradients"])
+        return {"backward": sum(self.parts[name] for name in BACKWARD_PARTS), "step": step}
+
+    @property
     def total(self) -> float:
-        return sum(self.parts.values())
+        """The peak: what is held through the step plus the larger phase."""
+        phases = self.phases
+        return sum(self.parts.values()) - sum(phases.values()) + max(phases.values())
 
     @property
     def fits(self) -> bool:
         return self.device_bytes is None or self.total <= self.device_bytes
 
     def describe(self) -> str:
-        lines = [f"  {name:12} {value / GIB:8.2f} GiB" for name, value in self.parts.items()]
-        lines.append(f"  {'total':12} {self.total / GIB:8.2f} GiB per device")
+        tags = {**dict.fromkeys(BACKWARD_PARTS, "backward"), **dict.fromkeys(STEP_PARTS, "step")}
+        if not self.gradients_held:
+            tags["gradients"] = "step"
+        lines = [f"  {name:12} {value / GIB:8.2f} GiB  {tags.get(name, 'held')}" for name, value in self.parts.items()]
+        phases = self.phases
+        lines.append(f"  {'total':12} {self.total / GIB:8.2f} GiB per device (held + the larger of backward "
+                     f"{phases['backward'] / GIB:.2f} and step {phases['step'] / GIB:.2f})")
         if self.device_bytes is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  {verdict} in {self.device_bytes / GIB:.1f} GiB")
@@ -89,6 +149,49 @@ def _lora_trainable(shape: ModelShape, config: Config) -> int:
     shapes = shape.linear_shapes()
     per_layer = sum(config.lora.r * (i + o) for name, (i, o) in shapes.items() if name in config.lora.target_modules)
     return shape.layers * per_layer
+
+
+def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
+    """What one decoder layer saves for backward per token (the module docstring lists each term)."""
+    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norms = 2 * h * (FP32 + b) + FP32 * (q + kv)
+    if config.lora is None:  # the norm weights train: their gradient needs the normalised input
+        norms += b * (2 * h + q + kv)
+    grouped = config.model.attn_implementation == "flash_attention_2" or (
+        config.model.attn_implementation == "sdpa" and not config.data.packing)  # no mask: KV heads as they are
+    attention = b * (2 * q + 2 * kv) if grouped else b * 4 * q
+    adapters = 0
+    if config.lora is not None:
+        for name, (fan_in, _) in shape.linear_shapes().items():
+            if name in config.lora.target_modules:
+                adapters += b * config.lora.r + ((b + 1) * fan_in if config.lora.dropout > 0 else 0)
+    return norms + attention + 4 * b * shape.intermediate + adapters
+
+
+def _micro_batch(config: Config) -> tuple[int, int]:
+    """(rows, tokens per row) of one padded micro-batch: chosen + rejected, plus mixed-in SFT rows."""
+    rows = 2 * config.training.batch_size
+    if config.data.sft_files:
+        rows += math.ceil(config.training.batch_size * config.data.sft_ratio)
+    return rows, config.training.max_seq_length
+
+
+def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
+    """Bytes autograd holds at the start of backward for one micro-batch (the module docstring)."""
+    rows, seq = _micro_batch(config)
+    tokens = rows * seq
+    if config.data.packing:  # one row of all sequences
+        rows, seq = 1, tokens
+    per_sequence = {  # saved per row and layer, times seq^2
+        "sdpa": b if config.data.packing else 0,  # the packed row's block-causal mask, converted in each layer
+        "eager": shape.heads * (FP32 + (b if b < FP32 else 0)),  # the fp32 softmax (and its copy below fp32)
+        "flash_attention_2": 0,
+    }[config.model.attn_implementation]
+    one_layer = tokens * _layer_bytes_per_token(config, shape, b) + rows * seq**2 * per_sequence
+    outside = tokens * shape.hidden * (FP32 + b + (b if config.lora is None else 0))
+    if config.model.gradient_checkpointing:
+        return tokens * shape.layers * shape.hidden * b + one_layer + outside
+    return shape.layers * one_layer + outside
 
 
 def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str,
@@ -106,32 +209,61 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     weights = 0.0 if offload_params else shard(n * b, stage == 3)
     if config.lora is not None:
         weights += trainable * b
-    mode = config.reference_mode
     reference = 0.0
-    if mode == "model" and not config.reference.offload:
+    if config.reference_mode == "model" and not config.reference.offload:
         reference = shard(n * b, stage == 3)
-    tokens = 2 * config.training.batch_size * config.training.max_seq_length
-    if config.model.gradient_checkpointing:
-        activations = tokens * b * (shape.layers * shape.hidden + 8 * shape.hidden + 4 * shape.intermediate)
-    else:
-        activations = tokens * b * shape.layers * (8 * shape.hidden + 4 * shape.intermediate)
     from dpo_dist.logps import default_chunk_tokens
 
+    rows, seq = _micro_batch(config)
+    tokens = rows * seq
     chunk = min(config.model.logps_chunk_tokens or default_chunk_tokens(shape.vocab), tokens)
+    logits = 2 * chunk * shape.vocab * FP32
+    head = shape.vocab * shape.hidden * b
+    if config.lora is None:  # the lm_head's full-size gradient (twice while a later chunk's is added)
+        logits += head * (2 if tokens > chunk else 1)
+    if stage == 3:  # the lm_head gathered whole for the chunks
+        logits += head
+    adam_temporaries = 1 if on_gpu else 2  # foreach on a GPU; per-tensor on a CPU
     parts = {
         "weights": weights,
         "gradients": shard(trainable * b, stage >= 2),
         "optimizer": 0.0 if offload_optimizer else shard(trainable * 12, stage >= 1),
         "reference": reference,
-        "activations": activations,
-        "logits": 3 * chunk * shape.vocab * 4,
+        "activations": activation_bytes(config, shape, b),
+        "logits": logits,
+        "step": 0.0 if offload_optimizer else shard(trainable * FP32 * (1 + adam_temporaries), stage >= 1),
     }
+    held = stage == 3 or config.training.gradient_accumulation_steps > 1
     if on_gpu:
-        parts["overhead"] = 1.5 * GIB + 0.1 * sum(parts.values())
-    plan = MemoryPlan(parts, device_bytes)
+        parts["overhead"] = 1.5 * GIB + 0.1 * MemoryPlan(parts, held, None).total
+    plan = MemoryPlan(parts, held, device_bytes)
     if plan.fits or device_bytes is None or not with_advice:
         return plan
     return dataclasses.replace(plan, advice=tuple(_advice(config, shape, ds_config, world_size, dtype_name, device_bytes)))
+
+
+def device_memory_bytes(device: torch.device) -> float | None:
+    """Total memory of a CUDA device; None elsewhere (a CPU run has no device limit to check against)."""
+    if device.type != "cuda":
+        return None
+    return float(torch.cuda.get_device_properties(device).total_memory)
+
+
+def check_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str,
+                 device_bytes: float | None) -> MemoryPlan | None:
+    """The trainer's check before any weights load: a `UserError` with the planner's advice when the plan
+    does not fit `device_bytes` (the GPU's memory). Skipped on CPU (None) and with training.memory_check=false."""
+    if device_bytes is None or not config.training.memory_check:
+        return None
+    plan = plan_memory(config, shape, ds_config, world_size, dtype_name, device_bytes)
+    if plan.fits:
+        return plan
+    parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in plan.parts.items() if value >= 0.05 * GIB)
+    raise UserError(
+        f"the memory planner puts this run at {plan.total / GIB:.1f} GiB per device ({parts} GiB), more than the "
+        f"device's {device_bytes / GIB:.1f} GiB; try: {'; '.join(plan.advice)}. launch/plan.py prints the plan; "
+        "training.memory_check=false starts anyway"
+    )
 
 
 def _advice(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str, device_bytes: float):

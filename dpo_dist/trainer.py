@@ -18,9 +18,10 @@ from dpo_dist.checkpoint import Checkpointer, TrainerState, export_hf, set_rng_s
 from dpo_dist.config import Config, save_config, yaml_text
 from dpo_dist.engine import (
     DistInfo,
+    LaggedVote,
     TrainEngine,
-    any_rank,
     build_inference_engine,
+    dtype_name,
     param_elements,
     reference_ds_config,
     training_ds_config,
@@ -38,7 +39,8 @@ from dpo_dist.metrics import (
     make_logger,
     peak_memory_mb,
 )
-from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy
+from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
+from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, load_precomputed_reference
 
@@ -64,6 +66,10 @@ class Trainer:
         seed_everything(self.config.training.seed)
         self.tokenizer = load_tokenizer(self.config.model.policy_path)
         self.dtype, self.ds_config = training_ds_config(self.config, self.dist.world_size)
+        if train:  # refuse a run that cannot fit the GPU before tokenizing data or loading weights
+            shape = ModelShape.from_hf_config(read_model_config(self.config.model.policy_path))
+            check_memory(self.config, shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
+                         device_memory_bytes(self.dist.device))
         self._setup_data(train)
         self.checkpointer = Checkpointer(self.config.training, self.dist)
         resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models
@@ -185,6 +191,7 @@ class Trainer:
         if self.resume_rng is not None:
             set_rng_state(self.resume_rng)  # last, so nothing between here and the next step draws from it
         window, clock, preemption = MetricWindow(), TrainClock(), PreemptionFlag()
+        stop_vote = LaggedVote(self.dist.device)  # a signal may reach only some ranks: all stop together
         self._window_first_step = state.step
         progress = self.logger.progress(total=self.total_steps, initial=state.step)
         self.policy.train()
@@ -196,7 +203,7 @@ class Trainer:
                 state.epoch, state.epoch_step = state.epoch + 1, 0
             progress.update(1)
             last = state.step == self.total_steps
-            stopping = any_rank(preemption.requested, self.dist.device)
+            stopping = stop_vote(preemption.requested, wait=last)
             saving = self.checkpointer.should_save(state.step, last) or stopping
             if state.step % training.logging_steps == 0 or last or saving:  # a checkpoint closes the log window
                 metrics = self._log_window(window, clock, state.step, epoch_progress)
@@ -210,6 +217,7 @@ class Trainer:
                 path = self.checkpointer.save(state.step, self.policy, state, yaml_text(self.config))
                 self.logger.info(f"saved {path}")
             if stopping:
+                stop_vote.drain()
                 progress.close()
                 self.logger.info(f"stopped on a signal at step {state.step}; resume with training.resume_from=auto")
                 return "preempted"

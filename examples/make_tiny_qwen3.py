@@ -83,10 +83,11 @@ def build_model(vocab_size: int, seed: int, **overrides) -> Qwen3ForCausalLM:
 
 
 def make_checkpoint(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """Write a tokenizer + random Qwen3 model to `out_dir`, loadable with `from_pretrained`."""
+    """Write a tokenizer + random Qwen3 model to `out_dir`, loadable with `from_pretrained`. `overrides`
+    may set `vocab_size` too (default: the tokenizer's; ids past the tokenizer's are never seen)."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    model = build_model(len(tokenizer), seed, **overrides)
+    model = build_model(overrides.pop("vocab_size", len(tokenizer)), seed, **overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -3,8 +3,9 @@
     python launch/plan.py --config configs/qwen3_8b_full_zero3.yaml --nodes 1 --gpus-per-node 8 --gpu-mem 80
     python launch/plan.py --config my.yaml --nodes 4 --gpus-per-node 8 model.gradient_checkpointing=false
 
-Prints each part (weights, gradients, optimizer, reference, activations, logits, overhead), whether
-it fits in --gpu-mem GiB, and single changes that would make it fit. Exit status 0 when it fits, 3
+Prints each part (weights, gradients, optimizer, reference, activations, logits, the optimizer step's
+temporaries, overhead) with the phase it lives in, the peak (held parts + the larger of the backward
+and step phases), whether it fits in --gpu-mem GiB, and single changes that would make it fit. Exit status 0 when it fits, 3
 when it does not. dtype auto plans bf16. dpo_dist/planner.py documents the formula.
 """
 

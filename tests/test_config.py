@@ -4,7 +4,8 @@ import textwrap
 
 import pytest
 
-from dpo_dist.config import describe_keys, load_config
+from dpo_dist.cli import describe_keys
+from dpo_dist.config import load_config
 from dpo_dist.errors import UserError
 
 SEED_CONFIG = """\

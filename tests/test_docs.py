@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_commands():
 
 def test_readme_lists_every_config_key():
     readme = (ROOT / "README.md").read_text()
-    for section, cls in config_lib._SECTIONS.items():
+    for section, cls in config_lib.SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert f"{section}.{f.name}" in readme or f"`{f.name}`" in readme or f", {f.name}" in readme or f"{f.name}`" in readme, f"{section}.{f.name}"
 

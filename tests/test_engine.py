@@ -55,3 +55,39 @@ def test_lr_schedule_warmup_then_decay():
     assert all(a >= b for a, b in zip(values[2:], values[3:]))
     assert lr_multiplier(6, 2, 10, "cosine") == pytest.approx(0.5)
     assert lr_multiplier(9, 2, 10, "constant") == 1.0
+
+
+def _vote_worker(rank: int, port: int, results) -> None:
+    """Two gloo ranks; only rank 1 raises its flag, at call 2 (0-based)."""
+    import os
+
+    import torch.distributed as dist
+
+    from dpo_dist.engine import LaggedVote
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    vote = LaggedVote(torch.device("cpu"))
+    seen = [vote(rank == 1 and call == 2) for call in range(5)]
+    seen.append(vote(rank == 1, wait=True))  # a blocking vote sees this call's flag
+    vote.drain()
+    results[rank] = seen
+    dist.destroy_process_group()
+
+
+def test_lagged_vote_agrees_one_call_late_on_every_rank():
+    import torch.multiprocessing as mp
+
+    from dpo_dist.engine import _free_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_vote_worker, args=(_free_port(), results), nprocs=2, join=True)
+    expected = [False, False, False, True, False, True]  # call 2's flag is read at call 3
+    assert results[0] == expected and results[1] == expected
+
+
+def test_lagged_vote_on_one_rank_is_the_flag_itself():
+    from dpo_dist.engine import LaggedVote
+
+    vote = LaggedVote(torch.device("cpu"))  # no process group: a world of one
+    assert [vote(False), vote(True), vote(False)] == [False, True, False]

@@ -127,6 +127,47 @@ def test_packing_trains_like_padding(tiny_policy, tiny_reference, tmp_path):
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
+def test_setup_refuses_a_run_too_big_for_the_gpu_before_loading_anything(tiny_policy, tmp_path, monkeypatch):
+    """Trainer.setup plans with the trainer's own DeepSpeed config, world size and dtype, and refuses before
+    the data and the models; the GPU's memory is injected (a CPU has no limit, so it never refuses)."""
+    from dpo_dist import trainer as trainer_lib
+    from dpo_dist.config import load_config
+    from dpo_dist.engine import DistInfo, training_ds_config
+    from dpo_dist.errors import UserError
+    from dpo_dist.models import read_model_config
+    from dpo_dist.planner import ModelShape, plan_memory
+
+    class PastTheCheck(Exception):
+        pass
+
+    def reached_data(self, train):
+        raise PastTheCheck
+
+    monkeypatch.setattr(trainer_lib.Trainer, "_setup_data", reached_data)  # stop where loading begins
+    path = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out", training={"max_seq_length": 1024})
+    dtype, ds_config = training_ds_config(load_config(path), 1)
+    plan = plan_memory(load_config(path), ModelShape.from_hf_config(read_model_config(str(tiny_policy))), ds_config, 1,
+                       "float32", None)
+
+    def setup(device_bytes, *overrides):
+        monkeypatch.setattr(trainer_lib, "device_memory_bytes", lambda device: device_bytes)
+        trainer = trainer_lib.Trainer(load_config(path, list(overrides)), DistInfo(0, 1, 0, torch.device("cpu")))
+        try:
+            trainer.setup(train=True)
+        finally:
+            trainer.cleanup()
+
+    too_small = plan.total - 2**20
+    advice = plan_memory(load_config(path), ModelShape.from_hf_config(read_model_config(str(tiny_policy))), ds_config, 1,
+                         "float32", too_small).advice
+    with pytest.raises(UserError) as err:
+        setup(too_small)
+    assert f"try: {advice[0]}" in str(err.value) and "training.memory_check=false" in str(err.value)
+    for device_bytes, overrides in ((plan.total + 2**20, ()), (too_small, ("training.memory_check=false",)), (None, ())):
+        with pytest.raises(PastTheCheck):
+            setup(device_bytes, *overrides)
+
+
 def test_group_by_length_keeps_every_pair_and_cuts_padding():
     from dpo_dist.data import epoch_order, length_grouped_order
 
