@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def max_rss_mb() -> float:
+def peak_memory_mb() -> float:
     """Peak memory of this rank: CUDA max allocated on a GPU, else peak RSS (Linux reports KiB)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -77,10 +77,10 @@ def main() -> None:
     class StepRecorder(TrainerCallback):
         def on_train_begin(self, *_, **__):
             train_begin[0] = time.perf_counter()
-            before_first_step[0] = max_rss_mb()
+            before_first_step[0] = peak_memory_mb()
 
         def on_step_end(self, *_, **__):
-            steps.append({"end": time.perf_counter(), "tokens": pending_tokens[0], "max_rss_mb": max_rss_mb()})
+            steps.append({"end": time.perf_counter(), "tokens": pending_tokens[0], "peak_memory_mb": peak_memory_mb()})
             pending_tokens[0] = 0
 
     config_kwargs = dict(
@@ -140,7 +140,7 @@ def main() -> None:
         processing_class=tokenizer,
         callbacks=[StepRecorder()],
     )
-    after_setup_rss = max_rss_mb()
+    after_setup_memory = peak_memory_mb()
     trainer.train()
 
     distributed_type = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
@@ -159,8 +159,8 @@ def main() -> None:
         "reference_engine": type(trainer.ref_model).__name__ if trainer.ref_model is not None else "adapter disabled",
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "train_begin": train_begin[0],
-        "setup_max_rss_mb": after_setup_rss,
-        "max_rss_mb_before_first_step": before_first_step[0],
+        "setup_peak_memory_mb": after_setup_memory,
+        "peak_memory_mb_before_first_step": before_first_step[0],
         "steps": steps,
         "log_history": trainer.state.log_history,
     }

@@ -114,7 +114,7 @@ def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
     step_ends = [ranks[0]["train_begin"]] + [s["end"] for s in ranks[0]["steps"]]  # ranks step in lockstep
     durations = [b - a for a, b in zip(step_ends, step_ends[1:])]
     tokens = [sum(rank["steps"][i]["tokens"] for rank in ranks) for i in range(len(durations))]
-    rss = [max(s["max_rss_mb"] for s in rank["steps"]) for rank in ranks]
+    peaks = [max(s["peak_memory_mb"] for s in rank["steps"]) for rank in ranks]
     if ranks[0]["world_size"] != args.processes:
         raise RunFailed(f"TRL ran on {ranks[0]['world_size']} processes, not {args.processes}")
     zero = ranks[0]["zero_stage"]
@@ -122,8 +122,8 @@ def run_trl(args, model_dir: Path, data: Path, work: Path) -> dict:
     return {
         "backend": backend,
         **run,
-        **summarize(durations, tokens, rss, args.warmup_steps),
-        "rss_mb_before_first_step_max_over_ranks": max(rank["max_rss_mb_before_first_step"] for rank in ranks),
+        **summarize(durations, tokens, peaks, args.warmup_steps),
+        "peak_memory_mb_before_first_step_max_over_ranks": max(rank["peak_memory_mb_before_first_step"] for rank in ranks),
         "engines": {key: ranks[0][key] for key in ("policy_engine", "optimizer", "reference_engine")},
         "device_name": ranks[0].get("device_name"),
         "torch_threads_per_rank": ranks[0]["torch_threads"],
@@ -160,21 +160,21 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
     if any(b["step"] - a["step"] != 1 for a, b in zip(train, train[1:])):
         raise RunFailed(f"{output_dir}/metrics.jsonl: expected one record per step (logging_steps=1)")
     ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in range(args.processes)]
-    rss = [max(rank["max_rss_mb_after_step"]) for rank in ranks]
+    peaks = [max(rank["peak_memory_mb_after_step"]) for rank in ranks]
     stage = json.loads((ROOT / args.ds_config).read_text())["zero_optimization"]["stage"]
     return {
         "backend": f"DeepSpeed ZeRO-{stage}" + (" " + " ".join(overrides) if overrides else ""),
         "overrides": overrides,
         **run,
-        **summarize([r["step_seconds"] for r in train], [r["num_tokens"] for r in train], rss, args.warmup_steps),
-        "rss_mb_before_first_step_max_over_ranks": max(rank["max_rss_mb_before_first_step"] for rank in ranks),
+        **summarize([r["step_seconds"] for r in train], [r["num_tokens"] for r in train], peaks, args.warmup_steps),
+        "peak_memory_mb_before_first_step_max_over_ranks": max(rank["peak_memory_mb_before_first_step"] for rank in ranks),
         "peak_memory_mb_rank0_logged": max(r["peak_memory_mb"] for r in train),
         "torch_threads_per_rank": ranks[0]["torch_threads"],
         "loss_first_step": train[0]["loss"],
     }
 
 
-def summarize(durations: list[float], tokens: list[float], rss_per_rank: list[float], warmup: int) -> dict:
+def summarize(durations: list[float], tokens: list[float], memory_per_rank: list[float], warmup: int) -> dict:
     if len(durations) <= warmup:
         raise RunFailed(f"only {len(durations)} steps recorded; need more than --warmup-steps {warmup}")
     steady_d, steady_t = durations[warmup:], tokens[warmup:]
@@ -184,8 +184,8 @@ def summarize(durations: list[float], tokens: list[float], rss_per_rank: list[fl
         "step_seconds_mean": sum(steady_d) / len(steady_d),
         "tokens_per_step_mean": sum(steady_t) / len(steady_t),
         "tokens_per_second": sum(steady_t) / sum(steady_d),
-        "peak_rss_mb_per_rank": [round(x, 1) for x in rss_per_rank],
-        "peak_rss_mb_max_over_ranks": max(rss_per_rank),
+        "peak_memory_mb_per_rank": [round(x, 1) for x in memory_per_rank],
+        "peak_memory_mb_max_over_ranks": max(memory_per_rank),
         "step_seconds_all": [round(x, 3) for x in durations],
     }
 
@@ -226,8 +226,8 @@ def run_dpo_dist_worker(record_dir: str, train_argv: list[str]) -> None:
         out.mkdir(parents=True, exist_ok=True)
         rank = int(os.environ.get("RANK", "0"))
         (out / f"rank{rank}.json").write_text(json.dumps(
-            {"rank": rank, "torch_threads": torch.get_num_threads(), "max_rss_mb_after_step": after_step,
-             "max_rss_mb_before_first_step": before_first[0] if before_first else None}))
+            {"rank": rank, "torch_threads": torch.get_num_threads(), "peak_memory_mb_after_step": after_step,
+             "peak_memory_mb_before_first_step": before_first[0] if before_first else None}))
 
 
 # ----------------------------------------------------------------------------- main
@@ -308,7 +308,7 @@ def add_ratios_and_mfu(results: dict, flops_per_token: float, peak_tflops: float
         ratios[name] = {
             "tokens_per_second": ratio(ours["tokens_per_second"], trl["tokens_per_second"]),
             "step_seconds_median": ratio(ours["step_seconds_median"], trl["step_seconds_median"]),
-            "peak_memory_mb_max_over_ranks": ratio(ours["peak_rss_mb_max_over_ranks"], trl["peak_rss_mb_max_over_ranks"]),
+            "peak_memory_mb_max_over_ranks": ratio(ours["peak_memory_mb_max_over_ranks"], trl["peak_memory_mb_max_over_ranks"]),
         }
     return ratios
 
@@ -344,7 +344,7 @@ def main() -> None:
         try:  # one failed run (e.g. out of memory) is recorded; the others still run
             results[name] = (run_trl(args, model_dir, data, work) if overrides is None
                              else run_dpo_dist(args, model_dir, data, work, name, overrides))
-            print(f"  {results[name]['tokens_per_second']:.1f} tokens/s, {results[name]['peak_rss_mb_max_over_ranks']:.0f} MB",
+            print(f"  {results[name]['tokens_per_second']:.1f} tokens/s, {results[name]['peak_memory_mb_max_over_ranks']:.0f} MB",
                   flush=True)
         except RunFailed as failure:
             results[name] = {"failed": str(failure)}
@@ -375,7 +375,7 @@ def main() -> None:
             continue
         mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         print(f"{name:<26}{r['backend'][:43]:<44}{r['tokens_per_second']:>9.1f}{r['step_seconds_median']:>8.2f}"
-              f"{r['peak_rss_mb_max_over_ranks']:>12.0f}{r['rss_mb_before_first_step_max_over_ranks']:>10.0f}{mfu:>7}")
+              f"{r['peak_memory_mb_max_over_ranks']:>12.0f}{r['peak_memory_mb_before_first_step_max_over_ranks']:>10.0f}{mfu:>7}")
     goals = report["goals"]
     for name, r in ratios.items():
         print(f"{name} / trl: tokens/s {r['tokens_per_second']:.2f}x (goal >= {goals['tokens_per_second_ratio_min']}), "
