@@ -325,10 +325,10 @@ def main() -> None:
     lengths = make_pairs(data, model_dir, num_pairs, args.seq_len, args.completion_share, args.seed)
     print(f"model: {model_dir} ({time.perf_counter() - start:.0f} s); {num_pairs} pairs, mean tokens {lengths}", flush=True)
 
-    from dpo_dist.metrics import PEAK_TFLOPS
+    from dpo_dist.metrics import device_peak_tflops
 
-    gpu_name = machine_info(args).get("gpu", "")
-    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None) if args.device == "cuda" else None
+    machine = machine_info(args)
+    peak_tflops = device_peak_tflops(None) if args.device == "cuda" else None  # the trainer's own table lookup
     flops, counts = model_flops_per_token(args)
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -357,7 +357,7 @@ def main() -> None:
                 "optimizer": "torch.optim.AdamW", "mean_tokens": lengths, "pairs": num_pairs,
                 "flops_per_token": flops, **counts, "peak_tflops": peak_tflops,
             },
-            "machine": machine_info(args),
+            "machine": machine,
             "results": results,
             "ratios_dpo_dist_over_trl": ratios,
             "goals": ({"mfu_min": 0.45, "tokens_per_second_ratio_min": 1.5, "peak_memory_ratio_max": 0.7}
