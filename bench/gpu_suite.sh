@@ -5,6 +5,12 @@
 #              dpo-dist + checkpointing
 #   full-ckpt, lora-ckpt   the same with gradient checkpointing on in BOTH tools (TRL's default)
 #   lora-ours  the lora case, dpo-dist alone
+#   full-ckpt-ours   the full-ckpt case, dpo-dist alone
+#   lora-compile     the lora case, dpo-dist alone: eager vs model.compile=true (compiled decoder layers)
+#   full-z2    Qwen3-1.7B-shaped full-parameter under ZeRO-2 (whole parameters, so layers compile cleanly): TRL,
+#              dpo-dist, dpo-dist compiled, dpo-dist packed with flex_attention (block-sparse, no dense mask)
+#   profile-lora, profile-full   bench/profile_step.py (2 warm-up steps, 1 profiled) on the config of an
+#              earlier lora-ours / full-ckpt-ours case; profile.json (top ops, host syncs) to OUT_DIR
 # all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
 #   bash bench/gpu_suite.sh OUT_DIR CASE...   (a machine without deepspeed/trl/datasets: put their wheels in .whl/)
 # Writes gpu_<case>.json (bench/vs_trl.py's report), <case>.log and logs.tgz (every run's log) to OUT_DIR.
@@ -32,6 +38,16 @@ for case in "$@"; do
         full-ckpt) args=("${FULL[@]}" --gradient-checkpointing --no-packing) ;;
         lora-ckpt) args=("${LORA[@]}" --gradient-checkpointing) ;;
         lora-ours) args=("${LORA[@]}" --no-trl) ;;
+        full-ckpt-ours) args=("${FULL[@]}" --gradient-checkpointing --no-packing --no-trl) ;;
+        lora-compile) args=("${LORA[@]}" --no-trl --variant compile:model.compile=true) ;;
+        full-z2) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --variant compile:model.compile=true
+                       --variant flexpacked:data.packing=true,model.attn_implementation=flex_attention) ;;
+        profile-lora|profile-full)
+            source=$([ "$case" = profile-lora ] && echo lora-ours || echo full-ckpt-ours)
+            timeout "${CASE_SECONDS:-270}" python3 bench/profile_step.py --warmup 2 --steps 1 --config "$WORK/$source/dpo_dist.yaml" \
+                training.output_dir=/tmp/dpo_profile/$case 2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
+            cp /tmp/dpo_profile/$case/profile/profile.json "$OUT/$case.json"
+            continue ;;
         *) echo "unknown case $case"; exit 2 ;;
     esac
     timeout "${CASE_SECONDS:-270}" python3 bench/vs_trl.py "${COMMON[@]}" "${args[@]}" --work-dir "$WORK/$case" \

@@ -45,9 +45,18 @@ class ModelConfig:
         ("auto", "float32", "bfloat16", "float16"),
     )
     attn_implementation: str = _opt(
-        "sdpa", "Attention kernel passed to transformers.", ("eager", "sdpa", "flash_attention_2")
+        "sdpa",
+        "Attention kernel passed to transformers. With data.packing, flash_attention_2 and flex_attention keep "
+        "attention inside each packed sequence without a dense mask (varlen / block-sparse); flex_attention "
+        "trains on CUDA only (torch has no CPU backward for it).",
+        ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     )
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    compile: bool = _opt(
+        False,
+        "torch.compile each decoder layer of the policy and the reference model (fused norms, activations and "
+        "rotary embeddings); the first steps pay the compile time.",
+    )
     logps_chunk_tokens: int | None = _opt(
         None,
         "Completion tokens per chunk when computing log-probs; bounds the [chunk, vocab] fp32 logits in memory. "

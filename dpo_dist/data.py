@@ -43,6 +43,23 @@ class PreferenceExample:
         return len(self.chosen_ids) + len(self.rejected_ids)
 
 
+def scoring_layout(completion_mask: torch.Tensor, sequence_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, owners): the flat indices into the (rows, T) grid of the positions whose next token is a
+    completion token of the same sequence, and the sequence each belongs to (row r when unpacked).
+
+    Position t predicts token t+1, so a position is scored when token t+1 is a completion token and, in a
+    packed row, of the same sequence (a sequence's last token must not predict the next one's first).
+    Computed where the batch is built, on the host: selecting by a boolean mask on a GPU waits for the
+    device to learn how many positions there are, and this runs in every forward."""
+    rows, width = completion_mask.shape
+    if sequence_index is None:  # padded: row r is sequence r
+        sequence_index = torch.arange(rows, device=completion_mask.device).unsqueeze(1).expand(rows, width)
+    scored = torch.zeros_like(completion_mask, dtype=torch.bool)
+    scored[:, :-1] = completion_mask[:, 1:].bool() & (sequence_index[:, 1:] == sequence_index[:, :-1])
+    positions = scored.flatten().nonzero().squeeze(1)
+    return positions, sequence_index.flatten()[positions]
+
+
 @dataclass
 class PairBatch:
     """A micro-batch of B pairs as ONE concatenated batch: rows [0, B) chosen, [B, 2B) rejected,
@@ -57,11 +74,19 @@ class PairBatch:
     # Packed batches (`data.packing`): one row of all sequences back to back, no padding.
     position_ids: torch.Tensor | None = None  # (1, L) restarting at 0 for each sequence
     sequence_index: torch.Tensor | None = None  # (1, L) which sequence each token belongs to
+    # Which positions are scored, derived from the masks when the batch is built (on the host, see scoring_layout).
+    scored_positions: torch.Tensor | None = None  # (N,) flat indices into the (rows, T) grid
+    scored_owners: torch.Tensor | None = None  # (N,) the sequence each scored position belongs to
+
+    def __post_init__(self) -> None:
+        if self.scored_positions is None:
+            self.scored_positions, self.scored_owners = scoring_layout(self.completion_mask, self.sequence_index)
 
     def to(self, device: torch.device | str) -> "PairBatch":
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return PairBatch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
-                         move(self.pair_weight), self.uids, self.num_sft, move(self.position_ids), move(self.sequence_index))
+                         move(self.pair_weight), self.uids, self.num_sft, move(self.position_ids), move(self.sequence_index),
+                         move(self.scored_positions), move(self.scored_owners))
 
     @property
     def num_pairs(self) -> int:

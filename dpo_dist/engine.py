@@ -179,7 +179,30 @@ def training_ds_config(config: Config, world_size: int) -> tuple[torch.dtype, di
 
     dtype = resolve_dtype(config.model.dtype)
     hidden_size = read_model_config(config.model.policy_path).hidden_size
-    return dtype, fill_ds_config(read_ds_config(config.deepspeed.config), config.training, dtype, hidden_size, world_size)
+    ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, dtype, hidden_size, world_size)
+    check_compile_fits(config, ds)
+    return dtype, ds
+
+
+def check_compile_fits(config: Config, ds: dict) -> None:
+    """Refuse model.compile where a model runs under ZeRO-3 (the policy, or an offloaded reference model).
+
+    ZeRO-3 gathers and releases each parameter in hooks on every submodule; a compiled decoder layer
+    traces into them, breaks its graph at each one and recompiles the hooks per module until torch's
+    recompile limit sends them back to eager: correct results, warnings on every rank, and no kernel
+    fusion worth the compile time. ZeRO-0/1/2 hold whole parameters, so a layer is one clean graph."""
+    if not config.model.compile:
+        return
+    if zero_stage(ds) == 3:
+        raise UserError(
+            f"model.compile=true with ZeRO-3 ({config.deepspeed.config}): DeepSpeed's per-module parameter hooks "
+            "break every compiled layer apart. Use a ZeRO-0/1/2 config (ds_configs/zero2.json) or model.compile=false"
+        )
+    if config.reference.offload and config.reference_mode in ("model", "precomputed"):  # precompute loads it too
+        raise UserError(
+            "model.compile=true with reference.offload=true: the offloaded reference runs under ZeRO-3 parameter "
+            "offload, whose per-module hooks break every compiled layer apart. Set one of them to false"
+        )
 
 
 def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, hidden_size: int, world_size: int) -> dict:

@@ -78,6 +78,22 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return max(1, CHUNK_BUDGET_BYTES // (4 * vocab_size))
 
 
+def causal_only_masks(hf_config) -> dict | None:
+    """The decoder's per-layer-type masks for rows that need nothing beyond causality, or None to let it build them.
+
+    Given no masks, transformers derives them from position_ids, and its check for packed sequences
+    reads a device tensor on the host (`.all()`): a sync in every forward. With every layer full-attention
+    and a kernel for which "no mask" means causal (sdpa's is_causal, flash-attention's causal flag),
+    handing over `{"full_attention": None}` is the mask it would have built, without the sync. Eager and
+    flex attention read a missing mask as no masking at all, and sliding-window layers need theirs."""
+    if hf_config._attn_implementation not in ("sdpa", "flash_attention_2"):
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if not layer_types or any(layer_type != "full_attention" for layer_type in layer_types):
+        return None
+    return {"full_attention": None}
+
+
 class SequenceLogps(nn.Module):
     """Wraps a causal LM; `forward` maps a concatenated pair batch to per-sequence sums."""
 
@@ -89,16 +105,17 @@ class SequenceLogps(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        completion_mask: torch.Tensor,
+        scored_positions: torch.Tensor,
+        scored_owners: torch.Tensor,
+        num_sequences: int,
         position_ids: torch.Tensor | None = None,
-        sequence_index: torch.Tensor | None = None,
-        num_sequences: int | None = None,
     ):
         """Returns (logps, logits_sum, token_counts), one entry per sequence: sums over its completion tokens.
 
-        Padded batch: one sequence per row, right-padded (no attention mask needed, see below). Packed batch: several
-        sequences in a row, `position_ids` restarting at 0 for each (transformers then keeps attention
-        inside each sequence), `sequence_index` naming each token's sequence, no attention mask.
+        `scored_positions` / `scored_owners` say which positions predict a completion token and whose
+        (`data.scoring_layout`). Padded batch: one sequence per row, right-padded (no attention mask needed,
+        see below). Packed batch: several sequences in a row, `position_ids` restarting at 0 for each
+        (transformers then keeps attention inside each sequence), no attention mask.
         """
         decoder = self.causal_lm.get_decoder()
         lm_head = self.causal_lm.get_output_embeddings()
@@ -109,16 +126,10 @@ class SequenceLogps(nn.Module):
             # only the pads' own outputs differ, and they are never scored. Leaving the padding mask out
             # lets sdpa run its causal flash kernel (with grouped KV heads as they are) instead of a
             # masked kernel on repeated KV heads: the same function, less time and memory.
-            hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        if sequence_index is None:  # padded: row r is sequence r
-            sequence_index = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
-            num_sequences = input_ids.shape[0]
-        # Position t predicts token t+1: score position t when token t+1 is a completion token of the
-        # same sequence (in a packed row, a sequence's last token must not predict the next one's first).
-        scored = completion_mask[:, 1:].bool() & (sequence_index[:, 1:] == sequence_index[:, :-1])  # (R, T-1)
-        hidden = hidden[:, :-1][scored]  # (N, H), N = completion tokens in the batch
-        targets = input_ids[:, 1:][scored]  # (N,)
-        owners = sequence_index[:, 1:][scored]  # (N,) the sequence each scored token belongs to
+            hidden = decoder(input_ids=input_ids, attention_mask=causal_only_masks(self.causal_lm.config), use_cache=False).last_hidden_state
+        # Only completion-predicting positions are projected: prompt and padding never reach the lm_head.
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored_positions)  # (N, H)
+        targets = input_ids.reshape(-1).index_select(0, scored_positions + 1)  # (N,) the next tokens, same row
 
         token_logps, token_mean_logits = [], []
         for start in range(0, hidden.shape[0], self.chunk_tokens):
@@ -131,10 +142,10 @@ class SequenceLogps(nn.Module):
             token_mean_logits.append(mean_logits)
 
         zeros = hidden.new_zeros(num_sequences, dtype=torch.float32)
-        counts = torch.zeros(num_sequences, dtype=torch.long, device=input_ids.device).index_add(0, owners, torch.ones_like(owners))
+        counts = torch.zeros(num_sequences, dtype=torch.long, device=input_ids.device).index_add(0, scored_owners, torch.ones_like(scored_owners))
         if token_logps:
-            logps = zeros.index_add(0, owners, torch.cat(token_logps))
-            logits_sum = zeros.detach().index_add(0, owners, torch.cat(token_mean_logits))
+            logps = zeros.index_add(0, scored_owners, torch.cat(token_logps))
+            logits_sum = zeros.detach().index_add(0, scored_owners, torch.cat(token_mean_logits))
         else:  # no completion tokens at all: keep the graph connected so backward still runs
             logps = zeros + 0.0 * hidden.sum()
             logits_sum = zeros.detach()
@@ -144,8 +155,7 @@ class SequenceLogps(nn.Module):
 def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
     """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected."""
     logps, logits_sum, tokens = model(
-        batch.input_ids, batch.completion_mask,
-        batch.position_ids, batch.sequence_index, batch.num_sequences,
+        batch.input_ids, batch.scored_positions, batch.scored_owners, batch.num_sequences, batch.position_ids,
     )
     num_pairs = batch.num_pairs
     return PairLogps(

@@ -84,7 +84,21 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
         except ImportError as err:  # e.g. flash_attention_2 requested without the package
             raise UserError(f"model.attn_implementation={model_config.attn_implementation}: {err}") from None
     model.config.use_cache = False
+    if model_config.compile:
+        compile_decoder_layers(model)
     return model
+
+
+def compile_decoder_layers(model: nn.Module) -> None:
+    """Compile each decoder layer in place, as torchtune and TorchTitan do, not the whole model.
+
+    The log-prob step around the decoder indexes by data-dependent masks (a graph break per call), and a
+    whole-model graph would take DeepSpeed's ZeRO-3 gather/release hooks of every layer into one trace.
+    A layer is one small graph that all layers share (their parameters are graph inputs, not constants),
+    compiled on the first forward; PEFT's adapters and gradient checkpointing wrap or enter it unchanged.
+    """
+    for layer in model.get_decoder().layers:
+        layer.compile(dynamic=True)
 
 
 def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig | None) -> nn.Module:

@@ -66,6 +66,9 @@ class Trainer:
         seed_everything(self.config.training.seed)
         self.tokenizer = load_tokenizer(self.config.model.policy_path)
         self.dtype, self.ds_config = training_ds_config(self.config, self.dist.world_size)
+        if train and self.config.model.attn_implementation == "flex_attention" and self.dist.device.type != "cuda":
+            raise UserError(f"model.attn_implementation=flex_attention cannot train on {self.dist.device.type}: torch's "
+                            "FlexAttention has no backward there. Use sdpa (data.packing works with it), or train on a GPU")
         if train:  # refuse a run that cannot fit the GPU before tokenizing data or loading weights
             shape = ModelShape.from_hf_config(read_model_config(self.config.model.policy_path))
             check_memory(self.config, shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),

@@ -32,7 +32,7 @@ def model(tiny_policy):
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer):
+def examples(tokenizer):
     records = [
         make_record(CHAT_RECORD),  # multi-turn chat with a system message
         make_record(PLAIN_RECORD),
@@ -42,6 +42,11 @@ def batch(tokenizer):
     # max length 64 truncates only the long rejected side of the third pair (keep_start): padding AND truncation
     examples = [tokenize_record(r, tokenizer, 64, "keep_start", stats) for r in records]
     assert stats.truncated == 1
+    return examples
+
+
+@pytest.fixture(scope="module")
+def batch(examples, tokenizer):
     return collate(examples, tokenizer.pad_token_id)
 
 
@@ -60,10 +65,9 @@ def test_matches_naive_full_softmax(model, batch, chunk_tokens):
 
 def test_prompt_and_padding_tokens_are_never_counted(model, batch):
     """Only completion positions are scored: a row whose completion mask is cleared sums to exactly 0."""
-    masked = PairBatch(
-        batch.input_ids, batch.attention_mask, batch.completion_mask.clone(), batch.pair_weight, batch.uids
-    )
-    masked.completion_mask[0] = 0
+    completion_mask = batch.completion_mask.clone()
+    completion_mask[0] = 0
+    masked = PairBatch(batch.input_ids, batch.attention_mask, completion_mask, batch.pair_weight, batch.uids)
     with torch.no_grad():
         pair = forward_pair(SequenceLogps(model, 5), masked)
     assert pair.chosen_logps[0].item() == 0.0 and pair.chosen_tokens[0].item() == 0
@@ -118,6 +122,56 @@ def test_packed_equals_padded(model, tokenizer):
     assert torch.equal(a.chosen_tokens, b.chosen_tokens) and torch.equal(a.sft_tokens, b.sft_tokens)
     with torch.no_grad():  # the reference's view drops the SFT sequence in both layouts alike
         torch.testing.assert_close(forward_pair(SequenceLogps(model, 5), packed.pairs_only()).rejected_logps, a.rejected_logps, atol=1e-5, rtol=0)
+
+
+def test_padded_forward_and_backward_never_wait_for_the_device(model, batch):
+    """No op that makes the host wait for a GPU (a scalar read, or a boolean-mask selection whose size only
+    the device knows) runs in the policy's forward and backward of a padded batch: the scored positions
+    come with the batch and transformers is handed its causal-only mask. Counted on CPU, where they would sync."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.zero_grad()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pair = forward_pair(SequenceLogps(model, 5), batch)
+        (pair.chosen_logps.sum() - pair.rejected_logps.sum()).backward()
+    model.zero_grad()
+    syncing = [event.name for event in prof.events() if event.name in ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")]
+    assert syncing == []
+
+
+def test_flex_attention_keeps_packed_sequences_apart(model, examples, batch, tokenizer, tiny_policy):
+    """flex_attention (block-sparse on a GPU) scores a packed row, its sequences told apart only by
+    position_ids, like a naive full softmax over padded rows. Forward only: torch has no CPU backward."""
+    from dpo_dist.data import collate_packed
+
+    packed = collate_packed(examples, tokenizer.pad_token_id)
+    flex = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32, attn_implementation="flex_attention").eval()
+    with torch.no_grad():
+        naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        pair = forward_pair(SequenceLogps(flex, 5), packed)
+    torch.testing.assert_close(torch.cat([pair.chosen_logps, pair.rejected_logps]), naive, atol=1e-5, rtol=0)
+
+
+def test_compiled_decoder_layers_match_naive(examples, batch, tokenizer, tiny_policy):
+    """model.compile compiles every decoder layer in place; log-probs and gradients, padded and packed,
+    equal the naive eager full-softmax graph's."""
+    from dpo_dist.config import ModelConfig
+    from dpo_dist.data import collate_packed
+    from dpo_dist.models import load_causal_lm
+
+    compiled = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), compile=True), torch.float32, None)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
+    naive = naive_completion_logps(eager, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    half = batch.num_pairs
+    (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
+    for layout in (batch, collate_packed(examples, tokenizer.pad_token_id)):
+        compiled.zero_grad()
+        pair = forward_pair(SequenceLogps(compiled, 5), layout)
+        torch.testing.assert_close(torch.cat([pair.chosen_logps, pair.rejected_logps]), naive.detach(), atol=1e-5, rtol=0)
+        (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
+        for (name, param), reference in zip(compiled.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(param.grad, reference.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_target_log_prob_function_against_float64_log_softmax():

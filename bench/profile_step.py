@@ -1,0 +1,139 @@
+"""Profile optimizer steps of a real run: where the time goes, and every place the host waits for the device.
+
+    python bench/profile_step.py --config configs/demo.yaml                      # 2 warm-up steps, 1 profiled
+    python bench/profile_step.py --warmup 3 --steps 2 --config X.yaml model.compile=true
+    torchrun --nproc_per_node 2 bench/profile_step.py --config X.yaml            # rank 0 reports
+
+Runs `Trainer.setup()` and `--warmup` optimizer steps unprofiled (compilation, the allocator, DeepSpeed's
+first-step work), then `--steps` steps under torch.profiler (CPU, plus CUDA on a GPU) and prints:
+- the ops with the most self time (device time on a GPU, CPU time otherwise) and their share of the total;
+- host syncs per step: `aten::_local_scalar_dense` (every `.item()`, `bool(tensor)`, `float(tensor)` of a
+  device tensor) and `aten::nonzero` (boolean-mask selection: only the device knows the result's size)
+  calls, and on a GPU cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls; on a
+  GPU each one waits for the stream, on CPU they are counted where they WOULD wait; each with the Python
+  lines (outside torch) that made them, so a sync on the hot path can be found and removed;
+and writes `profile.json` (the same numbers) and a Chrome/Perfetto trace `trace.json` under
+`<training.output_dir>/profile/`. Nothing is checkpointed or exported; metrics of the steps are logged as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dpo_dist, also when not installed
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from dpo_dist.cli import run_main  # noqa: E402
+from dpo_dist.engine import init_distributed  # noqa: E402
+from dpo_dist.errors import UserError  # noqa: E402
+from dpo_dist.metrics import MetricWindow  # noqa: E402
+from dpo_dist.trainer import Trainer  # noqa: E402
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+TOP_OPS = 25
+STACK_DEPTH = 4  # Python frames (outside torch) kept per sync site
+
+
+def next_batches(trainer: Trainer, count: int) -> list:
+    """The micro-batches of the next `count` optimizer steps, built on the host exactly as Trainer.train
+    builds them (same order); built before profiling, so host-side collation is not taken for a sync."""
+    state, steps = trainer.state, []
+    epoch, epoch_step = state.epoch, state.epoch_step
+    for _ in range(count):
+        steps.append(trainer._micro_batches(epoch, epoch_step))
+        epoch_step += 1
+        if epoch_step == trainer.steps_per_epoch:
+            epoch, epoch_step = epoch + 1, 0
+    state.epoch, state.epoch_step, state.step = epoch, epoch_step, state.step + count
+    return steps
+
+
+def run_steps(trainer: Trainer, steps: list) -> None:
+    for micro_batches in steps:
+        trainer.train_step(micro_batches, MetricWindow())
+
+
+def is_python_frame(name: str) -> bool:
+    """with_stack=True adds an event per Python call, named 'path/file.py(line): function'."""
+    return ".py(" in name or name.startswith("<built-in")
+
+
+def top_ops(prof, on_gpu: bool) -> list[dict]:
+    """The ops (not Python frames) with the most self time: device time on a GPU, else CPU time."""
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    averages = [event for event in prof.key_averages() if getattr(event, key) > 0 and not is_python_frame(event.key)]
+    total = sum(getattr(event, key) for event in averages) or 1
+    averages.sort(key=lambda event: getattr(event, key), reverse=True)
+    return [
+        {"op": event.key, "calls": event.count, "self_ms": getattr(event, key) / 1e3, "share": getattr(event, key) / total}
+        for event in averages[:TOP_OPS]
+    ]
+
+
+def sync_sites(prof, steps: int) -> list[dict]:
+    """Each host-sync op per step, grouped by the innermost Python lines outside torch that led to it."""
+    counts: dict[tuple, int] = {}
+    for event in prof.events():
+        if event.name not in SYNC_OPS:
+            continue
+        frames, parent = [], event.cpu_parent
+        while parent is not None and len(frames) < STACK_DEPTH:
+            if ".py(" in parent.name and not parent.name.startswith("torch/") and "/torch/" not in parent.name:
+                frames.append(parent.name)
+            parent = parent.cpu_parent
+        counts[(event.name, *frames)] = counts.get((event.name, *frames), 0) + 1
+    sites = [{"op": key[0], "per_step": count / steps, "stack": list(key[1:])} for key, count in counts.items()]
+    sites.sort(key=lambda site: site["per_step"], reverse=True)
+    return sites
+
+
+def main(config, args) -> int:
+    trainer = Trainer(config, init_distributed(config.deepspeed.timeout_minutes))
+    trainer.setup(train=True)
+    if trainer.total_steps < args.warmup + args.steps:
+        raise UserError(f"the run has {trainer.total_steps} optimizer steps; --warmup {args.warmup} + --steps {args.steps} need more")
+    trainer.policy.train()
+    run_steps(trainer, next_batches(trainer, args.warmup))
+    profiled = next_batches(trainer, args.steps)
+    on_gpu = trainer.dist.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities, with_stack=True, record_shapes=False) as prof:
+        run_steps(trainer, profiled)
+        if on_gpu:
+            torch.cuda.synchronize()
+    if trainer.dist.is_main:
+        out = Path(config.training.output_dir) / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"device": str(trainer.dist.device), "world_size": trainer.dist.world_size, "steps": args.steps,
+                   "top_ops": top_ops(prof, on_gpu), "syncs": sync_sites(prof, args.steps)}
+        (out / "profile.json").write_text(json.dumps(summary, indent=1))
+        prof.export_chrome_trace(str(out / "trace.json"))
+        print_summary(summary, out)
+    trainer.cleanup()
+    return 0
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    unit = "device" if summary["device"].startswith("cuda") else "CPU"
+    print(f"\ntop ops by self {unit} time over {summary['steps']} profiled step(s), rank 0:")
+    for row in summary["top_ops"]:
+        print(f"  {row['share']:6.1%} {row['self_ms']:10.1f} ms {row['calls']:7d}x  {row['op']}")
+    print("\nhost syncs per step, by call site:" if summary["syncs"] else "\nhost syncs per step: none")
+    for site in summary["syncs"]:
+        print(f"  {site['per_step']:6.1f}  {site['op']}")
+        for frame in site["stack"]:
+            print(f"           {frame}")
+    print(f"\nwrote {out / 'profile.json'} and {out / 'trace.json'}")
+
+
+if __name__ == "__main__":
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--warmup", type=int, default=2, help="unprofiled optimizer steps first")
+    own.add_argument("--steps", type=int, default=1, help="optimizer steps profiled")
+    counts, rest = own.parse_known_args()
+    run_main(__doc__, lambda config, args: main(config, counts), argv=rest)
