@@ -9,8 +9,10 @@
 #   lora-compile     the lora case, dpo-dist alone: eager vs model.compile=true (compiled decoder layers)
 #   full-z2    Qwen3-1.7B-shaped full-parameter under ZeRO-2 (whole parameters, so layers compile cleanly): TRL,
 #              dpo-dist, dpo-dist compiled, dpo-dist packed with flex_attention (block-sparse, no dense mask)
-#   profile-lora, profile-full   bench/profile_step.py (2 warm-up steps, 1 profiled) on the config of an
-#              earlier lora-ours / full-ckpt-ours case; profile.json (top ops, host syncs) to OUT_DIR
+#   grad-parity  bench/grad_vs_nograd.py on the 1.7B shape: does a grad-enabled forward score like a no-grad one,
+#              per sdpa backend (why bf16's first loss was 3e-4 off ln 2 on the H200)
+#   profile-lora, profile-full   bench/profile_step.py (2 warm-up steps, 1 profiled) on dpo-dist's config of an
+#              earlier lora* / full* case (eager); profile.json (top ops, host syncs) to OUT_DIR
 # all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
 #   bash bench/gpu_suite.sh OUT_DIR CASE...   (a machine without deepspeed/trl/datasets: put their wheels in .whl/)
 # Writes gpu_<case>.json (bench/vs_trl.py's report), <case>.log and logs.tgz (every run's log) to OUT_DIR.
@@ -42,9 +44,15 @@ for case in "$@"; do
         lora-compile) args=("${LORA[@]}" --no-trl --variant compile:model.compile=true) ;;
         full-z2) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --variant compile:model.compile=true
                        --variant flexpacked:data.packing=true,model.attn_implementation=flex_attention) ;;
+        grad-parity)
+            timeout "${CASE_SECONDS:-270}" python3 bench/grad_vs_nograd.py --device cuda --preset qwen3-1.7b 2>&1 \
+                | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
+            continue ;;
         profile-lora|profile-full)
-            source=$([ "$case" = profile-lora ] && echo lora-ours || echo full-ckpt-ours)
-            timeout "${CASE_SECONDS:-270}" python3 bench/profile_step.py --warmup 2 --steps 1 --config "$WORK/$source/dpo_dist.yaml" \
+            candidates=$([ "$case" = profile-lora ] && echo "lora-ours lora-compile lora" || echo "full-ckpt-ours full-ckpt full")
+            config=$(for c in $candidates; do [ -f "$WORK/$c/dpo_dist.yaml" ] && echo "$WORK/$c/dpo_dist.yaml" && break; done)
+            [ -n "$config" ] || { echo "$case: run one of $candidates first"; continue; }
+            timeout "${CASE_SECONDS:-270}" python3 bench/profile_step.py --warmup 2 --steps 1 --config "$config" \
                 training.output_dir=/tmp/dpo_profile/$case 2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
             cp /tmp/dpo_profile/$case/profile/profile.json "$OUT/$case.json"
             continue ;;

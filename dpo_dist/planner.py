@@ -10,8 +10,11 @@ Held through the whole step
   none on the device with optimizer offload;
 - reference: a separate model holds N b (divided under ZeRO-3, none when offloaded); the adapter, a
   precomputed cache and reference-free losses hold nothing;
-- gradients: N_t b, divided under ZeRO-2/3; held only under ZeRO-3 (a buffer made at start-up) or with
-  gradient accumulation, else they fill in during backward as activations are freed and count with the step.
+- gradients: N_t b, divided under ZeRO-3; under ZeRO-2 a rank keeps the whole gradient of every parameter
+  that overlaps its 1/W slice, so the plan takes the rank that holds most (`zero2_gradient_elements`: at
+  least N_t b / W, all of the embedding's where the embedding is longer than a slice); held only under
+  ZeRO-3 (a buffer made at start-up) or with gradient accumulation, else they fill in during backward as
+  activations are freed and count with the step.
 
 Alive around forward/backward (the "backward" phase, whose peak is when backward starts at the log-prob chunks)
 - activations: what autograd saves, per token of the micro-batch (2 x batch_size rows of max_seq_length,
@@ -21,7 +24,7 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
     q_norm / k_norm: their input upcast to fp32, 4 (Q + K);
     the normalised input before the norm weight, b (2 H + Q + K), only when norm weights train (not LoRA);
     attention: rotated q and the output, plus k and v as the kernel gets them: as they are, b (2 Q + 2 K),
-    for flash_attention_2 and for sdpa on padded rows (right-padded, so SequenceLogps passes no mask and
+    for flash_attention_2, flex_attention and for sdpa on padded rows (right-padded, so SequenceLogps passes no mask and
     sdpa groups the KV heads itself); repeated to every head, b 4 Q, for sdpa on a packed row (its
     block-causal mask rules grouping out) and for eager;
     MLP: gate, up, SiLU(gate) and their product, b 4 I;
@@ -32,7 +35,8 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   once, outside the layers: the final norm's fp32 input, its normalised input (when trainable) and the
   gathered hidden states of completion tokens, H (4 + b [+ b]).
   With gradient checkpointing each layer keeps only its input, b H per token, and backward recomputes one
-  layer's full set at a time.
+  layer's full set at a time. Counted for eager layers: with model.compile, fused kernels save less (the
+  fp32 norm inputs, SiLU's output), so the plan errs high.
 - logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x V in fp32, twice (the logits and
   one vocab-wide temporary: logsumexp's in forward; backward turns the saved logits into their gradient in
   place). When the lm_head trains (full fine-tuning) its gradient, V H b, exists full-size before any
@@ -48,9 +52,10 @@ Alive in the optimizer step (the "step" phase)
 The peak is held + the larger phase. On a GPU, overhead adds the CUDA context and allocator slack
 (1.5 GiB + 10%). Attention scores are not counted for sdpa / flash-attention (they do not materialise them).
 Against peaks measured on CPU (fp32, one process, on_gpu=False) for full ZeRO-2/3, gradient-checkpointed
-and LoRA runs the plan is within 5% (tests/test_planner.py allows 25%), and within 9% of CUDA max allocated
-(without `overhead`) for Qwen3-1.7B full ZeRO-3 and Qwen3-4B LoRA runs on an H200; the tables are in
-docs/architecture.md.
+and LoRA runs the plan is within 5% (tests/test_planner.py allows 25%); on 2 ranks (ZeRO-3, ZeRO-2 with
+gradient accumulation) within 4% of the busiest rank, 20% above the lighter ZeRO-2 rank; and within 9% of
+CUDA max allocated (without `overhead`) for Qwen3-1.7B full ZeRO-3 and Qwen3-4B LoRA runs on an H200; the
+tables are in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -98,10 +103,21 @@ class ModelShape:
             "down_proj": (self.intermediate, self.hidden),
         }
 
+    def parameter_sizes(self) -> tuple[list[int], list[int]]:
+        """Elements of each matrix and of each vector, in module order (transformers' Qwen3: embed_tokens; per
+        layer q, k, v, o, q_norm, k_norm, gate, up, down, the two layer norms; the final norm; lm_head when
+        untied): the two parameter groups of engine._param_groups, in the order DeepSpeed flattens them."""
+        matrices, vectors = [self.vocab * self.hidden], []
+        for _ in range(self.layers):
+            matrices += [i * o for i, o in self.linear_shapes().values()]
+            vectors += [self.head_dim, self.head_dim, self.hidden, self.hidden]
+        vectors.append(self.hidden)
+        if not self.tied:
+            matrices.append(self.vocab * self.hidden)
+        return matrices, vectors
+
     def parameters(self) -> int:
-        per_layer = sum(i * o for i, o in self.linear_shapes().values()) + 2 * self.hidden + 2 * self.head_dim
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * per_layer + embeddings + self.hidden
+        return sum(map(sum, self.parameter_sizes()))
 
 
 @dataclass(frozen=True)
@@ -145,10 +161,36 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _lora_trainable(shape: ModelShape, config: Config) -> int:
-    shapes = shape.linear_shapes()
-    per_layer = sum(config.lora.r * (i + o) for name, (i, o) in shapes.items() if name in config.lora.target_modules)
-    return shape.layers * per_layer
+def _trainable_groups(shape: ModelShape, config: Config) -> list[list[int]]:
+    """Elements of each trainable parameter, by optimizer parameter group, in DeepSpeed's flattening order:
+    LoRA's A (r x fan-in) and B (fan-out x r) of each adapted projection, all matrices (one group); else the
+    model's matrices and vectors."""
+    if config.lora is None:
+        return list(shape.parameter_sizes())
+    r = config.lora.r
+    per_layer = [size for name, (fan_in, fan_out) in shape.linear_shapes().items() if name in config.lora.target_modules
+                 for size in (r * fan_in, fan_out * r)]
+    return [per_layer * shape.layers]
+
+
+def zero2_gradient_elements(groups: list[list[int]], world_size: int) -> int:
+    """Gradient elements held by the ZeRO-2 rank that holds most. DeepSpeed's stage 2 gives each rank a 1/W
+    slice of each flattened parameter group, but keeps the WHOLE gradient of every parameter that overlaps its
+    slice (stage_1_and_2.py: get_partition_info, and copy_grads_in_partition's buffer of their full sizes), until
+    the step cuts the slice out. So a rank holds its slice plus the rest of up to two straddling parameters, and
+    a parameter longer than a slice (Qwen3's embedding, first of the matrices) is held whole by every rank whose
+    slice it touches: on 2 ranks of a tied model whose embedding is half its parameters, rank 1 holds every
+    gradient, rank 0 only the embedding's (measured in tests/test_planner.py). N_t / W would miss that."""
+    held = [0] * world_size
+    for sizes in groups:
+        slice_elements = math.ceil(sum(sizes) / world_size)
+        offset = 0
+        for size in sizes:
+            first, last = offset // slice_elements, min((offset + size - 1) // slice_elements, world_size - 1)
+            for rank in range(first, last + 1):  # the ranks whose slice this parameter overlaps
+                held[rank] += size
+            offset += size
+    return max(held)
 
 
 def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
@@ -157,7 +199,7 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
     norms = 2 * h * (FP32 + b) + FP32 * (q + kv)
     if config.lora is None:  # the norm weights train: their gradient needs the normalised input
         norms += b * (2 * h + q + kv)
-    grouped = config.model.attn_implementation == "flash_attention_2" or (
+    grouped = config.model.attn_implementation in ("flash_attention_2", "flex_attention") or (
         config.model.attn_implementation == "sdpa" and not config.data.packing)  # no mask: KV heads as they are
     attention = b * (2 * q + 2 * kv) if grouped else b * 4 * q
     adapters = 0
@@ -186,6 +228,7 @@ def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
         "sdpa": b if config.data.packing else 0,  # the packed row's block-causal mask, converted in each layer
         "eager": shape.heads * (FP32 + (b if b < FP32 else 0)),  # the fp32 softmax (and its copy below fp32)
         "flash_attention_2": 0,
+        "flex_attention": 0,  # a block mask: a few bytes per 128 x 128 block
     }[config.model.attn_implementation]
     one_layer = tokens * _layer_bytes_per_token(config, shape, b) + rows * seq**2 * per_sequence
     outside = tokens * shape.hidden * (FP32 + b + (b if config.lora is None else 0))
@@ -203,7 +246,8 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     offload_params = zero.get("offload_param", {}).get("device") == "cpu"
     offload_optimizer = zero.get("offload_optimizer", {}).get("device") == "cpu"
     n = shape.parameters()
-    trainable = _lora_trainable(shape, config) if config.lora is not None else n
+    groups = _trainable_groups(shape, config)
+    trainable = sum(map(sum, groups))
     shard = lambda nbytes, divided: nbytes / world_size if divided else nbytes  # noqa: E731
 
     weights = 0.0 if offload_params else shard(n * b, stage == 3)
@@ -224,9 +268,13 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     if stage == 3:  # the lm_head gathered whole for the chunks
         logits += head
     adam_temporaries = 1 if on_gpu else 2  # foreach on a GPU; per-tensor on a CPU
+    if stage == 2 and not offload_optimizer:  # the busiest rank's; at least N_t / W (W = 1: all of them)
+        gradients = zero2_gradient_elements(groups, world_size) * b
+    else:
+        gradients = shard(trainable * b, stage >= 2)
     parts = {
         "weights": weights,
-        "gradients": shard(trainable * b, stage >= 2),
+        "gradients": gradients,
         "optimizer": 0.0 if offload_optimizer else shard(trainable * 12, stage >= 1),
         "reference": reference,
         "activations": activation_bytes(config, shape, b),
@@ -243,16 +291,22 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
 
 
 def device_memory_bytes(device: torch.device) -> float | None:
-    """Total memory of a CUDA device; None elsewhere (a CPU run has no device limit to check against)."""
+    """Memory free on a CUDA device now (`torch.cuda.mem_get_info`); None elsewhere (a CPU run has no device
+    limit to check against). Trainer.setup asks before any tensor of this run is on the GPU, so what is
+    missing from the total is what other processes hold (another job, a leftover process), plus the CUDA
+    context this process made when it chose its device (a few hundred MB), which the plan's `overhead`
+    counts as well: the check errs by that much on the safe side."""
     if device.type != "cuda":
         return None
-    return float(torch.cuda.get_device_properties(device).total_memory)
+    free, _total = torch.cuda.mem_get_info(device)
+    return float(free)
 
 
 def check_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str,
                  device_bytes: float | None) -> MemoryPlan | None:
     """The trainer's check before any weights load: a `UserError` with the planner's advice when the plan
-    does not fit `device_bytes` (the GPU's memory). Skipped on CPU (None) and with training.memory_check=false."""
+    does not fit `device_bytes` (the GPU memory free to this run, `device_memory_bytes`). Skipped on CPU
+    (None) and with training.memory_check=false."""
     if device_bytes is None or not config.training.memory_check:
         return None
     plan = plan_memory(config, shape, ds_config, world_size, dtype_name, device_bytes)
@@ -261,7 +315,7 @@ def check_memory(config: Config, shape: ModelShape, ds_config: dict, world_size:
     parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in plan.parts.items() if value >= 0.05 * GIB)
     raise UserError(
         f"the memory planner puts this run at {plan.total / GIB:.1f} GiB per device ({parts} GiB), more than the "
-        f"device's {device_bytes / GIB:.1f} GiB; try: {'; '.join(plan.advice)}. launch/plan.py prints the plan; "
+        f"{device_bytes / GIB:.1f} GiB free on the device; try: {'; '.join(plan.advice)}. launch/plan.py prints the plan; "
         "training.memory_check=false starts anyway"
     )
 
