@@ -83,7 +83,10 @@ class PairBatch:
             self.scored_positions, self.scored_owners = scoring_layout(self.completion_mask, self.sequence_index)
 
     def to(self, device: torch.device | str) -> "PairBatch":
-        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        # non_blocking: a blocking host-to-GPU copy waits for the whole stream (the previous micro-batch's
+        # backward) before it starts; from pageable memory CUDA stages the data at once, so the host batch
+        # may be dropped right after.
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
         return PairBatch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
                          move(self.pair_weight), self.uids, self.num_sft, move(self.position_ids), move(self.sequence_index),
                          move(self.scored_positions), move(self.scored_owners))

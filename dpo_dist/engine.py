@@ -103,7 +103,7 @@ class LaggedVote:
         import torch.distributed as dist
 
         previous = self._read()
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        value = torch.full((1,), 1.0 if flag else 0.0, device=self.device)  # a fill kernel: no blocking host copy
         work = dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True)
         event = None
         if self.device.type == "cuda":

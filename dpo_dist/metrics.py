@@ -62,7 +62,7 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
         "rejected_tokens": (policy.rejected_tokens.to(w.dtype) * w).sum(),
         "tokens": num_tokens.to(w.dtype),
         "sft_nll_loss": (sft_nll.detach().sum() if sft_nll is not None else w.new_zeros(())),
-        "sft_examples": w.new_tensor(float(sft_nll.numel()) if sft_nll is not None else 0.0),
+        "sft_examples": w.new_full((), float(sft_nll.numel()) if sft_nll is not None else 0.0),  # no host copy
     }
 
 

@@ -92,10 +92,12 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
 def compile_decoder_layers(model: nn.Module) -> None:
     """Compile each decoder layer in place, as torchtune and TorchTitan do, not the whole model.
 
-    The log-prob step around the decoder indexes by data-dependent masks (a graph break per call), and a
-    whole-model graph would take DeepSpeed's ZeRO-3 gather/release hooks of every layer into one trace.
-    A layer is one small graph that all layers share (their parameters are graph inputs, not constants),
-    compiled on the first forward; PEFT's adapters and gradient checkpointing wrap or enter it unchanged.
+    The log-prob step around the decoder selects a data-dependent number of positions (a new shape every
+    batch), and a whole-model graph would take DeepSpeed's ZeRO-3 gather/release hooks of every layer into
+    one trace. A layer is one small graph that all layers share (their parameters are graph inputs, not
+    constants), compiled on the first forward; PEFT's adapters and gradient checkpointing wrap or enter it
+    unchanged. Dynamic from the start: sequence lengths change every batch, and a first static graph would
+    only cost one more compile (measured: 2 compiles in all, grad and no-grad, instead of 5).
     """
     for layer in model.get_decoder().layers:
         layer.compile(dynamic=True)

@@ -76,16 +76,19 @@ class PrecomputedReference:
     def logps(self, batch: PairBatch) -> PairLogps:
         device = batch.input_ids.device
         cached = [self.rows[uid] for uid in batch.uids]
-        chosen = torch.tensor([row.ref_chosen_logps for row in cached], dtype=torch.float32, device=device)
-        rejected = torch.tensor([row.ref_rejected_logps for row in cached], dtype=torch.float32, device=device)
+
+        def on_device(values: list, dtype: torch.dtype) -> torch.Tensor:  # built on the host, copied without a stream sync
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        chosen = on_device([row.ref_chosen_logps for row in cached], torch.float32)
         zeros = torch.zeros_like(chosen)  # the reference's logits are not part of any metric
         return PairLogps(
             chosen_logps=chosen,
-            rejected_logps=rejected,
+            rejected_logps=on_device([row.ref_rejected_logps for row in cached], torch.float32),
             chosen_logits_sum=zeros,
             rejected_logits_sum=zeros,
-            chosen_tokens=torch.tensor([row.chosen_tokens for row in cached], device=device),
-            rejected_tokens=torch.tensor([row.rejected_tokens for row in cached], device=device),
+            chosen_tokens=on_device([row.chosen_tokens for row in cached], torch.long),
+            rejected_tokens=on_device([row.rejected_tokens for row in cached], torch.long),
         )
 
 
