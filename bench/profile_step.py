@@ -43,13 +43,9 @@ def next_batches(trainer: Trainer, count: int) -> list:
     """The micro-batches of the next `count` optimizer steps, built on the host exactly as Trainer.train
     builds them (same order); built before profiling, so host-side collation is not taken for a sync."""
     state, steps = trainer.state, []
-    epoch, epoch_step = state.epoch, state.epoch_step
     for _ in range(count):
-        steps.append(trainer._micro_batches(epoch, epoch_step))
-        epoch_step += 1
-        if epoch_step == trainer.steps_per_epoch:
-            epoch, epoch_step = epoch + 1, 0
-    state.epoch, state.epoch_step, state.step = epoch, epoch_step, state.step + count
+        steps.append(trainer._micro_batches(state.epoch, state.epoch_step))
+        state.advance(trainer.steps_per_epoch)
     return steps
 
 

@@ -123,6 +123,12 @@ class TrainerState:
     world_size: int = 1
     global_batch: int = 0
 
+    def advance(self, steps_per_epoch: int) -> None:
+        """Count one optimizer step of `global_batch` pairs; the epoch ends after `steps_per_epoch` of them."""
+        self.step, self.epoch_step, self.consumed_pairs = self.step + 1, self.epoch_step + 1, self.consumed_pairs + self.global_batch
+        if self.epoch_step == steps_per_epoch:
+            self.epoch, self.epoch_step = self.epoch + 1, 0
+
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

@@ -200,10 +200,8 @@ class Trainer:
         self.policy.train()
         while state.step < self.total_steps:
             self.train_step(self._micro_batches(state.epoch, state.epoch_step), window)
-            state.step, state.epoch_step, state.consumed_pairs = state.step + 1, state.epoch_step + 1, state.consumed_pairs + self.global_batch
-            epoch_progress = state.epoch + state.epoch_step / self.steps_per_epoch
-            if state.epoch_step == self.steps_per_epoch:
-                state.epoch, state.epoch_step = state.epoch + 1, 0
+            state.advance(self.steps_per_epoch)
+            epoch_progress = state.epoch + state.epoch_step / self.steps_per_epoch  # a finished epoch reads as epoch + 1
             progress.update(1)
             last = state.step == self.total_steps
             stopping = stop_vote(preemption.requested, wait=last)
