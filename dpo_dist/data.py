@@ -19,11 +19,13 @@ count is logged), never silently.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
 import torch
 
+from dpo_dist import prefix_sharing
 from dpo_dist.errors import UserError
 from dpo_dist.records import DataError, Record, read_records, validate
 
@@ -43,9 +45,9 @@ class PreferenceExample:
         return len(self.chosen_ids) + len(self.rejected_ids)
 
 
-def scoring_layout(completion_mask: torch.Tensor, sequence_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, owners): the flat indices into the (rows, T) grid of the positions whose next token is a
-    completion token of the same sequence, and the sequence each belongs to (row r when unpacked).
+def scoring_layout(input_ids: torch.Tensor, completion_mask: torch.Tensor, sequence_index: torch.Tensor | None):
+    """(positions, targets, owners): the flat indices into the (rows, T) grid of the positions whose next token is
+    a completion token of the same sequence, that next token, and the sequence each belongs to (row r when unpacked).
 
     Position t predicts token t+1, so a position is scored when token t+1 is a completion token and, in a
     packed row, of the same sequence (a sequence's last token must not predict the next one's first).
@@ -57,39 +59,70 @@ def scoring_layout(completion_mask: torch.Tensor, sequence_index: torch.Tensor |
     scored = torch.zeros_like(completion_mask, dtype=torch.bool)
     scored[:, :-1] = completion_mask[:, 1:].bool() & (sequence_index[:, 1:] == sequence_index[:, :-1])
     positions = scored.flatten().nonzero().squeeze(1)
-    return positions, sequence_index.flatten()[positions]
+    return positions, input_ids.flatten()[positions + 1], sequence_index.flatten()[positions]
+
+
+_TENSOR_FIELDS = ("input_ids", "attention_mask", "completion_mask", "pair_weight", "position_ids", "sequence_index",
+                  "branch", "scored_positions", "scored_targets", "scored_owners")
 
 
 @dataclass
 class PairBatch:
-    """A micro-batch of B pairs as ONE concatenated batch: rows [0, B) chosen, [B, 2B) rejected,
-    then S rows of SFT examples mixed in (`data.sft_files`), [2B, 2B + S)."""
+    """A micro-batch of B pairs as ONE batch through the decoder. Padded (`collate`): rows [0, B) chosen,
+    [B, 2B) rejected, then S rows of SFT examples mixed in (`data.sft_files`), [2B, 2B + S). Packed
+    (`collate_packed`): the same sequences back to back in one row. Prefix-shared (`collate_shared_prefix`):
+    one document per pair, then per SFT example, in rows or packed (`dpo_dist.prefix_sharing`).
+    Sequences are numbered the same in every layout: chosen i, rejected B + i, SFT 2B + k."""
 
-    input_ids: torch.Tensor  # (2B + S, T) right-padded
-    attention_mask: torch.Tensor  # (2B + S, T) 1 on real tokens
-    completion_mask: torch.Tensor  # (2B + S, T) 1 on completion tokens (the ones scored)
+    input_ids: torch.Tensor  # (rows, T) right-padded
+    attention_mask: torch.Tensor  # (rows, T) 1 on real tokens
+    completion_mask: torch.Tensor  # (rows, T) 1 on completion tokens
     pair_weight: torch.Tensor  # (B,) 1.0 for real pairs, 0.0 for eval padding pairs
     uids: list[str] = field(default_factory=list)
     num_sft: int = 0
-    # Packed batches (`data.packing`): one row of all sequences back to back, no padding.
-    position_ids: torch.Tensor | None = None  # (1, L) restarting at 0 for each sequence
-    sequence_index: torch.Tensor | None = None  # (1, L) which sequence each token belongs to
-    # Which positions are scored, derived from the masks when the batch is built (on the host, see scoring_layout).
+    # Packed rows (`data.packing`), and prefix-shared rows (which need positions in every layout).
+    position_ids: torch.Tensor | None = None  # (rows, T) each token's position in its own sequence
+    sequence_index: torch.Tensor | None = None  # (1, L) packed: which sequence (prefix-shared: document) a token is in
+    branch: torch.Tensor | None = None  # (rows, T) prefix-shared only: 0 shared, 1 chosen's own, 2 rejected's own
+    # What is scored, derived when the batch is built (on the host, see scoring_layout); pair entries come first.
     scored_positions: torch.Tensor | None = None  # (N,) flat indices into the (rows, T) grid
+    scored_targets: torch.Tensor | None = None  # (N,) the token each position predicts
     scored_owners: torch.Tensor | None = None  # (N,) the sequence each scored position belongs to
+    # Host numbers, so that metrics and pairs_only() never read the device.
+    num_tokens: int | None = None  # tokens of the sequences, each counted in full (shared prompts twice)
+    pair_rows: int | None = None  # rows [0, pair_rows) hold the pairs (packed: the one row)
+    pair_width: int | None = None  # columns the pairs use (packed: their tokens), SFT rows left out
+    pair_scored: int | None = None  # scored entries of the pairs (the first ones)
+    pair_tokens: int | None = None  # num_tokens of the pairs alone
 
     def __post_init__(self) -> None:
         if self.scored_positions is None:
-            self.scored_positions, self.scored_owners = scoring_layout(self.completion_mask, self.sequence_index)
+            self.scored_positions, self.scored_targets, self.scored_owners = scoring_layout(
+                self.input_ids, self.completion_mask, self.sequence_index)
+        if self.num_tokens is None:
+            self.num_tokens = int(self.attention_mask.sum())
+        if self.pair_scored is None:
+            self._locate_pairs()
+
+    def _locate_pairs(self) -> None:
+        """Where the pair sequences end (padded or packed layouts built without prefix sharing)."""
+        sequences = 2 * self.num_pairs
+        self.pair_scored = int((self.scored_owners < sequences).sum())
+        if self.packed:
+            self.pair_rows, self.pair_width = 1, int((self.sequence_index[0] < sequences).sum())
+            self.pair_tokens = self.pair_width
+        else:
+            self.pair_rows = min(sequences, self.input_ids.shape[0])
+            self.pair_width = int(self.attention_mask[: self.pair_rows].sum(dim=1).max())
+            self.pair_tokens = int(self.attention_mask[: self.pair_rows].sum())
 
     def to(self, device: torch.device | str) -> "PairBatch":
         # non_blocking: a blocking host-to-GPU copy waits for the whole stream (the previous micro-batch's
         # backward) before it starts; from pageable memory CUDA stages the data at once, so the host batch
         # may be dropped right after.
-        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
-        return PairBatch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
-                         move(self.pair_weight), self.uids, self.num_sft, move(self.position_ids), move(self.sequence_index),
-                         move(self.scored_positions), move(self.scored_owners))
+        moved = {name: getattr(self, name) for name in _TENSOR_FIELDS}
+        moved = {name: t.to(device, non_blocking=True) if t is not None else None for name, t in moved.items()}
+        return dataclasses.replace(self, **moved)
 
     @property
     def num_pairs(self) -> int:
@@ -97,24 +130,29 @@ class PairBatch:
 
     @property
     def packed(self) -> bool:
-        return self.position_ids is not None
+        return self.sequence_index is not None
 
     @property
     def num_sequences(self) -> int:
         return 2 * self.num_pairs + self.num_sft
 
     def pairs_only(self) -> "PairBatch":
-        """The preference sequences alone (what a reference scores), without the SFT ones."""
+        """The preference sequences alone (what a reference scores), without the SFT ones. Sliced by host
+        numbers: no device read, on any layout."""
         if not self.num_sft:
             return self
-        rows = 2 * self.num_pairs
-        if self.packed:  # pair sequences come first in the packed row
-            width = int((self.sequence_index[0] < rows).sum())
-            return PairBatch(self.input_ids[:, :width], self.attention_mask[:, :width], self.completion_mask[:, :width],
-                             self.pair_weight, self.uids, 0, self.position_ids[:, :width], self.sequence_index[:, :width])
-        width = int(self.attention_mask[:rows].sum(dim=1).max())
-        return PairBatch(self.input_ids[:rows, :width], self.attention_mask[:rows, :width],
-                         self.completion_mask[:rows, :width], self.pair_weight, self.uids)
+        rows, width = self.pair_rows, self.pair_width
+        grid = lambda t: t[:rows, :width] if t is not None else None  # noqa: E731
+        old_width = self.input_ids.shape[1]
+        positions = self.scored_positions[: self.pair_scored]
+        positions = positions // old_width * width + positions % old_width  # the same cells in the narrower grid
+        return dataclasses.replace(
+            self, input_ids=grid(self.input_ids), attention_mask=grid(self.attention_mask),
+            completion_mask=grid(self.completion_mask), position_ids=grid(self.position_ids),
+            sequence_index=grid(self.sequence_index), branch=grid(self.branch), num_sft=0,
+            scored_positions=positions, scored_targets=self.scored_targets[: self.pair_scored],
+            scored_owners=self.scored_owners[: self.pair_scored], num_tokens=self.pair_tokens,
+        )
 
 
 @dataclass
@@ -123,15 +161,6 @@ class TokenizeStats:
     dropped_prompt_too_long: int = 0
     truncated: int = 0
     boundary_merges: int = 0  # pairs whose completion starts before the end of the tokenized prompt
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
 
 
 def render_texts(record: Record, tokenizer) -> tuple[str, str, str]:
@@ -181,7 +210,7 @@ def tokenize_record(record: Record, tokenizer, max_seq_length: int, truncation_m
     prompt_ids = _token_ids(tokenizer, prompt_text, record.conversational)
     chosen_ids = _token_ids(tokenizer, chosen_text, record.conversational)
     rejected_ids = _token_ids(tokenizer, rejected_text, record.conversational)
-    prompt_len = min(_common_prefix_length(prompt_ids, chosen_ids), _common_prefix_length(prompt_ids, rejected_ids))
+    prompt_len = min(prefix_sharing.common_prefix_length(prompt_ids, chosen_ids), prefix_sharing.common_prefix_length(prompt_ids, rejected_ids))
     stats.total += 1
     stats.boundary_merges += prompt_len < len(prompt_ids)
     if len(chosen_ids) == prompt_len or len(rejected_ids) == prompt_len:
@@ -255,6 +284,44 @@ def collate_packed(
     sequence_index = torch.repeat_interleave(torch.arange(len(lengths)), lengths).unsqueeze(0)
     return PairBatch(input_ids, torch.ones_like(input_ids), completion_mask, padded.pair_weight, padded.uids,
                      padded.num_sft, position_ids, sequence_index)
+
+
+def collate_shared_prefix(
+    examples: list[PreferenceExample],
+    pad_token_id: int,
+    pair_weight: list[float] | None = None,
+    sft_examples: list[PreferenceExample] = (),
+    packed: bool = False,
+) -> PairBatch:
+    """Each pair as ONE document whose prompt the decoder runs once (`dpo_dist.prefix_sharing`), then the SFT
+    examples; one row per document, or all in one row when `packed`."""
+    num_pairs = len(examples)
+    documents = [
+        prefix_sharing.pair_document(e.chosen_ids, e.chosen_prompt_len, e.rejected_ids, e.rejected_prompt_len, i, num_pairs + i)
+        for i, e in enumerate(examples)
+    ]
+    documents += [prefix_sharing.single_document(e.chosen_ids, e.chosen_prompt_len, 2 * num_pairs + k)
+                  for k, e in enumerate(sft_examples)]
+    layout = prefix_sharing.place_documents(documents, pad_token_id, packed)
+    pair_lengths = [len(doc.token_ids) for doc in documents[:num_pairs]]
+    weights = torch.tensor(pair_weight if pair_weight is not None else [1.0] * num_pairs, dtype=torch.float32)
+    return PairBatch(
+        layout.input_ids, layout.attention_mask, layout.completion_mask, weights, [e.uid for e in examples],
+        len(sft_examples), layout.position_ids, layout.documents, layout.branch,
+        layout.scored_positions, layout.scored_targets, layout.scored_owners,
+        num_tokens=sum(e.num_tokens for e in examples) + sum(len(e.chosen_ids) for e in sft_examples),
+        pair_rows=1 if packed else num_pairs,
+        pair_width=sum(pair_lengths) if packed else max(pair_lengths),
+        pair_scored=sum(len(doc.scored) for doc in documents[:num_pairs]),
+        pair_tokens=sum(e.num_tokens for e in examples),
+    )
+
+
+def collate_for(packing: bool, prefix_sharing_on: bool):
+    """The collate function of a run's data layout (`data.packing`, `data.prefix_sharing`)."""
+    if prefix_sharing_on:
+        return functools.partial(collate_shared_prefix, packed=packing)
+    return collate_packed if packing else collate
 
 
 def length_grouped_order(order: list[int], lengths: list[int], group_size: int) -> list[int]:

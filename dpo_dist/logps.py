@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpo_dist import prefix_sharing
 from dpo_dist.data import PairBatch
 
 
@@ -106,20 +107,29 @@ class SequenceLogps(nn.Module):
         self,
         input_ids: torch.Tensor,
         scored_positions: torch.Tensor,
+        scored_targets: torch.Tensor,
         scored_owners: torch.Tensor,
         num_sequences: int,
         position_ids: torch.Tensor | None = None,
+        sequence_index: torch.Tensor | None = None,
+        branch: torch.Tensor | None = None,
     ):
         """Returns (logps, logits_sum, token_counts), one entry per sequence: sums over its completion tokens.
 
-        `scored_positions` / `scored_owners` say which positions predict a completion token and whose
-        (`data.scoring_layout`). Padded batch: one sequence per row, right-padded (no attention mask needed,
-        see below). Packed batch: several sequences in a row, `position_ids` restarting at 0 for each
-        (transformers then keeps attention inside each sequence), no attention mask.
+        `scored_positions` / `scored_targets` / `scored_owners` say which positions predict a completion
+        token, which token, and for which sequence (built with the batch, `data.scoring_layout`). Padded
+        batch: one sequence per row, right-padded (no attention mask needed, see below). Packed batch:
+        several sequences in a row, `position_ids` restarting at 0 for each (transformers then keeps
+        attention inside each sequence). Prefix-shared batch (`branch` given): masks from
+        `prefix_sharing.attention_masks`, with `sequence_index` the documents of a packed row.
         """
         decoder = self.causal_lm.get_decoder()
         lm_head = self.causal_lm.get_output_embeddings()
-        if position_ids is not None:
+        if branch is not None:
+            masks = prefix_sharing.attention_masks(self.causal_lm.config, self.causal_lm.get_input_embeddings().weight.dtype,
+                                                   branch, sequence_index, position_ids)
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False).last_hidden_state
+        elif position_ids is not None:
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         else:
             # Rows are right-padded (data.collate), so under the causal mask no real token ever sees a pad;
@@ -129,7 +139,7 @@ class SequenceLogps(nn.Module):
             hidden = decoder(input_ids=input_ids, attention_mask=causal_only_masks(self.causal_lm.config), use_cache=False).last_hidden_state
         # Only completion-predicting positions are projected: prompt and padding never reach the lm_head.
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored_positions)  # (N, H)
-        targets = input_ids.reshape(-1).index_select(0, scored_positions + 1)  # (N,) the next tokens, same row
+        targets = scored_targets  # (N,) the tokens they predict
 
         token_logps, token_mean_logits = [], []
         for start in range(0, hidden.shape[0], self.chunk_tokens):
@@ -155,7 +165,8 @@ class SequenceLogps(nn.Module):
 def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
     """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected."""
     logps, logits_sum, tokens = model(
-        batch.input_ids, batch.scored_positions, batch.scored_owners, batch.num_sequences, batch.position_ids,
+        batch.input_ids, batch.scored_positions, batch.scored_targets, batch.scored_owners, batch.num_sequences,
+        batch.position_ids, batch.sequence_index, batch.branch,
     )
     num_pairs = batch.num_pairs
     return PairLogps(

@@ -38,13 +38,14 @@ _MEAN_OVER = {
     "nll_loss": "pairs",
     "sft_nll_loss": "sft_examples",
 }
-_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens", "sft_examples")
+_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens", "processed_tokens", "sft_examples")
 
 
-def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weight: torch.Tensor, num_tokens: torch.Tensor,
-               sft_nll: torch.Tensor | None = None) -> dict:
+def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weight: torch.Tensor, num_tokens: int,
+               processed_tokens: torch.Tensor, sft_nll: torch.Tensor | None = None) -> dict:
     """Weighted sums of one micro-batch's metrics (detached); `weight` is (B,) with 0 for padding pairs;
-    `sft_nll` (S,) per-token NLL of the SFT rows mixed in, if any."""
+    `num_tokens` the sequences' tokens (TRL's count), `processed_tokens` those the decoder ran on (fewer with
+    prefix sharing: a shared prompt runs once); `sft_nll` (S,) per-token NLL of the SFT rows mixed in, if any."""
     w = weight.to(loss.losses.dtype)
     return {
         "nll_loss": (nll.detach() * w).sum(),
@@ -60,7 +61,8 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
         "pairs": w.sum(),
         "chosen_tokens": (policy.chosen_tokens.to(w.dtype) * w).sum(),
         "rejected_tokens": (policy.rejected_tokens.to(w.dtype) * w).sum(),
-        "tokens": num_tokens.to(w.dtype),
+        "tokens": w.new_full((), float(num_tokens)),  # a fill kernel, no host copy
+        "processed_tokens": processed_tokens.to(w.dtype),
         "sft_nll_loss": (sft_nll.detach().sum() if sft_nll is not None else w.new_zeros(())),
         "sft_examples": w.new_full((), float(sft_nll.numel()) if sft_nll is not None else 0.0),  # no host copy
     }
@@ -153,6 +155,7 @@ class MetricWindow:
             del means["sft_nll_loss"]  # no SFT data in this window: nothing to report
         means["num_pairs"] = totals["pairs"]
         means["num_tokens"] = totals["tokens"]
+        means["num_processed_tokens"] = totals["processed_tokens"]
         return means
 
 

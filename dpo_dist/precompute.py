@@ -99,11 +99,12 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
         rows_total = sum(len(plan["shards"][i]["uids"]) for i in mine)
         progress = logger.progress(total=rows_total, desc="precompute", unit="row")
         forwards = 0
+        collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing)
         for index in mine:
             uids = plan["shards"][index]["uids"]
             columns = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
             for offset in range(0, len(uids), micro):
-                batch = data_lib.collate([by_uid[u] for u in uids[offset : offset + micro]], tokenizer.pad_token_id)
+                batch = collate([by_uid[u] for u in uids[offset : offset + micro]], tokenizer.pad_token_id)
                 scores = reference.logps(batch.to(dist_info.device))
                 columns["chosen"] += scores.chosen_logps.tolist()
                 columns["rejected"] += scores.rejected_logps.tolist()
@@ -112,7 +113,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
                 forwards += 1
             cache_lib.write_shard(cache_dir / plan["shards"][index]["file"], uids, *columns.values())
             progress.update(len(uids))  # tqdm shows rows/s and the ETA
-        filler = data_lib.collate([examples[0]], tokenizer.pad_token_id, [0.0]).to(dist_info.device)
+        filler = collate([examples[0]], tokenizer.pad_token_id, [0.0]).to(dist_info.device)
         for _ in range(forwards_needed - forwards):  # ZeRO-3 forwards are collective: stay in step
             reference.logps(filler)
         progress.close()

@@ -58,7 +58,7 @@ class Trainer:
         self.logger = make_logger(dist_info.rank, config.training.output_dir)
         self.loss_fn = LOSSES[config.dpo.loss_type].fn
         self._order, self._order_epoch = [], None  # the shuffled order of the epoch in progress
-        self.collate = data_lib.collate_packed if config.data.packing else data_lib.collate
+        self.collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing)
 
     # ---------------------------------------------------------------- setup
     def setup(self, train: bool = True) -> None:
@@ -178,7 +178,7 @@ class Trainer:
                 objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
             self.policy.backward(objective)
             self.policy.step()
-            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.attention_mask.sum(), sft_nll))
+            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens, batch.attention_mask.sum(), sft_nll))
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> str:
@@ -265,8 +265,9 @@ class Trainer:
             step_seconds=seconds / (step - self._window_first_step),
             peak_memory_mb=peak_memory_mb(),
         )
-        if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak
-            metrics["mfu"] = self.flops_per_token * metrics["tokens_per_second"] / self.dist.world_size / (self.peak_tflops * 1e12)
+        if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak, on the tokens the decoder ran
+            achieved = self.flops_per_token * metrics["num_processed_tokens"] / seconds / self.dist.world_size
+            metrics["mfu"] = achieved / (self.peak_tflops * 1e12)
         self.logger.log(step, metrics)
         self.state.consumed_tokens += int(metrics["num_tokens"])
         clock.reset()
@@ -299,7 +300,7 @@ class Trainer:
         for batch in batches:
             batch = batch.to(self.dist.device)
             loss, policy_logps, nll = self._pair_loss(batch)
-            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.attention_mask.sum()))
+            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens, batch.attention_mask.sum()))
         metrics = window.reduce()
         return {f"eval_{name}": value for name, value in metrics.items()}
 

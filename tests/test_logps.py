@@ -153,10 +153,10 @@ def test_flex_attention_keeps_packed_sequences_apart(model, examples, batch, tok
 
 
 def test_compiled_decoder_layers_match_naive(examples, batch, tokenizer, tiny_policy):
-    """model.compile compiles every decoder layer in place; log-probs and gradients, padded and packed,
-    equal the naive eager full-softmax graph's."""
+    """model.compile compiles every decoder layer in place; log-probs and gradients, padded, packed and
+    prefix-shared (an additive mask into the compiled layers), equal the naive eager full-softmax graph's."""
     from dpo_dist.config import ModelConfig
-    from dpo_dist.data import collate_packed
+    from dpo_dist.data import collate_packed, collate_shared_prefix
     from dpo_dist.models import load_causal_lm
 
     compiled = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), compile=True), torch.float32, None)
@@ -165,7 +165,7 @@ def test_compiled_decoder_layers_match_naive(examples, batch, tokenizer, tiny_po
     naive = naive_completion_logps(eager, batch.input_ids, batch.attention_mask, batch.completion_mask)
     half = batch.num_pairs
     (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
-    for layout in (batch, collate_packed(examples, tokenizer.pad_token_id)):
+    for layout in (batch, collate_packed(examples, tokenizer.pad_token_id), collate_shared_prefix(examples, tokenizer.pad_token_id)):
         compiled.zero_grad()
         pair = forward_pair(SequenceLogps(compiled, 5), layout)
         torch.testing.assert_close(torch.cat([pair.chosen_logps, pair.rejected_logps]), naive.detach(), atol=1e-5, rtol=0)

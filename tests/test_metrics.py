@@ -18,7 +18,7 @@ def sums(chosen_rewards, rejected_rewards, weight, chosen_tokens, logits_sum):
         chosen_logits_sum=torch.tensor(logits_sum), rejected_logits_sum=torch.zeros(n),
         chosen_tokens=torch.tensor(chosen_tokens), rejected_tokens=torch.ones(n, dtype=torch.long),
     )
-    return batch_sums(loss, policy, torch.full((n,), 0.5), torch.tensor(weight), torch.tensor(10))
+    return batch_sums(loss, policy, torch.full((n,), 0.5), torch.tensor(weight), 10, torch.tensor(7))
 
 
 def test_weighted_means_over_micro_batches():
@@ -26,7 +26,7 @@ def test_weighted_means_over_micro_batches():
     window.add(sums([0.2, 0.0], [0.1, 0.0], [1.0, 1.0], [2, 2], [4.0, 2.0]))
     window.add(sums([0.0, 9.0], [0.5, 0.0], [1.0, 0.0], [6, 6], [6.0, 99.0]))  # the second pair is eval padding
     means = window.reduce()
-    assert means["num_pairs"] == 3 and means["num_tokens"] == 20
+    assert means["num_pairs"] == 3 and means["num_tokens"] == 20 and means["num_processed_tokens"] == 14
     assert means["rewards/chosen"] == pytest.approx(0.2 / 3)
     assert means["rewards/accuracies"] == pytest.approx(1 / 3)  # strictly greater: the 0 == 0 tie does not count
     assert means["rewards/margins"] == pytest.approx((0.1 + 0.0 - 0.5) / 3)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from conftest import write_jsonl
 from dpo_dist.config import LoRAConfig, load_config
-from dpo_dist.data import PreferenceExample, collate, collate_packed
+from dpo_dist.data import PreferenceExample, collate, collate_for
 from dpo_dist.engine import training_ds_config
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
@@ -121,7 +121,9 @@ def test_plan_command(tiny_policy, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [[], ["lora.r=8"], ["data.packing=true"], ["model.attn_implementation=eager"],
-                                       ["model.dtype=bfloat16"]])
+                                       ["model.dtype=bfloat16"], ["data.prefix_sharing=true"],
+                                       ["data.prefix_sharing=true", "data.packing=true"],
+                                       ["data.prefix_sharing=true", "model.attn_implementation=eager"]])
 def test_activations_are_what_autograd_saves(tmp_path, overrides):
     """The activation term against the bytes autograd saves in the policy's forward (unique storages
     that are not parameters, seen through saved-tensor hooks): any change in transformers' Qwen3 code or
@@ -136,8 +138,9 @@ def test_activations_are_what_autograd_saves(tmp_path, overrides):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=config.model.attn_implementation)
     policy = prepare_policy(model, config.model, config.lora).train()
     ids = list(range(1, 257))
-    pairs = [PreferenceExample(f"u{i}", ids, 192, ids, 192) for i in range(2)]  # full rows: the plan's micro-batch
-    batch = (collate_packed if config.data.packing else collate)(pairs, 0)
+    other = [512 - i for i in ids]  # rejected shares no token with chosen: prefix sharing's worst case
+    pairs = [PreferenceExample(f"u{i}", ids, 192, other, 192) for i in range(2)]  # full rows: the plan's micro-batch
+    batch = collate_for(config.data.packing, config.data.prefix_sharing)(pairs, 0)
     parameters = {p.untyped_storage().data_ptr() for p in policy.parameters()}
     saved = {}
 

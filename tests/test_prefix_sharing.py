@@ -1,0 +1,192 @@
+"""Prefix sharing (data.prefix_sharing): a pair's prompt runs once, and every number equals the unshared run's."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import CHAT_RECORD, PLAIN_RECORD
+from dpo_dist import prefix_sharing
+from dpo_dist.data import TokenizeStats, collate, collate_shared_prefix, tokenize_record
+from dpo_dist.logps import SequenceLogps, forward_pair
+from launching import assert_ok, python_launch, read_metrics, run, write_config
+from test_cli_errors import assert_clean_error
+from test_logps import make_record, naive_completion_logps
+
+
+def test_pair_document_layout_by_hand():
+    """chosen 1 2 | 3 4 5 and rejected 1 2 | 3 7 8 9 (prompt of 2) share 1 2 3: the '3' that starts both
+    completions is shared too, so position 2 scores chosen's 4 and rejected's 7."""
+    doc = prefix_sharing.pair_document([1, 2, 3, 4, 5], 2, [1, 2, 3, 7, 8, 9], 2, chosen_owner=0, rejected_owner=1)
+    assert doc.token_ids == [1, 2, 3, 4, 5, 7, 8, 9]
+    assert doc.position_ids == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert doc.branch == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert doc.completion == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert doc.scored == [(1, 3, 0), (2, 4, 0), (3, 5, 0), (1, 3, 1), (2, 7, 1), (5, 8, 1), (6, 9, 1)]
+    # Who sees whom: row = query offset, column = key offset.
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],  # chosen's 4
+        [1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 1, 0, 0],  # rejected's 7: the shared prefix and itself, not chosen's 4 5
+        [1, 1, 1, 0, 0, 1, 1, 0],
+        [1, 1, 1, 0, 0, 1, 1, 1],
+    ], dtype=torch.bool)
+    layout = prefix_sharing.place_documents([doc], pad_token_id=0, packed=False)
+    offsets = torch.arange(8)
+    got = prefix_sharing.allowed(layout.branch, None, layout.position_ids, None, torch.zeros(1, 1, 1, dtype=torch.long),
+                                 offsets[None, :, None], offsets[None, None, :])[0]
+    assert torch.equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    """Chat and plain pairs of different lengths, a truncated one, a keep_end one whose prompt is cut away
+    (its completion starts the sequence), and a pair whose completions share their first tokens."""
+    records = [
+        make_record(CHAT_RECORD),
+        make_record(PLAIN_RECORD),
+        make_record(PLAIN_RECORD | {"chosen": " 2 7 and done", "rejected": " 2 7 2"}),
+        make_record({"prompt": [{"role": "user", "content": "Sort ascending: 3 1 2 " * 6}], "chosen": "1 2 3", "rejected": "3 2 1 " * 9}),
+    ]
+    stats = TokenizeStats()
+    examples = [tokenize_record(r, tokenizer, 64, "keep_start", stats) for r in records]
+    examples.append(tokenize_record(records[0], tokenizer, 5, "keep_end", stats))
+    assert stats.truncated == 2 and examples[-1].chosen_prompt_len == 0
+    third = examples[2]
+    assert prefix_sharing.common_prefix_length(third.chosen_ids, third.rejected_ids) > third.chosen_prompt_len
+    return examples
+
+
+@pytest.fixture(scope="module")
+def sft(tokenizer):
+    stats = TokenizeStats()
+    return [tokenize_record(make_record(PLAIN_RECORD), tokenizer, 64, "keep_start", stats)]
+
+
+def naive_logps(model, examples, tokenizer, sft=()):
+    """Every sequence in its own padded row through the plain model: full logits, full log-softmax."""
+    padded = collate(examples, tokenizer.pad_token_id, None, sft)
+    return naive_completion_logps(model, padded.input_ids, padded.attention_mask, padded.completion_mask)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_log_probs_and_gradients_equal_the_unshared_ones(tiny_policy, tokenizer, examples, sft, attn, packed):
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32, attn_implementation=attn)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    batch = collate_shared_prefix(examples, tokenizer.pad_token_id, None, sft, packed=packed)
+    unshared_tokens = sum(e.num_tokens for e in examples) + len(sft[0].chosen_ids)
+    assert batch.num_tokens == unshared_tokens and int(batch.attention_mask.sum()) < unshared_tokens
+    assert batch.input_ids.shape[0] == (1 if packed else len(examples) + 1)
+
+    pair = forward_pair(SequenceLogps(model, 5), batch)
+    naive = naive_logps(reference, examples, tokenizer, sft)
+    n = len(examples)
+    got = torch.cat([pair.chosen_logps, pair.rejected_logps, pair.sft_logps])
+    torch.testing.assert_close(got, naive, atol=1e-5, rtol=0)
+    unshared = collate(examples, tokenizer.pad_token_id, None, sft)
+    counts = unshared.completion_mask[:, 1:].sum(dim=1)
+    assert torch.equal(torch.cat([pair.chosen_tokens, pair.rejected_tokens, pair.sft_tokens]), counts)
+
+    (got * torch.linspace(1.0, -1.0, 2 * n + 1)).sum().backward()
+    (naive * torch.linspace(1.0, -1.0, 2 * n + 1)).sum().backward()
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_pairs_only_drops_the_sft_documents_without_reading_the_device(tiny_policy, tokenizer, examples, sft, packed):
+    from torch.profiler import ProfilerActivity, profile
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+    batch = collate_shared_prefix(examples, tokenizer.pad_token_id, None, sft, packed=packed)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pairs = batch.pairs_only()
+    assert [e.name for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")] == []
+    assert pairs.num_sft == 0 and pairs.input_ids.numel() < batch.input_ids.numel()
+    with torch.no_grad():
+        got = forward_pair(SequenceLogps(model, 5), pairs)
+        naive = naive_logps(model, examples, tokenizer)
+    torch.testing.assert_close(torch.cat([got.chosen_logps, got.rejected_logps]), naive, atol=1e-5, rtol=0)
+
+
+def test_unshared_pairs_only_slices_without_reading_the_device(tiny_policy, tokenizer, examples, sft):
+    """The padded layout's reference view too: an SFT row longer than every pair is cut off, by host numbers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+    long_sft = [examples[3]]  # longer than the others: the pairs-only grid is narrower
+    batch = collate(examples[:3], tokenizer.pad_token_id, None, long_sft)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pairs = batch.pairs_only()
+    assert [e.name for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")] == []
+    assert pairs.input_ids.shape[1] < batch.input_ids.shape[1]
+    with torch.no_grad():
+        got = forward_pair(SequenceLogps(model, 5), pairs)
+    torch.testing.assert_close(torch.cat([got.chosen_logps, got.rejected_logps]),
+                               naive_logps(model, examples[:3], tokenizer), atol=1e-5, rtol=0)
+
+
+def test_flex_attention_block_mask(tiny_policy, tokenizer, examples):
+    """flex_attention gets a BlockMask from the same rule (forward only: torch has no CPU backward for it)."""
+    flex = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32, attn_implementation="flex_attention").eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for packed in (False, True):
+            pair = forward_pair(SequenceLogps(flex, 5), collate_shared_prefix(examples, tokenizer.pad_token_id, packed=packed))
+            torch.testing.assert_close(torch.cat([pair.chosen_logps, pair.rejected_logps]),
+                                       naive_logps(plain, examples, tokenizer), atol=1e-5, rtol=0)
+
+
+def test_sliding_window_layers(tmp_path, tokenizer, examples):
+    """A model with sliding-window layers (window 4, shorter than the prompts): their mask counts positions,
+    so a rejected token still sees only the last shared tokens within the window."""
+    from make_tiny_qwen3 import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "sliding", seed=3, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert "sliding_attention" in model.config.layer_types
+    with torch.no_grad():
+        pair = forward_pair(SequenceLogps(model, 5), collate_shared_prefix(examples, tokenizer.pad_token_id))
+        naive = naive_logps(model, examples, tokenizer)
+        full_window = naive_logps(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, sliding_window=10_000).eval(),
+                                  examples, tokenizer)
+    assert (naive - full_window).abs().max() > 1e-3  # the window really changes the numbers
+    torch.testing.assert_close(torch.cat([pair.chosen_logps, pair.rejected_logps]), naive, atol=1e-5, rtol=0)
+
+
+def test_training_with_prefix_sharing_equals_training_without(tiny_policy, tmp_path):
+    """Same losses, gradient norms and evals over 3 steps (full fine-tuning, separate reference, ZeRO-2,
+    SFT mixed in); the same num_tokens (the sequences' tokens), fewer processed by the decoder."""
+    from conftest import write_jsonl
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Sort ascending: {a} {b}\nAnswer:", "completion": f" {min(a, b)} {max(a, b)}"}
+                                               for a, b in zip(range(10), range(50, 60))])
+    runs = {}
+    for shared in (False, True):
+        out = tmp_path / f"shared-{shared}"
+        config = write_config(tmp_path / f"{shared}.yaml", tiny_policy, None, out,
+                              training={"max_steps": 3, "learning_rate": 1e-2, "warmup_ratio": 0.0},
+                              data={"prefix_sharing": shared, "sft_files": [str(sft)], "sft_ratio": 0.5})
+        assert_ok(run(python_launch("train.py", config)))
+        runs[shared] = read_metrics(out)
+    (plain_train, plain_eval), (shared_train, shared_eval) = runs[False], runs[True]
+    keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "sft_nll_loss")
+    for step in plain_train:
+        for key in keys:
+            assert shared_train[step][key] == pytest.approx(plain_train[step][key], abs=1e-5), (step, key)
+        assert shared_train[step]["num_tokens"] == plain_train[step]["num_tokens"]
+        assert shared_train[step]["num_processed_tokens"] < plain_train[step]["num_processed_tokens"]
+    assert plain_train[max(plain_train)]["loss"] != pytest.approx(plain_train[min(plain_train)]["loss"], abs=1e-4)
+    assert len(plain_eval) == len(shared_eval) == 2  # before and after training
+    for plain, shared in zip(plain_eval, shared_eval):
+        assert shared["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-5)
+        assert shared["eval_num_tokens"] == plain["eval_num_tokens"]
+
+
+def test_flash_attention_with_prefix_sharing_is_refused(tiny_policy, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out",
+                          model={"attn_implementation": "flash_attention_2"}, data={"prefix_sharing": True})
+    assert_clean_error(run(python_launch("train.py", config)), "data.prefix_sharing", "flex_attention")
