@@ -26,6 +26,8 @@ but every log-prob is a softmax over all 151,936 logits, which is what costs mem
 How it is measured, the same way for both tools:
 - tokens: the non-padding tokens of chosen + rejected of every micro-batch of every rank
   (dpo-dist: `num_tokens` in metrics.jsonl; TRL: `attention_mask.sum()` of each micro-batch it trains on).
+  With `data.prefix_sharing` dpo-dist's decoder runs a shared prompt once, but `num_tokens` still counts it
+  in chosen and in rejected, so tokens/s compares the pairs both tools get through per second.
 - step time: wall time of each optimizer step, end of one step to the end of the next (dpo-dist:
   `step_seconds` with logging_steps=1; TRL: a callback's `on_step_end` timestamps). The first
   `--warmup-steps` steps are left out; tokens/s = tokens of the remaining steps / their total time.
@@ -36,7 +38,8 @@ How it is measured, the same way for both tools:
 - threads: each rank gets cores / ranks intra-op threads (OMP_NUM_THREADS), both tools alike.
 - MFU (GPU): tokens/s x dpo_dist.metrics.flops_per_token (4N + 2N_trainable + 2N_reference per token,
   exact parameter counts, attention's T^2 term and recompute not counted) / the device's peak bf16
-  FLOP/s (dpo_dist.metrics.PEAK_TFLOPS), one formula for both tools.
+  FLOP/s (dpo_dist.metrics.PEAK_TFLOPS), one formula for both tools, on the tokens the decoder ran on
+  (dpo-dist's `num_processed_tokens`: a shared prompt counted once).
 """
 
 from __future__ import annotations
@@ -171,6 +174,9 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
         "peak_memory_mb_rank0_logged": max(r["peak_memory_mb"] for r in train),
         "torch_threads_per_rank": ranks[0]["torch_threads"],
         "loss_first_step": train[0]["loss"],
+        # What the decoder ran on: fewer than num_tokens with data.prefix_sharing (a shared prompt counts once).
+        "processed_tokens_per_second": (sum(r["num_processed_tokens"] for r in train[args.warmup_steps:])
+                                        / sum(r["step_seconds"] for r in train[args.warmup_steps:])),
     }
 
 
@@ -297,8 +303,8 @@ def machine_info(args: argparse.Namespace) -> dict:
 def add_ratios_and_mfu(results: dict, flops_per_token: float, peak_tflops: float | None) -> dict:
     """MFU of every run from its tokens/s and ONE formula for both tools; ratios dpo-dist / TRL."""
     for r in results.values():
-        if "tokens_per_second" in r and peak_tflops:
-            r["mfu"] = r["tokens_per_second"] * flops_per_token / (peak_tflops * 1e12)
+        if "tokens_per_second" in r and peak_tflops:  # hardware MFU: on the tokens each tool's decoder ran on
+            r["mfu"] = r.get("processed_tokens_per_second", r["tokens_per_second"]) * flops_per_token / (peak_tflops * 1e12)
     trl = results.get("trl", {})
     ratios = {}
     for name in [k for k in results if k != "trl"]:

@@ -185,7 +185,8 @@ def training_ds_config(config: Config, world_size: int) -> tuple[torch.dtype, di
 
 
 def check_compile_fits(config: Config, ds: dict) -> None:
-    """Refuse model.compile where a model runs under ZeRO-3 (the policy, or an offloaded reference model).
+    """Refuse model.compile where a model runs under ZeRO-3 (the policy, or an offloaded reference model),
+    and with flex_attention off a GPU.
 
     ZeRO-3 gathers and releases each parameter in hooks on every submodule; a compiled decoder layer
     traces into them, breaks its graph at each one and recompiles the hooks per module until torch's
@@ -197,6 +198,12 @@ def check_compile_fits(config: Config, ds: dict) -> None:
         raise UserError(
             f"model.compile=true with ZeRO-3 ({config.deepspeed.config}): DeepSpeed's per-module parameter hooks "
             "break every compiled layer apart. Use a ZeRO-0/1/2 config (ds_configs/zero2.json) or model.compile=false"
+        )
+    if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise UserError(
+            "model.compile=true with model.attn_implementation=flex_attention needs a GPU: on CPU torch's inductor "
+            "fails to build FlexAttention's kernel inside a compiled layer (torch 2.13, also for transformers' own "
+            "masks). Use sdpa on CPU, or model.compile=false"
         )
     if config.reference.offload and config.reference_mode in ("model", "precomputed"):  # precompute loads it too
         raise UserError(

@@ -40,3 +40,11 @@ def test_flex_attention_training_on_cpu_is_refused(tiny_policy, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out",
                           model={"attn_implementation": "flex_attention"})
     assert_clean_error(run(python_launch("train.py", config)), "flex_attention cannot train on cpu", "sdpa")
+
+
+def test_compiled_flex_attention_off_a_gpu_is_refused(tiny_policy, tmp_path):
+    """On CPU, inductor fails to build FlexAttention's kernel inside a compiled layer; the run (here the
+    precompute pass, which never trains) stops with one line before loading anything."""
+    config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out",
+                          model={"attn_implementation": "flex_attention", "compile": True}, data={"prefix_sharing": True})
+    assert_clean_error(run(python_launch("precompute_ref.py", config)), "needs a GPU", "model.compile=false")
