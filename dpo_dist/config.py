@@ -180,9 +180,9 @@ class DataConfig:
     prefix_sharing: bool = _opt(
         False,
         "Run each pair's prompt through the model once: chosen and rejected become one sequence that shares the "
-        "prompt's tokens (attention keeps the two completions apart), so a pair costs prompt + both completions "
-        "instead of twice the prompt. Same log-probs. Works with sdpa, eager and flex_attention (flex skips the "
-        "masked blocks; sdpa and eager run a dense mask), with or without data.packing; not with flash_attention_2.",
+        "prompt's tokens, so the projections and MLP run on prompt + both completions instead of twice the prompt. "
+        "Same log-probs. Attention still sees each sequence alone: sdpa, eager and flash_attention_2 run it on the "
+        "unshared sequences (gathered per layer); flex_attention runs it on the shared one with a block mask.",
     )
     group_by_length: bool = _opt(False, "Order each window of 50 global batches by length so micro-batches pad less.")
     sft_files: list[str] = _opt([], "SFT data mixed into training against forgetting: {prompt, completion} or {messages} records.")
@@ -250,10 +250,6 @@ class Config:
             raise UserError(f"dpo.loss_type={loss} is reference-free; reference.mode={mode} does not apply (use auto or none)")
         if loss not in REFERENCE_FREE_LOSSES and mode == "none":
             raise UserError(f"dpo.loss_type={loss} needs reference log-probs; reference.mode=none gives none")
-        if self.data.prefix_sharing and self.model.attn_implementation == "flash_attention_2":
-            raise UserError("data.prefix_sharing needs an attention mask that flash_attention_2's kernel cannot take "
-                            "(a completion sees the shared prompt but not the other completion); use "
-                            "model.attn_implementation=flex_attention (GPU) or sdpa, or turn data.prefix_sharing off")
         if mode == "adapter" and self.lora is None:
             raise UserError("reference.mode=adapter needs a lora: section (the reference is the policy without its adapter)")
 

@@ -63,7 +63,7 @@ def scoring_layout(input_ids: torch.Tensor, completion_mask: torch.Tensor, seque
 
 
 _TENSOR_FIELDS = ("input_ids", "attention_mask", "completion_mask", "pair_weight", "position_ids", "sequence_index",
-                  "branch", "scored_positions", "scored_targets", "scored_owners")
+                  "branch", "attention_gather", "attention_scatter", "scored_positions", "scored_targets", "scored_owners")
 
 
 @dataclass
@@ -84,6 +84,8 @@ class PairBatch:
     position_ids: torch.Tensor | None = None  # (rows, T) each token's position in its own sequence
     sequence_index: torch.Tensor | None = None  # (1, L) packed: which sequence (prefix-shared: document) a token is in
     branch: torch.Tensor | None = None  # (rows, T) prefix-shared only: 0 shared, 1 chosen's own, 2 rejected's own
+    attention_gather: torch.Tensor | None = None  # prefix-shared: (sequences, L) grid cells of each sequence's tokens
+    attention_scatter: torch.Tensor | None = None  # prefix-shared: (rows * T,) the sequence cell each grid cell reads
     # What is scored, derived when the batch is built (on the host, see scoring_layout); pair entries come first.
     scored_positions: torch.Tensor | None = None  # (N,) flat indices into the (rows, T) grid
     scored_targets: torch.Tensor | None = None  # (N,) the token each position predicts
@@ -144,13 +146,18 @@ class PairBatch:
         rows, width = self.pair_rows, self.pair_width
         grid = lambda t: t[:rows, :width] if t is not None else None  # noqa: E731
         old_width = self.input_ids.shape[1]
-        positions = self.scored_positions[: self.pair_scored]
-        positions = positions // old_width * width + positions % old_width  # the same cells in the narrower grid
+        narrower = lambda cells: cells // old_width * width + cells % old_width  # noqa: E731  the same cells, narrower grid
+        gather, scatter = self.attention_gather, self.attention_scatter
+        if gather is not None:  # keep the pair sequences; each grid cell still reads the same sequence cell
+            gather = narrower(gather[: 2 * self.num_pairs])
+            scatter = scatter.view(-1, old_width)[:rows, :width].reshape(-1)
         return dataclasses.replace(
             self, input_ids=grid(self.input_ids), attention_mask=grid(self.attention_mask),
             completion_mask=grid(self.completion_mask), position_ids=grid(self.position_ids),
             sequence_index=grid(self.sequence_index), branch=grid(self.branch), num_sft=0,
-            scored_positions=positions, scored_targets=self.scored_targets[: self.pair_scored],
+            attention_gather=gather, attention_scatter=scatter,
+            scored_positions=narrower(self.scored_positions[: self.pair_scored]),
+            scored_targets=self.scored_targets[: self.pair_scored],
             scored_owners=self.scored_owners[: self.pair_scored], num_tokens=self.pair_tokens,
         )
 
@@ -308,6 +315,7 @@ def collate_shared_prefix(
     return PairBatch(
         layout.input_ids, layout.attention_mask, layout.completion_mask, weights, [e.uid for e in examples],
         len(sft_examples), layout.position_ids, layout.documents, layout.branch,
+        layout.attention_gather, layout.attention_scatter,
         layout.scored_positions, layout.scored_targets, layout.scored_owners,
         num_tokens=sum(e.num_tokens for e in examples) + sum(len(e.chosen_ids) for e in sft_examples),
         pair_rows=1 if packed else num_pairs,

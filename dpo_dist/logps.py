@@ -87,7 +87,7 @@ def causal_only_masks(hf_config) -> dict | None:
     and a kernel for which "no mask" means causal (sdpa's is_causal, flash-attention's causal flag),
     handing over `{"full_attention": None}` is the mask it would have built, without the sync. Eager and
     flex attention read a missing mask as no masking at all, and sliding-window layers need theirs."""
-    if hf_config._attn_implementation not in ("sdpa", "flash_attention_2"):
+    if prefix_sharing.base_implementation(hf_config._attn_implementation) not in ("sdpa", "flash_attention_2"):
         return None
     layer_types = getattr(hf_config, "layer_types", None)
     if not layer_types or any(layer_type != "full_attention" for layer_type in layer_types):
@@ -113,6 +113,8 @@ class SequenceLogps(nn.Module):
         position_ids: torch.Tensor | None = None,
         sequence_index: torch.Tensor | None = None,
         branch: torch.Tensor | None = None,
+        attention_gather: torch.Tensor | None = None,
+        attention_scatter: torch.Tensor | None = None,
     ):
         """Returns (logps, logits_sum, token_counts), one entry per sequence: sums over its completion tokens.
 
@@ -120,14 +122,14 @@ class SequenceLogps(nn.Module):
         token, which token, and for which sequence (built with the batch, `data.scoring_layout`). Padded
         batch: one sequence per row, right-padded (no attention mask needed, see below). Packed batch:
         several sequences in a row, `position_ids` restarting at 0 for each (transformers then keeps
-        attention inside each sequence). Prefix-shared batch (`branch` given): masks from
-        `prefix_sharing.attention_masks`, with `sequence_index` the documents of a packed row.
+        attention inside each sequence). Prefix-shared batch (`branch` given): one document per pair, attention
+        as `prefix_sharing.attention_masks` arranges it, `sequence_index` the documents of a packed row.
         """
         decoder = self.causal_lm.get_decoder()
         lm_head = self.causal_lm.get_output_embeddings()
         if branch is not None:
-            masks = prefix_sharing.attention_masks(self.causal_lm.config, self.causal_lm.get_input_embeddings().weight.dtype,
-                                                   branch, sequence_index, position_ids)
+            masks = prefix_sharing.attention_masks(self.causal_lm, branch, sequence_index, position_ids,
+                                                   attention_gather, attention_scatter)
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False).last_hidden_state
         elif position_ids is not None:
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
@@ -166,7 +168,7 @@ def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
     """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected."""
     logps, logits_sum, tokens = model(
         batch.input_ids, batch.scored_positions, batch.scored_targets, batch.scored_owners, batch.num_sequences,
-        batch.position_ids, batch.sequence_index, batch.branch,
+        batch.position_ids, batch.sequence_index, batch.branch, batch.attention_gather, batch.attention_scatter,
     )
     num_pairs = batch.num_pairs
     return PairLogps(

@@ -18,24 +18,25 @@ Held through the whole step
 
 Alive around forward/backward (the "backward" phase, whose peak is when backward starts at the log-prob chunks)
 - activations: what autograd saves, per token of the micro-batch (2 x batch_size rows of max_seq_length,
-  plus mixed-in SFT rows; packing makes one row of all of them; prefix sharing makes one row per pair of up to
-  2 x max_seq_length, its worst case, no shared prompt) and decoder layer, counted from transformers'
+  plus mixed-in SFT rows; packing makes one row of all of them; prefix sharing plans its worst case, no shared
+  prompt, which runs as many tokens: one document per pair, attention (except flex's) gathered into the
+  unshared sequences, its output scattered back, b Q more) and decoder layer, counted from transformers'
   modeling_qwen3.py and checked with saved-tensor hooks:
     two RMSNorms: input upcast to fp32 (4 H) and output (b H, the next projections' input);
     q_norm / k_norm: their input upcast to fp32, 4 (Q + K);
     the normalised input before the norm weight, b (2 H + Q + K), only when norm weights train (not LoRA);
     attention: rotated q and the output, plus k and v as the kernel gets them: as they are, b (2 Q + 2 K),
     for flash_attention_2, flex_attention and for sdpa on padded rows (right-padded, so SequenceLogps passes no mask and
-    sdpa groups the KV heads itself); repeated to every head, b 4 Q, for sdpa on a packed or prefix-shared
-    row (a mask rules grouping out) and for eager;
+    sdpa groups the KV heads itself); repeated to every head, b 4 Q, for sdpa on a packed row (its
+    block-causal mask rules grouping out) and for eager;
     MLP: gate, up, SiLU(gate) and their product, b 4 I;
     LoRA: each adapted projection's rank-r intermediate, b r (with lora.dropout > 0 also its dropped input
     and mask, (b + 1) x fan-in);
   per row and layer, seq^2 x: b for the packed row's mask, which sdpa converts to the model dtype in every
     layer; heads x (4 [+ b]) for eager's fp32 softmax (and its b-byte copy below fp32);
   once, outside the layers: the final norm's fp32 input, its normalised input (when trainable) and the
-  gathered hidden states of completion tokens, H (4 + b [+ b]); with prefix sharing, its additive mask,
-  rows x seq^2 x b for sdpa and eager (one tensor every layer shares).
+  gathered hidden states of completion tokens, H (4 + b [+ b]); with prefix sharing under eager, the unshared
+  rows' causal mask, seq^2 b (one tensor every layer shares).
   With gradient checkpointing each layer keeps only its input, b H per token, and backward recomputes one
   layer's full set at a time. Counted for eager layers: with model.compile, fused kernels save less (the
   fp32 norm inputs, SiLU's output), so the plan errs high.
@@ -195,50 +196,59 @@ def zero2_gradient_elements(groups: list[list[int]], world_size: int) -> int:
     return max(held)
 
 
-def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
-    """What one decoder layer saves for backward per token (the module docstring lists each term)."""
+def _gathers_attention(config: Config) -> bool:
+    """Prefix sharing with a kernel other than flex: each layer's attention runs on the unshared sequences."""
+    return config.data.prefix_sharing and config.model.attn_implementation != "flex_attention"
+
+
+def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> tuple[float, float]:
+    """(what one decoder layer saves for backward per token outside attention, per token attention runs on);
+    the module docstring lists each term."""
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     norms = 2 * h * (FP32 + b) + FP32 * (q + kv)
     if config.lora is None:  # the norm weights train: their gradient needs the normalised input
         norms += b * (2 * h + q + kv)
-    masked = config.data.packing or config.data.prefix_sharing  # sdpa then gets a mask and cannot group KV heads
+    packed_mask = config.data.packing and not config.data.prefix_sharing  # transformers' block-causal mask
     grouped = config.model.attn_implementation in ("flash_attention_2", "flex_attention") or (
-        config.model.attn_implementation == "sdpa" and not masked)  # no mask: KV heads as they are
+        config.model.attn_implementation == "sdpa" and not packed_mask)  # no mask: KV heads as they are
     attention = b * (2 * q + 2 * kv) if grouped else b * 4 * q
     adapters = 0
     if config.lora is not None:
         for name, (fan_in, _) in shape.linear_shapes().items():
             if name in config.lora.target_modules:
                 adapters += b * config.lora.r + ((b + 1) * fan_in if config.lora.dropout > 0 else 0)
-    return norms + attention + 4 * b * shape.intermediate + adapters
+    # Gathered attention's output is scattered back to the document: o_proj keeps that copy too.
+    scattered = b * q if _gathers_attention(config) else 0
+    return norms + 4 * b * shape.intermediate + adapters + scattered, attention
 
 
 def _micro_batch(config: Config) -> tuple[int, int]:
-    """(rows, tokens per row) of one padded micro-batch: chosen + rejected, plus mixed-in SFT rows. With prefix
-    sharing a pair is one row of up to twice max_seq_length (no shared prompt is the worst case)."""
+    """(rows, tokens per row) of one padded micro-batch: chosen + rejected, plus mixed-in SFT rows."""
     sft_rows = math.ceil(config.training.batch_size * config.data.sft_ratio) if config.data.sft_files else 0
-    if config.data.prefix_sharing:
-        return config.training.batch_size + sft_rows, 2 * config.training.max_seq_length
     return 2 * config.training.batch_size + sft_rows, config.training.max_seq_length
 
 
 def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
     """Bytes autograd holds at the start of backward for one micro-batch (the module docstring)."""
     rows, seq = _micro_batch(config)
-    tokens = rows * seq
+    tokens = rows * seq  # prefix sharing's worst case (no shared prompt) runs as many
     if config.data.packing:  # one row of all sequences
         rows, seq = 1, tokens
-    own_mask = config.data.prefix_sharing  # SequenceLogps builds one mask for all layers (prefix_sharing.py)
+    elif config.data.prefix_sharing:  # one document per pair of up to 2 x max_seq_length, SFT rows as they are
+        rows, seq = rows - config.training.batch_size, 2 * seq
+    if _gathers_attention(config):  # attention runs on the unshared sequences
+        rows, seq = _micro_batch(config)
     per_sequence = {  # saved per row and layer, times seq^2
-        "sdpa": b if config.data.packing and not own_mask else 0,  # the packed row's block-causal mask, converted in each layer
+        "sdpa": b if config.data.packing and not config.data.prefix_sharing else 0,  # the packed row's mask, per layer
         "eager": shape.heads * (FP32 + (b if b < FP32 else 0)),  # the fp32 softmax (and its copy below fp32)
         "flash_attention_2": 0,
         "flex_attention": 0,  # a block mask: a few bytes per 128 x 128 block
     }[config.model.attn_implementation]
-    one_layer = tokens * _layer_bytes_per_token(config, shape, b) + rows * seq**2 * per_sequence
+    outside_attention, attention = _layer_bytes_per_token(config, shape, b)
+    one_layer = tokens * (outside_attention + attention) + rows * seq**2 * per_sequence
     outside = tokens * shape.hidden * (FP32 + b + (b if config.lora is None else 0))
-    if own_mask and config.model.attn_implementation in ("sdpa", "eager"):  # its additive mask, one for all layers
-        outside += rows * seq**2 * b
+    if _gathers_attention(config) and config.model.attn_implementation == "eager":  # its causal mask, all layers
+        outside += seq**2 * b
     if config.model.gradient_checkpointing:
         return tokens * shape.layers * shape.hidden * b + one_layer + outside
     return shape.layers * one_layer + outside

@@ -1,35 +1,38 @@
 """Prefix sharing (`data.prefix_sharing`): a pair's chosen and rejected sequences share their prompt, so
-the decoder runs over the prompt ONCE per pair instead of twice.
+the decoder's linear layers run over the prompt ONCE per pair instead of twice.
 
-A pair becomes one sequence: the tokens chosen and rejected have in common (the prompt, and any
-identical start of the two completions), then chosen's own tokens, then rejected's own tokens.
-Each token carries a branch (0 shared, 1 chosen, 2 rejected) and its position in its own sequence,
-so rejected's tokens take the positions they have in rejected alone. Attention: causal, and a token
-of one branch never sees the other branch's tokens. Every token then sees exactly what it sees in its
-own unshared sequence, at the same positions, so the hidden states, and the log-probs, are the same.
+A pair becomes one document: the tokens chosen and rejected have in common (the prompt, and any
+identical start of the two completions), then chosen's own tokens, then rejected's own tokens. Each
+token keeps the position it has in its own sequence, so rejected's tokens take the positions they
+have in rejected alone. Everything but attention works token by token, so it runs on the document.
+Attention must give every token exactly what it sees in its own unshared sequence; two ways:
 
-The last shared token predicts the first own token of both branches: that one position is scored
-twice, for chosen and for rejected, with different targets. So the scored entries carry their target
-token explicitly (`scored_targets`) instead of "the next token in the row".
+- gather (sdpa, eager, flash_attention_2): each layer gathers q, k, v into the unshared sequences
+  (right-padded rows, chosen i, rejected B + i, SFT 2B + k), runs the model's own kernel on them
+  as on any padded batch (causal, no mask, KV heads grouped), and scatters each document token's
+  output back from its sequence (a shared token from chosen's row). Attention does the unshared
+  work; the projections, norms and MLP do the shared work.
+- block mask (flex_attention): one document-grid attention with a BlockMask from `allowed` (causal,
+  same document, never the other branch), so masked blocks are skipped and the shared prompt's
+  attention is done once too.
 
-Layouts: padded (one row per pair, right-padded; SFT examples one row each) or packed (every pair
-and SFT example back to back in one row; `documents` keeps them apart). The layout is built on the
-host, like the rest of a batch; the attention masks are built on the device from the small per-token
-tensors, for the kernel in use: one additive mask in the model's dtype for sdpa and eager, shared by
-every layer, or a BlockMask for flex_attention (which skips whole blocks that are masked). flash-attention's varlen kernel cannot
-express "see the shared prefix but not the other branch", so that kernel is refused in the config.
+Either way the hidden states, and the log-probs, are the unshared ones. The last shared token
+predicts the first own token of both branches: that one position is scored twice, for chosen and
+for rejected, with different targets, so scored entries carry their target token explicitly.
+
+Layouts: padded (one row per document) or packed (all documents back to back in one row). The
+layout and its gather/scatter indices are built on the host, like the rest of a batch.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 
 import torch
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2
-# Rows are padded to a multiple of 16 tokens: CUDA's memory-efficient sdpa kernel wants the mask's last
-# dimension aligned so, and copies (per layer) a mask that is not.
-WIDTH_MULTIPLE = 16
 
 
 @dataclass
@@ -41,6 +44,8 @@ class SharedDocument:
     branch: list[int]  # SHARED / CHOSEN / REJECTED per token
     completion: list[int]  # 1 where the token is a completion token of a sequence that contains it
     scored: list[tuple[int, int, int]]  # (offset in this document, target token id, owning sequence)
+    sequences: list[tuple[int, list[int]]]  # (sequence, the offsets of its tokens in this document, in order)
+    output_from: list[tuple[int, int]]  # per token: (sequence, position) whose attention output it takes
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -74,14 +79,18 @@ def pair_document(chosen_ids: list[int], chosen_prompt_len: int, rejected_ids: l
     scored = [(t, chosen_ids[t + 1], chosen_owner) for t in _scored_offsets(chosen_prompt_len, len(chosen_ids))]
     scored += [(rejected_offset(t), rejected_ids[t + 1], rejected_owner)
                for t in _scored_offsets(rejected_prompt_len, len(rejected_ids))]
-    return SharedDocument(chosen_ids + rejected_ids[shared:], position_ids, branch, completion, scored)
+    sequences = [(chosen_owner, list(range(len(chosen_ids)))),
+                 (rejected_owner, [rejected_offset(p) for p in range(len(rejected_ids))])]
+    output_from = [(chosen_owner, p) for p in range(len(chosen_ids))] + [(rejected_owner, p) for p in range(shared, len(rejected_ids))]
+    return SharedDocument(chosen_ids + rejected_ids[shared:], position_ids, branch, completion, scored, sequences, output_from)
 
 
 def single_document(ids: list[int], prompt_len: int, owner: int) -> SharedDocument:
     """An SFT example: one sequence, all of it on the shared branch (it has no other)."""
     return SharedDocument(list(ids), list(range(len(ids))), [SHARED] * len(ids),
                           [int(p >= prompt_len) for p in range(len(ids))],
-                          [(t, ids[t + 1], owner) for t in _scored_offsets(prompt_len, len(ids))])
+                          [(t, ids[t + 1], owner) for t in _scored_offsets(prompt_len, len(ids))],
+                          [(owner, list(range(len(ids))))], [(owner, p) for p in range(len(ids))])
 
 
 @dataclass
@@ -97,21 +106,32 @@ class SharedLayout:
     scored_positions: torch.Tensor  # flat indices into the (rows, T) grid
     scored_targets: torch.Tensor
     scored_owners: torch.Tensor
+    attention_gather: torch.Tensor  # (S, L) flat grid index of each token of each unshared sequence (pads: its first)
+    attention_scatter: torch.Tensor  # (rows * T,) flat (S, L) index each grid cell takes its attention output from
 
 
 def place_documents(documents: list[SharedDocument], pad_token_id: int, packed: bool) -> SharedLayout:
     """Padded: document d in row d, right-padded. Packed: all documents back to back in one row."""
     lengths = [len(doc.token_ids) for doc in documents]
     rows, width = (1, sum(lengths)) if packed else (len(documents), max(lengths))
-    width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
     grid = {name: torch.zeros((rows, width), dtype=torch.long)
             for name in ("input_ids", "attention_mask", "completion_mask", "position_ids", "branch")}
     grid["input_ids"].fill_(pad_token_id)
     document_index = torch.full((rows, width), -1, dtype=torch.long) if packed else None
     positions, targets, owners = [], [], []
+    num_sequences = sum(len(doc.sequences) for doc in documents)
+    sequence_length = max(len(offsets) for doc in documents for _, offsets in doc.sequences)
+    gather = torch.zeros((num_sequences, sequence_length), dtype=torch.long)
+    scatter = torch.zeros(rows * width, dtype=torch.long)  # padding cells take sequence 0's first output: never used
     start = 0
     for index, doc in enumerate(documents):
         row, column = (0, start) if packed else (index, 0)
+        first = row * width + column  # the document's first cell
+        for sequence, offsets in doc.sequences:
+            gather[sequence].fill_(first)  # its padding repeats a real token: finite, and never attended (causal)
+            gather[sequence, : len(offsets)] = first + torch.tensor(offsets, dtype=torch.long)
+        for offset, (sequence, position) in enumerate(doc.output_from):
+            scatter[first + offset] = sequence * sequence_length + position
         span = slice(column, column + len(doc.token_ids))
         grid["input_ids"][row, span] = torch.tensor(doc.token_ids, dtype=torch.long)
         grid["attention_mask"][row, span] = 1
@@ -127,13 +147,14 @@ def place_documents(documents: list[SharedDocument], pad_token_id: int, packed: 
         start += len(doc.token_ids)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     return SharedLayout(**grid, documents=document_index, scored_positions=as_tensor(positions),
-                        scored_targets=as_tensor(targets), scored_owners=as_tensor(owners))
+                        scored_targets=as_tensor(targets), scored_owners=as_tensor(owners),
+                        attention_gather=gather, attention_scatter=scatter)
 
 
 def allowed(branch: torch.Tensor, documents: torch.Tensor | None, position_ids: torch.Tensor,
             sliding_window: int | None, b, q, k):
-    """May query offset q of row b attend key offset k? Works on broadcast index tensors (dense masks) and on
-    FlexAttention's scalar indices alike, so the dense and the block-sparse masks are one definition."""
+    """May query offset q of row b attend key offset k (on the document grid)? FlexAttention's mask_mod; written
+    with tensor ops only, so it also evaluates densely on broadcast index tensors (how the tests check it)."""
     branch_k = branch[b, k]
     visible = (k <= q) & ((branch_k == SHARED) | (branch_k == branch[b, q]))
     if documents is not None:
@@ -143,33 +164,108 @@ def allowed(branch: torch.Tensor, documents: torch.Tensor | None, position_ids: 
     return visible
 
 
-def attention_masks(hf_config, dtype: torch.dtype, branch: torch.Tensor, documents: torch.Tensor | None,
-                    position_ids: torch.Tensor) -> dict:
-    """The decoder's per-layer-type masks (transformers takes such a dict as-is) for the kernel in use."""
-    implementation = hf_config._attn_implementation
+@dataclass
+class SharedAttention:
+    """What one layer type's attention gets in place of a mask (transformers passes it through untouched)."""
+
+    gather: torch.Tensor  # (S, L), see SharedLayout
+    scatter: torch.Tensor  # (rows * T,)
+    mask: torch.Tensor | None  # for the unshared rows: causal (+ window) where the kernel needs it spelled out
+
+
+ATTENTION_PREFIX = "dpo_dist_prefix_sharing_"
+
+
+def base_implementation(name: str) -> str:
+    """The attention kernel under the gathering wrapper (the name itself if unwrapped)."""
+    return name.removeprefix(ATTENTION_PREFIX)
+
+
+def _kernel(module, base: str):
+    if base == "eager":  # not in the registry: each model file has its own
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def gathered_attention(module, query, key, value, attention_mask, *, base: str, **kwargs):
+    """The model's `base` kernel, run on the unshared sequences when handed a `SharedAttention`.
+
+    query/key/value are (rows, heads, T, D) on the document grid; the kernel returns (rows', T', heads, D)."""
+    kernel = _kernel(module, base)
+    if not isinstance(attention_mask, SharedAttention):  # an ordinary batch through the same model
+        return kernel(module, query, key, value, attention_mask, **kwargs)
+    layout = attention_mask
+    rows, _, width, _ = query.shape
+    num_sequences, length = layout.gather.shape
+
+    def unshared(states: torch.Tensor) -> torch.Tensor:  # (rows, heads, T, D) -> (S, heads, L, D)
+        heads, dim = states.shape[1], states.shape[3]
+        cells = states.transpose(1, 2).reshape(rows * width, heads, dim)
+        return cells.index_select(0, layout.gather.reshape(-1)).view(num_sequences, length, heads, dim).transpose(1, 2)
+
+    for name in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)  # they describe the document grid; flash-attention would read them as packing
+    output, _ = kernel(module, unshared(query), unshared(key), unshared(value), layout.mask, **kwargs)
+    heads, dim = output.shape[2], output.shape[3]
+    cells = output.reshape(num_sequences * length, heads, dim).index_select(0, layout.scatter)
+    return cells.view(rows, width, heads, dim), None
+
+
+def use_gathered_attention(hf_config) -> None:
+    """Point the model's attention at `gathered_attention` around its kernel (registered once per kernel, with
+    the kernel's own mask builder, so other batches through the same model get the kernel and the masks they
+    always got). The name is never saved with the model."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = hf_config._attn_implementation
+    if name.startswith(ATTENTION_PREFIX):
+        return
+    if name not in ("sdpa", "eager", "flash_attention_2"):
+        raise ValueError(f"data.prefix_sharing cannot gather attention for attn_implementation={name}")
+    wrapped = ATTENTION_PREFIX + name
+    if wrapped not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(wrapped, functools.partial(gathered_attention, base=name))
+        AttentionMaskInterface.register(wrapped, ALL_MASK_ATTENTION_FUNCTIONS[name])
+    hf_config._attn_implementation = wrapped
+
+
+def _unshared_mask(base: str, window: int | None, length: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Right-padded unshared rows need no mask where the kernel is causal by itself (sdpa, flash-attention);
+    eager needs causality spelled out, and sdpa a sliding window (flash-attention takes the window as is)."""
+    if base == "flash_attention_2" or (base == "sdpa" and window is None):
+        return None
+    offsets = torch.arange(length, device=device)
+    visible = offsets[:, None] >= offsets[None, :]
+    if window is not None:
+        visible = visible & (offsets[:, None] - offsets[None, :] < window)
+    return torch.zeros((1, 1, length, length), dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def attention_masks(causal_lm, branch: torch.Tensor, documents: torch.Tensor | None, position_ids: torch.Tensor,
+                    gather: torch.Tensor, scatter: torch.Tensor) -> dict:
+    """The decoder's per-layer-type "masks" (transformers takes such a dict as-is): BlockMasks for flex_attention,
+    else `SharedAttention`s for the gathering wrapper (switched on here, on the first prefix-shared batch)."""
+    hf_config = causal_lm.config
     layer_types = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
-    masks = {}
-    for layer_type in layer_types:
-        window = hf_config.sliding_window if layer_type == "sliding_attention" else None
-        masks[layer_type] = _mask(implementation, dtype, branch, documents, position_ids, window)
-    return masks
+    windows = {layer_type: hf_config.sliding_window if layer_type == "sliding_attention" else None for layer_type in layer_types}
+    if hf_config._attn_implementation == "flex_attention":
+        return {layer_type: _block_mask(branch, documents, position_ids, window) for layer_type, window in windows.items()}
+    use_gathered_attention(hf_config)
+    base = base_implementation(hf_config._attn_implementation)
+    dtype = causal_lm.get_input_embeddings().weight.dtype
+    return {layer_type: SharedAttention(gather, scatter, _unshared_mask(base, window, gather.shape[1], dtype, gather.device))
+            for layer_type, window in windows.items()}
 
 
-def _mask(implementation: str, dtype: torch.dtype, branch, documents, position_ids, window):
+def _block_mask(branch, documents, position_ids, window):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        return allowed(branch, documents, position_ids, window, b, q, k)
+
     rows, width = branch.shape
-    if implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def mask_mod(b, h, q, k):
-            return allowed(branch, documents, position_ids, window, b, q, k)
-
-        return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=branch.device)
-    if implementation not in ("sdpa", "eager"):
-        raise ValueError(f"data.prefix_sharing has no mask for attn_implementation={implementation}")
-    offsets = torch.arange(width, device=branch.device)
-    rows_index = torch.arange(rows, device=branch.device)[:, None, None]
-    dense = allowed(branch, documents, position_ids, window, rows_index, offsets[None, :, None], offsets[None, None, :])
-    # Additive, in the model's dtype, for sdpa too: sdpa turns a boolean mask into that in every layer, and
-    # each layer's copy is kept for backward; this one tensor is shared by all layers.
-    additive = torch.zeros((rows, 1, width, width), dtype=dtype, device=branch.device)
-    return additive.masked_fill_(~dense.unsqueeze(1), torch.finfo(dtype).min)
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=branch.device)
