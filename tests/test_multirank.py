@@ -12,6 +12,7 @@ losses and rewards must agree to 1e-5 and the final weights to 1e-5.
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,9 +88,14 @@ def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_pat
         tmp_path / "c.yaml", tiny_policy, tiny_reference, tmp_path / "run",
         training={"max_steps": STEPS}, deepspeed={"config": "ds_configs/zero3.json"},
     )
-    result = run(deepspeed_launch("train.py", config))
+    command = deepspeed_launch("train.py", config)
+    result = run(command)
     assert_ok(result)
     evals = check_two_rank_run(tmp_path / "run", single_process_run)
+    # Under the deepspeed launcher DeepSpeed's CPU all-reduce maps one /dev/shm file per rank and never removes
+    # it (66 MB of RAM per rank per run, for good); the run removed its own.
+    port = command[command.index("--master_port") + 1]
+    assert [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")] == []
     # ZeRO-3 really shards: rank 0 holds part of the policy and part of the reference.
     for name in ("policy", "reference"):
         line = next(l for l in result.stdout.splitlines() if l.startswith(f"{name}: rank 0 holds"))
