@@ -37,6 +37,8 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   once, outside the layers: the final norm's fp32 input, its normalised input (when trainable) and the
   gathered hidden states of completion tokens, H (4 + b [+ b]); with prefix sharing under eager, the unshared
   rows' causal mask, seq^2 b (one tensor every layer shares).
+  With model.lean_activations each norm keeps its input, b per element, and an fp32 scale per row (no fp32
+  copy, no normalised copy), and the MLP keeps 3 b I (SiLU's output is recomputed); the final norm likewise.
   With gradient checkpointing each layer keeps only its input, b H per token, and backward recomputes one
   layer's full set at a time. Counted for eager layers: with model.compile, fused kernels save less (the
   fp32 norm inputs, SiLU's output), so the plan errs high.
@@ -205,9 +207,13 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> tuple[f
     """(what one decoder layer saves for backward per token outside attention, per token attention runs on);
     the module docstring lists each term."""
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    norms = 2 * h * (FP32 + b) + FP32 * (q + kv)
-    if config.lora is None:  # the norm weights train: their gradient needs the normalised input
-        norms += b * (2 * h + q + kv)
+    if config.model.lean_activations:  # each norm keeps its input as it is and one fp32 scale per row
+        norms = 2 * h * (b + b) + b * (q + kv) + FP32 * (2 + shape.heads + shape.kv_heads)
+    else:
+        norms = 2 * h * (FP32 + b) + FP32 * (q + kv)
+        if config.lora is None:  # the norm weights train: their gradient needs the normalised input
+            norms += b * (2 * h + q + kv)
+    mlp = (3 if config.model.lean_activations else 4) * b * shape.intermediate  # lean: SiLU's output recomputed
     packed_mask = config.data.packing and not config.data.prefix_sharing  # transformers' block-causal mask
     grouped = config.model.attn_implementation in ("flash_attention_2", "flex_attention") or (
         config.model.attn_implementation == "sdpa" and not packed_mask)  # no mask: KV heads as they are
@@ -219,7 +225,7 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> tuple[f
                 adapters += b * config.lora.r + ((b + 1) * fan_in if config.lora.dropout > 0 else 0)
     # Gathered attention's output is scattered back to the document: o_proj keeps that copy too.
     scattered = b * q if _gathers_attention(config) else 0
-    return norms + 4 * b * shape.intermediate + adapters + scattered, attention
+    return norms + mlp + adapters + scattered, attention
 
 
 def _micro_batch(config: Config) -> tuple[int, int]:
@@ -246,7 +252,10 @@ def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
     }[config.model.attn_implementation]
     outside_attention, attention = _layer_bytes_per_token(config, shape, b)
     one_layer = tokens * (outside_attention + attention) + rows * seq**2 * per_sequence
-    outside = tokens * shape.hidden * (FP32 + b + (b if config.lora is None else 0))
+    if config.model.lean_activations:  # the final norm keeps its input and a scale; then the gathered states
+        outside = tokens * (shape.hidden * 2 * b + FP32)
+    else:
+        outside = tokens * shape.hidden * (FP32 + b + (b if config.lora is None else 0))
     if _gathers_attention(config) and config.model.attn_implementation == "eager":  # its causal mask, all layers
         outside += seq**2 * b
     if config.model.gradient_checkpointing:

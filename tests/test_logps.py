@@ -153,13 +153,14 @@ def test_flex_attention_keeps_packed_sequences_apart(model, examples, batch, tok
 
 
 def test_compiled_decoder_layers_match_naive(examples, batch, tokenizer, tiny_policy):
-    """model.compile compiles every decoder layer in place; log-probs and gradients, padded, packed and
-    prefix-shared (an additive mask into the compiled layers), equal the naive eager full-softmax graph's."""
+    """model.compile compiles every decoder layer in place (here with model.lean_activations' autograd functions
+    inside); log-probs and gradients, padded, packed and prefix-shared (attention gathered inside the compiled
+    layers), equal the naive eager full-softmax graph's."""
     from dpo_dist.config import ModelConfig
     from dpo_dist.data import collate_packed, collate_shared_prefix
     from dpo_dist.models import load_causal_lm
 
-    compiled = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), compile=True), torch.float32, None)
+    compiled = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), compile=True, lean_activations=True), torch.float32, None)
     eager = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
     assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
     naive = naive_completion_logps(eager, batch.input_ids, batch.attention_mask, batch.completion_mask)

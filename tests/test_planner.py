@@ -15,7 +15,7 @@ from dpo_dist.data import PreferenceExample, collate, collate_for
 from dpo_dist.engine import training_ds_config
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
-from dpo_dist.models import prepare_policy, read_model_config
+from dpo_dist.models import load_causal_lm, prepare_policy, read_model_config
 from dpo_dist.planner import (DTYPE_BYTES, GIB, ModelShape, activation_bytes, check_memory, device_memory_bytes,
                               plan_memory, zero2_gradient_elements)
 from launching import ROOT, assert_ok, free_port, python_launch, run, write_config
@@ -123,7 +123,9 @@ def test_plan_command(tiny_policy, tmp_path):
 @pytest.mark.parametrize("overrides", [[], ["lora.r=8"], ["data.packing=true"], ["model.attn_implementation=eager"],
                                        ["model.dtype=bfloat16"], ["data.prefix_sharing=true"],
                                        ["data.prefix_sharing=true", "data.packing=true"],
-                                       ["data.prefix_sharing=true", "model.attn_implementation=eager"]])
+                                       ["data.prefix_sharing=true", "model.attn_implementation=eager"],
+                                       ["model.lean_activations=true"], ["model.lean_activations=true", "model.dtype=bfloat16"],
+                                       ["model.lean_activations=true", "model.dtype=bfloat16", "lora.r=8"]])
 def test_activations_are_what_autograd_saves(tmp_path, overrides):
     """The activation term against the bytes autograd saves in the policy's forward (unique storages
     that are not parameters, seen through saved-tensor hooks): any change in transformers' Qwen3 code or
@@ -135,7 +137,7 @@ def test_activations_are_what_autograd_saves(tmp_path, overrides):
     path.write_text(f"model: {{base_model: {model_dir}, dtype: float32}}\ntraining: {{batch_size: 2, max_seq_length: 256}}\n")
     config = load_config(path, overrides)
     dtype = getattr(torch, config.model.dtype)  # bfloat16: RMSNorm saves fp32 upcasts beside bf16 tensors
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=config.model.attn_implementation)
+    model = load_causal_lm(str(model_dir), config.model, dtype, None)  # as training loads it (attention, lean ops)
     policy = prepare_policy(model, config.model, config.lora).train()
     ids = list(range(1, 257))
     other = [512 - i for i in ids]  # rejected shares no token with chosen: prefix sharing's worst case

@@ -1,0 +1,63 @@
+"""model.lean_activations: the same forward bit for bit, the same gradients, less saved for backward."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpo_dist.lean_ops import RMSNormFunction, SiluMulFunction, apply_lean_activations
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_against_autograd_of_the_plain_formulas(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(64)).to(dtype).requires_grad_()
+    grad = torch.randn(3, 5, 64, dtype=dtype)
+
+    def plain_norm(x, weight):  # transformers' Qwen3RMSNorm.forward, written out
+        x32 = x.to(torch.float32)
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    expected = plain_norm(x, weight)
+    expected_grads = torch.autograd.grad(expected, (x, weight), grad)
+    got = RMSNormFunction.apply(x, weight, 1e-6)
+    got_grads = torch.autograd.grad(got, (x, weight), grad)
+    assert torch.equal(got, expected)  # the forward is the same computation
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    for name, a, b in zip(("x", "weight"), got_grads, expected_grads):
+        torch.testing.assert_close(a, b, msg=name, **tolerance)
+
+    gate, up = torch.randn(4, 96, dtype=dtype, requires_grad=True), torch.randn(4, 96, dtype=dtype, requires_grad=True)
+    grad = torch.randn(4, 96, dtype=dtype)
+    expected = torch.nn.functional.silu(gate) * up
+    expected_grads = torch.autograd.grad(expected, (gate, up), grad)
+    got = SiluMulFunction.apply(gate, up)
+    assert torch.equal(got, expected)
+    for a, b in zip(torch.autograd.grad(got, (gate, up), grad), expected_grads):
+        assert torch.equal(a, b)  # autograd's own kernels, the same order
+
+
+def test_lean_model_scores_and_backpropagates_like_the_plain_one(tiny_policy):
+    """Every RMSNorm (4 per layer + the final one) and MLP is swapped; outputs are identical, gradients equal."""
+    from test_logps import naive_completion_logps
+    from conftest import CHAT_RECORD, PLAIN_RECORD
+    from test_logps import make_record
+    from dpo_dist.data import TokenizeStats, collate, tokenize_record
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    stats = TokenizeStats()
+    batch = collate([tokenize_record(make_record(r), tokenizer, 64, "keep_start", stats) for r in (CHAT_RECORD, PLAIN_RECORD)],
+                    tokenizer.pad_token_id)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    lean = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    layers = plain.config.num_hidden_layers
+    assert apply_lean_activations(lean) == 5 * layers + 1
+    outputs = []
+    for model in (plain, lean):
+        logps = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        (logps * torch.tensor([1.0, 0.5, -1.0, 2.0])).sum().backward()
+        outputs.append(logps.detach())
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, a), b in zip(lean.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
