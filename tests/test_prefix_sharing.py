@@ -188,3 +188,17 @@ def test_training_with_prefix_sharing_equals_training_without(tiny_policy, tmp_p
     for plain, shared in zip(plain_eval, shared_eval):
         assert shared["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-5)
         assert shared["eval_num_tokens"] == plain["eval_num_tokens"]
+
+
+def test_shared_forward_and_backward_never_wait_for_the_device(tiny_policy, tokenizer, examples):
+    """Gathered attention, its indices and the scoring all come with the batch: no op in the forward and
+    backward of a prefix-shared batch reads a device value on the host (counted on CPU, where they would sync)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    batch = collate_shared_prefix(examples, tokenizer.pad_token_id)
+    forward_pair(SequenceLogps(model, 5), batch)  # the first call switches the model's attention over
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pair = forward_pair(SequenceLogps(model, 5), batch)
+        (pair.chosen_logps.sum() - pair.rejected_logps.sum()).backward()
+    assert [e.name for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")] == []
