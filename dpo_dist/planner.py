@@ -236,15 +236,11 @@ def _micro_batch(config: Config) -> tuple[int, int]:
 
 def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
     """Bytes autograd holds at the start of backward for one micro-batch (the module docstring)."""
-    rows, seq = _micro_batch(config)
+    rows, seq = _micro_batch(config)  # the rows attention runs on: with prefix sharing, gathered ones
     tokens = rows * seq  # prefix sharing's worst case (no shared prompt) runs as many
-    if config.data.packing:  # one row of all sequences
+    if config.data.packing and not config.data.prefix_sharing:  # one row of all sequences
         rows, seq = 1, tokens
-    elif config.data.prefix_sharing:  # one document per pair of up to 2 x max_seq_length, SFT rows as they are
-        rows, seq = rows - config.training.batch_size, 2 * seq
-    if _gathers_attention(config):  # attention runs on the unshared sequences
-        rows, seq = _micro_batch(config)
-    per_sequence = {  # saved per row and layer, times seq^2
+    per_sequence = {  # saved per row and layer, times seq^2 (flex keeps none, so its row layout does not matter)
         "sdpa": b if config.data.packing and not config.data.prefix_sharing else 0,  # the packed row's mask, per layer
         "eager": shape.heads * (FP32 + (b if b < FP32 else 0)),  # the fp32 softmax (and its copy below fp32)
         "flash_attention_2": 0,
