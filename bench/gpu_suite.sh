@@ -9,10 +9,11 @@
 #   lora-compile     the lora case, dpo-dist alone: eager vs model.compile=true (compiled decoder layers)
 #   full-z2    Qwen3-1.7B-shaped full-parameter under ZeRO-2 (whole parameters, so layers compile cleanly): TRL,
 #              dpo-dist, dpo-dist compiled, dpo-dist packed with flex_attention (block-sparse, no dense mask)
-#   lora-shared  the lora case, dpo-dist alone: padded vs data.prefix_sharing (sdpa, attention gathered per
-#              sequence) without and with model.lean_activations, vs prefix sharing with flex_attention (block
-#              mask), eager and compiled; the prompt is half of each sequence, so prefix sharing runs the
-#              projections and MLP on 3/4 of the tokens. Needs CASE_SECONDS=600
+#   lora-shared  the lora case: TRL, dpo-dist, data.prefix_sharing (sdpa, attention gathered per sequence), and
+#              with model.lean_activations too; the prompt is half of each sequence, so prefix sharing runs the
+#              projections and MLP on 3/4 of the tokens. Needs CASE_SECONDS=420 (four 4B runs)
+#   lora-shared-flex  the lora case, dpo-dist alone: padded vs prefix sharing with flex_attention (block mask),
+#              eager and compiled
 #   full-lean  the full case (1.7B, ZeRO-3, no checkpointing): TRL, dpo-dist, + lean_activations, + prefix sharing
 #   full-z2-shared  the full-z2 shape, dpo-dist alone: padded vs prefix sharing with flex_attention, eager and compiled
 #   grad-parity  bench/grad_vs_nograd.py on the 1.7B shape: does a grad-enabled forward score like a no-grad one,
@@ -50,10 +51,11 @@ for case in "$@"; do
         lora-compile) args=("${LORA[@]}" --no-trl --variant compile:model.compile=true) ;;
         full-z2) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --variant compile:model.compile=true
                        --variant flexpacked:data.packing=true,model.attn_implementation=flex_attention) ;;
-        lora-shared) args=("${LORA[@]}" --no-trl --variant shared:data.prefix_sharing=true
-                           --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true
-                           --variant sharedflex:data.prefix_sharing=true,model.attn_implementation=flex_attention
-                           --variant sharedflexcompile:data.prefix_sharing=true,model.attn_implementation=flex_attention,model.compile=true) ;;
+        lora-shared) args=("${LORA[@]}" --variant shared:data.prefix_sharing=true
+                           --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true) ;;
+        lora-shared-flex) args=("${LORA[@]}" --no-trl
+                                --variant sharedflex:data.prefix_sharing=true,model.attn_implementation=flex_attention
+                                --variant sharedflexcompile:data.prefix_sharing=true,model.attn_implementation=flex_attention,model.compile=true) ;;
         full-z2-shared) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-trl
                               --variant sharedflex:data.prefix_sharing=true,model.attn_implementation=flex_attention
                               --variant sharedflexcompile:data.prefix_sharing=true,model.attn_implementation=flex_attention,model.compile=true) ;;
