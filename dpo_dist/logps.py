@@ -141,11 +141,10 @@ class SequenceLogps(nn.Module):
             hidden = decoder(input_ids=input_ids, attention_mask=causal_only_masks(self.causal_lm.config), use_cache=False).last_hidden_state
         # Only completion-predicting positions are projected: prompt and padding never reach the lm_head.
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored_positions)  # (N, H)
-        targets = scored_targets  # (N,) the tokens they predict
 
         token_logps, token_mean_logits = [], []
         for start in range(0, hidden.shape[0], self.chunk_tokens):
-            chunk = (hidden[start : start + self.chunk_tokens], targets[start : start + self.chunk_tokens])
+            chunk = (hidden[start : start + self.chunk_tokens], scored_targets[start : start + self.chunk_tokens])
             if torch.is_grad_enabled() and hidden.requires_grad:
                 logps, mean_logits = checkpoint(_chunk_token_stats, lm_head, *chunk, use_reentrant=False)
             else:
