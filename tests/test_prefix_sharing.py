@@ -160,10 +160,16 @@ def test_sliding_window_layers(tmp_path, tokenizer, examples):
     torch.testing.assert_close(torch.cat([pair.chosen_logps, pair.rejected_logps]), naive, atol=1e-5, rtol=0)
 
 
-def test_training_with_prefix_sharing_equals_training_without(tiny_policy, tmp_path):
-    """Same losses, gradient norms and evals over 3 steps (full fine-tuning, separate reference, ZeRO-2,
-    SFT mixed in, gradient checkpointing: backward recomputes the gathered attention); the same num_tokens
-    (the sequences' tokens), fewer processed by the decoder."""
+@pytest.mark.parametrize("recipe", [
+    {},  # full fine-tuning, separate reference model
+    # LoRA with the adapter-disabled reference (the PEFT model's config is the one switched over), packed,
+    # lean activations on the shared side only
+    {"lora": {"r": 8, "alpha": 16}, "shared": {"model": {"lean_activations": True}, "data": {"packing": True}}},
+], ids=["full", "lora-packed-lean"])
+def test_training_with_prefix_sharing_equals_training_without(tiny_policy, tmp_path, recipe):
+    """Same losses, gradient norms and evals over 3 steps (ZeRO-2, SFT mixed in, gradient checkpointing:
+    backward recomputes the gathered attention); the same num_tokens (the sequences' tokens), fewer
+    processed by the decoder."""
     from conftest import write_jsonl
 
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Sort ascending: {a} {b}\nAnswer:", "completion": f" {min(a, b)} {max(a, b)}"}
@@ -171,9 +177,12 @@ def test_training_with_prefix_sharing_equals_training_without(tiny_policy, tmp_p
     runs = {}
     for shared in (False, True):
         out = tmp_path / f"shared-{shared}"
-        config = write_config(tmp_path / f"{shared}.yaml", tiny_policy, None, out, model={"gradient_checkpointing": True},
-                              training={"max_steps": 3, "learning_rate": 1e-2, "warmup_ratio": 0.0},
-                              data={"prefix_sharing": shared, "sft_files": [str(sft)], "sft_ratio": 0.5})
+        extra = recipe.get("shared", {}) if shared else {}
+        sections = {"lora": recipe["lora"]} if "lora" in recipe else {}
+        config = write_config(tmp_path / f"{shared}.yaml", tiny_policy, None, out, **sections,
+                              model={"gradient_checkpointing": True, **extra.get("model", {})},
+                              training={"max_steps": 3, "learning_rate": 3e-2 if "lora" in recipe else 1e-2, "warmup_ratio": 0.0},
+                              data={"prefix_sharing": shared, "sft_files": [str(sft)], "sft_ratio": 0.5, **extra.get("data", {})})
         assert_ok(run(python_launch("train.py", config)))
         runs[shared] = read_metrics(out)
     (plain_train, plain_eval), (shared_train, shared_eval) = runs[False], runs[True]
