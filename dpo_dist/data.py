@@ -311,17 +311,18 @@ def collate_shared_prefix(
                   for k, e in enumerate(sft_examples)]
     layout = prefix_sharing.place_documents(documents, pad_token_id, packed)
     pair_lengths = [len(doc.token_ids) for doc in documents[:num_pairs]]
+    pair_tokens = sum(e.num_tokens for e in examples)  # counted unshared, as TRL counts
     weights = torch.tensor(pair_weight if pair_weight is not None else [1.0] * num_pairs, dtype=torch.float32)
     return PairBatch(
         layout.input_ids, layout.attention_mask, layout.completion_mask, weights, [e.uid for e in examples],
         len(sft_examples), layout.position_ids, layout.documents, layout.branch,
         layout.attention_gather, layout.attention_scatter,
         layout.scored_positions, layout.scored_targets, layout.scored_owners,
-        num_tokens=sum(e.num_tokens for e in examples) + sum(len(e.chosen_ids) for e in sft_examples),
+        num_tokens=pair_tokens + sum(len(e.chosen_ids) for e in sft_examples),
         pair_rows=1 if packed else num_pairs,
         pair_width=sum(pair_lengths) if packed else max(pair_lengths),
         pair_scored=sum(len(doc.scored) for doc in documents[:num_pairs]),
-        pair_tokens=sum(e.num_tokens for e in examples),
+        pair_tokens=pair_tokens,
     )
 
 

@@ -203,9 +203,9 @@ def _gathers_attention(config: Config) -> bool:
     return config.data.prefix_sharing and config.model.attn_implementation != "flex_attention"
 
 
-def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> tuple[float, float]:
-    """(what one decoder layer saves for backward per token outside attention, per token attention runs on);
-    the module docstring lists each term."""
+def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
+    """What one decoder layer saves for backward per token (the module docstring lists each term). Gathered
+    attention runs on the unshared sequences, as many tokens as the plan's worst case puts on the document."""
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     if config.model.lean_activations:  # each norm keeps its input as it is and one fp32 scale per row
         norms = 2 * h * (b + b) + b * (q + kv) + FP32 * (2 + shape.heads + shape.kv_heads)
@@ -225,7 +225,7 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> tuple[f
                 adapters += b * config.lora.r + ((b + 1) * fan_in if config.lora.dropout > 0 else 0)
     # Gathered attention's output is scattered back to the document: o_proj keeps that copy too.
     scattered = b * q if _gathers_attention(config) else 0
-    return norms + mlp + adapters + scattered, attention
+    return norms + attention + mlp + adapters + scattered
 
 
 def _micro_batch(config: Config) -> tuple[int, int]:
@@ -246,8 +246,7 @@ def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
         "flash_attention_2": 0,
         "flex_attention": 0,  # a block mask: a few bytes per 128 x 128 block
     }[config.model.attn_implementation]
-    outside_attention, attention = _layer_bytes_per_token(config, shape, b)
-    one_layer = tokens * (outside_attention + attention) + rows * seq**2 * per_sequence
+    one_layer = tokens * _layer_bytes_per_token(config, shape, b) + rows * seq**2 * per_sequence
     if config.model.lean_activations:  # the final norm keeps its input and a scale; then the gathered states
         outside = tokens * (shape.hidden * 2 * b + FP32)
     else:

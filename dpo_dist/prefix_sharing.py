@@ -141,7 +141,7 @@ def place_documents(documents: list[SharedDocument], pad_token_id: int, packed: 
         if packed:
             document_index[row, span] = index
         for offset, target, owner in doc.scored:
-            positions.append(row * width + column + offset)
+            positions.append(first + offset)
             targets.append(target)
             owners.append(owner)
         start += len(doc.token_ids)
