@@ -9,13 +9,15 @@
 #   lora-compile     the lora case, dpo-dist alone: eager vs model.compile=true (compiled decoder layers)
 #   full-z2    Qwen3-1.7B-shaped full-parameter under ZeRO-2 (whole parameters, so layers compile cleanly): TRL,
 #              dpo-dist, dpo-dist compiled, dpo-dist packed with flex_attention (block-sparse, no dense mask)
-#   lora-shared  the lora case: TRL, dpo-dist, data.prefix_sharing (sdpa, attention gathered per sequence), and
-#              with model.lean_activations too; the prompt is half of each sequence, so prefix sharing runs the
-#              projections and MLP on 3/4 of the tokens. Needs CASE_SECONDS=420 (four 4B runs)
+#   lora-shared  the lora case: TRL, dpo-dist, data.prefix_sharing (sdpa, attention gathered per sequence) with
+#              model.lean_activations; the prompt is half of each sequence, so prefix sharing runs the
+#              projections and MLP on 3/4 of the tokens
 #   lora-shared-flex  the lora case, dpo-dist alone: padded vs prefix sharing with flex_attention (block mask),
 #              eager and compiled
 #   full-lean  the full case (1.7B, ZeRO-3, no checkpointing): TRL, dpo-dist, + lean_activations, + prefix sharing
 #   full-z2-shared  the full-z2 shape, dpo-dist alone: padded vs prefix sharing with flex_attention, eager and compiled
+#   ceiling    bench/decoder_ceiling.py: one micro-batch of the 4B LoRA and 1.7B full shapes in plain PyTorch (no
+#              engine), per phase, eager / lean activations / Liger-Kernel / compiled layers: what the decoder costs
 #   grad-parity  bench/grad_vs_nograd.py on the 1.7B shape: does a grad-enabled forward score like a no-grad one,
 #              per sdpa backend (why bf16's first loss was 3e-4 off ln 2 on the H200)
 #   profile-lora, profile-full   bench/profile_step.py (2 warm-up steps, 1 profiled) on dpo-dist's config of an
@@ -51,8 +53,7 @@ for case in "$@"; do
         lora-compile) args=("${LORA[@]}" --no-trl --variant compile:model.compile=true) ;;
         full-z2) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --variant compile:model.compile=true
                        --variant flexpacked:data.packing=true,model.attn_implementation=flex_attention) ;;
-        lora-shared) args=("${LORA[@]}" --variant shared:data.prefix_sharing=true
-                           --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true) ;;
+        lora-shared) args=("${LORA[@]}" --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true) ;;
         lora-shared-flex) args=("${LORA[@]}" --no-trl
                                 --variant sharedflex:data.prefix_sharing=true,model.attn_implementation=flex_attention
                                 --variant sharedflexcompile:data.prefix_sharing=true,model.attn_implementation=flex_attention,model.compile=true) ;;
@@ -65,8 +66,13 @@ for case in "$@"; do
             timeout "${CASE_SECONDS:-270}" python3 bench/grad_vs_nograd.py --device cuda --preset qwen3-1.7b 2>&1 \
                 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
             continue ;;
+        ceiling)
+            { timeout 200 python3 bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,lean,liger,compile
+              timeout 100 python3 bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0 --variants eager,lean,liger
+            } 2>&1 | grep -v -e WARNING -e "warn" | tee "$OUT/$case.log"
+            continue ;;
         profile-lora|profile-full)
-            candidates=$([ "$case" = profile-lora ] && echo "lora-ours lora-compile lora" || echo "full-ckpt-ours full-ckpt full")
+            candidates=$([ "$case" = profile-lora ] && echo "lora-ours lora-shared lora-compile lora" || echo "full-ckpt-ours full-lean full-ckpt full")
             config=$(for c in $candidates; do [ -f "$WORK/$c/dpo_dist.yaml" ] && echo "$WORK/$c/dpo_dist.yaml" && break; done)
             [ -n "$config" ] || { echo "$case: run one of $candidates first"; continue; }
             timeout "${CASE_SECONDS:-270}" python3 bench/profile_step.py --warmup 2 --steps 1 --config "$config" \

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dpo_dist, also when not installed
@@ -59,16 +60,18 @@ def is_python_frame(name: str) -> bool:
     return ".py(" in name or name.startswith("<built-in")
 
 
-def top_ops(prof, on_gpu: bool) -> list[dict]:
-    """The ops (not Python frames) with the most self time: device time on a GPU, else CPU time."""
+def top_ops(prof, on_gpu: bool) -> tuple[list[dict], float]:
+    """The ops (not Python frames) with the most self time: device time on a GPU, else CPU time; and the
+    total of that time over all ops in ms (on a GPU: how long the device was busy)."""
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     averages = [event for event in prof.key_averages() if getattr(event, key) > 0 and not is_python_frame(event.key)]
     total = sum(getattr(event, key) for event in averages) or 1
     averages.sort(key=lambda event: getattr(event, key), reverse=True)
-    return [
+    rows = [
         {"op": event.key, "calls": event.count, "self_ms": getattr(event, key) / 1e3, "share": getattr(event, key) / total}
         for event in averages[:TOP_OPS]
     ]
+    return rows, total / 1e3
 
 
 def sync_sites(prof, steps: int) -> list[dict]:
@@ -99,14 +102,17 @@ def main(config, args) -> int:
     on_gpu = trainer.dist.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities, with_stack=True, record_shapes=False) as prof:
+        began = time.perf_counter()
         run_steps(trainer, profiled)
         if on_gpu:
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - began) * 1e3
     if trainer.dist.is_main:
         out = Path(config.training.output_dir) / "profile"
         out.mkdir(parents=True, exist_ok=True)
+        ops, busy_ms = top_ops(prof, on_gpu)
         summary = {"device": str(trainer.dist.device), "world_size": trainer.dist.world_size, "steps": args.steps,
-                   "top_ops": top_ops(prof, on_gpu), "syncs": sync_sites(prof, args.steps)}
+                   "wall_ms": wall_ms, "busy_ms": busy_ms, "top_ops": ops, "syncs": sync_sites(prof, args.steps)}
         (out / "profile.json").write_text(json.dumps(summary, indent=1))
         prof.export_chrome_trace(str(out / "trace.json"))
         print_summary(summary, out)
@@ -116,7 +122,9 @@ def main(config, args) -> int:
 
 def print_summary(summary: dict, out: Path) -> None:
     unit = "device" if summary["device"].startswith("cuda") else "CPU"
-    print(f"\ntop ops by self {unit} time over {summary['steps']} profiled step(s), rank 0:")
+    print(f"\n{summary['steps']} profiled step(s): {summary['wall_ms']:.0f} ms wall (profiler overhead included), "
+          f"{unit} busy {summary['busy_ms']:.0f} ms ({summary['busy_ms'] / summary['wall_ms']:.0%})")
+    print(f"top ops by self {unit} time, rank 0:")
     for row in summary["top_ops"]:
         print(f"  {row['share']:6.1%} {row['self_ms']:10.1f} ms {row['calls']:7d}x  {row['op']}")
     print("\nhost syncs per step, by call site:" if summary["syncs"] else "\nhost syncs per step: none")
