@@ -14,8 +14,9 @@ events, in plain PyTorch. Per variant (each on a freshly built model):
     python bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0            # full-parameter
 
 Prints per variant: ms per micro-batch for each phase, the host's own time to issue the work (when it is
-close to the device's, the step is launch-bound), peak memory above the weights, and MFU against both
-the datasheet peak and a measured bf16 GEMM of the layer's MLP shape.
+close to the device's, the step is launch-bound), peak memory above the weights, MFU against both the
+datasheet peak and a measured bf16 GEMM of the layer's MLP shape, and how far the variant's sequence
+log-probs are from the first variant's (the same random weights and batch).
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def run_variant(args, variant: str) -> dict:
         "device_ms": {phase: sorted(values)[len(values) // 2] for phase, values in device_ms.items()},
         "host_ms": {phase: sorted(values)[len(values) // 2] for phase, values in host_ms.items()},
         "peak_above_weights_gb": peak / 1e9,
+        "logps": logps.detach().double().cpu(),  # the last policy forward's sequence log-probs
     }
 
 
@@ -197,7 +199,8 @@ def main() -> None:
           f"{args.rows} x {args.seq_len} tokens, {flops_per_token / 1e9:.1f} GFLOP/token; "
           f"bf16 GEMM {tokens}x{args.hidden}x{args.intermediate}: {gemm:.0f} TFLOP/s")
     print(f"{'variant':<9} {'policy fwd':>10} {'backward':>9} {'ref fwd':>8} {'total ms':>9} {'host ms':>8} "
-          f"{'peak GB':>8} {'MFU':>6} {'of GEMM':>8}")
+          f"{'peak GB':>8} {'MFU':>6} {'of GEMM':>8} {'max |dlogp|':>12}")
+    first_logps = None  # the first variant's log-probs: the others are compared with them
     from transformers.models.qwen3 import modeling_qwen3
 
     patched_by_liger = ("apply_rotary_pos_emb", "Qwen3RMSNorm", "Qwen3MLP")  # module globals it replaces
@@ -212,11 +215,15 @@ def main() -> None:
             for name, value in originals.items():  # the next variant's model gets transformers' own modules
                 setattr(modeling_qwen3, name, value)
         device, host = result["device_ms"], result["host_ms"]
+        if first_logps is None:
+            first_logps, difference = result["logps"], "(baseline)"
+        else:  # bf16 sums of ~1,000 token log-probs of ~12 each: differences of a few units are rounding
+            difference = f"{(result['logps'] - first_logps).abs().max().item():12.3f}"
         total = sum(device.values())
         achieved = flops_per_token * tokens / (total / 1e3) / 1e12
         print(f"{variant:<9} {device['policy_forward']:10.1f} {device['backward']:9.1f} {device['reference_forward']:8.1f} "
               f"{total:9.1f} {sum(host.values()):8.1f} {result['peak_above_weights_gb']:8.1f} "
-              f"{achieved / PEAK_TFLOPS:6.3f} {achieved / gemm:8.3f}")
+              f"{achieved / PEAK_TFLOPS:6.3f} {achieved / gemm:8.3f} {difference}")
     print(f"(parameters {counts['parameters'] / 1e9:.2f} B, trainable {counts['trainable'] / 1e6:.1f} M)")
 
 

@@ -279,6 +279,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trl-backend", choices=["deepspeed", "ddp"], default="deepspeed")
     parser.add_argument("--no-trl", action="store_true", help="dpo-dist runs only (no ratios)")
     parser.add_argument("--no-packing", action="store_true", help="skip the dpo-dist data.packing=true variant")
+    parser.add_argument("--no-defaults", action="store_true", help="skip the dpo-dist run with default settings (variants only)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="one more dpo-dist run with these config overrides, e.g. chunk256:model.logps_chunk_tokens=256")
     parser.add_argument("--work-dir", default=None, help="default: a fresh temp dir, removed at the end")
@@ -346,7 +347,7 @@ def main() -> None:
     flops, counts = model_flops_per_token(args)
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs = ([] if args.no_trl else [("trl", None)]) + [("dpo_dist", [])]
+    runs = ([] if args.no_trl else [("trl", None)]) + ([] if args.no_defaults else [("dpo_dist", [])])
     runs += [] if args.no_packing else [("dpo_dist_packed", ["data.packing=true"])]
     for spec in args.variant:
         name, _, overrides = spec.partition(":")

@@ -63,6 +63,12 @@ class ModelConfig:
         "fp32 copy; SiLU recomputed): the same forward bit for bit, about a quarter less activation memory per "
         "layer in bf16 without gradient checkpointing.",
     )
+    liger_kernels: bool = _opt(
+        False,
+        "Liger-Kernel's Triton RMSNorm, SiLU gate and rotary embedding in the decoder (CUDA; pip install liger-kernel). "
+        "Fewer, fused kernels for the memory-bound ops between the matmuls, and the activation savings of "
+        "model.lean_activations (it replaces them). Not with model.compile, which fuses the same ops itself.",
+    )
     logps_chunk_tokens: int | None = _opt(
         None,
         "Completion tokens per chunk when computing log-probs; bounds the [chunk, vocab] fp32 logits in memory. "
@@ -72,6 +78,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.logps_chunk_tokens is not None and self.logps_chunk_tokens < 1:
             raise UserError("model.logps_chunk_tokens must be >= 1")
+        if self.liger_kernels and self.compile:
+            raise UserError(
+                "model.liger_kernels=true with model.compile=true: the compiled layers fuse the norms, SiLU gate and "
+                "rotary embedding themselves, and Liger's hand-written kernels would split them apart. Choose one"
+            )
 
     @property
     def policy_path(self) -> str:
@@ -204,6 +215,12 @@ class DataConfig:
 class DeepSpeedConfig:
     config: str = _opt("ds_configs/zero2.json", "DeepSpeed JSON; 'auto' fields are filled from this config.")
     timeout_minutes: float = _opt(30.0, "Collective timeout in minutes (fractions allowed): a hung rank ends the job after this long.")
+    zero3_whole_layers: bool = _opt(
+        True,
+        "Under ZeRO-3, gather and release each decoder layer's parameters as one unit (DeepSpeed's z3 leaf "
+        "modules) instead of in hooks on each of its ~10 submodules: far fewer hook calls per step, at the cost "
+        "of one whole layer gathered at a time.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -337,12 +337,34 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]  # ZeRO's optimizers reject an empty group
 
 
+def gather_whole_layers(module: nn.Module, ds_config: dict) -> int:
+    """Under ZeRO-3, make each decoder layer one unit of parameter gathering (`deepspeed.zero3_whole_layers`);
+    returns how many layers were marked.
+
+    DeepSpeed hooks every submodule that holds parameters: in a Qwen3 layer the four projections, two
+    norms, q/k norms and three MLP projections (and PEFT's adapters under each), each with a gather before
+    and a release after it, in the policy's forward, its backward and the reference's forward. On one GPU
+    that bookkeeping, not communication, is most of a ZeRO-3 step (bench/RESULTS.md). A layer marked as
+    a z3 leaf is gathered whole by one hook and its submodules get none."""
+    if zero_stage(ds_config) != 3:
+        return 0
+    from deepspeed.utils import set_z3_leaf_modules
+
+    layer_classes = {type(sub) for sub in module.modules() if type(sub).__name__.endswith("DecoderLayer")}
+    if not layer_classes:
+        return 0
+    return len(set_z3_leaf_modules(module, list(layer_classes)))
+
+
 class TrainEngine:
     """A DeepSpeed engine around the policy `SequenceLogps`, with the optimizer and LR schedule."""
 
-    def __init__(self, module: nn.Module, ds_config: dict, training: TrainingConfig, total_steps: int):
+    def __init__(self, module: nn.Module, ds_config: dict, training: TrainingConfig, total_steps: int,
+                 whole_layers: bool = False):
         import deepspeed
 
+        if whole_layers:
+            gather_whole_layers(module, ds_config)
         warmup_steps = math.ceil(training.warmup_ratio * total_steps)
         optimizer = torch.optim.AdamW(
             _param_groups(module, training.weight_decay),
@@ -399,7 +421,7 @@ class TrainEngine:
         self.engine.empty_partition_cache()
 
 
-def build_inference_engine(module: nn.Module, ds_config: dict, device: torch.device) -> nn.Module:
+def build_inference_engine(module: nn.Module, ds_config: dict, device: torch.device, whole_layers: bool = False) -> nn.Module:
     """A frozen model for scoring: ZeRO-3 sharded (and maybe CPU-offloaded) through DeepSpeed, else plain."""
     module.eval()
     module.requires_grad_(False)
@@ -407,6 +429,8 @@ def build_inference_engine(module: nn.Module, ds_config: dict, device: torch.dev
         return module.to(device)
     import deepspeed
 
+    if whole_layers:
+        gather_whole_layers(module, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config)
     engine.eval()
     return engine

@@ -13,15 +13,24 @@ In fp32 the norms save nothing (their input already is fp32); the MLP still save
 
 `apply_lean_activations` swaps the forward of those modules in place; hooks on them (ZeRO-3's gathers,
 PEFT's adapters on the projections) are untouched.
+
+`apply_liger_kernels` (`model.liger_kernels`, CUDA) swaps the same modules to Liger-Kernel's Triton
+kernels instead, which keep the same tensors for backward (input + fp32 scale per row for the norm; gate
+and up for the MLP) and also fuse each op's elementwise passes into one kernel; plus Liger's rotary
+embedding. On an H200, one micro-batch of 2 x 2 x 2,048 tokens in plain PyTorch (bench/decoder_ceiling.py)
+took 672 ms instead of 898 (Qwen3-4B, LoRA) and 241 instead of 366 (Qwen3-1.7B, full-parameter).
 """
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dpo_dist.errors import UserError
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -91,4 +100,50 @@ def apply_lean_activations(model: nn.Module) -> int:
         elif _is_silu_mlp(module):
             module.forward = types.MethodType(_mlp_forward, module)
             swapped += 1
+    return swapped
+
+
+def _liger_functions():
+    """Liger-Kernel's autograd functions, or one clear error saying what is missing."""
+    if not torch.cuda.is_available():
+        raise UserError("model.liger_kernels=true needs a CUDA GPU: Liger-Kernel's kernels are written in Triton. "
+                        "Use model.lean_activations=true on this machine")
+    try:
+        from liger_kernel.ops import LigerRMSNormFunction, LigerSiLUMulFunction
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except ImportError as err:
+        raise UserError(f"model.liger_kernels=true: Liger-Kernel is not importable ({err}). "
+                        "Install it (pip install liger-kernel) or set model.liger_kernels=false") from None
+    return LigerRMSNormFunction, LigerSiLUMulFunction, liger_rotary_pos_emb
+
+
+def apply_liger_kernels(model: nn.Module) -> int:
+    """Swap every RMSNorm and SiLU-gated MLP of `model` to Liger's kernels, and the rotary embedding of its
+    attention modules' transformers module; returns how many modules were swapped.
+
+    Norm settings are those Liger itself uses for Qwen2/Qwen3 (no weight offset, Llama casting: fp32 math,
+    output cast back before the weight). The rotary embedding is a module-level function in transformers
+    (each attention forward looks it up by name), so it is replaced for that model family in this process:
+    every model of the family built in this process afterwards uses it too, which in a training process
+    means the policy and its reference, both configured alike."""
+    rms_norm, silu_mul, rotary = _liger_functions()
+
+    def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", True, None)
+
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_mul.apply(self.gate_proj(x), self.up_proj(x)))
+
+    swapped = 0
+    for module in model.modules():
+        if _is_rms_norm(module):
+            module.forward = types.MethodType(rms_norm_forward, module)
+            swapped += 1
+        elif _is_silu_mlp(module):
+            module.forward = types.MethodType(mlp_forward, module)
+            swapped += 1
+        elif type(module).__name__.endswith("Attention"):
+            family = sys.modules[type(module).__module__]
+            if hasattr(family, "apply_rotary_pos_emb"):
+                family.apply_rotary_pos_emb = rotary
     return swapped

@@ -16,7 +16,7 @@ from torch import nn
 
 from dpo_dist.config import LoRAConfig, ModelConfig
 from dpo_dist.errors import UserError
-from dpo_dist.lean_ops import apply_lean_activations
+from dpo_dist.lean_ops import apply_lean_activations, apply_liger_kernels
 
 
 def _missing_model_error(name: str, err: Exception) -> UserError:
@@ -85,7 +85,9 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
         except ImportError as err:  # e.g. flash_attention_2 requested without the package
             raise UserError(f"model.attn_implementation={model_config.attn_implementation}: {err}") from None
     model.config.use_cache = False
-    if model_config.lean_activations:
+    if model_config.liger_kernels:  # keeps what the lean ops keep, in fused kernels
+        apply_liger_kernels(model)
+    elif model_config.lean_activations:
         apply_lean_activations(model)
     if model_config.compile:
         compile_decoder_layers(model)

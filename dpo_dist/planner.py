@@ -37,8 +37,9 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   once, outside the layers: the final norm's fp32 input, its normalised input (when trainable) and the
   gathered hidden states of completion tokens, H (4 + b [+ b]); with prefix sharing under eager, the unshared
   rows' causal mask, seq^2 b (one tensor every layer shares).
-  With model.lean_activations each norm keeps its input, b per element, and an fp32 scale per row (no fp32
-  copy, no normalised copy), and the MLP keeps 3 b I (SiLU's output is recomputed); the final norm likewise.
+  With model.lean_activations (or model.liger_kernels, whose kernels keep the same) each norm keeps its
+  input, b per element, and an fp32 scale per row (no fp32 copy, no normalised copy), and the MLP keeps
+  3 b I (SiLU's output is recomputed); the final norm likewise.
   With gradient checkpointing each layer keeps only its input, b H per token, and backward recomputes one
   layer's full set at a time. Counted for eager layers: with model.compile, fused kernels save less (the
   fp32 norm inputs, SiLU's output), so the plan errs high.
@@ -203,17 +204,22 @@ def _gathers_attention(config: Config) -> bool:
     return config.data.prefix_sharing and config.model.attn_implementation != "flex_attention"
 
 
+def _keeps_less(config: Config) -> bool:
+    """model.lean_activations, or Liger's kernels, which keep the same tensors for backward."""
+    return config.model.lean_activations or config.model.liger_kernels
+
+
 def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
     """What one decoder layer saves for backward per token (the module docstring lists each term). Gathered
     attention runs on the unshared sequences, as many tokens as the plan's worst case puts on the document."""
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    if config.model.lean_activations:  # each norm keeps its input as it is and one fp32 scale per row
+    if _keeps_less(config):  # each norm keeps its input as it is and one fp32 scale per row
         norms = 2 * h * (b + b) + b * (q + kv) + FP32 * (2 + shape.heads + shape.kv_heads)
     else:
         norms = 2 * h * (FP32 + b) + FP32 * (q + kv)
         if config.lora is None:  # the norm weights train: their gradient needs the normalised input
             norms += b * (2 * h + q + kv)
-    mlp = (3 if config.model.lean_activations else 4) * b * shape.intermediate  # lean: SiLU's output recomputed
+    mlp = (3 if _keeps_less(config) else 4) * b * shape.intermediate  # lean: SiLU's output recomputed
     packed_mask = config.data.packing and not config.data.prefix_sharing  # transformers' block-causal mask
     grouped = config.model.attn_implementation in ("flash_attention_2", "flex_attention") or (
         config.model.attn_implementation == "sdpa" and not packed_mask)  # no mask: KV heads as they are
@@ -247,7 +253,7 @@ def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
         "flex_attention": 0,  # a block mask: a few bytes per 128 x 128 block
     }[config.model.attn_implementation]
     one_layer = tokens * _layer_bytes_per_token(config, shape, b) + rows * seq**2 * per_sequence
-    if config.model.lean_activations:  # the final norm keeps its input and a scale; then the gathered states
+    if _keeps_less(config):  # the final norm keeps its input and a scale; then the gathered states
         outside = tokens * (shape.hidden * 2 * b + FP32)
     else:
         outside = tokens * shape.hidden * (FP32 + b + (b if config.lora is None else 0))

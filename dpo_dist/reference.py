@@ -41,7 +41,7 @@ def build_model_reference(config: Config, dtype: torch.dtype, train_ds_config: d
     ref_ds = reference_ds_config(train_ds_config, config.reference.offload)
     model = load_causal_lm(config.model.reference_path, config.model, dtype, ref_ds)
     scorer = SequenceLogps(model, config.model.logps_chunk_tokens)
-    return ModelReference(build_inference_engine(scorer, ref_ds, device), model)
+    return ModelReference(build_inference_engine(scorer, ref_ds, device, config.deepspeed.zero3_whole_layers), model)
 
 
 class AdapterReference:

@@ -122,9 +122,11 @@ class Trainer:
         self.causal_lm = policy
         scorer = SequenceLogps(policy, config.model.logps_chunk_tokens)
         if train:
-            self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1))
+            self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1),
+                                      config.deepspeed.zero3_whole_layers)
         else:
-            self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device)
+            self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device,
+                                                 config.deepspeed.zero3_whole_layers)
         if mode == "adapter":
             self.reference = AdapterReference(self.policy, policy)
         # For mfu: parameter counts of what runs per token (the reference's forward only in model/adapter mode).
