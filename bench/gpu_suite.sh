@@ -16,8 +16,8 @@
 #              eager and compiled
 #   full-lean  the full case (1.7B, ZeRO-3, no checkpointing): TRL, dpo-dist, + lean_activations, + prefix sharing
 #   full-z2-shared  the full-z2 shape, dpo-dist alone: padded vs prefix sharing with flex_attention, eager and compiled
-#   lora-fast  the lora case: TRL, then dpo-dist with prefix sharing + lean activations + compiled layers, and with
-#              prefix sharing + Liger-Kernel (no default dpo-dist run: the lora case has it)
+#   lora-fast  the lora case: TRL, then dpo-dist with prefix sharing + lean activations + compiled layers (no default
+#              dpo-dist run: the lora case has it)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
 #   ceiling    bench/decoder_ceiling.py: one micro-batch of the 4B LoRA and 1.7B full shapes in plain PyTorch (no
@@ -58,8 +58,7 @@ for case in "$@"; do
         full-z2) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --variant compile:model.compile=true
                        --variant flexpacked:data.packing=true,model.attn_implementation=flex_attention) ;;
         lora-fast) args=("${LORA[@]}" --no-defaults
-                         --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true
-                         --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true) ;;
+                         --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
         full-fast) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true) ;;
         lora-shared) args=("${LORA[@]}" --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true) ;;
         lora-shared-flex) args=("${LORA[@]}" --no-trl
