@@ -17,7 +17,7 @@
 #   full-lean  the full case (1.7B, ZeRO-3, no checkpointing): TRL, dpo-dist, + lean_activations, + prefix sharing
 #   full-z2-shared  the full-z2 shape, dpo-dist alone: padded vs prefix sharing with flex_attention, eager and compiled
 #   lora-fast  the lora case: TRL, then dpo-dist with prefix sharing + lean activations + compiled layers (no default
-#              dpo-dist run: the lora case has it)
+#              dpo-dist run: the lora case has it). Needs CASE_SECONDS=420: compiling the 4B layers did not fit in 185
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
 #   ceiling    bench/decoder_ceiling.py: one micro-batch of the 4B LoRA and 1.7B full shapes in plain PyTorch (no

@@ -218,7 +218,7 @@ class DeepSpeedConfig:
     zero3_whole_layers: bool = _opt(
         True,
         "Under ZeRO-3, gather and release each decoder layer's parameters as one unit (DeepSpeed's z3 leaf "
-        "modules) instead of in hooks on each of its ~10 submodules: far fewer hook calls per step, at the cost "
+        "modules) instead of in hooks on each of its 11 submodules with parameters: far fewer hook calls per step, at the cost "
         "of one whole layer gathered at a time.",
     )
 
