@@ -7,8 +7,10 @@ same model with the adapter disabled; full: the same weights under no_grad), tim
 events, in plain PyTorch. Per variant (each on a freshly built model):
 - eager: transformers' modules as they are (sdpa attention);
 - lean: `model.lean_activations` (dpo_dist/lean_ops.py);
-- liger: Liger-Kernel's Triton RMSNorm, SwiGLU and rotary embedding on the model instance (if installed);
-- compile: each decoder layer compiled (`model.compile`), eager modules otherwise.
+- liger: Liger-Kernel's Triton RMSNorm, SiLU gate and rotary embedding (`model.liger_kernels`, if installed);
+- compile: each decoder layer compiled (`model.compile`), eager modules otherwise;
+- recompute: lean activations + `model.recompute_elementwise` (norm outputs and SiLU(gate) x up rebuilt in
+  backward); variants combine with '+', e.g. `lean+compile`.
 
     python bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,lean,liger
     python bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0            # full-parameter
@@ -81,7 +83,7 @@ def build_model(args, variant: str):
     from transformers import Qwen3ForCausalLM
 
     from dpo_dist.config import LoRAConfig, ModelConfig
-    from dpo_dist.lean_ops import apply_lean_activations
+    from dpo_dist.lean_ops import apply_lean_activations, apply_liger_kernels
     from dpo_dist.models import compile_decoder_layers, prepare_policy
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -98,13 +100,12 @@ def build_model(args, variant: str):
     finally:
         torch.set_default_dtype(previous)
     model.config.use_cache = False
-    if variant == "lean":
+    parts = set(variant.split("+"))
+    if "liger" in parts:
+        apply_liger_kernels(model)
+    elif parts & {"lean", "recompute"}:
         apply_lean_activations(model)
-    elif variant == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
-
-        apply_liger_kernel_to_qwen3(rope=True, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True, model=model)
-    elif variant == "compile":
+    if "compile" in parts:
         compile_decoder_layers(model)
     lora = LoRAConfig(r=args.lora_r) if args.lora_r else None
     return prepare_policy(model, ModelConfig(base_model="random"), lora).train()
@@ -140,7 +141,7 @@ def run_variant(args, variant: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = build_model(args, variant)
     weights = torch.cuda.memory_allocated() if on_gpu else 0
-    scorer = SequenceLogps(model)
+    scorer = SequenceLogps(model, recompute_elementwise="recompute" in variant.split("+"))
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, 5000, (args.rows, args.seq_len), generator=generator).to(args.device)
     half = args.seq_len // 2  # the benchmark's pairs: prompt and completion about half each
@@ -203,7 +204,7 @@ def main() -> None:
     first_logps = None  # the first variant's log-probs: the others are compared with them
     from transformers.models.qwen3 import modeling_qwen3
 
-    patched_by_liger = ("apply_rotary_pos_emb", "Qwen3RMSNorm", "Qwen3MLP")  # module globals it replaces
+    patched_by_liger = ("apply_rotary_pos_emb",)  # the module global model.liger_kernels replaces
     originals = {name: getattr(modeling_qwen3, name) for name in patched_by_liger}
     for variant in args.variants.split(","):
         try:
@@ -212,7 +213,7 @@ def main() -> None:
             print(f"{variant:<9} cannot run: {type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}")
             continue
         finally:
-            for name, value in originals.items():  # the next variant's model gets transformers' own modules
+            for name, value in originals.items():  # the next variant gets transformers' own rotary embedding
                 setattr(modeling_qwen3, name, value)
         device, host = result["device_ms"], result["host_ms"]
         if first_logps is None:

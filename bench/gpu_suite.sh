@@ -74,8 +74,8 @@ for case in "$@"; do
                 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
             continue ;;
         ceiling)
-            { timeout 200 python3 bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,lean,liger,compile
-              timeout 100 python3 bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0 --variants eager,lean,liger
+            { timeout 260 python3 bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,lean,recompute,liger,liger+recompute,compile
+              timeout 130 python3 bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0 --variants eager,lean,recompute,liger,liger+recompute
             } 2>&1 | grep -v -e WARNING -e "warn" | tee "$OUT/$case.log"
             continue ;;
         profile-lora|profile-full)

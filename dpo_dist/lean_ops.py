@@ -14,6 +14,13 @@ In fp32 the norms save nothing (their input already is fp32); the MLP still save
 `apply_lean_activations` swaps the forward of those modules in place; hooks on them (ZeRO-3's gathers,
 PEFT's adapters on the projections) are untouched.
 
+`model.recompute_elementwise` goes one step further: two tensors the projections keep for their own
+backward are cheap elementwise functions of tensors the lean ops keep anyway: each norm's output (the
+input of q/k/v or gate/up, from the norm's input) and SiLU(gate) x up (the input of down_proj, from gate
+and up). Inside `ElementwiseRecompute.hooks()` (entered around the policy's decoder forward) autograd
+stores a recipe for them instead of the tensor, and backward rebuilds them: about another quarter of a
+layer's saved activations, for a few elementwise passes per layer in backward.
+
 `apply_liger_kernels` (`model.liger_kernels`, CUDA) swaps the same modules to Liger-Kernel's Triton
 kernels instead, which keep the same tensors for backward (input + fp32 scale per row for the norm; gate
 and up for the MLP) and also fuse each op's elementwise passes into one kernel; plus Liger's rotary
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import sys
 import types
+import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +81,76 @@ class SiluMulFunction(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+def rms_norm_rebuild(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNormFunction's forward as plain ops: the same result bit for bit."""
+    x32 = x.to(torch.float32)
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def silu_mul_rebuild(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class ElementwiseRecompute:
+    """Saved-tensor hooks that store a recipe instead of a tensor for outputs the swapped forwards
+    registered (`remember`), and rebuild them when backward unpacks them (`model.recompute_elementwise`).
+
+    The projections save a view of the registered output (a linear layer flattens its input to 2-D), so
+    a saved tensor is matched by its storage, and the rebuilt output is viewed the same way. A recipe
+    holds tensors autograd keeps anyway (the norm's input, gate and up) plus a copy of the norm's weight
+    (hidden-size elements, copied at forward time so that backward needs no ZeRO-3 gather of it).
+    Registration happens only inside `hooks()` with gradients on; everything else passes through."""
+
+    def __init__(self):
+        self.recording = False
+        self._recipes: dict[int, tuple] = {}  # storage address -> (the output, weakly; rebuild; its inputs)
+
+    def remember(self, output: torch.Tensor, rebuild, *inputs) -> torch.Tensor:
+        if self.recording and output.requires_grad:
+            self._recipes[output.untyped_storage().data_ptr()] = (weakref.ref(output), rebuild, inputs)
+        return output
+
+    def pack(self, tensor: torch.Tensor):
+        entry = self._recipes.get(tensor.untyped_storage().data_ptr())
+        if entry is None or entry[0]() is None:  # not registered, or a dead output's address reused
+            return tensor
+        _, rebuild, inputs = entry
+        return rebuild, inputs, tensor.size(), tensor.stride(), tensor.storage_offset()
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        rebuild, inputs, size, stride, offset = packed
+        return rebuild(*inputs).as_strided(size, stride, offset)
+
+    @contextmanager
+    def hooks(self):
+        self.recording = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            self.recording = False
+            self._recipes = {}
+
+
+RECOMPUTE = ElementwiseRecompute()  # the swapped forwards register with this one; SequenceLogps enters its hooks
+
+
+def _remember_norm(module: nn.Module, hidden_states: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    if not RECOMPUTE.recording:
+        return output
+    return RECOMPUTE.remember(output, rms_norm_rebuild, hidden_states, module.weight.detach().clone(), module.variance_epsilon)
+
+
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+    return _remember_norm(self, hidden_states, RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon))
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(RECOMPUTE.remember(SiluMulFunction.apply(gate, up), silu_mul_rebuild, gate, up))
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -128,11 +201,15 @@ def apply_liger_kernels(model: nn.Module) -> int:
     means the policy and its reference, both configured alike."""
     rms_norm, silu_mul, rotary = _liger_functions()
 
+    # With model.recompute_elementwise the rebuilds are the plain-op formulas: equal to Liger's outputs up
+    # to bf16 rounding, and used only for the projections' weight gradients.
     def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", True, None)
+        output = rms_norm.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", True, None)
+        return _remember_norm(self, hidden_states, output)
 
     def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul.apply(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(RECOMPUTE.remember(silu_mul.apply(gate, up), silu_mul_rebuild, gate, up))
 
     swapped = 0
     for module in model.modules():

@@ -14,6 +14,7 @@ rejected go through it in ONE forward: the batch is [chosen rows; rejected rows]
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpo_dist import prefix_sharing
 from dpo_dist.data import PairBatch
+from dpo_dist.lean_ops import RECOMPUTE
 
 
 @dataclass
@@ -98,10 +100,11 @@ def causal_only_masks(hf_config) -> dict | None:
 class SequenceLogps(nn.Module):
     """Wraps a causal LM; `forward` maps a concatenated pair batch to per-sequence sums."""
 
-    def __init__(self, causal_lm: nn.Module, chunk_tokens: int | None = None):
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int | None = None, recompute_elementwise: bool = False):
         super().__init__()
         self.causal_lm = causal_lm
         self.chunk_tokens = chunk_tokens or default_chunk_tokens(causal_lm.config.vocab_size)
+        self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute
 
     def forward(
         self,
@@ -125,20 +128,10 @@ class SequenceLogps(nn.Module):
         attention inside each sequence). Prefix-shared batch (`branch` given): one document per pair, attention
         as `prefix_sharing.attention_masks` arranges it, `sequence_index` the documents of a packed row.
         """
-        decoder = self.causal_lm.get_decoder()
         lm_head = self.causal_lm.get_output_embeddings()
-        if branch is not None:
-            masks = prefix_sharing.attention_masks(self.causal_lm, branch, sequence_index, position_ids,
-                                                   attention_gather, attention_scatter)
-            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False).last_hidden_state
-        elif position_ids is not None:
-            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        else:
-            # Rows are right-padded (data.collate), so under the causal mask no real token ever sees a pad;
-            # only the pads' own outputs differ, and they are never scored. Leaving the padding mask out
-            # lets sdpa run its causal flash kernel (with grouped KV heads as they are) instead of a
-            # masked kernel on repeated KV heads: the same function, less time and memory.
-            hidden = decoder(input_ids=input_ids, attention_mask=causal_only_masks(self.causal_lm.config), use_cache=False).last_hidden_state
+        recompute = self.recompute_elementwise and torch.is_grad_enabled()
+        with RECOMPUTE.hooks() if recompute else contextlib.nullcontext():
+            hidden = self._decode(input_ids, position_ids, sequence_index, branch, attention_gather, attention_scatter)
         # Only completion-predicting positions are projected: prompt and padding never reach the lm_head.
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored_positions)  # (N, H)
 
@@ -161,6 +154,23 @@ class SequenceLogps(nn.Module):
             logps = zeros + 0.0 * hidden.sum()
             logits_sum = zeros.detach()
         return logps, logits_sum, counts
+
+    def _decode(self, input_ids, position_ids, sequence_index, branch, attention_gather, attention_scatter) -> torch.Tensor:
+        """The decoder's last hidden states for the batch's layout (see `forward`)."""
+        decoder = self.causal_lm.get_decoder()
+        if branch is not None:
+            masks = prefix_sharing.attention_masks(self.causal_lm, branch, sequence_index, position_ids,
+                                                   attention_gather, attention_scatter)
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False).last_hidden_state
+        elif position_ids is not None:
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        else:
+            # Rows are right-padded (data.collate), so under the causal mask no real token ever sees a pad;
+            # only the pads' own outputs differ, and they are never scored. Leaving the padding mask out
+            # lets sdpa run its causal flash kernel (with grouped KV heads as they are) instead of a
+            # masked kernel on repeated KV heads: the same function, less time and memory.
+            hidden = decoder(input_ids=input_ids, attention_mask=causal_only_masks(self.causal_lm.config), use_cache=False).last_hidden_state
+        return hidden
 
 
 def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:

@@ -87,7 +87,7 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
     model.config.use_cache = False
     if model_config.liger_kernels:  # keeps what the lean ops keep, in fused kernels
         apply_liger_kernels(model)
-    elif model_config.lean_activations:
+    elif model_config.lean_activations or model_config.recompute_elementwise:  # the rebuilds need the lean ops
         apply_lean_activations(model)
     if model_config.compile:
         compile_decoder_layers(model)

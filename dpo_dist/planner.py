@@ -39,7 +39,8 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   rows' causal mask, seq^2 b (one tensor every layer shares).
   With model.lean_activations (or model.liger_kernels, whose kernels keep the same) each norm keeps its
   input, b per element, and an fp32 scale per row (no fp32 copy, no normalised copy), and the MLP keeps
-  3 b I (SiLU's output is recomputed); the final norm likewise.
+  3 b I (SiLU's output is recomputed); the final norm likewise. model.recompute_elementwise drops the
+  projections' copies of the two norms' outputs (2 b H) and down_proj's input (b I): rebuilt in backward.
   With gradient checkpointing each layer keeps only its input, b H per token, and backward recomputes one
   layer's full set at a time. Counted for eager layers: with model.compile, fused kernels save less (the
   fp32 norm inputs, SiLU's output), so the plan errs high.
@@ -205,8 +206,9 @@ def _gathers_attention(config: Config) -> bool:
 
 
 def _keeps_less(config: Config) -> bool:
-    """model.lean_activations, or Liger's kernels, which keep the same tensors for backward."""
-    return config.model.lean_activations or config.model.liger_kernels
+    """model.lean_activations, or Liger's kernels, which keep the same tensors for backward (recompute_elementwise
+    implies the lean ops)."""
+    return config.model.lean_activations or config.model.liger_kernels or config.model.recompute_elementwise
 
 
 def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
@@ -214,12 +216,14 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
     attention runs on the unshared sequences, as many tokens as the plan's worst case puts on the document."""
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     if _keeps_less(config):  # each norm keeps its input as it is and one fp32 scale per row
-        norms = 2 * h * (b + b) + b * (q + kv) + FP32 * (2 + shape.heads + shape.kv_heads)
+        kept_outputs = 0 if config.model.recompute_elementwise else b  # the projections' copy of each norm's output
+        norms = 2 * h * (b + kept_outputs) + b * (q + kv) + FP32 * (2 + shape.heads + shape.kv_heads)
     else:
         norms = 2 * h * (FP32 + b) + FP32 * (q + kv)
         if config.lora is None:  # the norm weights train: their gradient needs the normalised input
             norms += b * (2 * h + q + kv)
-    mlp = (3 if _keeps_less(config) else 4) * b * shape.intermediate  # lean: SiLU's output recomputed
+    # lean: SiLU's output recomputed; recompute_elementwise: SiLU(gate) x up (down_proj's input) too
+    mlp = (2 if config.model.recompute_elementwise else 3 if _keeps_less(config) else 4) * b * shape.intermediate
     packed_mask = config.data.packing and not config.data.prefix_sharing  # transformers' block-causal mask
     grouped = config.model.attn_implementation in ("flash_attention_2", "flex_attention") or (
         config.model.attn_implementation == "sdpa" and not packed_mask)  # no mask: KV heads as they are

@@ -120,7 +120,7 @@ class Trainer:
         policy = prepare_policy(load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config),
                                 config.model, config.lora)
         self.causal_lm = policy
-        scorer = SequenceLogps(policy, config.model.logps_chunk_tokens)
+        scorer = SequenceLogps(policy, config.model.logps_chunk_tokens, config.model.recompute_elementwise)
         if train:
             self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1),
                                       config.deepspeed.zero3_whole_layers)

@@ -64,13 +64,16 @@ def test_lean_model_scores_and_backpropagates_like_the_plain_one(tiny_policy):
 
 
 def test_liger_kernels_refused_with_compile_and_off_a_gpu(tiny_policy):
-    """Liger's Triton kernels need CUDA (one clear error here), and compiled layers would be split by them."""
+    """Liger's Triton kernels need CUDA (one clear error here), and compiled layers would be split by them; the
+    compiler also picks its own recomputation, so recompute_elementwise is refused with it too."""
     from dpo_dist.config import ModelConfig
     from dpo_dist.errors import UserError
     from dpo_dist.models import load_causal_lm
 
     with pytest.raises(UserError, match="model.liger_kernels=true with model.compile=true"):
         ModelConfig(base_model=str(tiny_policy), liger_kernels=True, compile=True)
+    with pytest.raises(UserError, match="model.recompute_elementwise=true with model.compile=true"):
+        ModelConfig(base_model=str(tiny_policy), recompute_elementwise=True, compile=True)
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CPU refusal does not apply")
     config = ModelConfig(base_model=str(tiny_policy), liger_kernels=True)
@@ -111,3 +114,38 @@ def test_liger_model_scores_and_backpropagates_like_the_plain_one(tiny_policy):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-5)
     for (name, a), b in zip(liger.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_recompute_elementwise_gives_the_same_gradients(tiny_policy, lora):
+    """model.recompute_elementwise: the norms' outputs and SiLU(gate) x up are rebuilt in backward instead of kept
+    (tests/test_planner.py measures what is kept); log-probs and every gradient are the same, bit for bit."""
+    from dpo_dist.config import LoRAConfig, ModelConfig
+    from dpo_dist.data import PreferenceExample, collate
+    from dpo_dist.logps import SequenceLogps, forward_pair
+    from dpo_dist.models import prepare_policy
+
+    ids = list(range(3, 40))
+    pairs = [PreferenceExample("a", ids, 20, ids[:10] + [50 + i for i in range(20)], 10),
+             PreferenceExample("b", ids[:25], 15, ids[:25][::-1], 1)]
+    batch = collate(pairs, 0)
+    results = []
+    for recompute in (False, True):
+        model_config = ModelConfig(base_model=str(tiny_policy), recompute_elementwise=recompute, lean_activations=True)
+        model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+        apply_lean_activations(model)
+        torch.manual_seed(0)  # the same adapter initialisation in both
+        policy = prepare_policy(model, model_config, LoRAConfig(r=4) if lora else None).train()
+        if lora:  # PEFT starts B at zero; make the adapter matter
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.02)
+        pair = forward_pair(SequenceLogps(policy, 7, recompute_elementwise=recompute), batch)
+        (pair.chosen_logps - 0.5 * pair.rejected_logps).sum().backward()
+        grads = {name: param.grad for name, param in policy.named_parameters() if param.requires_grad}
+        results.append((torch.cat([pair.chosen_logps, pair.rejected_logps]).detach(), grads))
+    (plain_logps, plain_grads), (recomputed_logps, recomputed_grads) = results
+    assert torch.equal(plain_logps, recomputed_logps)
+    assert plain_grads.keys() == recomputed_grads.keys() and len(plain_grads) > 0
+    for name, grad in plain_grads.items():
+        assert torch.equal(grad, recomputed_grads[name]), name

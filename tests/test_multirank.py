@@ -123,10 +123,12 @@ def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_pat
 
     # The same ZeRO-3 run with the reference read from the cache made on one process, the policy's batches
     # prefix-shared and packed (data.prefix_sharing: the same numbers from a different layout), and ZeRO-3's
-    # per-submodule gathering instead of whole decoder layers (deepspeed.zero3_whole_layers, on above).
+    # per-submodule gathering instead of whole decoder layers (deepspeed.zero3_whole_layers, on above), and the
+    # norms' outputs and the MLP's gate product rebuilt in backward (model.recompute_elementwise: the rebuilt
+    # norms use a copy of their weight taken in forward, as ZeRO-3 releases each submodule's parameters).
     result = run(deepspeed_launch("train.py", config, "reference.mode=precomputed", f"reference.cache_dir={precomputed_cache}",
                                   f"training.output_dir={tmp_path / 'cached'}", "data.prefix_sharing=true", "data.packing=true",
-                                  "deepspeed.zero3_whole_layers=false"))
+                                  "deepspeed.zero3_whole_layers=false", "model.recompute_elementwise=true"))
     assert_ok(result)
     check_precomputed_matches_online(tmp_path / "run", tmp_path / "cached", result.stdout)
 

@@ -14,6 +14,7 @@ from dpo_dist.config import LoRAConfig, load_config
 from dpo_dist.data import PreferenceExample, collate, collate_for
 from dpo_dist.engine import training_ds_config
 from dpo_dist.errors import UserError
+from dpo_dist.lean_ops import RECOMPUTE
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.models import load_causal_lm, prepare_policy, read_model_config
 from dpo_dist.planner import (DTYPE_BYTES, GIB, ModelShape, activation_bytes, check_memory, device_memory_bytes,
@@ -125,7 +126,9 @@ def test_plan_command(tiny_policy, tmp_path):
                                        ["data.prefix_sharing=true", "data.packing=true"],
                                        ["data.prefix_sharing=true", "model.attn_implementation=eager"],
                                        ["model.lean_activations=true"], ["model.lean_activations=true", "model.dtype=bfloat16"],
-                                       ["model.lean_activations=true", "model.dtype=bfloat16", "lora.r=8"]])
+                                       ["model.lean_activations=true", "model.dtype=bfloat16", "lora.r=8"],
+                                       ["model.recompute_elementwise=true"], ["model.recompute_elementwise=true", "model.dtype=bfloat16"],
+                                       ["model.recompute_elementwise=true", "model.dtype=bfloat16", "lora.r=8", "data.prefix_sharing=true"]])
 def test_activations_are_what_autograd_saves(tmp_path, overrides):
     """The activation term against the bytes autograd saves in the policy's forward (unique storages
     that are not parameters, seen through saved-tensor hooks): any change in transformers' Qwen3 code or
@@ -145,15 +148,22 @@ def test_activations_are_what_autograd_saves(tmp_path, overrides):
     batch = collate_for(config.data.packing, config.data.prefix_sharing)(pairs, 0)
     parameters = {p.untyped_storage().data_ptr() for p in policy.parameters()}
     saved = {}
+    recompute = config.model.recompute_elementwise
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # With recompute_elementwise, what is kept is what RECOMPUTE.pack keeps: the tensor, or a recipe's inputs.
+        packed = RECOMPUTE.pack(tensor) if recompute else tensor
+        for kept in [packed] if isinstance(packed, torch.Tensor) else packed[1]:
+            if isinstance(kept, torch.Tensor) and kept.untyped_storage().data_ptr() not in parameters:
+                saved[kept.untyped_storage().data_ptr()] = kept.untyped_storage().nbytes()
+        return packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward_pair(SequenceLogps(policy, 64), batch)
+    RECOMPUTE.recording = recompute  # what RECOMPUTE.hooks() does, under this test's measuring hooks
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, RECOMPUTE.unpack):
+            forward_pair(SequenceLogps(policy, 64), batch)
+    finally:
+        RECOMPUTE.recording = False
     planned = activation_bytes(config, ModelShape.from_hf_config(model.config), DTYPE_BYTES[config.model.dtype])
     assert planned == pytest.approx(sum(saved.values()), rel=0.05)
 
