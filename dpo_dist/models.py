@@ -108,6 +108,10 @@ def compile_decoder_layers(model: nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
+def _requires_grad_only_with_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(True) if torch.is_grad_enabled() else output.detach()
+
+
 def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig | None) -> nn.Module:
     """Gradient checkpointing and, when configured, a PEFT LoRA adapter on the policy."""
     if model_config.gradient_checkpointing:
@@ -128,6 +132,14 @@ def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig
         peft_model = get_peft_model(model, adapter)
     except ValueError as err:
         raise UserError(f"lora.target_modules: {err}") from None
+    if model_config.compile:
+        # With frozen embeddings the first layer's input needs no gradient and every later one does: two
+        # grad-mode graphs of the one compiled layer, i.e. one more compile (each takes ~a minute for a 4B
+        # layer on a GPU). Marking the embeddings' output as requiring grad costs layer 0 an input gradient
+        # nobody reads. In grad mode only: the hooks transformers and PEFT add for checkpointing mark it
+        # always, which gives the reference's no-grad forward two graphs instead (layer 0's input, then the
+        # others'); this hook runs after theirs and undoes that without grad.
+        model.get_input_embeddings().register_forward_hook(_requires_grad_only_with_grad)
     # PEFT creates adapters in fp32; under ZeRO-3 they are made after zero.Init and would stay fp32
     # beside bf16 base weights (under ZeRO-2 DeepSpeed casts them). Cast them to the model's dtype so
     # every stage trains the same thing: DeepSpeed's bf16/fp16 optimizer keeps fp32 master copies.
