@@ -10,7 +10,9 @@ events, in plain PyTorch. Per variant (each on a freshly built model):
 - liger: Liger-Kernel's Triton RMSNorm, SiLU gate and rotary embedding (`model.liger_kernels`, if installed);
 - compile: each decoder layer compiled (`model.compile`), eager modules otherwise;
 - recompute: lean activations + `model.recompute_elementwise` (norm outputs and SiLU(gate) x up rebuilt in
-  backward); variants combine with '+', e.g. `lean+compile`.
+  backward);
+- fused: `lora.fused` (each adapted projection one autograd function instead of PEFT's module calls);
+variants combine with '+', e.g. `liger+fused`.
 
     python bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,lean,liger
     python bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0            # full-parameter
@@ -107,7 +109,7 @@ def build_model(args, variant: str):
         apply_lean_activations(model)
     if "compile" in parts:
         compile_decoder_layers(model)
-    lora = LoRAConfig(r=args.lora_r) if args.lora_r else None
+    lora = LoRAConfig(r=args.lora_r, fused="fused" in parts) if args.lora_r else None
     return prepare_policy(model, ModelConfig(base_model="random"), lora).train()
 
 

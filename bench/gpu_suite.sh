@@ -18,6 +18,11 @@
 #   full-z2-shared  the full-z2 shape, dpo-dist alone: padded vs prefix sharing with flex_attention, eager and compiled
 #   lora-fast  the lora case: TRL, then dpo-dist with prefix sharing + lean activations + compiled layers (no default
 #              dpo-dist run: the lora case has it). Needs CASE_SECONDS=420: compiling the 4B layers did not fit in 185
+#   lora-next  the lora case: TRL, then dpo-dist with prefix sharing + Liger + fused LoRA projections, and prefix
+#              sharing + lean + compiled layers (one compile fewer since the first GPU try). CASE_SECONDS=420
+#   full-next  the full case without checkpointing: TRL, then dpo-dist with prefix sharing + Liger, and with
+#              model.recompute_elementwise too (the memory goal), and prefix sharing + Liger without whole-layer
+#              gathering (what that is worth)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
 #   ceiling    bench/decoder_ceiling.py: one micro-batch of the 4B LoRA and 1.7B full shapes in plain PyTorch (no
@@ -59,6 +64,12 @@ for case in "$@"; do
                        --variant flexpacked:data.packing=true,model.attn_implementation=flex_attention) ;;
         lora-fast) args=("${LORA[@]}" --no-defaults
                          --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+        lora-next) args=("${LORA[@]}" --no-defaults
+                         --variant sharedligerfused:data.prefix_sharing=true,model.liger_kernels=true,lora.fused=true
+                         --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+        full-next) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true
+                         --variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
+                         --variant sharedligerperhook:data.prefix_sharing=true,model.liger_kernels=true,deepspeed.zero3_whole_layers=false) ;;
         full-fast) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true) ;;
         lora-shared) args=("${LORA[@]}" --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true) ;;
         lora-shared-flex) args=("${LORA[@]}" --no-trl
@@ -74,7 +85,7 @@ for case in "$@"; do
                 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
             continue ;;
         ceiling)
-            { timeout 260 python3 bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,lean,recompute,liger,liger+recompute,compile
+            { timeout 260 python3 bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,fused,lean,recompute,liger,liger+fused,liger+recompute,compile
               timeout 130 python3 bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0 --variants eager,lean,recompute,liger,liger+recompute
             } 2>&1 | grep -v -e WARNING -e "warn" | tee "$OUT/$case.log"
             continue ;;

@@ -140,9 +140,19 @@ class LoRAConfig:
         "Module names that get an adapter.",
     )
 
+    fused: bool = _opt(
+        False,
+        "Compute each adapted projection as one autograd function (base GEMM, then the adapter added inside a "
+        "second GEMM) instead of PEFT's three module calls and two elementwise passes. Needs lora.dropout=0 and "
+        "a ZeRO-0/1/2 config.",
+    )
+
     def __post_init__(self) -> None:
         if self.r < 1:
             raise UserError(f"lora.r must be >= 1, got {self.r}")
+        if self.fused and self.dropout > 0:
+            raise UserError(f"lora.fused=true with lora.dropout={self.dropout}: the fused projection has no dropout. "
+                            "Set lora.dropout=0 or lora.fused=false")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,7 +241,8 @@ class DeepSpeedConfig:
         True,
         "Under ZeRO-3, gather and release each decoder layer's parameters as one unit (DeepSpeed's z3 leaf "
         "modules) instead of in hooks on each of its 11 submodules with parameters: far fewer hook calls per step, at the cost "
-        "of one whole layer gathered at a time.",
+        "of one whole layer gathered at a time. Full-parameter policies and frozen reference models only (a LoRA "
+        "policy keeps per-submodule gathering).",
     )
 
 

@@ -203,7 +203,18 @@ def training_ds_config(config: Config, world_size: int) -> tuple[torch.dtype, di
     hidden_size = read_model_config(config.model.policy_path).hidden_size
     ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, dtype, hidden_size, world_size)
     check_compile_fits(config, ds)
+    check_fused_lora_fits(config, ds)
     return dtype, ds
+
+
+def check_fused_lora_fits(config: Config, ds: dict) -> None:
+    """lora.fused calls the projections' weights directly, past the hooks ZeRO-3 gathers them in (lora_ops.py)."""
+    if config.lora is not None and config.lora.fused and zero_stage(ds) == 3:
+        raise UserError(
+            f"lora.fused=true with ZeRO-3 ({config.deepspeed.config}): the fused projections read their weights past "
+            "ZeRO-3's per-submodule gathering. Use a ZeRO-0/1/2 config (ds_configs/zero2.json: a LoRA policy's "
+            "optimizer state is small) or lora.fused=false"
+        )
 
 
 def check_compile_fits(config: Config, ds: dict) -> None:
@@ -342,7 +353,7 @@ def gather_whole_layers(module: nn.Module, ds_config: dict) -> int:
     returns how many layers were marked.
 
     DeepSpeed hooks every submodule that holds parameters: in a Qwen3 layer the four projections, two
-    norms, q/k norms and three MLP projections (and PEFT's adapters under each), each with a gather before
+    norms, q/k norms and three MLP projections, each with a gather before
     and a release after it, in the policy's forward, its backward and the reference's forward. On one GPU
     that bookkeeping, not communication, is most of a ZeRO-3 step (bench/RESULTS.md). A layer marked as
     a z3 leaf is gathered whole by one hook and its submodules get none."""

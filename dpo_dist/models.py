@@ -17,6 +17,7 @@ from torch import nn
 from dpo_dist.config import LoRAConfig, ModelConfig
 from dpo_dist.errors import UserError
 from dpo_dist.lean_ops import apply_lean_activations, apply_liger_kernels
+from dpo_dist.lora_ops import fuse_lora_layers
 
 
 def _missing_model_error(name: str, err: Exception) -> UserError:
@@ -132,6 +133,8 @@ def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig
         peft_model = get_peft_model(model, adapter)
     except ValueError as err:
         raise UserError(f"lora.target_modules: {err}") from None
+    if lora.fused:
+        fuse_lora_layers(peft_model)
     if model_config.compile:
         # With frozen embeddings the first layer's input needs no gradient and every later one does: two
         # grad-mode graphs of the one compiled layer, i.e. one more compile (each takes ~a minute for a 4B

@@ -94,21 +94,19 @@ def test_lagged_vote_on_one_rank_is_the_flag_itself():
 
 
 def test_zero3_gathers_each_decoder_layer_whole(tiny_policy):
-    """deepspeed.zero3_whole_layers marks every decoder layer (with its PEFT adapters inside) as one ZeRO-3 unit,
-    and nothing else; other stages gather nothing, so nothing is marked. (Training with it on is the ZeRO-3
-    multi-rank test; with it off, that test's second run.)"""
+    """deepspeed.zero3_whole_layers marks every decoder layer as one ZeRO-3 unit, and nothing else; other stages
+    gather nothing, so nothing is marked. (Training with it on is the ZeRO-3 multi-rank test; with it off, that
+    test's second run.)"""
     from deepspeed.utils import get_z3_leaf_modules
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist.config import LoRAConfig, ModelConfig
     from dpo_dist.engine import gather_whole_layers
-    from dpo_dist.models import prepare_policy
 
-    model = prepare_policy(AutoModelForCausalLM.from_pretrained(tiny_policy), ModelConfig(base_model="x"), LoRAConfig(r=4))
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy)
     assert gather_whole_layers(model, read_ds_config("zero2.json")) == 0
     assert get_z3_leaf_modules(model) == []
     layers = model.config.num_hidden_layers
     assert gather_whole_layers(model, read_ds_config("zero3.json")) == layers
     leaves = get_z3_leaf_modules(model)
     assert [type(leaf).__name__ for leaf in leaves] == ["Qwen3DecoderLayer"] * layers
-    assert any("lora_A" in name for name, _ in leaves[0].named_parameters())  # the adapters travel with their layer
+    assert leaves[0] is model.model.layers[0]
