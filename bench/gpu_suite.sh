@@ -22,7 +22,8 @@
 #              sharing + lean + compiled layers (one compile fewer since the first GPU try). CASE_SECONDS=420
 #   full-next  the full case without checkpointing: TRL, then dpo-dist with prefix sharing + Liger, and with
 #              model.recompute_elementwise too (the memory goal), and prefix sharing + Liger without whole-layer
-#              gathering (what that is worth)
+#              gathering (what that is worth), and prefix sharing + lean + compiled layers (ZeRO-3, whole layers).
+#              CASE_SECONDS=330
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
 #   ceiling    bench/decoder_ceiling.py: one micro-batch of the 4B LoRA and 1.7B full shapes in plain PyTorch (no
@@ -69,7 +70,8 @@ for case in "$@"; do
                          --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
         full-next) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true
                          --variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
-                         --variant sharedligerperhook:data.prefix_sharing=true,model.liger_kernels=true,deepspeed.zero3_whole_layers=false) ;;
+                         --variant sharedligerperhook:data.prefix_sharing=true,model.liger_kernels=true,deepspeed.zero3_whole_layers=false
+                         --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
         full-fast) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true) ;;
         lora-shared) args=("${LORA[@]}" --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true) ;;
         lora-shared-flex) args=("${LORA[@]}" --no-trl

@@ -55,7 +55,8 @@ class ModelConfig:
     compile: bool = _opt(
         False,
         "torch.compile each decoder layer of the policy and the reference model (fused norms, activations and "
-        "rotary embeddings); the first steps pay the compile time.",
+        "rotary embeddings); the first steps pay the compile time. Under ZeRO-3 only where layers are gathered "
+        "whole (deepspeed.zero3_whole_layers, full-parameter policy).",
     )
     lean_activations: bool = _opt(
         False,

@@ -23,6 +23,7 @@ from dpo_dist.engine import (
     build_inference_engine,
     dtype_name,
     param_elements,
+    policy_gathers_whole_layers,
     reference_ds_config,
     training_ds_config,
 )
@@ -122,10 +123,8 @@ class Trainer:
         self.causal_lm = policy
         scorer = SequenceLogps(policy, config.model.logps_chunk_tokens, config.model.recompute_elementwise)
         if train:
-            # Not with a LoRA policy: a decoder layer gathered whole by DeepSpeed loses its adapters' weights
-            # before their backward when nothing is recomputed (tests/test_lora.py, bf16 ZeRO-3, DeepSpeed 0.19.8).
-            whole_layers = config.deepspeed.zero3_whole_layers and config.lora is None
-            self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1), whole_layers)
+            self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1),
+                                      policy_gathers_whole_layers(config))
         else:
             self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device,
                                                  config.deepspeed.zero3_whole_layers)
