@@ -144,13 +144,18 @@ def _remember_norm(module: nn.Module, hidden_states: torch.Tensor, output: torch
     return RECOMPUTE.remember(output, rms_norm_rebuild, hidden_states, module.weight.detach().clone(), module.variance_epsilon)
 
 
-def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return _remember_norm(self, hidden_states, RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon))
+def _swapped_forwards(rms_norm, silu_mul):
+    """The RMSNorm and MLP forwards around kernels `rms_norm(x, weight, eps)` and `silu_mul(gate, up)`, registering
+    their outputs for `model.recompute_elementwise` (rebuilt there with the plain-op formulas)."""
 
+    def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _remember_norm(self, hidden_states, rms_norm(hidden_states, self.weight, self.variance_epsilon))
 
-def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(RECOMPUTE.remember(SiluMulFunction.apply(gate, up), silu_mul_rebuild, gate, up))
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(RECOMPUTE.remember(silu_mul(gate, up), silu_mul_rebuild, gate, up))
+
+    return rms_norm_forward, mlp_forward
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -163,17 +168,21 @@ def _is_silu_mlp(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in names) and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
 
 
-def apply_lean_activations(model: nn.Module) -> int:
-    """Swap in the lean forward of every RMSNorm and SiLU-gated MLP of `model`; returns how many modules."""
+def _swap_forwards(model: nn.Module, rms_norm_forward, mlp_forward) -> int:
     swapped = 0
     for module in model.modules():
         if _is_rms_norm(module):
-            module.forward = types.MethodType(_rms_norm_forward, module)
+            module.forward = types.MethodType(rms_norm_forward, module)
             swapped += 1
         elif _is_silu_mlp(module):
-            module.forward = types.MethodType(_mlp_forward, module)
+            module.forward = types.MethodType(mlp_forward, module)
             swapped += 1
     return swapped
+
+
+def apply_lean_activations(model: nn.Module) -> int:
+    """Swap in the lean forward of every RMSNorm and SiLU-gated MLP of `model`; returns how many modules."""
+    return _swap_forwards(model, *_swapped_forwards(RMSNormFunction.apply, SiluMulFunction.apply))
 
 
 def _liger_functions():
@@ -200,27 +209,13 @@ def apply_liger_kernels(model: nn.Module) -> int:
     every model of the family built in this process afterwards uses it too, which in a training process
     means the policy and its reference, both configured alike."""
     rms_norm, silu_mul, rotary = _liger_functions()
-
-    # With model.recompute_elementwise the rebuilds are the plain-op formulas: equal to Liger's outputs up
-    # to bf16 rounding, and used only for the projections' weight gradients.
-    def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        output = rms_norm.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", True, None)
-        return _remember_norm(self, hidden_states, output)
-
-    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(RECOMPUTE.remember(silu_mul.apply(gate, up), silu_mul_rebuild, gate, up))
-
-    swapped = 0
     for module in model.modules():
-        if _is_rms_norm(module):
-            module.forward = types.MethodType(rms_norm_forward, module)
-            swapped += 1
-        elif _is_silu_mlp(module):
-            module.forward = types.MethodType(mlp_forward, module)
-            swapped += 1
-        elif type(module).__name__.endswith("Attention"):
+        if type(module).__name__.endswith("Attention"):
             family = sys.modules[type(module).__module__]
             if hasattr(family, "apply_rotary_pos_emb"):
                 family.apply_rotary_pos_emb = rotary
-    return swapped
+    # With model.recompute_elementwise the rebuilds are the plain-op formulas: equal to Liger's outputs up
+    # to bf16 rounding, and used only for the projections' weight gradients.
+    forwards = _swapped_forwards(lambda x, weight, eps: rms_norm.apply(x, weight, eps, 0.0, "llama", True, None),
+                                 silu_mul.apply)
+    return _swap_forwards(model, *forwards)
