@@ -56,7 +56,7 @@ class ModelConfig:
         False,
         "torch.compile each decoder layer of the policy and the reference model (fused norms, activations and "
         "rotary embeddings); the first steps pay the compile time. Under ZeRO-3 only where layers are gathered "
-        "whole (deepspeed.zero3_whole_layers, full-parameter policy).",
+        "whole (deepspeed.zero3_whole_layers).",
     )
     lean_activations: bool = _opt(
         False,
@@ -242,8 +242,7 @@ class DeepSpeedConfig:
         True,
         "Under ZeRO-3, gather and release each decoder layer's parameters as one unit (DeepSpeed's z3 leaf "
         "modules) instead of in hooks on each of its 11 submodules with parameters: far fewer hook calls per step, at the cost "
-        "of one whole layer gathered at a time. Full-parameter policies and frozen reference models only (a LoRA "
-        "policy keeps per-submodule gathering).",
+        "of one whole layer gathered at a time.",
     )
 
 

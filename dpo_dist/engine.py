@@ -218,16 +218,14 @@ def check_fused_lora_fits(config: Config, ds: dict) -> None:
 
 
 def policy_gathers_whole_layers(config: Config) -> bool:
-    """Whether the policy's decoder layers are ZeRO-3 gathering units (reference models always are, with the
-    option on). Not a LoRA policy: gathered whole, DeepSpeed 0.19.8 released its adapters' weights before
-    their backward when nothing was recomputed (tests/test_lora.py, bf16 ZeRO-3)."""
-    return config.deepspeed.zero3_whole_layers and config.lora is None
+    """Whether the policy's decoder layers are ZeRO-3 gathering units (as reference models are): the option.
+    A LoRA policy then needs its layer 0 input to require grad (models.embeddings_output_requires_grad)."""
+    return config.deepspeed.zero3_whole_layers
 
 
 def check_compile_fits(config: Config, ds: dict) -> None:
-    """Refuse model.compile where a model runs under ZeRO-3 hooks inside its layers (a LoRA policy, any
-    policy with deepspeed.zero3_whole_layers=false, an offloaded reference model), and with flex_attention
-    off a GPU.
+    """Refuse model.compile where a model runs under ZeRO-3 hooks inside its layers (deepspeed.zero3_whole_layers
+    =false, an offloaded reference model), and with flex_attention off a GPU.
 
     ZeRO-3 gathers and releases parameters in hooks; on every submodule, a compiled decoder layer would
     trace into them, break its graph at each one and recompile the hooks per module until torch's recompile
@@ -236,11 +234,10 @@ def check_compile_fits(config: Config, ds: dict) -> None:
     if not config.model.compile:
         return
     if zero_stage(ds) == 3 and not policy_gathers_whole_layers(config):
-        why = "a LoRA policy keeps" if config.lora is not None else "deepspeed.zero3_whole_layers=false keeps"
         raise UserError(
-            f"model.compile=true with ZeRO-3 ({config.deepspeed.config}): {why} DeepSpeed's per-submodule parameter "
-            "hooks, which break every compiled layer apart. Use a ZeRO-0/1/2 config (ds_configs/zero2.json), "
-            "deepspeed.zero3_whole_layers=true (full-parameter training) or model.compile=false"
+            f"model.compile=true with ZeRO-3 ({config.deepspeed.config}) and deepspeed.zero3_whole_layers=false: "
+            "DeepSpeed's per-submodule parameter hooks break every compiled layer apart. Set "
+            "deepspeed.zero3_whole_layers=true, use a ZeRO-0/1/2 config (ds_configs/zero2.json), or model.compile=false"
         )
     if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         raise UserError(

@@ -115,6 +115,23 @@ def _requires_grad_only_with_grad(module: nn.Module, inputs, output: torch.Tenso
     return output.requires_grad_(True) if torch.is_grad_enabled() else output.detach()
 
 
+def embeddings_output_requires_grad(model: nn.Module) -> None:
+    """Mark the input embeddings' output as requiring grad in grad mode (frozen embeddings: LoRA), once.
+
+    Then every decoder layer's input requires grad, layer 0's too, at the cost of an input gradient for
+    layer 0 that nobody reads. Two things need it: a compiled layer (else layer 0 is a graph of its own),
+    and ZeRO-3 whole-layer gathering, whose per-layer gradient hook is a full backward hook: with no input
+    requiring grad it fires as soon as the gradient reaches the layer's output, before the layer's own
+    backward, and the adapters' weights are gone when that backward needs them. Only in grad mode: the
+    hooks transformers and PEFT add for checkpointing mark it always, which gives the reference's no-grad
+    forward two compiled graphs (layer 0's input, then the others'); this hook runs after theirs and undoes
+    that without grad."""
+    embeddings = model.get_input_embeddings()
+    if not getattr(embeddings, "_dpo_dist_requires_grad_hook", False):
+        embeddings.register_forward_hook(_requires_grad_only_with_grad)
+        embeddings._dpo_dist_requires_grad_hook = True
+
+
 def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig | None) -> nn.Module:
     """Gradient checkpointing and, when configured, a PEFT LoRA adapter on the policy."""
     if model_config.gradient_checkpointing:
@@ -137,14 +154,8 @@ def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig
         raise UserError(f"lora.target_modules: {err}") from None
     if lora.fused:
         fuse_lora_layers(peft_model)
-    if model_config.compile:
-        # With frozen embeddings the first layer's input needs no gradient and every later one does: two
-        # grad-mode graphs of the one compiled layer, i.e. one more compile (each takes ~a minute for a 4B
-        # layer on a GPU). Marking the embeddings' output as requiring grad costs layer 0 an input gradient
-        # nobody reads. In grad mode only: the hooks transformers and PEFT add for checkpointing mark it
-        # always, which gives the reference's no-grad forward two graphs instead (layer 0's input, then the
-        # others'); this hook runs after theirs and undoes that without grad.
-        model.get_input_embeddings().register_forward_hook(_requires_grad_only_with_grad)
+    if model_config.compile:  # one compiled graph for all layers (each compile: ~a minute for a 4B layer on a GPU)
+        embeddings_output_requires_grad(model)
     # PEFT creates adapters in fp32; under ZeRO-3 they are made after zero.Init and would stay fp32
     # beside bf16 base weights (under ZeRO-2 DeepSpeed casts them). Cast them to the model's dtype so
     # every stage trains the same thing: DeepSpeed's bf16/fp16 optimizer keeps fp32 master copies.

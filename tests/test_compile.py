@@ -30,16 +30,19 @@ def test_compiled_layers_train_like_eager(tiny_policy, tmp_path):
         [value for step in metrics[False] for value in step], abs=1e-5)
 
 
-def test_compiled_layers_under_zero3_train_like_eager(tiny_policy, tiny_reference, tmp_path):
-    """Full-parameter ZeRO-3 with whole-layer gathering (the default): ZeRO-3's hooks sit on each layer, outside
-    its compiled forward, so the policy's and the separate reference's layers compile without a graph break
-    and train exactly as eager ones (losses, gradient norms, eval)."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_compiled_layers_under_zero3_train_like_eager(tiny_policy, tiny_reference, tmp_path, lora):
+    """ZeRO-3 with whole-layer gathering (the default): ZeRO-3's hooks sit on each layer, outside its compiled
+    forward, so the layers compile without a graph break and train exactly as eager ones (losses, gradient
+    norms, eval): full-parameter with a separate reference, and LoRA with the adapter reference."""
     metrics = {}
+    sections = {"lora": {"r": 8, "alpha": 16}} if lora else {}
     for compiled in (False, True):
         out = tmp_path / f"z3-{compiled}"
-        config = write_config(tmp_path / f"z3-{compiled}.yaml", tiny_policy, tiny_reference, out,
+        config = write_config(tmp_path / f"z3-{compiled}.yaml", tiny_policy, None if lora else tiny_reference, out,
                               model={"compile": compiled}, deepspeed={"config": "ds_configs/zero3.json"},
-                              training={"max_steps": 3, "learning_rate": 3e-3, "warmup_ratio": 0.0})
+                              training={"max_steps": 3, "learning_rate": 3e-2 if lora else 3e-3, "warmup_ratio": 0.0},
+                              **sections)
         result = run(python_launch("train.py", config), TORCH_LOGS="graph_breaks,recompiles")
         assert_ok(result)
         assert "Graph break" not in result.stderr
@@ -53,14 +56,10 @@ def test_compiled_layers_under_zero3_train_like_eager(tiny_policy, tiny_referenc
 
 
 def test_compile_under_zero3_hooks_is_refused_before_loading(tiny_policy, tmp_path):
-    """Where ZeRO-3's hooks would sit inside the compiled layers: a LoRA policy, per-submodule gathering, an
-    offloaded reference."""
-    lora = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out", model={"compile": True},
-                        lora={"r": 4}, deepspeed={"config": "ds_configs/zero3.json"})
-    assert_clean_error(run(python_launch("train.py", lora)), "a LoRA policy keeps", "zero2.json")
+    """Where ZeRO-3's hooks would sit inside the compiled layers: per-submodule gathering, an offloaded reference."""
     per_module = write_config(tmp_path / "p.yaml", tiny_policy, None, tmp_path / "out", model={"compile": True},
                               deepspeed={"config": "ds_configs/zero3.json", "zero3_whole_layers": False})
-    assert_clean_error(run(python_launch("train.py", per_module)), "deepspeed.zero3_whole_layers=false keeps", "zero2.json")
+    assert_clean_error(run(python_launch("train.py", per_module)), "deepspeed.zero3_whole_layers=false", "zero2.json")
     offloaded = write_config(tmp_path / "o.yaml", tiny_policy, None, tmp_path / "out", model={"compile": True},
                              reference={"offload": True})
     assert_clean_error(run(python_launch("train.py", offloaded)), "reference.offload=true")
