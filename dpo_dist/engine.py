@@ -217,12 +217,6 @@ def check_fused_lora_fits(config: Config, ds: dict) -> None:
         )
 
 
-def policy_gathers_whole_layers(config: Config) -> bool:
-    """Whether the policy's decoder layers are ZeRO-3 gathering units (as reference models are): the option.
-    A LoRA policy then needs its layer 0 input to require grad (models.embeddings_output_requires_grad)."""
-    return config.deepspeed.zero3_whole_layers
-
-
 def check_compile_fits(config: Config, ds: dict) -> None:
     """Refuse model.compile where a model runs under ZeRO-3 hooks inside its layers (deepspeed.zero3_whole_layers
     =false, an offloaded reference model), and with flex_attention off a GPU.
@@ -233,7 +227,7 @@ def check_compile_fits(config: Config, ds: dict) -> None:
     its compiled forward, and the layer is one clean graph (as under ZeRO-0/1/2)."""
     if not config.model.compile:
         return
-    if zero_stage(ds) == 3 and not policy_gathers_whole_layers(config):
+    if zero_stage(ds) == 3 and not config.deepspeed.zero3_whole_layers:
         raise UserError(
             f"model.compile=true with ZeRO-3 ({config.deepspeed.config}) and deepspeed.zero3_whole_layers=false: "
             "DeepSpeed's per-submodule parameter hooks break every compiled layer apart. Set "
@@ -363,15 +357,26 @@ def gather_whole_layers(module: nn.Module, ds_config: dict) -> int:
     norms, q/k norms and three MLP projections, each with a gather before
     and a release after it, in the policy's forward, its backward and the reference's forward. On one GPU
     that bookkeeping, not communication, is most of a ZeRO-3 step (bench/RESULTS.md). A layer marked as
-    a z3 leaf is gathered whole by one hook and its submodules get none."""
+    a z3 leaf is gathered whole by one hook and its submodules get none.
+
+    DeepSpeed reduces a leaf layer's gradients in a full backward hook on it, which fires once its inputs'
+    gradients exist; with frozen embeddings (LoRA) layer 0's input needs none, the hook fired before the
+    layer's backward and the adapters' weights were gone when it ran. So with frozen embeddings their
+    output is made to require grad (models.embeddings_output_requires_grad)."""
     if zero_stage(ds_config) != 3:
         return 0
     from deepspeed.utils import set_z3_leaf_modules
 
+    from dpo_dist.models import embeddings_output_requires_grad
+
     layer_classes = {type(sub) for sub in module.modules() if type(sub).__name__.endswith("DecoderLayer")}
     if not layer_classes:
         return 0
-    return len(set_z3_leaf_modules(module, list(layer_classes)))
+    marked = len(set_z3_leaf_modules(module, list(layer_classes)))
+    causal_lm = next(sub for sub in module.modules() if hasattr(sub, "get_input_embeddings"))
+    if not any(param.requires_grad for param in causal_lm.get_input_embeddings().parameters()):
+        embeddings_output_requires_grad(causal_lm)
+    return marked
 
 
 class TrainEngine:

@@ -120,9 +120,8 @@ def embeddings_output_requires_grad(model: nn.Module) -> None:
 
     Then every decoder layer's input requires grad, layer 0's too, at the cost of an input gradient for
     layer 0 that nobody reads. Two things need it: a compiled layer (else layer 0 is a graph of its own),
-    and ZeRO-3 whole-layer gathering, whose per-layer gradient hook is a full backward hook: with no input
-    requiring grad it fires as soon as the gradient reaches the layer's output, before the layer's own
-    backward, and the adapters' weights are gone when that backward needs them. Only in grad mode: the
+    and ZeRO-3 whole-layer gathering (engine.gather_whole_layers: its per-layer gradient hook needs layer
+    0's input in the graph). Only in grad mode: the
     hooks transformers and PEFT add for checkpointing mark it always, which gives the reference's no-grad
     forward two compiled graphs (layer 0's input, then the others'); this hook runs after theirs and undoes
     that without grad."""

@@ -23,10 +23,8 @@ from dpo_dist.engine import (
     build_inference_engine,
     dtype_name,
     param_elements,
-    policy_gathers_whole_layers,
     reference_ds_config,
     training_ds_config,
-    zero_stage,
 )
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
@@ -41,7 +39,7 @@ from dpo_dist.metrics import (
     make_logger,
     peak_memory_mb,
 )
-from dpo_dist.models import embeddings_output_requires_grad, load_causal_lm, load_tokenizer, prepare_policy, read_model_config
+from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
 from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, load_precomputed_reference
@@ -121,13 +119,11 @@ class Trainer:
             self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device)
         policy = prepare_policy(load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config),
                                 config.model, config.lora)
-        if config.lora is not None and zero_stage(self.ds_config) == 3 and policy_gathers_whole_layers(config):
-            embeddings_output_requires_grad(policy)  # whole-layer gradient hooks need layer 0's input in the graph
         self.causal_lm = policy
         scorer = SequenceLogps(policy, config.model.logps_chunk_tokens, config.model.recompute_elementwise)
         if train:
             self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1),
-                                      policy_gathers_whole_layers(config))
+                                      config.deepspeed.zero3_whole_layers)
         else:
             self.policy = build_inference_engine(scorer, reference_ds_config(self.ds_config, offload=False), self.dist.device,
                                                  config.deepspeed.zero3_whole_layers)

@@ -110,3 +110,12 @@ def test_zero3_gathers_each_decoder_layer_whole(tiny_policy):
     leaves = get_z3_leaf_modules(model)
     assert [type(leaf).__name__ for leaf in leaves] == ["Qwen3DecoderLayer"] * layers
     assert leaves[0] is model.model.layers[0]
+    assert not hasattr(model.get_input_embeddings(), "_dpo_dist_requires_grad_hook")  # trainable embeddings
+
+    # Frozen embeddings (LoRA): layer 0's input is made to require grad, or the per-layer gradient hook fires early.
+    from dpo_dist.config import LoRAConfig, ModelConfig
+    from dpo_dist.models import prepare_policy
+
+    lora = prepare_policy(AutoModelForCausalLM.from_pretrained(tiny_policy), ModelConfig(base_model="x"), LoRAConfig(r=4))
+    assert gather_whole_layers(lora, read_ds_config("zero3.json")) == layers
+    assert lora.get_input_embeddings()._dpo_dist_requires_grad_hook
