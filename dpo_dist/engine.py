@@ -57,6 +57,12 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
+    elif not os.environ.get("LOCAL_SIZE") and "LOCAL_WORLD_SIZE" in os.environ:
+        # DeepSpeed's CPU accelerator answers device_count() from LOCAL_SIZE, which only the deepspeed
+        # launcher sets; without it every call runs `numactl --hardware` in a subprocess, and ZeRO-3 asks
+        # once per gradient reduction: a fork per layer per micro-batch under python/torchrun/srun (a
+        # third of a ZeRO-3 step of the 28-layer CPU bench). torchrun's LOCAL_WORLD_SIZE is the same number.
+        os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
     deepspeed.init_distributed(
         dist_backend=accelerator.communication_backend_name(),
         auto_mpi_discovery=False,

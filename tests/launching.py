@@ -51,7 +51,7 @@ def write_config(path: Path, policy: Path, ref_model: Path | None, output_dir: P
 def run(command: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
     """Run a command from the repo root; on failure the assertion shows the tail of its output."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 

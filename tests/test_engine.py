@@ -1,5 +1,8 @@
 """DeepSpeed config filling, batch arithmetic and the learning-rate schedule."""
 
+import re
+import sys
+
 import pytest
 import torch
 
@@ -119,3 +122,28 @@ def test_zero3_gathers_each_decoder_layer_whole(tiny_policy):
     lora = prepare_policy(AutoModelForCausalLM.from_pretrained(tiny_policy), ModelConfig(base_model="x"), LoRAConfig(r=4))
     assert gather_whole_layers(lora, read_ds_config("zero3.json")) == layers
     assert lora.get_input_embeddings()._dpo_dist_requires_grad_hook
+
+
+def test_cpu_ranks_count_their_node_without_running_numactl(tmp_path):
+    """DeepSpeed's CPU accelerator answers device_count() from LOCAL_SIZE, which only its own launcher sets; without
+    it each call runs `numactl --hardware` in a subprocess, and ZeRO-3 asks once per gradient reduction. Under
+    torchrun, init_distributed takes the number from LOCAL_WORLD_SIZE: the right count, and no subprocess."""
+    from launching import ROOT, assert_ok, free_port, run
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from dpo_dist.engine import init_distributed\n"
+        "info = init_distributed(1.0)\n"
+        "import deepspeed.utils.numa as numa\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "probes = []\n"
+        "numa.get_numa_cores = lambda: probes.append(1) or []\n"
+        "print(f'rank {info.rank} device_count {get_accelerator().device_count()} numa_probes {len(probes)}')\n"
+    )
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(probe)],
+                 timeout=120)
+    assert_ok(result)
+    reports = sorted(re.findall(r"rank \d device_count \d+ numa_probes \d+", result.stdout))  # the ranks' lines may interleave
+    assert reports == ["rank 0 device_count 2 numa_probes 0", "rank 1 device_count 2 numa_probes 0"]
