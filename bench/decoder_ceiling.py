@@ -45,14 +45,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=3, help="timed micro-batches per variant, after one warm-up")
     parser.add_argument("--variants", default="eager,lean,liger")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a tiny shape, to try the script")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: the preset's depth at a tiny width (hidden 64, 128 tokens a row): the host's own cost")
     args = parser.parse_args()
     args.vocab_size, args.untied, args.dtype = 151936, False, "bfloat16"
-    args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.head_dim = 64, 192, 2, 4, 2, 16
-    if args.device == "cuda":
-        apply_preset(args)
-    else:
-        args.preset, args.seq_len = "tiny", min(args.seq_len, 128)
+    layers = PRESETS[args.preset][2]
+    apply_preset(args)
+    if args.device == "cpu":  # every module call and kernel launch of the real depth, almost no arithmetic
+        args.hidden, args.intermediate, args.heads, args.kv_heads, args.head_dim = 64, 192, 4, 2, 16
+        args.vocab_size, args.layers, args.seq_len = 8192, layers, min(args.seq_len, 128)
+        args.preset = f"{args.preset} depth ({layers} layers), tiny width"
     return args
 
 
@@ -136,6 +138,7 @@ def run_variant(args, variant: str) -> dict:
     import torch
 
     from dpo_dist.logps import SequenceLogps
+    from dpo_dist.reference import AdapterSwitch
 
     on_gpu = args.device == "cuda"
     if on_gpu:
@@ -150,7 +153,7 @@ def run_variant(args, variant: str) -> dict:
     positions = torch.cat([torch.arange(half - 1, args.seq_len - 1) + row * args.seq_len for row in range(args.rows)]).to(args.device)
     targets = input_ids.reshape(-1)[positions + 1]
     owners = torch.arange(args.rows).repeat_interleave(args.seq_len - half).to(args.device)
-    reference = model.disable_adapter if args.lora_r else contextlib.nullcontext
+    reference = AdapterSwitch(model).off if args.lora_r else contextlib.nullcontext  # as the adapter reference does
 
     phases = ("policy_forward", "backward", "reference_forward")
     device_ms = {phase: [] for phase in phases}

@@ -1,4 +1,5 @@
-"""lora.fused: one autograd function per adapted projection, the same numbers as PEFT's three module calls."""
+"""LoRA's hot path: lora.fused (one autograd function per adapted projection, the same numbers as PEFT's three
+module calls) and the adapter reference's switch (the same numbers as PEFT's disable_adapter())."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.lora_ops import LoRALinearFunction, _fused_form
 from dpo_dist.models import prepare_policy
+from dpo_dist.reference import AdapterSwitch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,7 +53,7 @@ def test_fused_policy_trains_like_peft_and_falls_back_where_it_must(tiny_policy)
         scorer = SequenceLogps(policy, 7)
         pair = forward_pair(scorer, batch)
         (pair.chosen_logps - 0.5 * pair.rejected_logps).sum().backward()
-        with torch.no_grad(), policy.disable_adapter():
+        with torch.no_grad(), AdapterSwitch(policy).off():
             reference = forward_pair(scorer, batch).chosen_logps
         grads = {name: param.grad for name, param in policy.named_parameters() if param.requires_grad}
         results.append((torch.cat([pair.chosen_logps, pair.rejected_logps]).detach(), grads, reference))
@@ -73,3 +75,40 @@ def test_fused_lora_refusals(tiny_policy, tmp_path):
     with pytest.raises(UserError, match="lora.fused=true with ZeRO-3"):
         training_ds_config(load_config(path), world_size=1)
     training_ds_config(load_config(path, ["deepspeed.config=ds_configs/zero2.json"]), world_size=1)  # accepted
+
+
+def test_adapter_switch_scores_like_peft_disable_adapter_and_restores(tiny_policy):
+    """AdapterSwitch.off() sets only the flag the LoRA layers' forward reads: the same log-probs as PEFT's
+    disable_adapter() (the base model's), the adapter back on after it, requires_grad untouched; refused with
+    grad on (it does not freeze the adapters); models with modules_to_save keep PEFT's own context manager."""
+    ids = list(range(3, 40))
+    batch = collate([PreferenceExample("a", ids, 20, ids[:10] + [50 + i for i in range(20)], 10)], 0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    with torch.no_grad():
+        base = forward_pair(SequenceLogps(model, 7), batch).chosen_logps
+    policy = prepare_policy(model, ModelConfig(base_model="x"), LoRAConfig(r=4)).eval()
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    scorer, switch = SequenceLogps(policy, 7), AdapterSwitch(policy)
+    assert len(switch.layers) == 14  # 7 projections x 2 layers
+    with torch.no_grad():
+        adapted = forward_pair(scorer, batch).chosen_logps
+        with switch.off():
+            off = forward_pair(scorer, batch).chosen_logps
+            assert all(layer.disable_adapters for layer in switch.layers)
+        after = forward_pair(scorer, batch).chosen_logps
+        with policy.disable_adapter():
+            peft_off = forward_pair(scorer, batch).chosen_logps
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    assert torch.equal(off, peft_off) and torch.equal(off, base)
+    assert torch.equal(after, adapted)
+    assert all(param.requires_grad for name, param in policy.named_parameters() if "lora_" in name)
+    with pytest.raises(RuntimeError, match="under no_grad"), switch.off():
+        pass
+
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    saved = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32),
+                           PeftLoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert AdapterSwitch(saved).layers is None  # PEFT's disable_adapter(), which also swaps the saved modules
