@@ -54,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     if args.device == "cpu":  # every module call and kernel launch of the real depth, almost no arithmetic
         args.hidden, args.intermediate, args.heads, args.kv_heads, args.head_dim = 64, 192, 4, 2, 16
         args.vocab_size, args.layers, args.seq_len = 8192, layers, min(args.seq_len, 128)
+        args.dtype = "float32"  # CPUs without bf16 matmul units would spend the time converting
         args.preset = f"{args.preset} depth ({layers} layers), tiny width"
     return args
 
@@ -97,7 +98,7 @@ def build_model(args, variant: str):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     try:
         with torch.device(args.device):
             model = Qwen3ForCausalLM(config)
@@ -119,8 +120,8 @@ def gemm_tflops(args) -> float:
     """bf16 GEMM rate of the MLP's up projection at one micro-batch's token count: the ceiling that matters here."""
     import torch
 
-    a = torch.randn(args.rows * args.seq_len, args.hidden, device=args.device, dtype=torch.bfloat16)
-    b = torch.randn(args.hidden, args.intermediate, device=args.device, dtype=torch.bfloat16)
+    a = torch.randn(args.rows * args.seq_len, args.hidden, device=args.device, dtype=getattr(torch, args.dtype))
+    b = torch.randn(args.hidden, args.intermediate, device=args.device, dtype=getattr(torch, args.dtype))
     for _ in range(3):
         a @ b
     clock = Clock(args.device)

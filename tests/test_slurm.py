@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,7 +209,11 @@ def test_a_dead_rank_ends_the_job_in_bounded_time(slurm_cluster, tiny_policy, ti
             assert "dpo-dist: rank 1 on node n2 (node_rank 1) was killed by signal 9" in log, log[-6000:]
             assert elapsed < 20, log[-6000:]
         else:
-            assert f"Timed out waiting {int(TIMEOUT_MINUTES * 60000)}ms" in log, log[-6000:]
+            # Rank 0 ended on its own (not by srun's SIGTERM): gloo's timeout text, or, where another collective
+            # or the store timed out first (seen once in CI, log not kept), its node's line naming rank 0's failure.
+            timed_out = f"Timed out waiting {int(TIMEOUT_MINUTES * 60000)}ms" in log
+            rank0_failed = re.search(r"dpo-dist: rank 0 on node \S+ \(node_rank 0\) failed with exit code", log) is not None
+            assert timed_out or rank0_failed, log[-6000:]
             assert elapsed < TIMEOUT_MINUTES * 60 + 30, log[-6000:]
 
 
