@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpo_dist.config import Config, TrainingConfig
+from dpo_dist.config import Config, LoRAConfig, TrainingConfig
 from dpo_dist.errors import UserError
+from dpo_dist.planner import ModelShape, reduce_bucket_elements
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,8 +207,8 @@ def training_ds_config(config: Config, world_size: int) -> tuple[torch.dtype, di
     from dpo_dist.models import read_model_config
 
     dtype = resolve_dtype(config.model.dtype)
-    hidden_size = read_model_config(config.model.policy_path).hidden_size
-    ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, dtype, hidden_size, world_size)
+    shape = ModelShape.from_hf_config(read_model_config(config.model.policy_path))
+    ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, dtype, shape, world_size, config.lora)
     check_compile_fits(config, ds)
     check_fused_lora_fits(config, ds)
     return dtype, ds
@@ -252,8 +253,10 @@ def check_compile_fits(config: Config, ds: dict) -> None:
         )
 
 
-def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, hidden_size: int, world_size: int) -> dict:
-    """Resolve "auto" fields from the run config and check micro x accumulation x world = global batch."""
+def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shape: ModelShape, world_size: int,
+                   lora: LoRAConfig | None) -> dict:
+    """Resolve "auto" fields from the run config and the model's shape, and check micro x accumulation x world =
+    global batch."""
     ds = copy.deepcopy(raw)
     micro, accumulation = training.batch_size, training.gradient_accumulation_steps
     _fill(ds, "train_micro_batch_size_per_gpu", micro)
@@ -277,11 +280,12 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, hidd
         if section["enabled"] != enabled:
             raise UserError(f"the DeepSpeed config sets {key}.enabled={section['enabled']} but model.dtype is {dtype}")
     zero = ds.setdefault("zero_optimization", {})
-    # Bucket sizes as transformers' integration derives them from the hidden size.
-    _fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
+    # The reduce bucket: one decoder layer (planner.reduce_bucket_elements says why); the ZeRO-3 prefetch
+    # bucket and persistence threshold as transformers' integration derives them from the hidden size.
+    _fill(zero, "reduce_bucket_size", reduce_bucket_elements(shape, lora))
     if zero_stage(ds) == 3:
-        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
-        _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
+        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * shape.hidden * shape.hidden))
+        _fill(zero, "stage3_param_persistence_threshold", 10 * shape.hidden)
     leftover = [key for key, value in _walk(ds) if value == "auto"]
     if leftover:
         raise UserError(f"the DeepSpeed config has \"auto\" values dpo-dist cannot fill: {', '.join(leftover)}")

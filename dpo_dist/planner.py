@@ -14,7 +14,9 @@ Held through the whole step
   that overlaps its 1/W slice, so the plan takes the rank that holds most (`zero2_gradient_elements`: at
   least N_t b / W, all of the embedding's where the embedding is longer than a slice); held only under
   ZeRO-3 (a buffer made at start-up) or with gradient accumulation, else they fill in during backward as
-  activations are freed and count with the step.
+  activations are freed and count with the step;
+- buckets: DeepSpeed's gradient bucket buffers, reduce_bucket_size x b, once under ZeRO-3, twice under ZeRO-2
+  with overlap_comm ("auto": one decoder layer's parameters, or all of N_t when fewer; `reduce_bucket_elements`).
 
 Alive around forward/backward (the "backward" phase, whose peak is when backward starts at the log-prob chunks)
 - activations: what autograd saves, per token of the micro-batch (2 x batch_size rows of max_seq_length,
@@ -73,7 +75,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_dist.config import Config
+from dpo_dist.config import Config, LoRAConfig
 from dpo_dist.errors import UserError
 
 GIB = 2**30
@@ -168,16 +170,40 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _trainable_groups(shape: ModelShape, config: Config) -> list[list[int]]:
+def _trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[int]]:
     """Elements of each trainable parameter, by optimizer parameter group, in DeepSpeed's flattening order:
     LoRA's A (r x fan-in) and B (fan-out x r) of each adapted projection, all matrices (one group); else the
     model's matrices and vectors."""
-    if config.lora is None:
+    if lora is None:
         return list(shape.parameter_sizes())
-    r = config.lora.r
-    per_layer = [size for name, (fan_in, fan_out) in shape.linear_shapes().items() if name in config.lora.target_modules
-                 for size in (r * fan_in, fan_out * r)]
+    per_layer = [size for name, (fan_in, fan_out) in shape.linear_shapes().items() if name in lora.target_modules
+                 for size in (lora.r * fan_in, fan_out * lora.r)]
     return [per_layer * shape.layers]
+
+
+def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
+    """What "auto" means for DeepSpeed's reduce_bucket_size here: one decoder layer's parameters, or all the
+    trainable elements where those are fewer (LoRA: one bucket per backward).
+
+    ZeRO-2 and ZeRO-3 reduce gradients bucket by bucket, and each bucket costs host work (and, under ZeRO-2
+    with overlap_comm, a device synchronize) whatever its size. transformers' rule, hidden^2, cuts a Qwen3-1.7B
+    layer into a dozen buckets and a 4B LoRA policy's 33 M adapter elements into five. A layer is also the
+    unit whole-layer ZeRO-3 gathers and whose gradients come ready together. The cost is memory: one buffer of
+    this many elements under ZeRO-3, two under ZeRO-2 with overlap_comm (the `buckets` part of the plan):
+    ~100 MB for a 1.7B layer in bf16."""
+    layer = sum(fan_in * fan_out for fan_in, fan_out in shape.linear_shapes().values()) + 2 * shape.head_dim + 2 * shape.hidden
+    return min(layer, sum(map(sum, _trainable_groups(shape, lora))))
+
+
+def bucket_bytes(ds_config: dict, dtype_bytes: int) -> float:
+    """The gradient bucket buffers DeepSpeed allocates on the device: reduce_bucket_size elements of the
+    gradient dtype, once under ZeRO-3 (at start-up), twice under ZeRO-2 with overlap_comm (each backward)."""
+    zero = ds_config.get("zero_optimization", {})
+    stage, elements = int(zero.get("stage", 0)), zero.get("reduce_bucket_size", 5e8)
+    if stage < 2 or not zero.get("contiguous_gradients", True) or not isinstance(elements, (int, float)):
+        return 0.0
+    buffers = 1 if stage == 3 else (2 if zero.get("overlap_comm", False) else 1)
+    return float(buffers * elements * dtype_bytes)
 
 
 def zero2_gradient_elements(groups: list[list[int]], world_size: int) -> int:
@@ -277,7 +303,7 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     offload_params = zero.get("offload_param", {}).get("device") == "cpu"
     offload_optimizer = zero.get("offload_optimizer", {}).get("device") == "cpu"
     n = shape.parameters()
-    groups = _trainable_groups(shape, config)
+    groups = _trainable_groups(shape, config.lora)
     trainable = sum(map(sum, groups))
     shard = lambda nbytes, divided: nbytes / world_size if divided else nbytes  # noqa: E731
 
@@ -306,6 +332,7 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     parts = {
         "weights": weights,
         "gradients": gradients,
+        "buckets": bucket_bytes(ds_config, b),
         "optimizer": 0.0 if offload_optimizer else shard(trainable * 12, stage >= 1),
         "reference": reference,
         "activations": activation_bytes(config, shape, b),

@@ -40,7 +40,7 @@ def main() -> None:
         import torch
 
         world = args.nodes * args.gpus_per_node
-        ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, getattr(torch, dtype_name), shape.hidden, world)
+        ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, getattr(torch, dtype_name), shape, world, config.lora)
         plan = plan_memory(config, shape, ds, world, dtype_name, args.gpu_mem * GIB)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

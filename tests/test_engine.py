@@ -6,43 +6,61 @@ import sys
 import pytest
 import torch
 
-from dpo_dist.config import TrainingConfig
+from dpo_dist.config import LoRAConfig, TrainingConfig
 from dpo_dist.engine import fill_ds_config, lr_multiplier, read_ds_config, reference_ds_config, zero_stage
 from dpo_dist.errors import UserError
+from dpo_dist.planner import ModelShape
+
+
+# Qwen3-1.7B's shape: a decoder layer holds q 2048x2048, k and v 2048x1024, o 2048x2048, gate, up and down
+# 2048x6144, the q/k norms (128 each) and the two layer norms (2048 each).
+QWEN3_1_7B = ModelShape(vocab=151936, hidden=2048, intermediate=6144, layers=28, heads=16, kv_heads=8, head_dim=128, tied=True)
+LAYER_1_7B = 2 * 2048 * 2048 + 2 * 2048 * 1024 + 3 * 2048 * 6144 + 2 * 128 + 2 * 2048
+TINY = ModelShape(vocab=1000, hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2, head_dim=16, tied=True)
 
 
 def test_auto_fields_are_filled_from_the_run_config():
     training = TrainingConfig(batch_size=2, gradient_accumulation_steps=8, max_grad_norm=0.5)
-    ds = fill_ds_config(read_ds_config("ds_configs/zero3.json"), training, torch.bfloat16, hidden_size=64, world_size=4)
+    ds = fill_ds_config(read_ds_config("ds_configs/zero3.json"), training, torch.bfloat16, QWEN3_1_7B, 4, lora=None)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 8
     assert ds["train_batch_size"] == 2 * 8 * 4
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 20480
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 2048 * 2048)
+    # One gradient bucket per decoder layer (full fine-tuning), one per backward with LoRA (all its elements:
+    # r x (fan-in + fan-out) for the 7 projections of 28 layers)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == LAYER_1_7B == 50_336_000
+    lora = LoRAConfig(r=16)
+    adapters = 28 * 16 * (2 * (2048 + 2048) + 2 * (2048 + 1024) + 3 * (2048 + 6144))
+    ds = fill_ds_config(read_ds_config("ds_configs/zero2.json"), training, torch.bfloat16, QWEN3_1_7B, 4, lora=lora)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == adapters == 17_432_576
+    explicit = read_ds_config("zero2.json")
+    explicit["zero_optimization"]["reduce_bucket_size"] = 12345  # a number in the JSON is kept
+    assert fill_ds_config(explicit, training, torch.bfloat16, QWEN3_1_7B, 4, lora)["zero_optimization"]["reduce_bucket_size"] == 12345
 
 
 def test_batch_arithmetic_mismatch_is_a_clear_error():
     raw = read_ds_config("zero2.json") | {"train_batch_size": 10}
     with pytest.raises(UserError, match=r"train_batch_size 10 != batch_size 2 x gradient_accumulation_steps 1 x world size 2"):
-        fill_ds_config(raw, TrainingConfig(batch_size=2), torch.float32, 64, world_size=2)
+        fill_ds_config(raw, TrainingConfig(batch_size=2), torch.float32, TINY, 2, None)
     raw = read_ds_config("zero2.json") | {"train_micro_batch_size_per_gpu": 4}
     with pytest.raises(UserError, match="training.batch_size=2"):
-        fill_ds_config(raw, TrainingConfig(batch_size=2), torch.float32, 64, world_size=1)
+        fill_ds_config(raw, TrainingConfig(batch_size=2), torch.float32, TINY, 1, None)
 
 
 def test_precision_conflict_and_missing_file():
     raw = read_ds_config("zero2.json") | {"bf16": {"enabled": True}}
     with pytest.raises(UserError, match="bf16.enabled=True but model.dtype"):
-        fill_ds_config(raw, TrainingConfig(), torch.float32, 64, 1)
+        fill_ds_config(raw, TrainingConfig(), torch.float32, TINY, 1, None)
     with pytest.raises(UserError, match="deepspeed.config: nope.json not found"):
         read_ds_config("nope.json")
 
 
 def test_reference_config_follows_the_policy_stage_and_offload():
     training = TrainingConfig()
-    zero2 = fill_ds_config(read_ds_config("zero2.json"), training, torch.float32, 64, 1)
-    zero3 = fill_ds_config(read_ds_config("zero3.json"), training, torch.float32, 64, 1)
+    zero2 = fill_ds_config(read_ds_config("zero2.json"), training, torch.float32, TINY, 1, None)
+    zero3 = fill_ds_config(read_ds_config("zero3.json"), training, torch.float32, TINY, 1, None)
     assert zero_stage(reference_ds_config(zero2, offload=False)) == 0
     assert zero_stage(reference_ds_config(zero3, offload=False)) == 3
     offloaded = reference_ds_config(zero2, offload=True)

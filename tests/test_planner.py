@@ -17,7 +17,7 @@ from dpo_dist.errors import UserError
 from dpo_dist.lean_ops import RECOMPUTE
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.models import load_causal_lm, prepare_policy, read_model_config
-from dpo_dist.planner import (DTYPE_BYTES, GIB, ModelShape, activation_bytes, check_memory, device_memory_bytes,
+from dpo_dist.planner import (DTYPE_BYTES, GIB, ModelShape, activation_bytes, bucket_bytes, check_memory, device_memory_bytes,
                               plan_memory, zero2_gradient_elements)
 from launching import ROOT, assert_ok, free_port, python_launch, run, write_config
 from make_tiny_qwen3 import make_checkpoint
@@ -261,3 +261,13 @@ def test_plan_is_within_25_percent_of_each_ranks_measured_cpu_peak_on_2_ranks(tm
                            training_ds_config(config, 1)[1], 1, "float32", None, on_gpu=False)
     for part in ("weights", "gradients", "optimizer", "reference"):
         assert two_ranks[part] == pytest.approx(one_rank.parts[part] / 2**20 / 2), part
+
+
+def test_gradient_bucket_buffers():
+    """DeepSpeed allocates reduce_bucket_size elements once under ZeRO-3, twice under ZeRO-2 with overlap_comm
+    (stage3.py / stage_1_and_2.py), nothing below ZeRO-2."""
+    zero = {"reduce_bucket_size": 1000, "overlap_comm": True, "contiguous_gradients": True}
+    assert bucket_bytes({"zero_optimization": {**zero, "stage": 3}}, 2) == 2000
+    assert bucket_bytes({"zero_optimization": {**zero, "stage": 2}}, 2) == 4000
+    assert bucket_bytes({"zero_optimization": {**zero, "stage": 2, "overlap_comm": False}}, 4) == 4000
+    assert bucket_bytes({"zero_optimization": {**zero, "stage": 1}}, 2) == 0
