@@ -17,8 +17,9 @@ variants combine with '+', e.g. `liger+fused`.
     python bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,lean,liger
     python bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0            # full-parameter
 
-Prints per variant: ms per micro-batch for each phase, the host's own time to issue the work (when it is
-close to the device's, the step is launch-bound), peak memory above the weights, MFU against both the
+Prints per variant: ms per micro-batch for each phase, the host's time to issue the work (on a GPU this
+includes waiting whenever the launch queue is full, so it reads close to the device time once the device is
+the bound; `--device cpu` measures the host's own cost), peak memory above the weights, MFU against both the
 datasheet peak and a measured bf16 GEMM of the layer's MLP shape, and how far the variant's sequence
 log-probs are from the first variant's (the same random weights and batch).
 """

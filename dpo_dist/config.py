@@ -144,8 +144,8 @@ class LoRAConfig:
     fused: bool = _opt(
         False,
         "Compute each adapted projection as one autograd function (base GEMM, then the adapter added inside a "
-        "second GEMM) instead of PEFT's three module calls and two elementwise passes. Needs lora.dropout=0 and "
-        "a ZeRO-0/1/2 config.",
+        "second GEMM) instead of PEFT's three module calls and two elementwise passes. Needs lora.dropout=0, and "
+        "under ZeRO-3 deepspeed.zero3_whole_layers (the default).",
     )
 
     def __post_init__(self) -> None:

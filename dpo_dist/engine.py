@@ -215,12 +215,13 @@ def training_ds_config(config: Config, world_size: int) -> tuple[torch.dtype, di
 
 
 def check_fused_lora_fits(config: Config, ds: dict) -> None:
-    """lora.fused calls the projections' weights directly, past the hooks ZeRO-3 gathers them in (lora_ops.py)."""
-    if config.lora is not None and config.lora.fused and zero_stage(ds) == 3:
+    """lora.fused reads the projections' weights directly, past the hooks on base_layer, lora_A and lora_B
+    (lora_ops.py): under ZeRO-3 that needs whole-layer gathering, whose hooks sit on the decoder layer."""
+    if config.lora is not None and config.lora.fused and zero_stage(ds) == 3 and not config.deepspeed.zero3_whole_layers:
         raise UserError(
-            f"lora.fused=true with ZeRO-3 ({config.deepspeed.config}): the fused projections read their weights past "
-            "ZeRO-3's per-submodule gathering. Use a ZeRO-0/1/2 config (ds_configs/zero2.json: a LoRA policy's "
-            "optimizer state is small) or lora.fused=false"
+            f"lora.fused=true with ZeRO-3 ({config.deepspeed.config}) and deepspeed.zero3_whole_layers=false: the "
+            "fused projections read their weights past ZeRO-3's per-submodule gathering. Set "
+            "deepspeed.zero3_whole_layers=true (the default), use a ZeRO-0/1/2 config, or lora.fused=false"
         )
 
 

@@ -4,7 +4,7 @@ PEFT computes a LoRA linear as `base(x) + lora_B(lora_A(dropout(x))) * scaling`:
 scaling pass over the output and an add that writes a second output-sized tensor, and as many elementwise
 passes again in backward, for each of the 7 projections of each layer. On an H200 the LoRA policy's
 forward of a Qwen3-4B micro-batch took 300 ms against 175 ms for the same model with the adapter off
-(bench/RESULTS.md, decoder ceiling), with the host issuing kernels about as slowly as the GPU ran them.
+(bench/RESULTS.md, decoder ceiling).
 `LoRALinearFunction` computes the same function as `x W^T + b`, then adds `scaling * (x A^T) B^T`
 into that output inside the second GEMM (`addmm_`'s epilogue); backward is written out likewise. It
 keeps what PEFT's graph keeps (x, and the rank-r `x A^T`), for frozen base weights only (LoRA's case).
@@ -13,7 +13,8 @@ Swapped into each PEFT `lora.Linear`'s forward: a layer falls back to PEFT's own
 fused form does not apply (adapter disabled or merged, several active adapters, DoRA or another
 variant, adapter bias, dropout, per-call adapter names), so the adapter reference and exports are
 untouched. The swap bypasses the calls into `base_layer`, `lora_A` and `lora_B`, so it must not be used
-where hooks on those submodules matter: ZeRO-3 gathers parameters in them, so it is refused there.
+where hooks on those submodules matter: ZeRO-3 with per-submodule gathering (refused there); with
+whole-layer gathering the decoder layer's hook has gathered every weight it reads.
 """
 
 from __future__ import annotations

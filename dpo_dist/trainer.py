@@ -135,6 +135,9 @@ class Trainer:
         self.flops_per_token = flops_per_token(policy_params, trainable, policy_params if mode in ("model", "adapter") else 0)
         self.peak_tflops = device_peak_tflops(config.training.peak_tflops)
         self.logger.info(f"reference: {mode}")
+        if config.lora is not None and config.lora.fused:
+            fused = sum(1 for module in policy.modules() if hasattr(module, "_peft_forward"))
+            self.logger.info(f"lora.fused: {fused} LoRA projections run as one autograd function each")
         for name, model in (("policy", policy), ("reference", getattr(self.reference, "model", None))):
             if model is not None:
                 local, total = param_elements(model)

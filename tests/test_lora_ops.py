@@ -71,9 +71,10 @@ def test_fused_lora_refusals(tiny_policy, tmp_path):
         LoRAConfig(fused=True, dropout=0.05)
     path = tmp_path / "c.yaml"
     path.write_text(f"model: {{base_model: {tiny_policy}}}\nlora: {{r: 4, fused: true}}\n"
-                    "deepspeed: {config: ds_configs/zero3.json}\n")
-    with pytest.raises(UserError, match="lora.fused=true with ZeRO-3"):
+                    "deepspeed: {config: ds_configs/zero3.json, zero3_whole_layers: false}\n")
+    with pytest.raises(UserError, match="lora.fused=true with ZeRO-3 .* and deepspeed.zero3_whole_layers=false"):
         training_ds_config(load_config(path), world_size=1)
+    training_ds_config(load_config(path, ["deepspeed.zero3_whole_layers=true"]), world_size=1)  # accepted (the default)
     training_ds_config(load_config(path, ["deepspeed.config=ds_configs/zero2.json"]), world_size=1)  # accepted
 
 
