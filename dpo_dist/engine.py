@@ -22,7 +22,7 @@ from torch import nn
 
 from dpo_dist.config import Config, LoRAConfig, TrainingConfig
 from dpo_dist.errors import UserError
-from dpo_dist.planner import ModelShape, reduce_bucket_elements
+from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -281,11 +281,14 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
         if section["enabled"] != enabled:
             raise UserError(f"the DeepSpeed config sets {key}.enabled={section['enabled']} but model.dtype is {dtype}")
     zero = ds.setdefault("zero_optimization", {})
-    # The reduce bucket: one decoder layer (planner.reduce_bucket_elements says why); the ZeRO-3 prefetch
-    # bucket and persistence threshold as transformers' integration derives them from the hidden size.
+    # The reduce bucket: one decoder layer (planner.reduce_bucket_elements says why). The ZeRO-3 prefetch
+    # bucket: one decoder layer too. DeepSpeed prefetches upcoming parameters until the bucket is full;
+    # transformers' 0.9 hidden^2 is less than one of a Qwen3 layer's matrices, so with whole-layer gathering
+    # only the next layer's first matrix was prefetched and the rest gathered while the GPU waited.
+    # (DeepSpeed's own default, 5e7, is about one Qwen3-1.7B layer.) The persistence threshold as transformers'.
     _fill(zero, "reduce_bucket_size", reduce_bucket_elements(shape, lora))
     if zero_stage(ds) == 3:
-        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * shape.hidden * shape.hidden))
+        _fill(zero, "stage3_prefetch_bucket_size", decoder_layer_elements(shape))
         _fill(zero, "stage3_param_persistence_threshold", 10 * shape.hidden)
     leftover = [key for key, value in _walk(ds) if value == "auto"]
     if leftover:

@@ -51,6 +51,8 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   place). When the lm_head trains (full fine-tuning) its gradient, V H b, exists full-size before any
   reduction, twice while a further chunk's gradient is added; under ZeRO-3 the lm_head is also gathered
   whole, V H b.
+- gathered: under ZeRO-3 on more than one rank, the decoder layer running and the next one (prefetched:
+  "auto" stage3_prefetch_bucket_size is one layer) gathered whole, 2 x one layer's parameters x b.
 
 Alive in the optimizer step (the "step" phase)
 - gradients (unless held, above) and step: the fp32 copy of the gradient partition DeepSpeed hands the
@@ -81,7 +83,7 @@ from dpo_dist.errors import UserError
 GIB = 2**30
 FP32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-BACKWARD_PARTS = ("activations", "logits")  # alive around forward/backward only
+BACKWARD_PARTS = ("activations", "logits", "gathered")  # alive around forward/backward only
 STEP_PARTS = ("step",)  # alive in the optimizer step only (and the gradients, unless held)
 
 
@@ -181,6 +183,11 @@ def _trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[i
     return [per_layer * shape.layers]
 
 
+def decoder_layer_elements(shape: ModelShape) -> int:
+    """Parameters of one decoder layer: its seven projections, the q/k norms and the two layer norms."""
+    return sum(fan_in * fan_out for fan_in, fan_out in shape.linear_shapes().values()) + 2 * shape.head_dim + 2 * shape.hidden
+
+
 def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
     """What "auto" means for DeepSpeed's reduce_bucket_size here: one decoder layer's parameters, or all the
     trainable elements where those are fewer (LoRA: one bucket per backward).
@@ -191,8 +198,7 @@ def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
     unit whole-layer ZeRO-3 gathers and whose gradients come ready together. The cost is memory: one buffer of
     this many elements under ZeRO-3, two under ZeRO-2 with overlap_comm (the `buckets` part of the plan):
     ~100 MB for a 1.7B layer in bf16."""
-    layer = sum(fan_in * fan_out for fan_in, fan_out in shape.linear_shapes().values()) + 2 * shape.head_dim + 2 * shape.hidden
-    return min(layer, sum(map(sum, _trainable_groups(shape, lora))))
+    return min(decoder_layer_elements(shape), sum(map(sum, _trainable_groups(shape, lora))))
 
 
 def bucket_bytes(ds_config: dict, dtype_bytes: int) -> float:
@@ -336,6 +342,8 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
         "optimizer": 0.0 if offload_optimizer else shard(trainable * 12, stage >= 1),
         "reference": reference,
         "activations": activation_bytes(config, shape, b),
+        # ZeRO-3 on several ranks: the layer running and the next one, prefetched, gathered whole (one rank gathers nothing)
+        "gathered": 2 * decoder_layer_elements(shape) * b if stage == 3 and world_size > 1 and not offload_params else 0.0,
         "logits": logits,
         "step": 0.0 if offload_optimizer else shard(trainable * FP32 * (1 + adam_temporaries), stage >= 1),
     }

@@ -27,7 +27,7 @@ def test_auto_fields_are_filled_from_the_run_config():
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 20480
-    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 2048 * 2048)
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == LAYER_1_7B  # the next layer, whole
     # One gradient bucket per decoder layer (full fine-tuning), one per backward with LoRA (all its elements:
     # r x (fan-in + fan-out) for the 7 projections of 28 layers)
     assert ds["zero_optimization"]["reduce_bucket_size"] == LAYER_1_7B == 50_336_000
