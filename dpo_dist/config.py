@@ -52,6 +52,12 @@ class ModelConfig:
         ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     )
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    checkpointed_layers: int | None = _opt(
+        None,
+        "With model.gradient_checkpointing: how many decoder layers recompute in backward, the first ones (null: all). "
+        "Fewer: less recompute (about 1/4 of a layer's training FLOPs each), more activation memory; "
+        "launch/plan.py names the fewest that fit.",
+    )
     compile: bool = _opt(
         False,
         "torch.compile each decoder layer of the policy and the reference model (fused norms, activations and "
@@ -86,6 +92,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.logps_chunk_tokens is not None and self.logps_chunk_tokens < 1:
             raise UserError("model.logps_chunk_tokens must be >= 1")
+        if self.checkpointed_layers is not None:
+            if self.checkpointed_layers < 1:
+                raise UserError(f"model.checkpointed_layers must be >= 1 (or null: all layers), got {self.checkpointed_layers}")
+            if not self.gradient_checkpointing:
+                raise UserError(
+                    f"model.checkpointed_layers={self.checkpointed_layers} without model.gradient_checkpointing=true: "
+                    "set gradient_checkpointing too, or drop checkpointed_layers"
+                )
         if self.recompute_elementwise and self.compile:
             raise UserError(
                 "model.recompute_elementwise=true with model.compile=true: the compiled layers already choose what to "

@@ -131,11 +131,27 @@ def embeddings_output_requires_grad(model: nn.Module) -> None:
         embeddings._dpo_dist_requires_grad_hook = True
 
 
+def limit_checkpointed_layers(model: nn.Module, count: int | None) -> None:
+    """Keep gradient checkpointing on the first `count` decoder layers only (None: all).
+
+    Backward runs from the last layer to the first, so by the time it recomputes the first layers the
+    later ones' activations are gone: the peak stays at the start of backward, `count` layer inputs plus
+    the other layers' full activations. transformers reads the flag per layer at each call."""
+    if count is None:
+        return
+    layers = model.get_decoder().layers
+    if count > len(layers):
+        raise UserError(f"model.checkpointed_layers={count}, but the model has {len(layers)} decoder layers")
+    for layer in layers[count:]:
+        layer.gradient_checkpointing = False
+
+
 def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig | None) -> nn.Module:
     """Gradient checkpointing and, when configured, a PEFT LoRA adapter on the policy."""
     if model_config.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and with ZeRO-3's parameter hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        limit_checkpointed_layers(model, model_config.checkpointed_layers)
     if lora is None:
         return model
     from peft import LoraConfig, get_peft_model

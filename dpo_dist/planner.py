@@ -44,7 +44,8 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   3 b I (SiLU's output is recomputed); the final norm likewise. model.recompute_elementwise drops the
   projections' copies of the two norms' outputs (2 b H) and down_proj's input (b I): rebuilt in backward.
   With gradient checkpointing each layer keeps only its input, b H per token, and backward recomputes one
-  layer's full set at a time. Counted for eager layers: with model.compile, fused kernels save less (the
+  layer's full set at a time; with model.checkpointed_layers = K < L, K inputs plus the other L - K layers'
+  full sets (the peak at the start of backward: the first K are recomputed after the rest are freed). Counted for eager layers: with model.compile, fused kernels save less (the
   fp32 norm inputs, SiLU's output), so the plan errs high.
 - logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x V in fp32, twice (the logits and
   one vocab-wide temporary: logsumexp's in forward; backward turns the saved logits into their gradient in
@@ -296,7 +297,11 @@ def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
     if _gathers_attention(config) and config.model.attn_implementation == "eager":  # its causal mask, all layers
         outside += seq**2 * b
     if config.model.gradient_checkpointing:
-        return tokens * shape.layers * shape.hidden * b + one_layer + outside
+        checkpointed = min(config.model.checkpointed_layers or shape.layers, shape.layers)
+        kept_inputs = tokens * checkpointed * shape.hidden * b
+        # all layers: one layer's recompute at a time on top of the inputs; the first K only: the other
+        # layers' full sets at the start of backward, gone before the first recompute
+        return kept_inputs + max(shape.layers - checkpointed, 1) * one_layer + outside
     return shape.layers * one_layer + outside
 
 
@@ -386,6 +391,21 @@ def check_memory(config: Config, shape: ModelShape, ds_config: dict, world_size:
     )
 
 
+def _fewest_checkpointed_layers(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str,
+                                device_bytes: float) -> int | None:
+    """The fewest checkpointed layers (model.checkpointed_layers), fewer than all and more than now, with which the
+    run fits; None if no such number (all layers needed, or none fits)."""
+    model = config.model
+    if model.gradient_checkpointing and model.checkpointed_layers is None:
+        return None  # every layer is checkpointed already
+    start = model.checkpointed_layers + 1 if model.gradient_checkpointing else 1
+    for count in range(start, shape.layers):
+        changed = dataclasses.replace(config, model=dataclasses.replace(model, gradient_checkpointing=True, checkpointed_layers=count))
+        if plan_memory(changed, shape, ds_config, world_size, dtype_name, device_bytes, with_advice=False).fits:
+            return count
+    return None
+
+
 def _advice(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str, device_bytes: float):
     """Single changes that would make the run fit, each checked by re-planning."""
     zero3 = {**ds_config, "zero_optimization": {**ds_config.get("zero_optimization", {}), "stage": 3}}
@@ -400,6 +420,11 @@ def _advice(config: Config, shape: ModelShape, ds_config: dict, world_size: int,
          dataclasses.replace(config, training=dataclasses.replace(config.training, batch_size=half_batch)), ds_config, world_size),
         ("twice as many GPUs", config, ds_config, 2 * world_size),
     ]
+    fewest = _fewest_checkpointed_layers(config, shape, ds_config, world_size, dtype_name, device_bytes)
+    if fewest is not None:
+        partial = dataclasses.replace(config.model, gradient_checkpointing=True, checkpointed_layers=fewest)
+        candidates.insert(0, (f"model.gradient_checkpointing=true model.checkpointed_layers={fewest} (the fewest of "
+                              f"{shape.layers} that fit)", dataclasses.replace(config, model=partial), ds_config, world_size))
     advice = []
     for label, changed, changed_ds, ranks in candidates:
         if config.dpo.loss_type in ("simpo", "orpo") and "reference" in label:

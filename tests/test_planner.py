@@ -83,6 +83,20 @@ def test_each_part_moves_with_its_setting(tmp_path):
     small = plan_memory(config, shape, zero2, 8, "bfloat16", 40 * GIB)
     assert not small.fits and "model.gradient_checkpointing=true" in small.advice
     assert "twice as many GPUs" not in small.advice  # activations do not shrink with more GPUs
+    # Checkpointing only the first K layers: between none and all, and the fewest K that fit is offered first
+    partial = plan_memory(dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=True,
+                                                                                 checkpointed_layers=18)),
+                          shape, zero2, 8, "bfloat16", 80 * GIB)
+    assert checkpointed.parts["activations"] < partial.parts["activations"] < base.parts["activations"]
+    roomy = plan_memory(config, shape, zero2, 8, "bfloat16", (base.total - 0.2 * base.parts["activations"]) / GIB * GIB)
+    fewest = [item for item in roomy.advice if "checkpointed_layers=" in item]
+    assert not roomy.fits and fewest and fewest == list(roomy.advice[:1])
+    count = int(fewest[0].split("checkpointed_layers=")[1].split()[0])
+    assert 1 <= count < shape.layers
+    for k, fits in ((count, True), (count - 1, False)):
+        changed = dataclasses.replace(config.model, gradient_checkpointing=True, checkpointed_layers=k) if k else config.model
+        plan = plan_memory(dataclasses.replace(config, model=changed), shape, zero2, 8, "bfloat16", roomy.device_bytes)
+        assert plan.fits == fits, k
     hopeless = plan_memory(config, shape, zero2, 1, "bfloat16", 4 * GIB)
     assert not hopeless.fits and hopeless.advice[0].startswith("no single change fits")
     # Activations and the optimizer step's temporaries are never alive together: the peak counts the larger.
@@ -175,6 +189,7 @@ MEASURED_SHAPE = dict(vocab_size=32768, hidden_size=512, intermediate_size=1536,
 MEASURED_RUNS = [  # (name, max_seq_length, config sections): each is dominated by a different part
     ("full, ZeRO-2, reference model", 512, {}),
     ("full, ZeRO-2, grad checkpointing", 512, {"model": {"gradient_checkpointing": True}}),
+    ("full, ZeRO-2, 2 of 4 layers checkpointed", 1024, {"model": {"gradient_checkpointing": True, "checkpointed_layers": 2}}),
     ("LoRA r=16, adapter reference", 1024, {"lora": {"r": 16, "alpha": 32}}),
     ("full, ZeRO-3, reference model", 512, {"deepspeed": {"config": "ds_configs/zero3.json"}}),
 ]
@@ -271,3 +286,30 @@ def test_gradient_bucket_buffers():
     assert bucket_bytes({"zero_optimization": {**zero, "stage": 2}}, 2) == 4000
     assert bucket_bytes({"zero_optimization": {**zero, "stage": 2, "overlap_comm": False}}, 4) == 4000
     assert bucket_bytes({"zero_optimization": {**zero, "stage": 1}}, 2) == 0
+
+
+def test_checkpointed_layers_recompute_only_the_first_k(tiny_policy):
+    """model.checkpointed_layers=1 on the 2-layer model: layer 0 runs its forward again in backward, layer 1
+    does not, and the gradients equal those without checkpointing (fp32). Refused without checkpointing and
+    beyond the model's depth."""
+    from dpo_dist.config import ModelConfig
+
+    ids = list(range(3, 40))
+    batch = collate([PreferenceExample("a", ids, 20, ids[:10] + [50 + i for i in range(20)], 10)], 0)
+    results = {}
+    for checkpointed in (None, 1):
+        model_config = ModelConfig(base_model="x", gradient_checkpointing=checkpointed is not None, checkpointed_layers=checkpointed)
+        policy = prepare_policy(AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32), model_config, None).train()
+        calls = [0, 0]
+        for index, layer in enumerate(policy.model.layers):
+            layer.self_attn.register_forward_pre_hook(lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1))
+        forward_pair(SequenceLogps(policy, 7), batch).chosen_logps.sum().backward()
+        results[checkpointed] = (calls, {name: param.grad for name, param in policy.named_parameters()})
+    assert results[None][0] == [1, 1] and results[1][0] == [2, 1]  # layer 0 recomputed in backward, layer 1 not
+    for name, grad in results[None][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(UserError, match="without model.gradient_checkpointing=true"):
+        ModelConfig(base_model="x", checkpointed_layers=1)
+    with pytest.raises(UserError, match="model.checkpointed_layers=3, but the model has 2 decoder layers"):
+        prepare_policy(AutoModelForCausalLM.from_pretrained(tiny_policy), ModelConfig(base_model="x", gradient_checkpointing=True,
+                                                                                      checkpointed_layers=3), None)
