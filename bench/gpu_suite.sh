@@ -21,9 +21,9 @@
 #   lora-next  the lora case: TRL, then dpo-dist with prefix sharing + Liger + fused LoRA projections, and prefix
 #              sharing + lean + compiled layers (one compile fewer since the first GPU try). CASE_SECONDS=420
 #   full-next  the full case without checkpointing: TRL, then dpo-dist with prefix sharing + Liger, and with
-#              model.recompute_elementwise too (the memory goal), and prefix sharing + Liger without whole-layer
-#              gathering (what that is worth), and prefix sharing + lean + compiled layers (ZeRO-3, whole layers).
-#              CASE_SECONDS=330
+#              model.recompute_elementwise too (the memory goal), and with the first 6 of 28 layers checkpointed on
+#              top (model.checkpointed_layers: the planner's margin for the memory goal, ~5% more compute), and
+#              prefix sharing + lean + compiled layers (ZeRO-3, whole layers). CASE_SECONDS=330
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
 #   ceiling    bench/decoder_ceiling.py: one micro-batch of the 4B LoRA and 1.7B full shapes in plain PyTorch (no
@@ -70,7 +70,7 @@ for case in "$@"; do
                          --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
         full-next) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true
                          --variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
-                         --variant sharedligerperhook:data.prefix_sharing=true,model.liger_kernels=true,deepspeed.zero3_whole_layers=false
+                         --variant sharedligerrecomputeckpt6:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true,model.gradient_checkpointing=true,model.checkpointed_layers=6
                          --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
         full-fast) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true) ;;
         lora-shared) args=("${LORA[@]}" --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true) ;;

@@ -80,8 +80,8 @@ class ModelConfig:
         False,
         "Keep neither the norms' outputs nor the MLP's SiLU(gate) x up for backward: rebuild them there from "
         "tensors kept anyway (implies model.lean_activations unless model.liger_kernels): about another quarter "
-        "less activation memory per layer, for a few elementwise passes in backward. No effect with "
-        "gradient checkpointing; not with model.compile, whose compiler chooses what to recompute itself.",
+        "less activation memory per layer, for a few elementwise passes in backward. No effect in checkpointed "
+        "layers; not with model.compile, whose compiler chooses what to recompute itself.",
     )
     logps_chunk_tokens: int | None = _opt(
         None,
