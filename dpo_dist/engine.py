@@ -71,7 +71,7 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
     )
     import torch.distributed as dist
 
-    if accelerator.device_name() == "cpu" and dist.get_world_size() > 1:
+    if accelerator.device_name() == "cpu":  # every size: with LOCAL_SIZE set, one rank maps a buffer too
         _release_shm_buffer_name(dist.get_rank())
     return DistInfo(
         rank=dist.get_rank(),

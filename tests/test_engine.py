@@ -2,6 +2,7 @@
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,15 +143,17 @@ def test_zero3_gathers_each_decoder_layer_whole(tiny_policy):
     assert lora.get_input_embeddings()._dpo_dist_requires_grad_hook
 
 
-def test_cpu_ranks_count_their_node_without_running_numactl(tmp_path):
+def test_cpu_ranks_count_their_node_without_running_numactl_and_leave_no_shm(tmp_path):
     """DeepSpeed's CPU accelerator answers device_count() from LOCAL_SIZE, which only its own launcher sets; without
     it each call runs `numactl --hardware` in a subprocess, and ZeRO-3 asks once per gradient reduction. Under
-    torchrun, init_distributed takes the number from LOCAL_WORLD_SIZE: the right count, and no subprocess."""
+    torchrun (and plain python, a world of one), init_distributed takes the number from LOCAL_WORLD_SIZE: the
+    right count, and no subprocess. With LOCAL_SIZE set DeepSpeed maps its shared-memory all-reduce buffer
+    for every world size, one rank included: no /dev/shm file of the run may outlive it."""
     from launching import ROOT, assert_ok, free_port, run
 
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import sys\n"
+        "import os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from dpo_dist.engine import init_distributed\n"
         "info = init_distributed(1.0)\n"
@@ -158,10 +161,19 @@ def test_cpu_ranks_count_their_node_without_running_numactl(tmp_path):
         "from deepspeed.accelerator import get_accelerator\n"
         "probes = []\n"
         "numa.get_numa_cores = lambda: probes.append(1) or []\n"
-        "print(f'rank {info.rank} device_count {get_accelerator().device_count()} numa_probes {len(probes)}')\n"
+        "print(f'rank {info.rank} device_count {get_accelerator().device_count()} numa_probes {len(probes)} "
+        "port {os.environ[\"MASTER_PORT\"]}')\n"
     )
-    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(probe)],
+    line = r"rank (\d) device_count (\d+) numa_probes (\d+) port (\d+)"
+    port = free_port()
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(probe)],
                  timeout=120)
     assert_ok(result)
-    reports = sorted(re.findall(r"rank \d device_count \d+ numa_probes \d+", result.stdout))  # the ranks' lines may interleave
-    assert reports == ["rank 0 device_count 2 numa_probes 0", "rank 1 device_count 2 numa_probes 0"]
+    reports = sorted(re.findall(line, result.stdout))  # the ranks' lines may interleave
+    assert reports == [("0", "2", "0", str(port)), ("1", "2", "0", str(port))]
+    alone = run([sys.executable, str(probe)], timeout=120)
+    assert_ok(alone)
+    [(rank, count, probes, alone_port)] = re.findall(line, alone.stdout)
+    assert (rank, count, probes) == ("0", "1", "0")
+    for used in (port, alone_port):
+        assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{used}_*")) == []
