@@ -45,8 +45,9 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   projections' copies of the two norms' outputs (2 b H) and down_proj's input (b I): rebuilt in backward.
   With gradient checkpointing each layer keeps only its input, b H per token, and backward recomputes one
   layer's full set at a time; with model.checkpointed_layers = K < L, K inputs plus the other L - K layers'
-  full sets (the peak at the start of backward: the first K are recomputed after the rest are freed). Counted for eager layers: with model.compile, fused kernels save less (the
-  fp32 norm inputs, SiLU's output), so the plan errs high.
+  full sets (the peak at the start of backward: the first K are recomputed after the rest are freed).
+  Counted for eager layers: with model.compile, fused kernels save less (the fp32 norm inputs, SiLU's
+  output), so the plan errs high.
 - logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x V in fp32, twice (the logits and
   one vocab-wide temporary: logsumexp's in forward; backward turns the saved logits into their gradient in
   place). When the lm_head trains (full fine-tuning) its gradient, V H b, exists full-size before any
@@ -115,6 +116,10 @@ class ModelShape:
             "down_proj": (self.intermediate, self.hidden),
         }
 
+    def layer_vector_sizes(self) -> list[int]:
+        """Elements of one decoder layer's norm weights, in module order: q_norm, k_norm, the two layer norms."""
+        return [self.head_dim, self.head_dim, self.hidden, self.hidden]
+
     def parameter_sizes(self) -> tuple[list[int], list[int]]:
         """Elements of each matrix and of each vector, in module order (transformers' Qwen3: embed_tokens; per
         layer q, k, v, o, q_norm, k_norm, gate, up, down, the two layer norms; the final norm; lm_head when
@@ -122,7 +127,7 @@ class ModelShape:
         matrices, vectors = [self.vocab * self.hidden], []
         for _ in range(self.layers):
             matrices += [i * o for i, o in self.linear_shapes().values()]
-            vectors += [self.head_dim, self.head_dim, self.hidden, self.hidden]
+            vectors += self.layer_vector_sizes()
         vectors.append(self.hidden)
         if not self.tied:
             matrices.append(self.vocab * self.hidden)
@@ -185,8 +190,8 @@ def _trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[i
 
 
 def decoder_layer_elements(shape: ModelShape) -> int:
-    """Parameters of one decoder layer: its seven projections, the q/k norms and the two layer norms."""
-    return sum(fan_in * fan_out for fan_in, fan_out in shape.linear_shapes().values()) + 2 * shape.head_dim + 2 * shape.hidden
+    """Parameters of one decoder layer: its seven projections and four norm weights."""
+    return sum(fan_in * fan_out for fan_in, fan_out in shape.linear_shapes().values()) + sum(shape.layer_vector_sizes())
 
 
 def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
