@@ -84,6 +84,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return LoRALinearFunction.apply(x, base.weight, base.bias, lora_a, lora_b, scaling)
 
 
+def fused_lora_layers(model: nn.Module) -> int:
+    """How many LoRA layers of `model` carry the fused forward (`fuse_lora_layers` keeps PEFT's as `_peft_forward`)."""
+    return sum(1 for module in model.modules() if hasattr(module, "_peft_forward"))
+
+
 def fuse_lora_layers(model: nn.Module) -> int:
     """Swap the fused forward into every PEFT LoRA linear layer of `model`; returns how many."""
     from peft.tuners.lora.layer import Linear as LoraLinear

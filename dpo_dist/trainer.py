@@ -28,6 +28,7 @@ from dpo_dist.engine import (
 )
 from dpo_dist.errors import UserError
 from dpo_dist.logps import SequenceLogps, forward_pair
+from dpo_dist.lora_ops import fused_lora_layers
 from dpo_dist.losses import LOSSES, PreferenceInputs, chosen_nll
 from dpo_dist.metrics import (
     MetricWindow,
@@ -136,8 +137,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(config.training.peak_tflops)
         self.logger.info(f"reference: {mode}")
         if config.lora is not None and config.lora.fused:
-            fused = sum(1 for module in policy.modules() if hasattr(module, "_peft_forward"))
-            self.logger.info(f"lora.fused: {fused} LoRA projections run as one autograd function each")
+            self.logger.info(f"lora.fused: {fused_lora_layers(policy)} LoRA projections run as one autograd function each")
         for name, model in (("policy", policy), ("reference", getattr(self.reference, "model", None))):
             if model is not None:
                 local, total = param_elements(model)
