@@ -15,6 +15,7 @@ import typing
 from typing import Any, Callable
 
 from dpo_dist.config import SECTIONS, Config, load_config
+from dpo_dist.engine import shutdown_distributed
 from dpo_dist.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -72,5 +73,7 @@ def run_main(
     except UserError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
+        shutdown_distributed()
         sys.exit(EXIT_USER_ERROR)
+    shutdown_distributed()
     sys.exit(status or 0)

@@ -177,3 +177,35 @@ def test_cpu_ranks_count_their_node_without_running_numactl_and_leave_no_shm(tmp
     assert (rank, count, probes) == ("0", "1", "0")
     for used in (port, alone_port):
         assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{used}_*")) == []
+
+
+def test_launch_scripts_destroy_the_process_group_before_interpreter_exit(tiny_policy, tmp_path):
+    """Left to interpreter exit, gloo's worker threads can abort the process ("terminate called without an
+    active exception"): once in CI this turned a SIGUSR1 stop's status 75 into a crash. run_main destroys the
+    group after the script's body, on the normal path and after a user error; a probe whose body leaves an
+    all-reduce un-waited sees no group at exit and keeps its status. Plain python (a world of one, with
+    gloo's threads all the same): a launcher would stop the other rank on the first non-zero status."""
+    from launching import ROOT, run, write_config
+
+    config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out")
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import atexit, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch, torch.distributed as dist\n"
+        "from dpo_dist.cli import run_main\n"
+        "from dpo_dist.engine import init_distributed\n"
+        "from dpo_dist.errors import UserError\n"
+        "def body(config, args):\n"
+        "    init_distributed(1.0)\n"
+        "    atexit.register(lambda: print(f'group at exit: {dist.is_initialized()}', flush=True))\n"
+        "    dist.all_reduce(torch.ones(1 << 16), async_op=True)  # left to gloo's threads\n"
+        "    if config.training.seed == 7:\n"
+        "        raise UserError('probe failure')\n"
+        "    return 75\n"
+        "run_main('probe', body)\n"
+    )
+    for seed, status in ((42, 75), (7, 2)):
+        result = run([sys.executable, str(probe), "--config", str(config), f"training.seed={seed}"], timeout=120)
+        assert result.returncode == status, result.stderr[-3000:]
+        assert "group at exit: False" in result.stdout and "terminate called" not in result.stderr
