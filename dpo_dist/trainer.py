@@ -41,7 +41,7 @@ from dpo_dist.metrics import (
     peak_memory_mb,
 )
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
-from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes
+from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes, single_rank_zero3_note
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, load_precomputed_reference
 
@@ -74,6 +74,9 @@ class Trainer:
             shape = ModelShape.from_hf_config(read_model_config(self.config.model.policy_path))
             check_memory(self.config, shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
                          device_memory_bytes(self.dist.device))
+            note = single_rank_zero3_note(self.ds_config, self.dist.world_size)
+            if note:
+                self.logger.info(f"note: {note}")
         self._setup_data(train)
         self.checkpointer = Checkpointer(self.config.training, self.dist)
         resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models

@@ -92,6 +92,7 @@ def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_pat
     result = run(command)
     assert_ok(result)
     evals = check_two_rank_run(tmp_path / "run", single_process_run)
+    assert "ZeRO-3 on one process" not in result.stdout + result.stderr  # two ranks: ZeRO-3 shards
     # Under the deepspeed launcher DeepSpeed's CPU all-reduce maps one /dev/shm file per rank and never removes
     # it (66 MB of RAM per rank per run, for good); the run removed its own.
     port = command[command.index("--master_port") + 1]

@@ -18,7 +18,7 @@ from dpo_dist.lean_ops import RECOMPUTE
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.models import load_causal_lm, prepare_policy, read_model_config
 from dpo_dist.planner import (DTYPE_BYTES, GIB, ModelShape, activation_bytes, bucket_bytes, check_memory, device_memory_bytes,
-                              plan_memory, zero2_gradient_elements)
+                              plan_memory, single_rank_zero3_note, zero2_gradient_elements)
 from launching import ROOT, assert_ok, free_port, python_launch, run, write_config
 from make_tiny_qwen3 import make_checkpoint
 
@@ -119,6 +119,25 @@ def test_check_memory_refuses_with_the_planners_advice(tmp_path):
     assert check_memory(load_config(path), QWEN3_4B, zero2, 8, "bfloat16", None) is None  # a CPU has no device limit
 
 
+def test_zero3_on_one_process_gets_a_note_naming_zero2(tmp_path):
+    """One rank shards nothing: the note says so where ZeRO-3 would add nothing but its hooks, and the plan
+    it points to (ZeRO-2 on the same rank) needs no more memory than ZeRO-3's, full-parameter and LoRA,
+    with and without accumulation (CPU, 28 layers, one rank: 535 against 546 MB measured)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {base_model: x}\ntraining: {batch_size: 2, max_seq_length: 2048}\n")
+    zero3 = {"zero_optimization": {"stage": 3}}
+    note = single_rank_zero3_note(zero3, 1)
+    assert note and "ds_configs/zero2.json" in note
+    assert single_rank_zero3_note(zero3, 2) is None
+    assert single_rank_zero3_note({"zero_optimization": {"stage": 2}}, 1) is None
+    assert single_rank_zero3_note({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, 1) is None
+    for overrides in ([], ["lora.r=16"], ["training.gradient_accumulation_steps=8"]):
+        config = load_config(path, overrides)
+        on_zero3 = plan_memory(config, QWEN3_4B, zero3, 1, "bfloat16", None).total
+        on_zero2 = plan_memory(config, QWEN3_4B, {"zero_optimization": {"stage": 2}}, 1, "bfloat16", None).total
+        assert 0.9 * on_zero3 < on_zero2 <= on_zero3, overrides
+
+
 def test_the_device_limit_is_the_free_memory(monkeypatch):
     """What another process holds on the GPU is not ours to plan with: the check compares against free memory."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * GIB, 80 * GIB))  # (free, total)
@@ -130,6 +149,10 @@ def test_plan_command(tiny_policy, tmp_path):
     result = run(python_launch("plan.py", ROOT / "configs" / "demo.yaml", f"model.base_model={tiny_policy}")[:2]
                  + ["--config", str(ROOT / "configs" / "demo.yaml"), "--gpu-mem", "80", f"model.base_model={tiny_policy}"])
     assert result.returncode == 0 and "fits in 80.0 GiB" in result.stdout and "optimizer" in result.stdout
+    assert "note:" not in result.stdout  # ZeRO-2 (the demo's)
+    zero3 = run(python_launch("plan.py", ROOT / "configs" / "demo.yaml")[:2]
+                + ["--config", str(ROOT / "configs" / "demo.yaml"), f"model.base_model={tiny_policy}", "deepspeed.config=ds_configs/zero3.json"])
+    assert zero3.returncode == 0 and "note: ZeRO-3 on one process shards nothing" in zero3.stdout
     result = run(python_launch("plan.py", ROOT / "configs" / "demo.yaml")[:2]
                  + ["--config", str(ROOT / "configs" / "demo.yaml"), "--gpu-mem", "0.5", f"model.base_model={tiny_policy}"])
     assert result.returncode == 3 and "does NOT fit" in result.stdout
