@@ -26,6 +26,8 @@
 #              prefix sharing + lean + compiled layers (ZeRO-3, whole layers). CASE_SECONDS=330
 #   full-z2-next  the full case's model and data under ZeRO-2 (one GPU: nothing to shard, no per-layer hooks): TRL, then
 #              dpo-dist with prefix sharing + Liger; what the trainer's one-process ZeRO-3 note claims, on a GPU
+#   full-precomputed  the full case: TRL, then dpo-dist with prefix sharing + Liger + recompute and the reference's
+#              log-probs precomputed (launch/precompute_ref.py first, its rate reported and spread over 1 and 3 epochs)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
 #   ceiling    bench/decoder_ceiling.py: one micro-batch of the 4B LoRA and 1.7B full shapes in plain PyTorch (no
@@ -76,6 +78,8 @@ for case in "$@"; do
                          --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
         full-z2-next) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults
                            --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true) ;;
+        full-precomputed) args=("${FULL[@]}" --no-packing --no-defaults
+                               --variant sharedligerrecomputeprecomputed:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true,reference.mode=precomputed) ;;
         full-fast) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true) ;;
         lora-shared) args=("${LORA[@]}" --variant sharedlean:data.prefix_sharing=true,model.lean_activations=true) ;;
         lora-shared-flex) args=("${LORA[@]}" --no-trl

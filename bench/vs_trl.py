@@ -11,6 +11,7 @@ dpo-dist / TRL, and writes them to a JSON file (after every run, so a failed run
     python bench/vs_trl.py --steps 3 --seq-len 256 --hidden 64 --no-packing   # a quick smoke run (~1 min)
     python bench/vs_trl.py --variant chunk256:model.logps_chunk_tokens=256  # one more dpo-dist run
     python bench/vs_trl.py --trl-backend ddp                 # TRL under DDP instead of its DeepSpeed integration
+    python bench/vs_trl.py --variant precomputed:reference.mode=precomputed   # launch/precompute_ref.py first
     # the GPU cases (one GPU): Qwen3-1.7B full-parameter ZeRO-3 bf16, and Qwen3-4B LoRA r16 (the seed recipe)
     python bench/vs_trl.py --device cuda --processes 1 --preset qwen3-1.7b --ds-config ds_configs/zero3.json \
         --seq-len 2048 --batch-size 2 --grad-accum 4 --steps 5 --warmup-steps 2
@@ -36,6 +37,11 @@ How it is measured, the same way for both tools:
   dpo-dist's own `peak_memory_mb` (rank 0) is reported beside it. Neither tool writes a checkpoint or
   an export (TRL: save_strategy="no"; dpo-dist: the bench's rank wrapper skips the final ones).
 - threads: each rank gets cores / ranks intra-op threads (OMP_NUM_THREADS), both tools alike.
+- a variant with `reference.mode=precomputed` runs launch/precompute_ref.py on the same ranks first (its cache
+  in the work dir). Its training rate leaves the pass out, so the report adds the pass's own rate (its
+  "precompute: scored ..." line: scoring time of the slowest rank, model loading left out, the first
+  batches' warm-up in) and tokens/s with the pass's time spread over 1 and 3 epochs,
+  1 / (1/train + 1/(epochs x precompute)), with their ratios to TRL. Its MFU counts no reference forward.
 - MFU (GPU): tokens/s x dpo_dist.metrics.flops_per_token (4N + 2N_trainable + 2N_reference per token,
   exact parameter counts, attention's T^2 term and recompute not counted) / the device's peak bf16
   FLOP/s (dpo_dist.metrics.PEAK_TFLOPS), one formula for both tools, on the tokens the decoder ran on
@@ -47,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -164,6 +171,11 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
                           "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     config_path = work / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    precompute = None
+    if "reference.mode=precomputed" in overrides:  # the offline pass first, on the same ranks; timed apart
+        overrides = [*overrides, f"reference.cache_dir={work / (name + '_cache')}"]
+        precompute = run_precompute(args, config_path, [o for o in overrides if not o.startswith("reference.mode=")],
+                                    work / f"{name}_precompute.log")
     run = torchrun(args, ["bench/vs_trl.py", WORKER_FLAG, str(record_dir), "--config", str(config_path), *overrides],
                    work / f"{name}.log")
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -173,11 +185,12 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
     ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in range(args.processes)]
     peaks = [max(rank["peak_memory_mb_after_step"]) for rank in ranks]
     stage = json.loads((ROOT / args.ds_config).read_text())["zero_optimization"]["stage"]
+    steady = summarize([r["step_seconds"] for r in train], [r["num_tokens"] for r in train], peaks, args.warmup_steps)
     return {
         "backend": f"DeepSpeed ZeRO-{stage}" + (" " + " ".join(overrides) if overrides else ""),
         "overrides": overrides,
         **run,
-        **summarize([r["step_seconds"] for r in train], [r["num_tokens"] for r in train], peaks, args.warmup_steps),
+        **steady,
         "peak_memory_mb_before_first_step_max_over_ranks": max(rank["peak_memory_mb_before_first_step"] for rank in ranks),
         "peak_memory_mb_rank0_logged": max(r["peak_memory_mb"] for r in train),
         "torch_threads_per_rank": ranks[0]["torch_threads"],
@@ -185,6 +198,37 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
         # What the decoder ran on: fewer than num_tokens with data.prefix_sharing (a shared prompt counts once).
         "processed_tokens_per_second": (sum(r["num_processed_tokens"] for r in train[args.warmup_steps:])
                                         / sum(r["step_seconds"] for r in train[args.warmup_steps:])),
+        **({} if precompute is None else with_precompute(precompute, steady)),
+        # MFU on the work the run did: no reference forward when it reads the cache
+        **({} if precompute is None else {"flops_per_token": model_flops_per_token(args, with_reference=False)[0]}),
+    }
+
+
+PRECOMPUTE_LINE = re.compile(r"precompute: scored (\d+) pairs, ([\d,]+) tokens in ([\d.]+) s on (\d+) rank")
+EPOCHS_AMORTISED = (1, 3)  # one pass over the data, and the standard config's num_epochs
+
+
+def run_precompute(args, config_path: Path, overrides: list[str], log: Path) -> dict:
+    """launch/precompute_ref.py on the bench's ranks; its own line gives the scoring time (model loading left out)."""
+    run = torchrun(args, ["launch/precompute_ref.py", "--config", str(config_path), *overrides], log)
+    found = PRECOMPUTE_LINE.search(log.read_text())
+    if found is None:
+        raise RunFailed(f"{log}: no 'precompute: scored ...' line")
+    pairs, tokens, seconds = int(found[1]), int(found[2].replace(",", "")), float(found[3])
+    return {"pairs": pairs, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "wall_seconds_with_start_up": run["wall_seconds"]}
+
+
+def with_precompute(precompute: dict, steady: dict) -> dict:
+    """What a precomputed reference costs, said beside the training rate that leaves it out: the offline pass
+    scores each pair once and serves every epoch, so over E epochs a token costs 1/train + 1/(E x precompute)
+    seconds. The same tokens (num_tokens) in both rates."""
+    train = steady["tokens_per_second"]
+    return {
+        "precompute": precompute,
+        "tokens_per_second_with_precompute": {
+            f"{epochs}_epochs": 1.0 / (1.0 / train + 1.0 / (epochs * precompute["tokens_per_second"])) for epochs in EPOCHS_AMORTISED
+        },
     }
 
 
@@ -313,7 +357,8 @@ def add_ratios_and_mfu(results: dict, flops_per_token: float, peak_tflops: float
     """MFU of every run from its tokens/s and ONE formula for both tools; ratios dpo-dist / TRL."""
     for r in results.values():
         if "tokens_per_second" in r and peak_tflops:  # hardware MFU: on the tokens each tool's decoder ran on
-            r["mfu"] = r.get("processed_tokens_per_second", r["tokens_per_second"]) * flops_per_token / (peak_tflops * 1e12)
+            r["mfu"] = (r.get("processed_tokens_per_second", r["tokens_per_second"]) * r.get("flops_per_token", flops_per_token)
+                        / (peak_tflops * 1e12))
     trl = results.get("trl", {})
     ratios = {}
     for name in [k for k in results if k != "trl"]:
@@ -325,6 +370,8 @@ def add_ratios_and_mfu(results: dict, flops_per_token: float, peak_tflops: float
             "step_seconds_median": ratio(ours["step_seconds_median"], trl["step_seconds_median"]),
             "peak_memory_mb_max_over_ranks": ratio(ours["peak_memory_mb_max_over_ranks"], trl["peak_memory_mb_max_over_ranks"]),
         }
+        for epochs, rate in ours.get("tokens_per_second_with_precompute", {}).items():
+            ratios[name][f"tokens_per_second_with_precompute_{epochs}"] = ratio(rate, trl["tokens_per_second"])
     return ratios
 
 
@@ -396,6 +443,10 @@ def main() -> None:
         print(f"{name} / trl: tokens/s {r['tokens_per_second']:.2f}x (goal >= {goals['tokens_per_second_ratio_min']}), "
               f"step time {r['step_seconds_median']:.2f}x, peak memory {r['peak_memory_mb_max_over_ranks']:.2f}x "
               f"(goal <= {goals['peak_memory_ratio_max']})")
+        amortised = [f"{key.rsplit('_', 2)[1]} epochs {value:.2f}x" for key, value in r.items()
+                     if key.startswith("tokens_per_second_with_precompute_")]
+        if amortised:
+            print(f"  with the precompute pass's time spread over: {', '.join(amortised)}")
     print(f"wrote {out} ({report['bench_wall_seconds']:.0f} s)")
     if not args.keep and not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)

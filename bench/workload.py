@@ -123,9 +123,10 @@ def make_pairs(path: Path, model_dir: Path, num_pairs: int, seq_len: int, comple
     return {name: round(statistics.mean(values), 1) for name, values in stats.items()}
 
 
-def model_flops_per_token(args: argparse.Namespace) -> tuple[float, dict]:
+def model_flops_per_token(args: argparse.Namespace, with_reference: bool = True) -> tuple[float, dict]:
     """dpo_dist.metrics.flops_per_token for this workload, from the exact parameter counts (the same
-    formula for both tools): full fine-tuning 4N + 2N + 2N_ref, LoRA 4N + 2N_lora + 2N (adapter off)."""
+    formula for both tools): full fine-tuning 4N + 2N + 2N_ref, LoRA 4N + 2N_lora + 2N (adapter off);
+    without the 2N_ref term for a run that reads precomputed reference log-probs."""
     from dpo_dist.metrics import flops_per_token
     from dpo_dist.planner import ModelShape
 
@@ -135,4 +136,4 @@ def model_flops_per_token(args: argparse.Namespace) -> tuple[float, dict]:
     n = shape.parameters()
     lora = args.layers * sum(args.lora_r * (i + o) for i, o in shape.linear_shapes().values()) if args.lora_r else 0
     trainable = lora or n
-    return flops_per_token(n + lora, trainable, n), {"parameters": n, "trainable": trainable}
+    return flops_per_token(n + lora, trainable, n if with_reference else 0), {"parameters": n, "trainable": trainable}

@@ -184,6 +184,20 @@ def broadcast_from_main(value):
     return holder[0]
 
 
+def reduce_floats(values: list[float], op: str) -> list[float]:
+    """`values` combined over the ranks ("sum" or "max"), the same list on every rank; as they are in a world
+    of one. On the CPU: for counts and timings outside the hot path, not for tensors on a device."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor.cpu().tolist()
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """'auto' -> bfloat16 on a CUDA device that supports it, float32 elsewhere (CPU tests, old GPUs)."""
     if name == "auto":

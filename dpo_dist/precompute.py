@@ -11,12 +11,13 @@ after a barrier: a cache without a manifest is, visibly, unfinished.
 from __future__ import annotations
 
 import json
-
+import time
 
 from dpo_dist import cache as cache_lib
 from dpo_dist import data as data_lib
 from dpo_dist.config import Config
-from dpo_dist.engine import DistInfo, barrier, broadcast_from_main, dtype_name, resolve_dtype, training_ds_config
+from dpo_dist.engine import (DistInfo, barrier, broadcast_from_main, dtype_name, reduce_floats, resolve_dtype,
+                              training_ds_config)
 from dpo_dist.errors import UserError
 from dpo_dist.models import load_tokenizer
 from dpo_dist.reference import build_model_reference, open_fitting_cache
@@ -98,7 +99,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
         reference = build_model_reference(config, dtype, ds_config, dist_info.device)
         rows_total = sum(len(plan["shards"][i]["uids"]) for i in mine)
         progress = logger.progress(total=rows_total, desc="precompute", unit="row")
-        forwards = 0
+        forwards, tokens, started = 0, 0, time.perf_counter()
         collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing)
         for index in mine:
             uids = plan["shards"][index]["uids"]
@@ -109,19 +110,31 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
                 columns["chosen"] += scores.chosen_logps.tolist()
                 columns["rejected"] += scores.rejected_logps.tolist()
                 columns["chosen_tokens"] += scores.chosen_tokens.tolist()
-                columns["rejected_tokens"] += scores.rejected_tokens.tolist()
+                columns["rejected_tokens"] += scores.rejected_tokens.tolist()  # .tolist() waits for the device
                 forwards += 1
+                tokens += batch.num_tokens
             cache_lib.write_shard(cache_dir / plan["shards"][index]["file"], uids, *columns.values())
             progress.update(len(uids))  # tqdm shows rows/s and the ETA
         filler = collate([examples[0]], tokenizer.pad_token_id, [0.0]).to(dist_info.device)
         for _ in range(forwards_needed - forwards):  # ZeRO-3 forwards are collective: stay in step
             reference.logps(filler)
         progress.close()
+        log_scoring_rate(logger, rows_total, tokens, time.perf_counter() - started, dist_info.world_size)
     barrier()
     manifest = cache_lib.write_manifest(cache_dir, plan) if dist_info.is_main else None
     barrier()
     logger.info(f"precompute: wrote {cache_dir} ({plan['total_rows']} rows)")
     return manifest
+
+
+def log_scoring_rate(logger, rows: int, tokens: int, seconds: float, world_size: int) -> None:
+    """One line with what the ranks scored and how fast, model loading left out (the slowest rank's time):
+    what a precomputed reference costs against the reference forward it saves in every epoch (tokens as
+    training's num_tokens, so the rates compare). A collective: every rank calls it (all see the same pending shards)."""
+    total_rows, total_tokens = reduce_floats([rows, tokens], "sum")
+    [slowest] = reduce_floats([seconds], "max")
+    logger.info(f"precompute: scored {int(total_rows)} pairs, {int(total_tokens):,} tokens in {slowest:.2f} s on "
+                f"{world_size} rank(s): {total_tokens / max(slowest, 1e-9):,.0f} tokens/s")
 
 
 def verify_cache(config: Config, logger) -> dict:

@@ -27,6 +27,19 @@ def big_data(tmp_path_factory):
     return path
 
 
+def tokenized_pairs(config_path):
+    """The train pairs as the trainer tokenizes them under this config."""
+    from transformers import AutoTokenizer
+
+    from dpo_dist.config import load_config
+    from dpo_dist.data import load_examples
+    from dpo_dist.metrics import NullLogger
+
+    config = load_config(config_path)
+    return load_examples(config.data.train_files, AutoTokenizer.from_pretrained(config.model.policy_path),
+                         config.training.max_seq_length, config.data.truncation_mode, False, NullLogger(), "train")
+
+
 def config_for(tmp_path, policy, reference, data, cache_dir):
     return write_config(
         tmp_path / f"{cache_dir.name}.yaml", policy, reference, tmp_path / "run",
@@ -57,8 +70,11 @@ def test_kill_9_then_resume_on_two_ranks_gives_the_clean_rows(tiny_policy, tiny_
     assert 3 <= len(written) < SHARDS, len(written)
     import pyarrow.parquet as pq
 
+    done_uids = set()
     for shard in written:  # whatever exists is whole
-        assert pq.read_table(shard).num_rows == 25
+        table = pq.read_table(shard)
+        assert table.num_rows == 25
+        done_uids.update(table.column("uid").to_pylist())
     with pytest.raises(cache_lib.CacheError, match=f"unfinished \\({len(written)} of {SHARDS} shards"):
         cache_lib.read_manifest(cache_dir)
 
@@ -67,6 +83,9 @@ def test_kill_9_then_resume_on_two_ranks_gives_the_clean_rows(tiny_policy, tiny_
     result = run(torchrun_launch("precompute_ref.py", killed_config, "deepspeed.config=ds_configs/zero3.json"))
     assert_ok(result)
     assert f"{len(written)} already done, {SHARDS - len(written)} to score on 2 rank(s)" in result.stdout
+    # the scoring rate's line counts what both ranks scored: the pending pairs' tokens, from the tokenized data
+    pending_tokens = sum(example.num_tokens for example in tokenized_pairs(killed_config) if example.uid not in done_uids)
+    assert f"precompute: scored {(SHARDS - len(written)) * 25} pairs, {pending_tokens:,} tokens in " in result.stdout
 
     clean = cache_lib.read_rows(tmp_path / "clean", cache_lib.read_manifest(tmp_path / "clean"))
     resumed = cache_lib.read_rows(cache_dir, cache_lib.read_manifest(cache_dir))
