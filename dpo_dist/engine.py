@@ -186,7 +186,7 @@ def broadcast_from_main(value):
 
 def reduce_floats(values: list[float], op: str) -> list[float]:
     """`values` combined over the ranks ("sum" or "max"), the same list on every rank; as they are in a world
-    of one. On the CPU: for counts and timings outside the hot path, not for tensors on a device."""
+    of one. For host numbers (counts, timings) off the hot path: a blocking collective."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -130,7 +130,8 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
 def log_scoring_rate(logger, rows: int, tokens: int, seconds: float, world_size: int) -> None:
     """One line with what the ranks scored and how fast, model loading left out (the slowest rank's time):
     what a precomputed reference costs against the reference forward it saves in every epoch (tokens as
-    training's num_tokens, so the rates compare). A collective: every rank calls it (all see the same pending shards)."""
+    training's num_tokens, so the rates compare). A collective: every rank calls it (all see the same
+    pending shards)."""
     total_rows, total_tokens = reduce_floats([rows, tokens], "sum")
     [slowest] = reduce_floats([seconds], "max")
     logger.info(f"precompute: scored {int(total_rows)} pairs, {int(total_tokens):,} tokens in {slowest:.2f} s on "
