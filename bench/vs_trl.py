@@ -198,9 +198,8 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
         # What the decoder ran on: fewer than num_tokens with data.prefix_sharing (a shared prompt counts once).
         "processed_tokens_per_second": (sum(r["num_processed_tokens"] for r in train[args.warmup_steps:])
                                         / sum(r["step_seconds"] for r in train[args.warmup_steps:])),
-        **({} if precompute is None else with_precompute(precompute, steady)),
-        # MFU on the work the run did: no reference forward when it reads the cache
-        **({} if precompute is None else {"flops_per_token": model_flops_per_token(args, with_reference=False)[0]}),
+        **({} if precompute is None
+           else with_precompute(precompute, steady, model_flops_per_token(args, with_reference=False)[0])),
     }
 
 
@@ -219,15 +218,17 @@ def run_precompute(args, config_path: Path, overrides: list[str], log: Path) -> 
             "wall_seconds_with_start_up": run["wall_seconds"]}
 
 
-def with_precompute(precompute: dict, steady: dict) -> dict:
+def with_precompute(precompute: dict, steady: dict, flops_without_reference: float) -> dict:
     """What a precomputed reference costs, said beside the training rate that leaves it out: the offline pass
     scores each pair once and serves every epoch, so over E epochs a token costs 1/train + 1/(E x precompute)
-    seconds. The same tokens (num_tokens) in both rates."""
+    seconds. The same tokens (num_tokens) in both rates. MFU counts the work the run did: no reference forward."""
     train = steady["tokens_per_second"]
     return {
         "precompute": precompute,
+        "flops_per_token": flops_without_reference,
         "tokens_per_second_with_precompute": {
-            f"{epochs}_epochs": 1.0 / (1.0 / train + 1.0 / (epochs * precompute["tokens_per_second"])) for epochs in EPOCHS_AMORTISED
+            f"{epochs}_epochs": 1.0 / (1.0 / train + 1.0 / (epochs * precompute["tokens_per_second"]))
+            for epochs in EPOCHS_AMORTISED
         },
     }
 
