@@ -22,7 +22,7 @@ from torch import nn
 
 from dpo_dist.config import Config, LoRAConfig, TrainingConfig
 from dpo_dist.errors import UserError
-from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements
+from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements, zero_stage
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,16 +184,15 @@ def broadcast_from_main(value):
     return holder[0]
 
 
-def reduce_floats(values: list[float], op: str) -> list[float]:
+def reduce_floats(values: list[float], op: str, device: torch.device) -> list[float]:
     """`values` combined over the ranks ("sum" or "max"), the same list on every rank; as they are in a world
-    of one. For host numbers (counts, timings) off the hot path: a blocking collective."""
+    of one. For host numbers (counts, timings) off the hot path: a blocking collective, on the rank's device
+    (`DistInfo.device`: what the backend communicates from)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor.cpu().tolist()
 
@@ -219,10 +218,6 @@ def read_ds_config(path_text: str) -> dict:
             except json.JSONDecodeError as err:
                 raise UserError(f"{candidate}: not valid JSON ({err}); deepspeed.config must name a DeepSpeed JSON")
     raise UserError(f"deepspeed.config: {path_text} not found (shipped: {', '.join(sorted(p.name for p in (PROJECT_ROOT / 'ds_configs').glob('*.json')))})")
-
-
-def zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def _fill(section: dict, key: str, value) -> None:

@@ -178,6 +178,15 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_parameters(ds_config: dict) -> bool:
+    """ZeRO-3 parameter offload to CPU: the weights live in host memory, none are gathered on the device."""
+    return ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device") == "cpu"
+
+
 def _trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[int]]:
     """Elements of each trainable parameter, by optimizer parameter group, in DeepSpeed's flattening order:
     LoRA's A (r x fan-in) and B (fan-out x r) of each adapted projection, all matrices (one group); else the
@@ -211,7 +220,7 @@ def bucket_bytes(ds_config: dict, dtype_bytes: int) -> float:
     """The gradient bucket buffers DeepSpeed allocates on the device: reduce_bucket_size elements of the
     gradient dtype, once under ZeRO-3 (at start-up), twice under ZeRO-2 with overlap_comm (each backward)."""
     zero = ds_config.get("zero_optimization", {})
-    stage, elements = int(zero.get("stage", 0)), zero.get("reduce_bucket_size", 5e8)
+    stage, elements = zero_stage(ds_config), zero.get("reduce_bucket_size", 5e8)
     if stage < 2 or not zero.get("contiguous_gradients", True) or not isinstance(elements, (int, float)):
         return 0.0
     buffers = 1 if stage == 3 else (2 if zero.get("overlap_comm", False) else 1)
@@ -315,8 +324,8 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     """Per-device bytes of `config` on `world_size` ranks (see the module docstring for each term)."""
     b = DTYPE_BYTES[dtype_name]
     zero = ds_config.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    offload_params = zero.get("offload_param", {}).get("device") == "cpu"
+    stage = zero_stage(ds_config)
+    offload_params = offloads_parameters(ds_config)
     offload_optimizer = zero.get("offload_optimizer", {}).get("device") == "cpu"
     n = shape.parameters()
     groups = _trainable_groups(shape, config.lora)
@@ -374,8 +383,7 @@ def single_rank_zero3_note(ds_config: dict, world_size: int) -> str | None:
     hooks on every forward and backward: on the 28-layer one-rank CPU bench a step took 0.68-0.77 s
     against 0.38-0.39 s under ZeRO-2, with the same losses and peak memory within 2% (bench/RESULTS.md).
     Parameter offload is the one thing ZeRO-3 adds on one rank, so a run using it gets no note."""
-    zero = ds_config.get("zero_optimization", {})
-    if int(zero.get("stage", 0)) != 3 or world_size != 1 or zero.get("offload_param", {}).get("device") == "cpu":
+    if zero_stage(ds_config) != 3 or world_size != 1 or offloads_parameters(ds_config):
         return None
     return ("ZeRO-3 on one process shards nothing and still gathers each layer in hooks: "
             "deepspeed.config=ds_configs/zero2.json trains the same math here in no more memory, without them")

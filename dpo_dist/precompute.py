@@ -119,7 +119,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
         for _ in range(forwards_needed - forwards):  # ZeRO-3 forwards are collective: stay in step
             reference.logps(filler)
         progress.close()
-        log_scoring_rate(logger, rows_total, tokens, time.perf_counter() - started, dist_info.world_size)
+        log_scoring_rate(logger, rows_total, tokens, time.perf_counter() - started, dist_info)
     barrier()
     manifest = cache_lib.write_manifest(cache_dir, plan) if dist_info.is_main else None
     barrier()
@@ -127,15 +127,15 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
     return manifest
 
 
-def log_scoring_rate(logger, rows: int, tokens: int, seconds: float, world_size: int) -> None:
+def log_scoring_rate(logger, rows: int, tokens: int, seconds: float, dist_info: DistInfo) -> None:
     """One line with what the ranks scored and how fast, model loading left out (the slowest rank's time):
     what a precomputed reference costs against the reference forward it saves in every epoch (tokens as
     training's num_tokens, so the rates compare). A collective: every rank calls it (all see the same
     pending shards)."""
-    total_rows, total_tokens = reduce_floats([rows, tokens], "sum")
-    [slowest] = reduce_floats([seconds], "max")
+    total_rows, total_tokens = reduce_floats([rows, tokens], "sum", dist_info.device)
+    [slowest] = reduce_floats([seconds], "max", dist_info.device)
     logger.info(f"precompute: scored {int(total_rows)} pairs, {int(total_tokens):,} tokens in {slowest:.2f} s on "
-                f"{world_size} rank(s): {total_tokens / max(slowest, 1e-9):,.0f} tokens/s")
+                f"{dist_info.world_size} rank(s): {total_tokens / max(slowest, 1e-9):,.0f} tokens/s")
 
 
 def verify_cache(config: Config, logger) -> dict:
