@@ -23,10 +23,11 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   plus mixed-in SFT rows; packing makes one row of all of them; prefix sharing plans its worst case, no shared
   prompt, which runs as many tokens: one document per pair, attention (except flex's) gathered into the
   unshared sequences, its output scattered back, b Q more) and decoder layer, counted from transformers'
-  modeling_qwen3.py and checked with saved-tensor hooks:
+  modeling_qwen3.py (and modeling_qwen2.py for Qwen2.5) and checked with saved-tensor hooks:
     two RMSNorms: input upcast to fp32 (4 H) and output (b H, the next projections' input);
-    q_norm / k_norm: their input upcast to fp32, 4 (Q + K);
-    the normalised input before the norm weight, b (2 H + Q + K), only when norm weights train (not LoRA);
+    q_norm / k_norm: their input upcast to fp32, 4 (Q + K) (Qwen3 only: Qwen2.5 has no q/k norms, and
+    nothing of q and k is kept before rotary);
+    the normalised input before the norm weight, b (2 H [+ Q + K]), only when norm weights train (not LoRA);
     attention: rotated q and the output, plus k and v as the kernel gets them: as they are, b (2 Q + 2 K),
     for flash_attention_2, flex_attention and for sdpa on padded rows (right-padded, so SequenceLogps passes no mask and
     sdpa groups the KV heads itself); repeated to every head, b 4 Q, for sdpa on a packed row (its
@@ -99,13 +100,21 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     tied: bool
+    qk_norm: bool = True  # Qwen3 normalises each head of q and k; Qwen2 / Qwen2.5 do not
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5 always; Qwen3 with attention_bias
+    o_bias: bool = False  # Qwen3 with attention_bias only
 
     @classmethod
     def from_hf_config(cls, hf) -> "ModelShape":
+        """From a transformers config: Qwen3 (model_type qwen3) or Qwen2 / Qwen2.5 (qwen2), whose attention has
+        q/k/v biases by architecture (no config key) and no q/k norms."""
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        qwen2 = getattr(hf, "model_type", None) == "qwen2"
+        bias = bool(getattr(hf, "attention_bias", False))
         return cls(hf.vocab_size, hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.num_attention_heads,
                    getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads, head_dim,
-                   bool(getattr(hf, "tie_word_embeddings", False)))
+                   bool(getattr(hf, "tie_word_embeddings", False)),
+                   qk_norm=not qwen2, qkv_bias=qwen2 or bias, o_bias=bias and not qwen2)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one decoder layer, by the module names LoRA targets."""
@@ -117,13 +126,18 @@ class ModelShape:
         }
 
     def layer_vector_sizes(self) -> list[int]:
-        """Elements of one decoder layer's norm weights, in module order: q_norm, k_norm, the two layer norms."""
-        return [self.head_dim, self.head_dim, self.hidden, self.hidden]
+        """Elements of one decoder layer's vectors, in module order: the q, k, v (and o) biases where the model
+        has them, q_norm and k_norm (Qwen3), the two layer norms."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        biases = ([q, kv, kv] if self.qkv_bias else []) + ([self.hidden] if self.o_bias else [])
+        norms = [self.head_dim, self.head_dim] if self.qk_norm else []
+        return biases + norms + [self.hidden, self.hidden]
 
     def parameter_sizes(self) -> tuple[list[int], list[int]]:
         """Elements of each matrix and of each vector, in module order (transformers' Qwen3: embed_tokens; per
         layer q, k, v, o, q_norm, k_norm, gate, up, down, the two layer norms; the final norm; lm_head when
-        untied): the two parameter groups of engine._param_groups, in the order DeepSpeed flattens them."""
+        untied; Qwen2.5's and biased Qwen3's attention biases among the vectors, by layer_vector_sizes): the two
+        parameter groups of engine._param_groups, in the order DeepSpeed flattens them."""
         matrices, vectors = [self.vocab * self.hidden], []
         for _ in range(self.layers):
             matrices += [i * o for i, o in self.linear_shapes().values()]
@@ -262,13 +276,16 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
     """What one decoder layer saves for backward per token (the module docstring lists each term). Gathered
     attention runs on the unshared sequences, as many tokens as the plan's worst case puts on the document."""
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    # q_norm / k_norm (Qwen3) see q and k: without them (Qwen2.5) nothing of q and k is kept before rotary
+    qk_normed = q + kv if shape.qk_norm else 0
     if _keeps_less(config):  # each norm keeps its input as it is and one fp32 scale per row
         kept_outputs = 0 if config.model.recompute_elementwise else b  # the projections' copy of each norm's output
-        norms = 2 * h * (b + kept_outputs) + b * (q + kv) + FP32 * (2 + shape.heads + shape.kv_heads)
+        head_rows = shape.heads + shape.kv_heads if shape.qk_norm else 0
+        norms = 2 * h * (b + kept_outputs) + b * qk_normed + FP32 * (2 + head_rows)
     else:
-        norms = 2 * h * (FP32 + b) + FP32 * (q + kv)
+        norms = 2 * h * (FP32 + b) + FP32 * qk_normed
         if config.lora is None:  # the norm weights train: their gradient needs the normalised input
-            norms += b * (2 * h + q + kv)
+            norms += b * (2 * h + qk_normed)
     # lean: SiLU's output recomputed; recompute_elementwise: SiLU(gate) x up (down_proj's input) too
     mlp = (2 if config.model.recompute_elementwise else 3 if _keeps_less(config) else 4) * b * shape.intermediate
     packed_mask = config.data.packing and not config.data.prefix_sharing  # transformers' block-causal mask

@@ -3,10 +3,12 @@
 The demo and the tests load these through the same `from_pretrained` path as a real Qwen
 checkpoint, so nothing here is a mock: it is a real `Qwen3ForCausalLM`, only small (2 layers,
 hidden 64), and a real byte-level BPE tokenizer with Qwen's ChatML special tokens and template.
-No download is involved.
+No download is involved. `--family qwen2.5` makes a `Qwen2ForCausalLM` instead, shaped as Qwen2.5-7B
+and larger are: q/k/v biases, no q/k norms, untied embeddings, no head_dim in config.json.
 
     python examples/make_tiny_qwen3.py examples/tiny-qwen3            # policy / SFT stand-in
     python examples/make_tiny_qwen3.py examples/tiny-qwen3-ref --seed 1  # a different reference
+    python examples/make_tiny_qwen3.py examples/tiny-qwen2.5 --family qwen2.5
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,23 +77,30 @@ TINY_SHAPE = dict(
 )
 
 
-def build_model(vocab_size: int, seed: int, **overrides) -> Qwen3ForCausalLM:
-    """A random Qwen3; `overrides` replace entries of TINY_SHAPE (benchmarks use bigger shapes)."""
-    config = Qwen3Config(vocab_size=vocab_size, **{**TINY_SHAPE, **overrides})
+# Qwen2.5's config.json has no head_dim (hidden / heads, 16 here as in TINY_SHAPE); its attention projections
+# carry biases by architecture; 7B and larger untie the output embedding.
+QWEN25_SHAPE = {**{k: v for k, v in TINY_SHAPE.items() if k != "head_dim"}, "tie_word_embeddings": False}
+FAMILIES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM, TINY_SHAPE), "qwen2.5": (Qwen2Config, Qwen2ForCausalLM, QWEN25_SHAPE)}
+
+
+def build_model(vocab_size: int, seed: int, family: str = "qwen3", **overrides):
+    """A random Qwen3 (or Qwen2.5); `overrides` replace entries of the tiny shape (benchmarks use bigger shapes)."""
+    config_class, model_class, shape = FAMILIES[family]
+    config = config_class(vocab_size=vocab_size, **{**shape, **overrides})
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config)
+    return model_class(config)
 
 
-def make_checkpoint(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """Write a tokenizer + random Qwen3 model to `out_dir`, loadable with `from_pretrained`. `overrides`
-    may set `vocab_size` too (default: the tokenizer's; ids past the tokenizer's are never seen)."""
+def make_checkpoint(out_dir: str | Path, seed: int = 0, family: str = "qwen3", **overrides) -> Path:
+    """Write a tokenizer + random Qwen3 (or Qwen2.5) model to `out_dir`, loadable with `from_pretrained`.
+    `overrides` may set `vocab_size` too (default: the tokenizer's; ids past the tokenizer's are never seen)."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    model = build_model(overrides.pop("vocab_size", len(tokenizer)), seed, **overrides)
+    model = build_model(overrides.pop("vocab_size", len(tokenizer)), seed, family, **overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "made_by.json").write_text(json.dumps({"script": "examples/make_tiny_qwen3.py", "seed": seed}))
+    (out_dir / "made_by.json").write_text(json.dumps({"script": "examples/make_tiny_qwen3.py", "seed": seed, "family": family}))
     return out_dir
 
 
@@ -99,8 +108,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen3")
     args = parser.parse_args()
-    print(f"wrote {make_checkpoint(args.out_dir, seed=args.seed)}")
+    print(f"wrote {make_checkpoint(args.out_dir, seed=args.seed, family=args.family)}")
 
 
 if __name__ == "__main__":

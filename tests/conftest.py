@@ -56,3 +56,11 @@ CHAT_RECORD = {
     "rejected": [{"role": "assistant", "content": "9 4 1"}],
 }
 PLAIN_RECORD = {"prompt": "Sort ascending: 7 2\nAnswer:", "chosen": " 2 7", "rejected": " 7 2 7 2"}
+# Pairs of different lengths: chat and plain, completions that share their first tokens (prefix sharing shares
+# past the prompt), and a long prompt with a much longer rejected side (truncated by a short max_seq_length).
+MIXED_RECORDS = [
+    CHAT_RECORD,
+    PLAIN_RECORD,
+    PLAIN_RECORD | {"chosen": " 2 7 and done", "rejected": " 2 7 2"},
+    {"prompt": [{"role": "user", "content": "Sort ascending: 3 1 2 " * 6}], "chosen": "1 2 3", "rejected": "3 2 1 " * 9},
+]

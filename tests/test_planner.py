@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from conftest import write_jsonl
 from dpo_dist.config import LoRAConfig, load_config
@@ -27,7 +27,8 @@ QWEN3_4B = ModelShape(vocab=151936, hidden=2560, intermediate=9728, layers=36, h
 
 def test_parameter_count_is_exact(tiny_policy):
     """The count, and each parameter's size in the order DeepSpeed flattens the two optimizer groups
-    (matrices, vectors: engine._param_groups), which decides what a ZeRO-2 rank holds."""
+    (matrices, vectors: engine._param_groups), which decides what a ZeRO-2 rank holds; for Qwen3 tied and
+    untied, Qwen3 with attention biases, and Qwen2.5 (q/k/v biases, no q/k norms)."""
     def groups(model):
         sizes = [(p.numel(), p.ndim >= 2) for p in model.parameters()]
         return [n for n, matrix in sizes if matrix], [n for n, matrix in sizes if not matrix]
@@ -37,9 +38,14 @@ def test_parameter_count_is_exact(tiny_policy):
     assert ModelShape.from_hf_config(model.config).parameter_sizes() == groups(model)
     untied = Qwen3Config(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
-    real = AutoModelForCausalLM.from_config(untied)
-    assert ModelShape.from_hf_config(untied).parameters() == sum(p.numel() for p in real.parameters())
-    assert ModelShape.from_hf_config(untied).parameter_sizes() == groups(real)
+    biased = Qwen3Config(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, attention_bias=True)
+    qwen25 = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=False)
+    for hf_config in (untied, biased, qwen25):
+        real = AutoModelForCausalLM.from_config(hf_config)
+        assert ModelShape.from_hf_config(hf_config).parameters() == sum(p.numel() for p in real.parameters())
+        assert ModelShape.from_hf_config(hf_config).parameter_sizes() == groups(real)
 
 
 def test_zero2_rank_holds_the_whole_gradient_of_each_parameter_its_slice_touches():
@@ -166,13 +172,16 @@ def test_plan_command(tiny_policy, tmp_path):
                                        ["model.lean_activations=true", "model.dtype=bfloat16", "lora.r=8"],
                                        ["model.recompute_elementwise=true"], ["model.recompute_elementwise=true", "model.dtype=bfloat16"],
                                        ["model.recompute_elementwise=true", "model.dtype=bfloat16", "lora.r=8", "data.prefix_sharing=true"]])
-def test_activations_are_what_autograd_saves(tmp_path, overrides):
+@pytest.mark.parametrize("family", ["qwen3", "qwen2.5"])
+def test_activations_are_what_autograd_saves(tmp_path, overrides, family):
     """The activation term against the bytes autograd saves in the policy's forward (unique storages
-    that are not parameters, seen through saved-tensor hooks): any change in transformers' Qwen3 code or
-    in SequenceLogps that saves more or less shows here first."""
+    that are not parameters, seen through saved-tensor hooks): any change in transformers' Qwen3 / Qwen2 code
+    or in SequenceLogps that saves more or less shows here first. Qwen2.5 has no q/k norms (so saves less)."""
     shape = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64)
-    model_dir = make_checkpoint(tmp_path / "model", seed=0, **shape)
+                 num_key_value_heads=2)
+    if family == "qwen3":
+        shape["head_dim"] = 64  # Qwen3's heads are wider than hidden / heads; Qwen2.5's are hidden / heads (32 here)
+    model_dir = make_checkpoint(tmp_path / "model", seed=0, family=family, **shape)
     path = tmp_path / "c.yaml"
     path.write_text(f"model: {{base_model: {model_dir}, dtype: float32}}\ntraining: {{batch_size: 2, max_seq_length: 256}}\n")
     config = load_config(path, overrides)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import CHAT_RECORD, PLAIN_RECORD
+from conftest import MIXED_RECORDS, PLAIN_RECORD
 from dpo_dist import prefix_sharing
 from dpo_dist.data import TokenizeStats, collate, collate_shared_prefix, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
@@ -47,12 +47,7 @@ def test_pair_document_layout_by_hand():
 def examples(tokenizer):
     """Chat and plain pairs of different lengths, a truncated one, a keep_end one whose prompt is cut away
     (its completion starts the sequence), and a pair whose completions share their first tokens."""
-    records = [
-        make_record(CHAT_RECORD),
-        make_record(PLAIN_RECORD),
-        make_record(PLAIN_RECORD | {"chosen": " 2 7 and done", "rejected": " 2 7 2"}),
-        make_record({"prompt": [{"role": "user", "content": "Sort ascending: 3 1 2 " * 6}], "chosen": "1 2 3", "rejected": "3 2 1 " * 9}),
-    ]
+    records = [make_record(raw) for raw in MIXED_RECORDS]
     stats = TokenizeStats()
     examples = [tokenize_record(r, tokenizer, 64, "keep_start", stats) for r in records]
     examples.append(tokenize_record(records[0], tokenizer, 5, "keep_end", stats))
