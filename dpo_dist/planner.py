@@ -28,13 +28,18 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
     q_norm / k_norm: their input upcast to fp32, 4 (Q + K) (Qwen3 only: Qwen2.5 has no q/k norms, and
     nothing of q and k is kept before rotary);
     the normalised input before the norm weight, b (2 H [+ Q + K]), only when norm weights train (not LoRA);
-    attention: rotated q and the output, plus k and v as the kernel gets them: as they are, b (2 Q + 2 K),
+    attention: rotated q and the output (under eager with prefix sharing only o_proj's scattered copy of it),
+    plus k and v as the kernel gets them: as they are, b (2 Q + 2 K),
     for flash_attention_2, flex_attention and for sdpa on padded rows (right-padded, so SequenceLogps passes no mask and
     sdpa groups the KV heads itself); repeated to every head, b 4 Q, for sdpa on a packed row (its
     block-causal mask rules grouping out) and for eager;
     MLP: gate, up, SiLU(gate) and their product, b 4 I;
+    a Qwen3-MoE layer's router and experts instead (E experts of width I, k per token; `_routed_bytes_per_token`):
+    4 E + 8 k for the router, and per routed copy b (2 H + 4 I + 1) + 24; with LoRA its frozen router keeps
+    no copy of the second norm's output;
     LoRA: each adapted projection's rank-r intermediate, b r (with lora.dropout > 0 also its dropped input
-    and mask, (b + 1) x fan-in);
+    and mask, (b + 1) x fan-in); on a MoE layer's experts, the weights merged with the adapter, b E x 3 I x H
+    per layer whatever the batch (`_merged_expert_bytes`);
   per row and layer, seq^2 x: b for the packed row's mask, which sdpa converts to the model dtype in every
     layer; heads x (4 [+ b]) for eager's fp32 softmax (and its b-byte copy below fp32);
   once, outside the layers: the final norm's fp32 input, its normalised input (when trainable) and the
@@ -103,27 +108,55 @@ class ModelShape:
     qk_norm: bool = True  # Qwen3 normalises each head of q and k; Qwen2 / Qwen2.5 do not
     qkv_bias: bool = False  # Qwen2 / Qwen2.5 always; Qwen3 with attention_bias
     o_bias: bool = False  # Qwen3 with attention_bias only
+    experts: int = 0  # Qwen3-MoE: experts per layer (then `intermediate` is one expert's width); 0: a dense MLP
+    experts_per_token: int = 0
 
     @classmethod
     def from_hf_config(cls, hf) -> "ModelShape":
-        """From a transformers config: Qwen3 (model_type qwen3) or Qwen2 / Qwen2.5 (qwen2), whose attention has
-        q/k/v biases by architecture (no config key) and no q/k norms."""
+        """From a transformers config: Qwen3 (model_type qwen3), Qwen2 / Qwen2.5 (qwen2: q/k/v biases by
+        architecture, no config key, and no q/k norms) or Qwen3-MoE (qwen3_moe, every layer sparse as released);
+        other dense decoders as Qwen2 without biases. Other mixture-of-experts layouts are refused: a plan
+        counting them as dense would be several times too small."""
+        model_type = getattr(hf, "model_type", None)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        qwen2 = getattr(hf, "model_type", None) == "qwen2"
         bias = bool(getattr(hf, "attention_bias", False))
-        return cls(hf.vocab_size, hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.num_attention_heads,
+        experts = getattr(hf, "num_experts", None) or getattr(hf, "n_routed_experts", None) or 0
+        intermediate = hf.intermediate_size
+        if experts:
+            sparse_everywhere = getattr(hf, "decoder_sparse_step", 1) == 1 and not getattr(hf, "mlp_only_layers", None)
+            if model_type != "qwen3_moe" or not sparse_everywhere or getattr(hf, "shared_expert_intermediate_size", 0):
+                source = f"{hf._name_or_path}/config.json" if getattr(hf, "_name_or_path", "") else "config.json"
+                raise UserError(
+                    f"{source}: model_type {model_type} with {experts} experts per layer is not a mixture-of-experts "
+                    "layout dpo-dist supports (Qwen3-MoE with every layer sparse: decoder_sparse_step 1, no "
+                    "mlp_only_layers, no shared expert). Use a Qwen3, Qwen3-MoE or Qwen2.5 checkpoint")
+            intermediate = hf.moe_intermediate_size
+        return cls(hf.vocab_size, hf.hidden_size, intermediate, hf.num_hidden_layers, hf.num_attention_heads,
                    getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads, head_dim,
                    bool(getattr(hf, "tie_word_embeddings", False)),
-                   qk_norm=not qwen2, qkv_bias=qwen2 or bias, o_bias=bias and not qwen2)
+                   qk_norm=model_type in ("qwen3", "qwen3_moe"), qkv_bias=model_type == "qwen2" or bias,
+                   o_bias=bias and model_type != "qwen2", experts=experts,
+                   experts_per_token=getattr(hf, "num_experts_per_tok", 0) if experts else 0)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each projection of one decoder layer, by the module names LoRA targets."""
+        """(in, out) of each projection of one decoder layer, by the module names LoRA targets (a MoE layer's
+        MLP projections are its experts' 3-d weights: `layer_matrix_sizes`)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         return {
             "q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv), "o_proj": (q, self.hidden),
             "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
             "down_proj": (self.intermediate, self.hidden),
         }
+
+    def layer_matrix_sizes(self) -> list[int]:
+        """Elements of one decoder layer's matrices, in module order: q, k, v, o, then gate, up, down; or, in a
+        MoE layer, the experts' fused gate_up (E x 2I x H) and down (E x H x I) weights and the router (E x H)."""
+        shapes = self.linear_shapes()
+        attention = [i * o for name, (i, o) in shapes.items() if name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if not self.experts:
+            return attention + [i * o for name, (i, o) in shapes.items() if name in ("gate_proj", "up_proj", "down_proj")]
+        h, i, e = self.hidden, self.intermediate, self.experts
+        return attention + [e * 2 * i * h, e * h * i, e * h]
 
     def layer_vector_sizes(self) -> list[int]:
         """Elements of one decoder layer's vectors, in module order: the q, k, v (and o) biases where the model
@@ -134,13 +167,12 @@ class ModelShape:
         return biases + norms + [self.hidden, self.hidden]
 
     def parameter_sizes(self) -> tuple[list[int], list[int]]:
-        """Elements of each matrix and of each vector, in module order (transformers' Qwen3: embed_tokens; per
-        layer q, k, v, o, q_norm, k_norm, gate, up, down, the two layer norms; the final norm; lm_head when
-        untied; Qwen2.5's and biased Qwen3's attention biases among the vectors, by layer_vector_sizes): the two
+        """Elements of each matrix and of each vector, in module order (embed_tokens; per layer its matrices and
+        vectors, `layer_matrix_sizes` and `layer_vector_sizes`; the final norm; lm_head when untied): the two
         parameter groups of engine._param_groups, in the order DeepSpeed flattens them."""
         matrices, vectors = [self.vocab * self.hidden], []
         for _ in range(self.layers):
-            matrices += [i * o for i, o in self.linear_shapes().values()]
+            matrices += self.layer_matrix_sizes()
             vectors += self.layer_vector_sizes()
         vectors.append(self.hidden)
         if not self.tied:
@@ -149,6 +181,13 @@ class ModelShape:
 
     def parameters(self) -> int:
         return sum(map(sum, self.parameter_sizes()))
+
+    def idle_expert_elements(self) -> int:
+        """Expert weights a token does not run through: (E - k) experts' gate_up and down in every layer. A MoE
+        model's FLOPs per token follow its active parameters, parameters() minus these."""
+        if not self.experts:
+            return 0
+        return self.layers * (self.experts - self.experts_per_token) * 3 * self.intermediate * self.hidden
 
 
 @dataclass(frozen=True)
@@ -207,14 +246,28 @@ def _trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[i
     model's matrices and vectors."""
     if lora is None:
         return list(shape.parameter_sizes())
-    per_layer = [size for name, (fan_in, fan_out) in shape.linear_shapes().items() if name in lora.target_modules
-                 for size in (lora.r * fan_in, fan_out * lora.r)]
-    return [per_layer * shape.layers]
+    adapted = [name for name in shape.linear_shapes() if name in lora.target_modules]
+    if shape.experts:  # the experts' MLP weights are PEFT's to adapt (`lora_on_experts`), below
+        adapted = [name for name in adapted if name not in ("gate_proj", "up_proj", "down_proj")]
+    per_layer = [size for name in adapted for size in (lora.r * shape.linear_shapes()[name][0], shape.linear_shapes()[name][1] * lora.r)]
+    return [(per_layer + lora_on_experts(shape, lora)) * shape.layers]
+
+
+def lora_on_experts(shape: ModelShape, lora: LoRAConfig) -> list[int]:
+    """A Qwen3-MoE layer's adapter elements on its experts, as PEFT makes them from target_modules gate_proj +
+    up_proj (which it requires together) and down_proj: one adapter per fused 3-d weight, of rank r per expert
+    (2 r for gate_up, two projections in one), A then B, gate_up before down."""
+    if not shape.experts:
+        return []
+    h, i, er = shape.hidden, shape.intermediate, shape.experts * lora.r
+    sizes = [2 * er * h, 2 * i * 2 * er] if {"gate_proj", "up_proj"} <= set(lora.target_modules) else []
+    return sizes + ([er * i, h * er] if "down_proj" in lora.target_modules else [])
 
 
 def decoder_layer_elements(shape: ModelShape) -> int:
-    """Parameters of one decoder layer: its seven projections and four norm weights."""
-    return sum(fan_in * fan_out for fan_in, fan_out in shape.linear_shapes().values()) + sum(shape.layer_vector_sizes())
+    """Parameters of one decoder layer: its matrices (seven projections; or attention, experts and router) and
+    its vectors (norm weights, biases)."""
+    return sum(shape.layer_matrix_sizes()) + sum(shape.layer_vector_sizes())
 
 
 def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
@@ -278,16 +331,20 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     # q_norm / k_norm (Qwen3) see q and k: without them (Qwen2.5) nothing of q and k is kept before rotary
     qk_normed = q + kv if shape.qk_norm else 0
+    # The projections' copies of the two norms' outputs; a MoE layer's second norm feeds a frozen router (with
+    # LoRA) and the experts' gather, which keep none; recompute_elementwise rebuilds them in backward
+    kept_outputs = 0 if config.model.recompute_elementwise else 1 if shape.experts and config.lora is not None else 2
     if _keeps_less(config):  # each norm keeps its input as it is and one fp32 scale per row
-        kept_outputs = 0 if config.model.recompute_elementwise else b  # the projections' copy of each norm's output
         head_rows = shape.heads + shape.kv_heads if shape.qk_norm else 0
-        norms = 2 * h * (b + kept_outputs) + b * qk_normed + FP32 * (2 + head_rows)
+        norms = h * b * (2 + kept_outputs) + b * qk_normed + FP32 * (2 + head_rows)
     else:
-        norms = 2 * h * (FP32 + b) + FP32 * qk_normed
+        norms = 2 * h * FP32 + h * b * kept_outputs + FP32 * qk_normed
         if config.lora is None:  # the norm weights train: their gradient needs the normalised input
             norms += b * (2 * h + qk_normed)
-    # lean: SiLU's output recomputed; recompute_elementwise: SiLU(gate) x up (down_proj's input) too
-    mlp = (2 if config.model.recompute_elementwise else 3 if _keeps_less(config) else 4) * b * shape.intermediate
+    if shape.experts:  # the lean ops leave the experts as they are
+        mlp = _routed_bytes_per_token(shape, b)
+    else:  # lean: SiLU's output recomputed; recompute_elementwise: SiLU(gate) x up (down_proj's input) too
+        mlp = (2 if config.model.recompute_elementwise else 3 if _keeps_less(config) else 4) * b * shape.intermediate
     packed_mask = config.data.packing and not config.data.prefix_sharing  # transformers' block-causal mask
     grouped = config.model.attn_implementation in ("flash_attention_2", "flex_attention") or (
         config.model.attn_implementation == "sdpa" and not packed_mask)  # no mask: KV heads as they are
@@ -297,9 +354,30 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
         for name, (fan_in, _) in shape.linear_shapes().items():
             if name in config.lora.target_modules:
                 adapters += b * config.lora.r + ((b + 1) * fan_in if config.lora.dropout > 0 else 0)
-    # Gathered attention's output is scattered back to the document: o_proj keeps that copy too.
-    scattered = b * q if _gathers_attention(config) else 0
+    # Gathered attention's output is scattered back to the document: o_proj keeps that copy (sdpa and flash also
+    # keep the unscattered output for their backward; eager's last matmul does not, so it keeps one copy in all)
+    scattered = b * q if _gathers_attention(config) and config.model.attn_implementation != "eager" else 0
     return norms + attention + mlp + adapters + scattered
+
+
+def _routed_bytes_per_token(shape: ModelShape, b: int) -> float:
+    """What a Qwen3-MoE layer's router and experts save per token under transformers' default experts
+    implementation (grouped_mm), beyond the norm output they read: the router's fp32 softmax (4 E) and top-k
+    indices (8 k); per routed copy (k of them) the expert's input and output (2 b H), gate_up's output,
+    SiLU(gate) and the product (4 b I), the routing weight (b) and three int64 token indices (24). The eager
+    loop, transformers' fallback where grouped_mm cannot run, keeps one more b H per routed copy."""
+    k = shape.experts_per_token
+    return k * (2 * b * shape.hidden + 4 * b * shape.intermediate + b + 24) + FP32 * shape.experts + 8 * k
+
+
+def _merged_expert_bytes(config: Config, shape: ModelShape, b: int) -> float:
+    """PEFT's LoRA on a MoE layer's experts adds B A to each adapted 3-d weight in forward and autograd keeps
+    that merged copy for backward: b E x 2I x H (gate_up) and b E x I x H (down) per layer, at any batch."""
+    if config.lora is None or not shape.experts:
+        return 0.0
+    targets = set(config.lora.target_modules)
+    widths = (2 if {"gate_proj", "up_proj"} <= targets else 0) + (1 if "down_proj" in targets else 0)
+    return widths * shape.experts * shape.intermediate * shape.hidden * b
 
 
 def _micro_batch(config: Config) -> tuple[int, int]:
@@ -321,6 +399,7 @@ def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
         "flex_attention": 0,  # a block mask: a few bytes per 128 x 128 block
     }[config.model.attn_implementation]
     one_layer = tokens * _layer_bytes_per_token(config, shape, b) + rows * seq**2 * per_sequence
+    one_layer += _merged_expert_bytes(config, shape, b)
     if _keeps_less(config):  # the final norm keeps its input and a scale; then the gathered states
         outside = tokens * (shape.hidden * 2 * b + FP32)
     else:

@@ -194,9 +194,9 @@ def gathered_attention(module, query, key, value, attention_mask, *, base: str, 
 
     query/key/value are (rows, heads, T, D) on the document grid; the kernel returns (rows', T', heads, D)."""
     kernel = _kernel(module, base)
-    if not isinstance(attention_mask, SharedAttention):  # an ordinary batch through the same model
+    layout = attention_mask if isinstance(attention_mask, SharedAttention) else getattr(attention_mask, SHARED_ATTRIBUTE, None)
+    if layout is None:  # an ordinary batch through the same model
         return kernel(module, query, key, value, attention_mask, **kwargs)
-    layout = attention_mask
     rows, _, width, _ = query.shape
     num_sequences, length = layout.gather.shape
 
@@ -246,19 +246,40 @@ def _unshared_mask(base: str, window: int | None, length: int, dtype: torch.dtyp
 
 
 def attention_masks(causal_lm, branch: torch.Tensor, documents: torch.Tensor | None, position_ids: torch.Tensor,
-                    gather: torch.Tensor, scatter: torch.Tensor) -> dict:
+                    gather: torch.Tensor, scatter: torch.Tensor):
     """The decoder's per-layer-type "masks" (transformers takes such a dict as-is): BlockMasks for flex_attention,
-    else `SharedAttention`s for the gathering wrapper (switched on here, on the first prefix-shared batch)."""
+    else `SharedAttention`s for the gathering wrapper (switched on here, on the first prefix-shared batch). A
+    decoder with one mask for all its layers (no layer_types: Qwen3-MoE) gets that one mask instead."""
     hf_config = causal_lm.config
-    layer_types = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
-    windows = {layer_type: hf_config.sliding_window if layer_type == "sliding_attention" else None for layer_type in layer_types}
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        windows = {layer_type: hf_config.sliding_window if layer_type == "sliding_attention" else None for layer_type in set(layer_types)}
+    else:  # Qwen3-MoE's decoder: every layer sliding when the config has a window, else none
+        windows = {None: getattr(hf_config, "sliding_window", None)}
     if hf_config._attn_implementation == "flex_attention":
-        return {layer_type: _block_mask(branch, documents, position_ids, window) for layer_type, window in windows.items()}
-    use_gathered_attention(hf_config)
-    base = base_implementation(hf_config._attn_implementation)
-    dtype = causal_lm.get_input_embeddings().weight.dtype
-    return {layer_type: SharedAttention(gather, scatter, _unshared_mask(base, window, gather.shape[1], dtype, gather.device))
-            for layer_type, window in windows.items()}
+        masks = {layer_type: _block_mask(branch, documents, position_ids, window) for layer_type, window in windows.items()}
+    else:
+        use_gathered_attention(hf_config)
+        base = base_implementation(hf_config._attn_implementation)
+        dtype = causal_lm.get_input_embeddings().weight.dtype
+        masks = {layer_type: SharedAttention(gather, scatter, _unshared_mask(base, window, gather.shape[1], dtype, gather.device))
+                 for layer_type, window in windows.items()}
+    return masks if layer_types else _one_mask_for_all_layers(masks[None])
+
+
+SHARED_ATTRIBUTE = "dpo_dist_shared_attention"
+
+
+def _one_mask_for_all_layers(mask):
+    """A decoder without per-layer-type masks sends what it is given through transformers' mask builder, which
+    returns a 4-d tensor or BlockMask untouched and fails on anything else. A BlockMask goes as it is; a
+    SharedAttention rides as an attribute of an empty 4-d tensor, which reaches every layer's attention as
+    the same object (also in non-reentrant checkpointing's recompute, which reuses the forward's arguments)."""
+    if not isinstance(mask, SharedAttention):
+        return mask
+    carrier = torch.empty((0, 0, 0, 0), device=mask.gather.device)
+    setattr(carrier, SHARED_ATTRIBUTE, mask)
+    return carrier
 
 
 def _block_mask(branch, documents, position_ids, window):

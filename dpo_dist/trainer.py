@@ -70,9 +70,9 @@ class Trainer:
         if train and self.config.model.attn_implementation == "flex_attention" and self.dist.device.type != "cuda":
             raise UserError(f"model.attn_implementation=flex_attention cannot train on {self.dist.device.type}: torch's "
                             "FlexAttention has no backward there. Use sdpa (data.packing works with it), or train on a GPU")
+        self.shape = ModelShape.from_hf_config(read_model_config(self.config.model.policy_path))
         if train:  # refuse a run that cannot fit the GPU before tokenizing data or loading weights
-            shape = ModelShape.from_hf_config(read_model_config(self.config.model.policy_path))
-            check_memory(self.config, shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
+            check_memory(self.config, self.shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
                          device_memory_bytes(self.dist.device))
             note = single_rank_zero3_note(self.ds_config, self.dist.world_size)
             if note:
@@ -133,9 +133,13 @@ class Trainer:
                                                  config.deepspeed.zero3_whole_layers)
         if mode == "adapter":
             self.reference = AdapterReference(self.policy, policy)
-        # For mfu: parameter counts of what runs per token (the reference's forward only in model/adapter mode).
-        policy_params = param_elements(policy)[1]
+        # For mfu: parameter counts of what runs per token (the reference's forward only in model/adapter mode; a
+        # MoE token runs through k of each layer's E experts, so the idle experts' weights are left out).
+        idle = self.shape.idle_expert_elements()
+        policy_params = param_elements(policy)[1] - idle
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in policy.parameters() if p.requires_grad)
+        if config.lora is None:
+            trainable -= idle
         self.flops_per_token = flops_per_token(policy_params, trainable, policy_params if mode in ("model", "adapter") else 0)
         self.peak_tflops = device_peak_tflops(config.training.peak_tflops)
         self.logger.info(f"reference: {mode}")

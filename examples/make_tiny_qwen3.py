@@ -4,11 +4,13 @@ The demo and the tests load these through the same `from_pretrained` path as a r
 checkpoint, so nothing here is a mock: it is a real `Qwen3ForCausalLM`, only small (2 layers,
 hidden 64), and a real byte-level BPE tokenizer with Qwen's ChatML special tokens and template.
 No download is involved. `--family qwen2.5` makes a `Qwen2ForCausalLM` instead, shaped as Qwen2.5-7B
-and larger are: q/k/v biases, no q/k norms, untied embeddings, no head_dim in config.json.
+and larger are: q/k/v biases, no q/k norms, untied embeddings, no head_dim in config.json; `--family
+qwen3-moe` a `Qwen3MoeForCausalLM` (every layer's MLP a set of routed experts, as Qwen3-30B-A3B).
 
     python examples/make_tiny_qwen3.py examples/tiny-qwen3            # policy / SFT stand-in
     python examples/make_tiny_qwen3.py examples/tiny-qwen3-ref --seed 1  # a different reference
     python examples/make_tiny_qwen3.py examples/tiny-qwen2.5 --family qwen2.5
+    python examples/make_tiny_qwen3.py examples/tiny-qwen3-moe --family qwen3-moe
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,11 +83,15 @@ TINY_SHAPE = dict(
 # Qwen2.5's config.json has no head_dim (hidden / heads, 16 here as in TINY_SHAPE); its attention projections
 # carry biases by architecture; 7B and larger untie the output embedding.
 QWEN25_SHAPE = {**{k: v for k, v in TINY_SHAPE.items() if k != "head_dim"}, "tie_word_embeddings": False}
-FAMILIES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM, TINY_SHAPE), "qwen2.5": (Qwen2Config, Qwen2ForCausalLM, QWEN25_SHAPE)}
+# Qwen3-MoE (Qwen3-30B-A3B's layout): every layer's MLP is 8 experts of width 32 here, 2 per token, untied.
+QWEN3_MOE_SHAPE = {**TINY_SHAPE, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+                   "tie_word_embeddings": False}
+FAMILIES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM, TINY_SHAPE), "qwen2.5": (Qwen2Config, Qwen2ForCausalLM, QWEN25_SHAPE),
+            "qwen3-moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, QWEN3_MOE_SHAPE)}
 
 
 def build_model(vocab_size: int, seed: int, family: str = "qwen3", **overrides):
-    """A random Qwen3 (or Qwen2.5); `overrides` replace entries of the tiny shape (benchmarks use bigger shapes)."""
+    """A random Qwen3 (or Qwen2.5, Qwen3-MoE); `overrides` replace entries of the tiny shape (benchmarks use bigger shapes)."""
     config_class, model_class, shape = FAMILIES[family]
     config = config_class(vocab_size=vocab_size, **{**shape, **overrides})
     torch.manual_seed(seed)
@@ -92,7 +99,7 @@ def build_model(vocab_size: int, seed: int, family: str = "qwen3", **overrides):
 
 
 def make_checkpoint(out_dir: str | Path, seed: int = 0, family: str = "qwen3", **overrides) -> Path:
-    """Write a tokenizer + random Qwen3 (or Qwen2.5) model to `out_dir`, loadable with `from_pretrained`.
+    """Write a tokenizer + random Qwen3 (or Qwen2.5, Qwen3-MoE) model to `out_dir`, loadable with `from_pretrained`.
     `overrides` may set `vocab_size` too (default: the tokenizer's; ids past the tokenizer's are never seen)."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()

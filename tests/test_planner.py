@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 from conftest import write_jsonl
 from dpo_dist.config import LoRAConfig, load_config
@@ -28,7 +28,8 @@ QWEN3_4B = ModelShape(vocab=151936, hidden=2560, intermediate=9728, layers=36, h
 def test_parameter_count_is_exact(tiny_policy):
     """The count, and each parameter's size in the order DeepSpeed flattens the two optimizer groups
     (matrices, vectors: engine._param_groups), which decides what a ZeRO-2 rank holds; for Qwen3 tied and
-    untied, Qwen3 with attention biases, and Qwen2.5 (q/k/v biases, no q/k norms)."""
+    untied, Qwen3 with attention biases, Qwen2.5 (q/k/v biases, no q/k norms) and Qwen3-MoE (experts' 3-d
+    weights and a router in every layer)."""
     def groups(model):
         sizes = [(p.numel(), p.ndim >= 2) for p in model.parameters()]
         return [n for n, matrix in sizes if matrix], [n for n, matrix in sizes if not matrix]
@@ -42,10 +43,60 @@ def test_parameter_count_is_exact(tiny_policy):
                          num_key_value_heads=2, head_dim=32, attention_bias=True)
     qwen25 = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, tie_word_embeddings=False)
-    for hf_config in (untied, biased, qwen25):
+    for hf_config in (untied, biased, qwen25, MOE):
         real = AutoModelForCausalLM.from_config(hf_config)
         assert ModelShape.from_hf_config(hf_config).parameters() == sum(p.numel() for p in real.parameters())
         assert ModelShape.from_hf_config(hf_config).parameter_sizes() == groups(real)
+
+
+# Qwen3-MoE with every dimension different (a transposed or swapped term shows): 6 experts of 40, 2 per token.
+MOE = Qwen3MoeConfig(vocab_size=500, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, num_experts=6,
+                     num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     tie_word_embeddings=False)
+
+
+def test_mixture_of_experts_layouts_it_does_not_model_are_refused():
+    """Counted as dense, a MoE model's plan would be several times too small: Qwen3-MoE with dense layers mixed
+    in, or another family's experts (Qwen2-MoE's shared expert), stop with one line naming config.json."""
+    from transformers import Qwen2MoeConfig
+
+    mixed = Qwen3MoeConfig(**{**MOE.to_dict(), "mlp_only_layers": [0]})
+    for hf_config in (mixed, Qwen2MoeConfig(num_hidden_layers=2)):
+        with pytest.raises(UserError, match="config.json: model_type .* experts per layer is not a mixture-of-experts layout"):
+            ModelShape.from_hf_config(hf_config)
+    assert ModelShape.from_hf_config(MOE).experts == 6
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                     ["gate_proj", "up_proj"], ["o_proj", "down_proj"]])
+def test_lora_adapters_on_moe_experts_are_what_peft_makes(targets):
+    """PEFT adapts a Qwen3-MoE layer's experts through their fused 3-d weights (gate_proj + up_proj -> gate_up_proj
+    at twice the rank); the planner's trainable sizes are PEFT's, in PEFT's order."""
+    from dpo_dist.config import ModelConfig
+    from dpo_dist.planner import _trainable_groups
+
+    lora = LoRAConfig(r=3, target_modules=targets)
+    policy = prepare_policy(AutoModelForCausalLM.from_config(MOE), ModelConfig(base_model="x"), lora)
+    trainable = [p.numel() for p in policy.parameters() if p.requires_grad]
+    assert _trainable_groups(ModelShape.from_hf_config(MOE), lora) == [trainable]
+
+
+def test_moe_active_parameters_are_what_a_forward_multiplies():
+    """mfu counts a MoE token's FLOPs on its active parameters (parameters() - idle_expert_elements()): a forward
+    over T tokens multiplies 2 T x (active parameters - the embedding, a lookup, - the norm weights, no matmul)
+    plus attention's T^2 terms, as torch's FLOP counter counts them on the real model (eager experts: each
+    expert's matmuls on the tokens routed to it; eager attention: its matmuls visible to the counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = AutoModelForCausalLM.from_config(MOE, attn_implementation="eager", experts_implementation="eager").eval()
+    shape = ModelShape.from_hf_config(MOE)
+    tokens = 50
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, MOE.vocab_size, (1, tokens)))
+    attention = shape.layers * 2 * 2 * tokens * tokens * shape.heads * shape.head_dim  # q k^T and p v, unmasked
+    matmul_parameters = shape.parameters() - shape.idle_expert_elements() - MOE.vocab_size * MOE.hidden_size - sum(shape.parameter_sizes()[1])
+    assert counter.get_total_flops() == 2 * tokens * matmul_parameters + attention
+    assert shape.idle_expert_elements() == 3 * (6 - 2) * 3 * 40 * 64
 
 
 def test_zero2_rank_holds_the_whole_gradient_of_each_parameter_its_slice_touches():
@@ -172,14 +223,16 @@ def test_plan_command(tiny_policy, tmp_path):
                                        ["model.lean_activations=true", "model.dtype=bfloat16", "lora.r=8"],
                                        ["model.recompute_elementwise=true"], ["model.recompute_elementwise=true", "model.dtype=bfloat16"],
                                        ["model.recompute_elementwise=true", "model.dtype=bfloat16", "lora.r=8", "data.prefix_sharing=true"]])
-@pytest.mark.parametrize("family", ["qwen3", "qwen2.5"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen2.5", "qwen3-moe"])
 def test_activations_are_what_autograd_saves(tmp_path, overrides, family):
     """The activation term against the bytes autograd saves in the policy's forward (unique storages
     that are not parameters, seen through saved-tensor hooks): any change in transformers' Qwen3 / Qwen2 code
     or in SequenceLogps that saves more or less shows here first. Qwen2.5 has no q/k norms (so saves less)."""
     shape = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2)
-    if family == "qwen3":
+    if family == "qwen3-moe":  # 8 experts of 96 (not a multiple of hidden: a wrong term shows), 2 per token
+        shape.update(moe_intermediate_size=96, num_experts=8, num_experts_per_tok=2)
+    if family != "qwen2.5":
         shape["head_dim"] = 64  # Qwen3's heads are wider than hidden / heads; Qwen2.5's are hidden / heads (32 here)
     model_dir = make_checkpoint(tmp_path / "model", seed=0, family=family, **shape)
     path = tmp_path / "c.yaml"
