@@ -164,7 +164,7 @@ def run_variant(args, variant: str) -> dict:
     for iteration in range(args.iters + 1):
         host, events = [], [clock.mark()]
         began = time.perf_counter()
-        logps, _, _ = scorer(input_ids, positions, targets, owners, args.rows)
+        logps, _, _, _ = scorer(input_ids, positions, targets, owners, args.rows)
         host.append(time.perf_counter() - began)
         events.append(clock.mark())
         began = time.perf_counter()

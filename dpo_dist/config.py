@@ -135,6 +135,9 @@ class DPOConfig:
     label_smoothing: float = _opt(0.0, "Assumed label-flip rate for loss_type=robust, in [0, 0.5).")
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma.")
     sft_weight: float = _opt(0.0, "Weight of the per-token NLL of the chosen completion added to the loss (TRL's rpo_alpha).")
+    router_aux_loss_coef: float | None = _opt(
+        None, "Mixture-of-experts policies: weight of the routers' load-balancing loss added to the loss (TRL's "
+        "aux_loss); null: as TRL, the model's router_aux_loss_coef where its config.json sets output_router_logits, else off.")
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -143,6 +146,8 @@ class DPOConfig:
             raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0:
             raise UserError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise UserError(f"dpo.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
 
 @dataclass(frozen=True, kw_only=True)

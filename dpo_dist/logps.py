@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from dpo_dist import prefix_sharing
 from dpo_dist.data import PairBatch
 from dpo_dist.lean_ops import RECOMPUTE
+from dpo_dist.losses import router_balance_loss
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PairLogps:
     rejected_tokens: torch.Tensor
     sft_logps: torch.Tensor | None = None  # (S,) for the SFT rows mixed into the batch, if any
     sft_tokens: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None  # () a MoE policy's load-balancing loss, when asked for (SequenceLogps.router_top_k)
 
 
 class TargetLogProb(torch.autograd.Function):
@@ -100,11 +102,15 @@ def causal_only_masks(hf_config) -> dict | None:
 class SequenceLogps(nn.Module):
     """Wraps a causal LM; `forward` maps a concatenated pair batch to per-sequence sums."""
 
-    def __init__(self, causal_lm: nn.Module, chunk_tokens: int | None = None, recompute_elementwise: bool = False):
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int | None = None, recompute_elementwise: bool = False,
+                 router_top_k: int = 0):
         super().__init__()
         self.causal_lm = causal_lm
         self.chunk_tokens = chunk_tokens or default_chunk_tokens(causal_lm.config.vocab_size)
         self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute
+        # A MoE policy trained with dpo.router_aux_loss_coef: its routers' logits (k experts per token) give the
+        # load-balancing loss in grad mode
+        self.router_top_k = router_top_k
 
     def forward(
         self,
@@ -118,8 +124,11 @@ class SequenceLogps(nn.Module):
         branch: torch.Tensor | None = None,
         attention_gather: torch.Tensor | None = None,
         attention_scatter: torch.Tensor | None = None,
+        real_tokens: torch.Tensor | None = None,
     ):
-        """Returns (logps, logits_sum, token_counts), one entry per sequence: sums over its completion tokens.
+        """Returns (logps, logits_sum, token_counts, router_loss): one entry per sequence, sums over its completion
+        tokens; and with `router_top_k` in grad mode the routers' load-balancing loss over `real_tokens` (the
+        batch's attention_mask), else None.
 
         `scored_positions` / `scored_targets` / `scored_owners` say which positions predict a completion
         token, which token, and for which sequence (built with the batch, `data.scoring_layout`). Padded
@@ -130,8 +139,12 @@ class SequenceLogps(nn.Module):
         """
         lm_head = self.causal_lm.get_output_embeddings()
         recompute = self.recompute_elementwise and torch.is_grad_enabled()
+        routed = bool(self.router_top_k) and torch.is_grad_enabled()
         with RECOMPUTE.hooks() if recompute else contextlib.nullcontext():
-            hidden = self._decode(input_ids, position_ids, sequence_index, branch, attention_gather, attention_scatter)
+            decoded = self._decode(input_ids, position_ids, sequence_index, branch, attention_gather, attention_scatter,
+                                   routed)
+        hidden = decoded.last_hidden_state
+        router_loss = router_balance_loss(decoded.router_logits, self.router_top_k, real_tokens) if routed else None
         # Only completion-predicting positions are projected: prompt and padding never reach the lm_head.
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored_positions)  # (N, H)
 
@@ -153,31 +166,32 @@ class SequenceLogps(nn.Module):
         else:  # no completion tokens at all: keep the graph connected so backward still runs
             logps = zeros + 0.0 * hidden.sum()
             logits_sum = zeros.detach()
-        return logps, logits_sum, counts
+        return logps, logits_sum, counts, router_loss
 
-    def _decode(self, input_ids, position_ids, sequence_index, branch, attention_gather, attention_scatter) -> torch.Tensor:
-        """The decoder's last hidden states for the batch's layout (see `forward`)."""
+    def _decode(self, input_ids, position_ids, sequence_index, branch, attention_gather, attention_scatter, routed: bool):
+        """The decoder's output for the batch's layout (see `forward`): its last hidden states, and with `routed`
+        the routers' logits."""
         decoder = self.causal_lm.get_decoder()
+        extra = {"output_router_logits": True} if routed else {}
         if branch is not None:
             masks = prefix_sharing.attention_masks(self.causal_lm, branch, sequence_index, position_ids,
                                                    attention_gather, attention_scatter)
-            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False).last_hidden_state
-        elif position_ids is not None:
-            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        else:
-            # Rows are right-padded (data.collate), so under the causal mask no real token ever sees a pad;
-            # only the pads' own outputs differ, and they are never scored. Leaving the padding mask out
-            # lets sdpa run its causal flash kernel (with grouped KV heads as they are) instead of a
-            # masked kernel on repeated KV heads: the same function, less time and memory.
-            hidden = decoder(input_ids=input_ids, attention_mask=causal_only_masks(self.causal_lm.config), use_cache=False).last_hidden_state
-        return hidden
+            return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False, **extra)
+        if position_ids is not None:
+            return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
+        # Rows are right-padded (data.collate), so under the causal mask no real token ever sees a pad;
+        # only the pads' own outputs differ, and they are never scored. Leaving the padding mask out
+        # lets sdpa run its causal flash kernel (with grouped KV heads as they are) instead of a
+        # masked kernel on repeated KV heads: the same function, less time and memory.
+        return decoder(input_ids=input_ids, attention_mask=causal_only_masks(self.causal_lm.config), use_cache=False, **extra)
 
 
 def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
     """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected."""
-    logps, logits_sum, tokens = model(
+    logps, logits_sum, tokens, router_loss = model(
         batch.input_ids, batch.scored_positions, batch.scored_targets, batch.scored_owners, batch.num_sequences,
         batch.position_ids, batch.sequence_index, batch.branch, batch.attention_gather, batch.attention_scatter,
+        batch.attention_mask,
     )
     num_pairs = batch.num_pairs
     return PairLogps(
@@ -189,4 +203,5 @@ def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
         rejected_tokens=tokens[num_pairs : 2 * num_pairs],
         sft_logps=logps[2 * num_pairs :] if batch.num_sft else None,
         sft_tokens=tokens[2 * num_pairs :] if batch.num_sft else None,
+        router_loss=router_loss,
     )

@@ -140,3 +140,22 @@ LOSSES: dict[str, LossSpec] = {
     "simpo": LossSpec(simpo_loss, needs_reference=False),
     "orpo": LossSpec(orpo_loss, needs_reference=False),
 }
+
+
+def router_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, real_tokens: torch.Tensor) -> torch.Tensor:
+    """The Switch Transformer load-balancing loss (Fedus et al. 2022, eqs. 4-6) over a MoE model's layers, as
+    transformers computes a Qwen3-MoE's aux_loss and TRL adds it: E x sum_e f_e P_e, where f_e is the share of
+    top-k routing slots given to expert e and P_e the mean router probability of e, both over the real tokens
+    (`real_tokens`, 1 on them, the layout's (rows, T) mask) of every layer. top_k when routing is uniform.
+
+    `router_logits`: one (rows x T, E) tensor per layer. Weighted means rather than selecting the real tokens,
+    so that the device is never asked how many there are."""
+    logits = torch.cat(router_logits, dim=0).float()  # (layers x rows x T, E)
+    num_experts = logits.shape[-1]
+    weights = real_tokens.reshape(-1).to(logits.dtype).repeat(len(router_logits))  # (layers x rows x T,)
+    probs = torch.softmax(logits, dim=-1)
+    slots = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).to(logits.dtype)
+    total = weights.sum()
+    routed_share = (slots * weights[:, None, None]).sum(dim=0) / total  # (k, E)
+    mean_prob = (probs * weights[:, None]).sum(dim=0) / total  # (E,)
+    return num_experts * (routed_share * mean_prob).sum()

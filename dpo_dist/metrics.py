@@ -37,15 +37,17 @@ _MEAN_OVER = {
     "logits/rejected": "rejected_tokens",
     "nll_loss": "pairs",
     "sft_nll_loss": "sft_examples",
+    "aux_loss": "routed_batches",
 }
-_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens", "processed_tokens", "sft_examples")
+_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens", "processed_tokens", "sft_examples", "routed_batches")
 
 
 def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weight: torch.Tensor, num_tokens: int,
-               processed_tokens: torch.Tensor, sft_nll: torch.Tensor | None = None) -> dict:
+               processed_tokens: torch.Tensor, sft_nll: torch.Tensor | None = None, router_loss: torch.Tensor | None = None) -> dict:
     """Weighted sums of one micro-batch's metrics (detached); `weight` is (B,) with 0 for padding pairs;
     `num_tokens` the sequences' tokens (TRL's count), `processed_tokens` those the decoder ran on (fewer with
-    prefix sharing: a shared prompt runs once); `sft_nll` (S,) per-token NLL of the SFT rows mixed in, if any."""
+    prefix sharing: a shared prompt runs once); `sft_nll` (S,) per-token NLL of the SFT rows mixed in, if any;
+    `router_loss` a MoE policy's load-balancing loss, if trained with it (TRL's aux_loss: a mean over micro-batches)."""
     w = weight.to(loss.losses.dtype)
     return {
         "nll_loss": (nll.detach() * w).sum(),
@@ -65,6 +67,8 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
         "processed_tokens": processed_tokens.to(w.dtype),
         "sft_nll_loss": (sft_nll.detach().sum() if sft_nll is not None else w.new_zeros(())),
         "sft_examples": w.new_full((), float(sft_nll.numel()) if sft_nll is not None else 0.0),  # no host copy
+        "aux_loss": router_loss.detach().float() if router_loss is not None else w.new_zeros(()),
+        "routed_batches": w.new_full((), 1.0 if router_loss is not None else 0.0),
     }
 
 
@@ -153,6 +157,8 @@ class MetricWindow:
         means = {name: totals[name] / max(totals[count], 1.0) for name, count in _MEAN_OVER.items()}
         if not totals["sft_examples"]:
             del means["sft_nll_loss"]  # no SFT data in this window: nothing to report
+        if not totals["routed_batches"]:
+            del means["aux_loss"]  # not a MoE policy trained with its load-balancing loss
         means["num_pairs"] = totals["pairs"]
         means["num_tokens"] = totals["tokens"]
         means["num_processed_tokens"] = totals["processed_tokens"]

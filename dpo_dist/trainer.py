@@ -52,6 +52,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def router_aux_coef(configured: float | None, hf_config, shape: ModelShape) -> float:
+    """The weight of a MoE policy's load-balancing loss: dpo.router_aux_loss_coef, or as TRL decides it, the
+    model's router_aux_loss_coef where its config sets output_router_logits (0 otherwise). A weight for a
+    model without routers is a mistake in the config, not something to ignore."""
+    if configured is None:
+        return float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0) if getattr(hf_config, "output_router_logits", False) else 0.0
+    if configured and not shape.experts:
+        raise UserError(f"dpo.router_aux_loss_coef={configured}: {hf_config._name_or_path} is not a mixture-of-experts "
+                        "model (no routers to balance); remove the key")
+    return configured
+
+
 class Trainer:
     def __init__(self, config: Config, dist_info: DistInfo):
         self.config = config
@@ -70,7 +82,9 @@ class Trainer:
         if train and self.config.model.attn_implementation == "flex_attention" and self.dist.device.type != "cuda":
             raise UserError(f"model.attn_implementation=flex_attention cannot train on {self.dist.device.type}: torch's "
                             "FlexAttention has no backward there. Use sdpa (data.packing works with it), or train on a GPU")
-        self.shape = ModelShape.from_hf_config(read_model_config(self.config.model.policy_path))
+        hf_config = read_model_config(self.config.model.policy_path)
+        self.shape = ModelShape.from_hf_config(hf_config)
+        self.router_aux_coef = router_aux_coef(self.config.dpo.router_aux_loss_coef, hf_config, self.shape)
         if train:  # refuse a run that cannot fit the GPU before tokenizing data or loading weights
             check_memory(self.config, self.shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
                          device_memory_bytes(self.dist.device))
@@ -124,7 +138,8 @@ class Trainer:
         policy = prepare_policy(load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config),
                                 config.model, config.lora)
         self.causal_lm = policy
-        scorer = SequenceLogps(policy, config.model.logps_chunk_tokens, config.model.recompute_elementwise)
+        scorer = SequenceLogps(policy, config.model.logps_chunk_tokens, config.model.recompute_elementwise,
+                               router_top_k=self.shape.experts_per_token if self.router_aux_coef else 0)
         if train:
             self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1),
                                       config.deepspeed.zero3_whole_layers)
@@ -175,6 +190,8 @@ class Trainer:
         nll = chosen_nll(inputs)
         if dpo.sft_weight:
             loss.losses = loss.losses + dpo.sft_weight * nll
+        if policy_logps.router_loss is not None:  # TRL adds it to every pair's loss alike: the same mean
+            loss.losses = loss.losses + self.router_aux_coef * policy_logps.router_loss
         return loss, policy_logps, nll
 
     def train_step(self, micro_batches: list[data_lib.PairBatch], window: MetricWindow) -> None:
@@ -190,7 +207,8 @@ class Trainer:
                 objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
             self.policy.backward(objective)
             self.policy.step()
-            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens, batch.attention_mask.sum(), sft_nll))
+            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens, batch.attention_mask.sum(), sft_nll,
+                                  policy_logps.router_loss))
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> str:

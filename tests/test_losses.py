@@ -7,6 +7,7 @@ import torch
 
 from dpo_dist.config import LOSS_TYPES, REFERENCE_FREE_LOSSES
 from dpo_dist.losses import (
+    router_balance_loss,
     LOSSES,
     PreferenceInputs,
     chosen_nll,
@@ -111,3 +112,22 @@ def test_registry_matches_the_config_choices():
     out = LOSSES["sigmoid"].fn(PreferenceInputs(chosen, torch.tensor([-2.0]), torch.ones(1), torch.ones(1),
                                                 torch.tensor([-1.5]), torch.tensor([-1.5])), beta=1.0)
     assert out.losses.requires_grad and not out.chosen_rewards.requires_grad
+
+
+def test_router_balance_loss_by_hand_and_against_transformers():
+    """E x sum_e f_e P_e over real tokens. By hand: 2 experts, top-1, two real tokens routed one to each with
+    probabilities (0.75, 0.25) and (0.25, 0.75): f = (1/2, 1/2), P = (1/2, 1/2), loss 2 x (1/4 + 1/4) = 1.0; a
+    padding token routed anywhere changes nothing. Uniform routing gives top_k. Then random logits with padding
+    against transformers' own Qwen3-MoE load_balancing_loss_func (its aux_loss, which TRL adds)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    half = math.log(3.0)  # softmax((log 3, 0)) = (0.75, 0.25)
+    logits = (torch.tensor([[half, 0.0], [0.0, half], [9.0, 0.0]]),)
+    assert router_balance_loss(logits, 1, torch.tensor([[1, 1, 0]])).item() == pytest.approx(1.0)
+    assert router_balance_loss((torch.zeros(6, 8),), 3, torch.ones(2, 3)).item() == pytest.approx(3.0)
+    torch.manual_seed(0)
+    layers = tuple(torch.randn(4 * 5, 6) for _ in range(3))  # 3 layers, 4 rows of 5 tokens, 6 experts
+    real = (torch.arange(5)[None, :] < torch.tensor([5, 3, 4, 1])[:, None]).long()
+    got = router_balance_loss(layers, 2, real)
+    assert got.item() == pytest.approx(load_balancing_loss_func(layers, 6, 2, real).item(), rel=1e-6)
+    assert got.item() != pytest.approx(router_balance_loss(layers, 2, torch.ones_like(real)).item(), rel=1e-3)  # padding matters

@@ -166,3 +166,34 @@ def test_zero3_on_two_ranks_trains_like_one_process(family, policy_dir, referenc
     start, trained = AutoModelForCausalLM.from_pretrained(policy_dir).state_dict(), exported.state_dict()
     for name in OWN_PARAMETERS[family]:
         assert not torch.allclose(trained[name], start[name], atol=1e-6), name
+
+
+def test_moe_load_balancing_loss_joins_the_loss_as_trl_adds_it(tiny_policy, tmp_path):
+    """dpo.router_aux_loss_coef c: each step's loss is the DPO loss + c x aux_loss (TRL's metric name; step 1,
+    same weights: to fp32 rounding), and the routers train differently. Unset, TRL's rule: on when the model's
+    config.json sets output_router_logits, with its router_aux_loss_coef. On a dense model: one line, exit 2."""
+    plain_dir = make_checkpoint(tmp_path / "moe", seed=0, family="qwen3-moe")
+    flagged_dir = make_checkpoint(tmp_path / "moe-flagged", seed=0, family="qwen3-moe", output_router_logits=True,
+                                  router_aux_loss_coef=0.05)
+    runs = {}
+    for name, model_dir, overrides in (("off", plain_dir, ["dpo.router_aux_loss_coef=0"]),
+                                        ("on", plain_dir, ["dpo.router_aux_loss_coef=0.05"]),
+                                        ("from-config", flagged_dir, [])):
+        config = write_config(tmp_path / f"{name}.yaml", model_dir, None, tmp_path / name, training={"max_steps": 2})
+        assert_ok(run(python_launch("train.py", config, *overrides)))
+        runs[name] = read_metrics(tmp_path / name)[0]
+    off, on, from_config = runs["off"], runs["on"], runs["from-config"]
+    assert "aux_loss" not in off[1] and on[1]["aux_loss"] > 1.0  # top-2 of 8: 2.0 when balanced, more when not
+    assert on[1]["loss"] == pytest.approx(off[1]["loss"] + 0.05 * on[1]["aux_loss"], abs=1e-6)
+    for step in (1, 2):
+        assert from_config[step]["loss"] == pytest.approx(on[step]["loss"], abs=1e-6)
+        assert from_config[step]["aux_loss"] == pytest.approx(on[step]["aux_loss"], abs=1e-6)
+    router = "model.layers.0.mlp.gate.weight"
+    off_router = AutoModelForCausalLM.from_pretrained(tmp_path / "off" / "final").state_dict()[router]
+    on_router = AutoModelForCausalLM.from_pretrained(tmp_path / "on" / "final").state_dict()[router]
+    assert not torch.allclose(off_router, on_router, atol=1e-7)
+
+    dense = write_config(tmp_path / "dense.yaml", tiny_policy, None, tmp_path / "dense")
+    result = run(python_launch("train.py", dense, "dpo.router_aux_loss_coef=0.1"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "dpo.router_aux_loss_coef=0.1" in result.stderr and "not a mixture-of-experts model" in result.stderr
