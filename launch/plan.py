@@ -20,7 +20,7 @@ from dpo_dist.config import load_config  # noqa: E402
 from dpo_dist.engine import fill_ds_config, read_ds_config  # noqa: E402
 from dpo_dist.errors import UserError  # noqa: E402
 from dpo_dist.models import read_model_config  # noqa: E402
-from dpo_dist.planner import GIB, ModelShape, plan_memory, single_rank_zero3_note  # noqa: E402
+from dpo_dist.planner import GIB, ModelShape, plan_memory, single_rank_zero3_note, zero_stage  # noqa: E402
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -45,8 +45,9 @@ def main() -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    print(f"{config.model.policy_path}: {shape.parameters() / 1e9:.2f}B parameters, {dtype_name}, {world} GPU(s), "
-          f"reference {config.reference_mode}, {ds['zero_optimization'].get('stage', 0)=}".replace("ds['zero_optimization'].get('stage', 0)=", "ZeRO-"))
+    active = f" ({(shape.parameters() - shape.idle_expert_elements()) / 1e9:.2f}B active per token)" if shape.experts else ""
+    print(f"{config.model.policy_path}: {shape.parameters() / 1e9:.2f}B parameters{active}, {dtype_name}, {world} GPU(s), "
+          f"reference {config.reference_mode}, ZeRO-{zero_stage(ds)}")
     print(plan.describe())
     note = single_rank_zero3_note(ds, world)
     if note:

@@ -213,6 +213,13 @@ def test_plan_command(tiny_policy, tmp_path):
     result = run(python_launch("plan.py", ROOT / "configs" / "demo.yaml")[:2]
                  + ["--config", str(ROOT / "configs" / "demo.yaml"), "--gpu-mem", "0.5", f"model.base_model={tiny_policy}"])
     assert result.returncode == 3 and "does NOT fit" in result.stdout
+    assert "ZeRO-2" in result.stdout.splitlines()[0] and "active" not in result.stdout
+    moe = make_checkpoint(tmp_path / "moe", seed=0, family="qwen3-moe")
+    result = run(python_launch("plan.py", ROOT / "configs" / "demo.yaml")[:2]
+                 + ["--config", str(ROOT / "configs" / "demo.yaml"), f"model.base_model={moe}"])
+    shape = ModelShape.from_hf_config(read_model_config(str(moe)))
+    active = (shape.parameters() - shape.idle_expert_elements()) / 1e9
+    assert result.returncode == 0 and f"B parameters ({active:.2f}B active per token)" in result.stdout.splitlines()[0]
 
 
 @pytest.mark.parametrize("overrides", [[], ["lora.r=8"], ["data.packing=true"], ["model.attn_implementation=eager"],
