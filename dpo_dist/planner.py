@@ -246,10 +246,9 @@ def _trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[i
     model's matrices and vectors."""
     if lora is None:
         return list(shape.parameter_sizes())
-    adapted = [name for name in shape.linear_shapes() if name in lora.target_modules]
-    if shape.experts:  # the experts' MLP weights are PEFT's to adapt (`lora_on_experts`), below
-        adapted = [name for name in adapted if name not in ("gate_proj", "up_proj", "down_proj")]
-    per_layer = [size for name in adapted for size in (lora.r * shape.linear_shapes()[name][0], shape.linear_shapes()[name][1] * lora.r)]
+    experts = ("gate_proj", "up_proj", "down_proj") if shape.experts else ()  # PEFT's to adapt: `lora_on_experts`
+    per_layer = [size for name, (fan_in, fan_out) in shape.linear_shapes().items()
+                 if name in lora.target_modules and name not in experts for size in (lora.r * fan_in, fan_out * lora.r)]
     return [(per_layer + lora_on_experts(shape, lora)) * shape.layers]
 
 

@@ -253,7 +253,8 @@ def attention_masks(causal_lm, branch: torch.Tensor, documents: torch.Tensor | N
     hf_config = causal_lm.config
     layer_types = getattr(hf_config, "layer_types", None)
     if layer_types:
-        windows = {layer_type: hf_config.sliding_window if layer_type == "sliding_attention" else None for layer_type in set(layer_types)}
+        windows = {layer_type: hf_config.sliding_window if layer_type == "sliding_attention" else None
+                   for layer_type in set(layer_types)}
     else:  # Qwen3-MoE's decoder: every layer sliding when the config has a window, else none
         windows = {None: getattr(hf_config, "sliding_window", None)}
     if hf_config._attn_implementation == "flex_attention":

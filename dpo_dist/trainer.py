@@ -57,7 +57,9 @@ def router_aux_coef(configured: float | None, hf_config, shape: ModelShape) -> f
     model's router_aux_loss_coef where its config sets output_router_logits (0 otherwise). A weight for a
     model without routers is a mistake in the config, not something to ignore."""
     if configured is None:
-        return float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0) if getattr(hf_config, "output_router_logits", False) else 0.0
+        if not getattr(hf_config, "output_router_logits", False):
+            return 0.0
+        return float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0)
     if configured and not shape.experts:
         raise UserError(f"dpo.router_aux_loss_coef={configured}: {hf_config._name_or_path} is not a mixture-of-experts "
                         "model (no routers to balance); remove the key")
@@ -207,8 +209,8 @@ class Trainer:
                 objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
             self.policy.backward(objective)
             self.policy.step()
-            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens, batch.attention_mask.sum(), sft_nll,
-                                  policy_logps.router_loss))
+            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens, batch.attention_mask.sum(),
+                                  sft_nll, policy_logps.router_loss))
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> str:

@@ -67,8 +67,8 @@ def test_mixture_of_experts_layouts_it_does_not_model_are_refused():
     assert ModelShape.from_hf_config(MOE).experts == 6
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                     ["gate_proj", "up_proj"], ["o_proj", "down_proj"]])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["gate_proj", "up_proj"], ["o_proj", "down_proj"],
+                                     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]])
 def test_lora_adapters_on_moe_experts_are_what_peft_makes(targets):
     """PEFT adapts a Qwen3-MoE layer's experts through their fused 3-d weights (gate_proj + up_proj -> gate_up_proj
     at twice the rank); the planner's trainable sizes are PEFT's, in PEFT's order."""
@@ -94,7 +94,8 @@ def test_moe_active_parameters_are_what_a_forward_multiplies():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=torch.randint(0, MOE.vocab_size, (1, tokens)))
     attention = shape.layers * 2 * 2 * tokens * tokens * shape.heads * shape.head_dim  # q k^T and p v, unmasked
-    matmul_parameters = shape.parameters() - shape.idle_expert_elements() - MOE.vocab_size * MOE.hidden_size - sum(shape.parameter_sizes()[1])
+    embedding, vectors = MOE.vocab_size * MOE.hidden_size, sum(shape.parameter_sizes()[1])
+    matmul_parameters = shape.parameters() - shape.idle_expert_elements() - embedding - vectors
     assert counter.get_total_flops() == 2 * tokens * matmul_parameters + attention
     assert shape.idle_expert_elements() == 3 * (6 - 2) * 3 * 40 * 64
 
