@@ -137,8 +137,9 @@ def test_zero3_on_two_ranks_trains_like_one_process(family, policy_dir, referenc
     step), and two torchrun ranks under ZeRO-3 (4 pairs each; policy and reference sharded, whole-layer
     gathering, prefix sharing, lean activations with the elementwise recompute). Same losses (the first to
     1e-6, later ones to 1e-4: all-reduce order); the 2-rank export is the family's causal LM, and its own
-    parameters (biases; experts and router) trained. MoE ranks route their tokens to different experts: whole
-    layers are gathered, so no rank waits on a gather the other never starts."""
+    parameters (biases; experts and router) trained. MoE ranks route their tokens to different experts: a
+    layer's experts are one module that every rank runs, so no rank waits on a gather the other never starts,
+    with whole-layer or per-submodule gathering (the same losses)."""
     single = write_config(tmp_path / "one.yaml", policy_dir, reference_dir, tmp_path / "one",
                           training={"batch_size": 8, "max_steps": STEPS})
     assert_ok(run(python_launch("train.py", single)))
@@ -158,6 +159,12 @@ def test_zero3_on_two_ranks_trains_like_one_process(family, policy_dir, referenc
     for step in range(2, STEPS + 1):
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-4), step
     assert two_evals[-1]["eval_loss"] < two_evals[0]["eval_loss"]
+    if family == "qwen3-moe":  # per-submodule gathering: the experts are one module that runs on every rank too
+        per_module = run(torchrun_launch("train.py", sharded, "deepspeed.zero3_whole_layers=false",
+                                         f"training.output_dir={tmp_path / 'per-module'}"))
+        assert_ok(per_module)
+        for step, metrics in read_metrics(tmp_path / "per-module")[0].items():
+            assert metrics["loss"] == pytest.approx(two[step]["loss"], abs=1e-6), step
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
     assert type(exported).__name__ == CAUSAL_LM[family]
     # written as the checkpoint came (Qwen3-MoE: one tensor per expert and projection, as on the hub, though
