@@ -82,21 +82,26 @@ def test_liger_kernels_refused_with_compile_and_off_a_gpu(tiny_policy):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel runs on CUDA only")
-def test_liger_model_scores_and_backpropagates_like_the_plain_one(tiny_policy):
-    """On a GPU: with Liger's norm, SiLU gate and rotary kernels, fp32 log-probs and gradients match the plain model's."""
+@pytest.mark.parametrize("family", ["qwen3", "qwen2.5", "qwen3-moe"])
+def test_liger_model_scores_and_backpropagates_like_the_plain_one(tiny_policy, tmp_path, family):
+    """On a GPU: with Liger's norm, SiLU gate and rotary kernels, fp32 log-probs and gradients match the plain
+    model's, for each Qwen family (the rotary kernel replaces its transformers module's function)."""
     pytest.importorskip("liger_kernel")
-    from transformers.models.qwen3 import modeling_qwen3
+    import sys
 
     from dpo_dist.config import ModelConfig
     from dpo_dist.models import load_causal_lm
+    from make_tiny_qwen3 import make_checkpoint
     from test_logps import naive_completion_logps
 
-    plain = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).cuda()
-    rotary = modeling_qwen3.apply_rotary_pos_emb
+    model_dir = tiny_policy if family == "qwen3" else make_checkpoint(tmp_path / family, seed=0, family=family)
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
+    modeling = sys.modules[type(plain).__module__]
+    rotary = modeling.apply_rotary_pos_emb
     try:
-        liger = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), liger_kernels=True),
+        liger = load_causal_lm(str(model_dir), ModelConfig(base_model=str(model_dir), liger_kernels=True),
                                torch.float32, None).cuda()
-        assert modeling_qwen3.apply_rotary_pos_emb is not rotary
+        assert modeling.apply_rotary_pos_emb is not rotary
         generator = torch.Generator().manual_seed(0)
         input_ids = torch.randint(3, plain.config.vocab_size, (4, 48), generator=generator).cuda()
         attention_mask = torch.ones_like(input_ids)
@@ -105,12 +110,12 @@ def test_liger_model_scores_and_backpropagates_like_the_plain_one(tiny_policy):
         outputs = []
         for model in (liger, plain):
             if model is plain:  # transformers' own rotary embedding for the plain model
-                modeling_qwen3.apply_rotary_pos_emb = rotary
+                modeling.apply_rotary_pos_emb = rotary
             logps = naive_completion_logps(model, input_ids, attention_mask, completion_mask)
             (logps * torch.tensor([1.0, 0.5, -1.0, 2.0], device="cuda")).sum().backward()
             outputs.append(logps.detach())
     finally:
-        modeling_qwen3.apply_rotary_pos_emb = rotary
+        modeling.apply_rotary_pos_emb = rotary
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-5)
     for (name, a), b in zip(liger.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
