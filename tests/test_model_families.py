@@ -34,10 +34,7 @@ FUSED_LAYERS = {"qwen2.5": 2 * 7, "qwen3-moe": 2 * 4}
 ADAPTER_TENSORS = {"qwen2.5": 2 * 7 * 2, "qwen3-moe": 2 * (4 + 2) * 2}  # MoE: gate_up and down, one adapter each
 
 
-FAMILIES = ["qwen2.5", "qwen3-moe"]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=sorted(CAUSAL_LM))
 def family(request):
     return request.param
 
