@@ -73,7 +73,25 @@ def run_main(
     except UserError as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
-        shutdown_distributed()
-        sys.exit(EXIT_USER_ERROR)
+        exit_process(EXIT_USER_ERROR)
+    exit_process(status or 0)
+
+
+def exit_process(status: int) -> None:
+    """End the process with `status` once its work is done, skipping the interpreter's teardown.
+
+    Destroying the process groups does not end gloo's worker threads: DeepSpeed keeps a group of its own in a
+    module global (deepspeed.utils.groups._WORLD_GROUP), so two groups' threads were still running after
+    destroy_process_group in a 2-rank ZeRO-3 run. Their objects then die in the interpreter's teardown, and
+    now and then that aborts the process ("terminate called without an active exception", pytorch issue
+    190489): twice in this project's CI, a finished run (status 0) and a SIGUSR1 stop (status 75) turned into
+    a crash (250) that a scheduler would read as a failed job. So: destroy the groups, run the exit functions
+    (atexit: logging, tempfile and the like) as a normal exit would, flush, and leave with os._exit, which
+    runs no teardown. Every file this project writes is closed or renamed into place before this point."""
+    import atexit
+
     shutdown_distributed()
-    sys.exit(status or 0)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

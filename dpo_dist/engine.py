@@ -102,13 +102,11 @@ def _release_shm_buffer_name(rank: int) -> None:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process groups while the interpreter is still whole.
-
-    Left to interpreter exit, a gloo group's worker threads can outlive the objects they hold and the
-    process dies with SIGABRT ("terminate called without an active exception", pytorch issue 190489):
-    once in this project's CI, on the rank that had been sent SIGUSR1, turning exit status 75 into a
-    crash. destroy_process_group waits for pending work and stops each backend's threads first. Local
-    to this process: no collective, so a rank that exits early does not wait for the others."""
+    """Destroy the process groups while the interpreter is still whole: pending work is waited for and the
+    groups are unregistered. Groups that other code still holds (DeepSpeed keeps one) live on with their
+    threads, which is why the launch scripts then leave without the interpreter's teardown
+    (`cli.exit_process`). Local to this process: no collective, so a rank that exits early does not wait
+    for the others."""
     import torch.distributed as dist
 
     if dist.is_initialized():

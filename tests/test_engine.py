@@ -179,23 +179,29 @@ def test_cpu_ranks_count_their_node_without_running_numactl_and_leave_no_shm(tmp
         assert list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{used}_*")) == []
 
 
-def test_launch_scripts_destroy_the_process_group_before_interpreter_exit(tiny_policy, tmp_path):
-    """Left to interpreter exit, gloo's worker threads can abort the process ("terminate called without an
-    active exception"): once in CI this turned a SIGUSR1 stop's status 75 into a crash. run_main destroys the
-    group after the script's body, on the normal path and after a user error; a probe whose body leaves an
-    all-reduce un-waited sees no group at exit and keeps its status. Plain python (a world of one, with
-    gloo's threads all the same): a launcher would stop the other rank on the first non-zero status."""
+def test_launch_scripts_end_with_their_status_whatever_the_interpreter_teardown_would_do(tiny_policy, tmp_path):
+    """Left to interpreter teardown, gloo's worker threads can abort the process ("terminate called without an
+    active exception"): twice in CI this turned a run's status (0, and a SIGUSR1 stop's 75) into a crash.
+    run_main destroys the group after the script's body, runs the exit functions and leaves without the
+    teardown (cli.exit_process), on the normal path and after a user error. The probe leaves an all-reduce
+    un-waited, sees no group left in its exit function, and holds an object whose destructor aborts the
+    process when teardown reaches it: the status stays 75 (and 2), and nothing aborts. Plain python (a world
+    of one, with gloo's threads all the same): a launcher would stop the other rank on the first non-zero status."""
     from launching import ROOT, run, write_config
 
     config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out")
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import atexit, sys\n"
+        "import atexit, os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import torch, torch.distributed as dist\n"
         "from dpo_dist.cli import run_main\n"
         "from dpo_dist.engine import init_distributed\n"
         "from dpo_dist.errors import UserError\n"
+        "class AbortsInTeardown:\n"
+        "    def __del__(self, abort=os.abort):  # bound now: teardown may have cleared the module's globals\n"
+        "        abort()  # as a C++ destructor that terminates would\n"
+        "HELD_UNTIL_TEARDOWN = AbortsInTeardown()\n"
         "def body(config, args):\n"
         "    init_distributed(1.0)\n"
         "    atexit.register(lambda: print(f'group at exit: {dist.is_initialized()}', flush=True))\n"
