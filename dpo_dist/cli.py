@@ -8,6 +8,7 @@ A `UserError` (bad config key, malformed data line, missing model) prints one li
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import os
 import sys
@@ -88,8 +89,6 @@ def exit_process(status: int) -> None:
     a crash (250) that a scheduler would read as a failed job. So: destroy the groups, run the exit functions
     (atexit: logging, tempfile and the like) as a normal exit would, flush, and leave with os._exit, which
     runs no teardown. Every file this project writes is closed or renamed into place before this point."""
-    import atexit
-
     shutdown_distributed()
     atexit._run_exitfuncs()
     sys.stdout.flush()
