@@ -258,9 +258,16 @@ def lora_on_experts(shape: ModelShape, lora: LoRAConfig) -> list[int]:
     (2 r for gate_up, two projections in one), A then B, gate_up before down."""
     if not shape.experts:
         return []
+    gate_up, down = adapted_expert_weights(lora)
     h, i, er = shape.hidden, shape.intermediate, shape.experts * lora.r
-    sizes = [2 * er * h, 2 * i * 2 * er] if {"gate_proj", "up_proj"} <= set(lora.target_modules) else []
-    return sizes + ([er * i, h * er] if "down_proj" in lora.target_modules else [])
+    return ([2 * er * h, 2 * i * 2 * er] if gate_up else []) + ([er * i, h * er] if down else [])
+
+
+def adapted_expert_weights(lora: LoRAConfig) -> tuple[bool, bool]:
+    """Which of a MoE layer's fused expert weights PEFT adapts: (gate_up, down). gate_up needs both gate_proj
+    and up_proj in target_modules (PEFT refuses one without the other), down needs down_proj."""
+    targets = set(lora.target_modules)
+    return {"gate_proj", "up_proj"} <= targets, "down_proj" in targets
 
 
 def decoder_layer_elements(shape: ModelShape) -> int:
@@ -374,9 +381,8 @@ def _merged_expert_bytes(config: Config, shape: ModelShape, b: int) -> float:
     that merged copy for backward: b E x 2I x H (gate_up) and b E x I x H (down) per layer, at any batch."""
     if config.lora is None or not shape.experts:
         return 0.0
-    targets = set(config.lora.target_modules)
-    widths = (2 if {"gate_proj", "up_proj"} <= targets else 0) + (1 if "down_proj" in targets else 0)
-    return widths * shape.experts * shape.intermediate * shape.hidden * b
+    gate_up, down = adapted_expert_weights(config.lora)
+    return (2 * gate_up + down) * shape.experts * shape.intermediate * shape.hidden * b
 
 
 def _micro_batch(config: Config) -> tuple[int, int]:
