@@ -146,11 +146,21 @@ def limit_checkpointed_layers(model: nn.Module, count: int | None) -> None:
         layer.gradient_checkpointing = False
 
 
+def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict) -> None:
+    """Turn on transformers' per-layer activation checkpointing. transformers 5.24 renamed the method
+    (gradient_checkpointing_enable warns that it goes in v6); older versions only have the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+
+
 def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig | None) -> nn.Module:
     """Gradient checkpointing and, when configured, a PEFT LoRA adapter on the policy."""
     if model_config.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and with ZeRO-3's parameter hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
         limit_checkpointed_layers(model, model_config.checkpointed_layers)
     if lora is None:
         return model

@@ -4,6 +4,7 @@ should move it, the trainer's refusal of a run that cannot fit, and the plan aga
 import dataclasses
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -383,8 +384,8 @@ def test_gradient_bucket_buffers():
 
 def test_checkpointed_layers_recompute_only_the_first_k(tiny_policy):
     """model.checkpointed_layers=1 on the 2-layer model: layer 0 runs its forward again in backward, layer 1
-    does not, and the gradients equal those without checkpointing (fp32). Refused without checkpointing and
-    beyond the model's depth."""
+    does not, and the gradients equal those without checkpointing (fp32). Turning checkpointing on warns of no
+    deprecation. Refused without checkpointing and beyond the model's depth."""
     from dpo_dist.config import ModelConfig
 
     ids = list(range(3, 40))
@@ -392,7 +393,12 @@ def test_checkpointed_layers_recompute_only_the_first_k(tiny_policy):
     results = {}
     for checkpointed in (None, 1):
         model_config = ModelConfig(base_model="x", gradient_checkpointing=checkpointed is not None, checkpointed_layers=checkpointed)
-        policy = prepare_policy(AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32), model_config, None).train()
+        model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            policy = prepare_policy(model, model_config, None).train()
+        # transformers 5.24 deprecated gradient_checkpointing_enable (gone in v6): we use the name that stays
+        assert not [str(w.message) for w in caught if "deprecated" in str(w.message)]
         calls = [0, 0]
         for index, layer in enumerate(policy.model.layers):
             layer.self_attn.register_forward_pre_hook(lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1))
