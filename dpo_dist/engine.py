@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +46,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# torch 2.13 renamed two collectives and warns on the old names, which DeepSpeed 0.19 calls inside ZeRO (its
+# partitioned parameters and gradients): one FutureWarning per name on every rank of every job, about code that
+# is not ours and works. Only these two messages are silenced; any other warning still shows.
+_DEEPSPEED_COLLECTIVE_RENAMES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+
+
 def init_distributed(timeout_minutes: float) -> DistInfo:
     """Join the process group made by deepspeed/torchrun/srun, or make a one-process group for plain python."""
     import deepspeed
@@ -54,6 +61,7 @@ def init_distributed(timeout_minutes: float) -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    warnings.filterwarnings("ignore", message=_DEEPSPEED_COLLECTIVE_RENAMES, category=FutureWarning)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
