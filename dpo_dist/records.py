@@ -3,8 +3,10 @@
 A record is `{"prompt": P, "chosen": C, "rejected": R}` where P is a string or a list of chat
 messages (`{"role": ..., "content": ...}`, system/user/assistant/tool), and C, R are strings or
 lists of assistant messages. A string completion under a chat prompt is taken as one assistant
-message. Each record gets a `uid` from its content, so the same pair has the same id in every
-run, on every rank, and in the reference cache.
+message. As in TRL, the prompt may be implicit: without a "prompt" (or with a string prompt beside
+chat-message completions, as some hub datasets have it) the prompt is what chosen and rejected share
+at their start (`split_implicit_prompt`). Each record gets a `uid` from its content after that split,
+so the same pair has the same id in every run, on every rank, and in the reference cache.
 
 Formats: `.jsonl` is parsed here line by line (so errors give the line); `.json` and `.parquet`
 go through `datasets` (errors give the row); a directory is a dataset saved with
@@ -65,14 +67,51 @@ def _check_messages(value: Any, field: str, completion: bool) -> str | None:
     return None
 
 
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any] | str:
+    """(prompt, chosen, rejected) from two sequences that both start with the prompt, or the reason there is none.
+
+    TRL's rule (trl.extract_prompt), so both tools train on the same split: the prompt is the longest common
+    prefix, in characters for strings and in whole messages for chat lists; a string prompt that would end
+    in a space gives that space to the completions. validate then checks the three parts like any explicit
+    record."""
+    both_strings = isinstance(chosen, str) and isinstance(rejected, str)
+    if not both_strings and not (_is_messages(chosen) and _is_messages(rejected)):
+        return "'chosen' and 'rejected' must both be strings or both be chat message lists"
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if both_strings and 0 < shared < min(len(chosen), len(rejected)) and chosen[shared - 1] == " ":
+        shared -= 1
+    if shared == 0:
+        return "no 'prompt', and 'chosen' and 'rejected' share no start to take it from: add a 'prompt' key"
+    if shared == len(chosen) or shared == len(rejected):
+        return "no 'prompt', and one of 'chosen' / 'rejected' is the start of the other: nothing is left to compare"
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
 def validate(raw: Any) -> tuple[dict | None, str | None]:
     """Check one parsed record. Returns (normalised record, None) or (None, reason)."""
     if not isinstance(raw, dict):
         return None, f"expected a JSON object, got {type(raw).__name__}"
-    missing = [key for key in ("prompt", "chosen", "rejected") if raw.get(key) is None]
+    missing = [key for key in ("chosen", "rejected") if raw.get(key) is None]
     if missing:
-        return None, f"missing key(s) {', '.join(repr(k) for k in missing)} (each record needs prompt, chosen, rejected)"
-    prompt, chosen, rejected = raw["prompt"], raw["chosen"], raw["rejected"]
+        return None, (f"missing key(s) {', '.join(repr(k) for k in missing)} (each record needs chosen and rejected, "
+                      "and a prompt unless both start with it)")
+    prompt, chosen, rejected = raw.get("prompt"), raw["chosen"], raw["rejected"]
+    # TRL also ignores a string prompt beside chat-message completions: such datasets repeat it inside both.
+    if prompt is None or (isinstance(prompt, str) and _is_messages(chosen) and _is_messages(rejected)):
+        split = split_implicit_prompt(chosen, rejected)
+        if isinstance(split, str) and prompt is not None:
+            return None, ("'prompt' is a string but 'chosen' and 'rejected' are chat messages that do not start with "
+                          "the same turns: give 'prompt' as chat messages, or begin both completions with the prompt's turns")
+        if isinstance(split, str):
+            return None, split
+        record, reason = validate(dict(zip(("prompt", "chosen", "rejected"), split)))
+        return record, reason and f"{reason} (the prompt was taken as what 'chosen' and 'rejected' share at their start)"
     if isinstance(prompt, list):
         reason = _check_messages(prompt, "prompt", completion=False)
         if reason:

@@ -24,6 +24,19 @@ from dpo_dist.records import DataError, read_records, record_uid
             "completions hold assistant messages only",
         ),
         ("[1, 2]", "expected a JSON object"),
+        # Implicit prompts (no "prompt"): chosen and rejected must share a start and both go on past it.
+        (json.dumps({"chosen": "blue", "rejected": "green"}), "share no start to take it from: add a 'prompt' key"),
+        (json.dumps({"chosen": "Sky? Blue", "rejected": "Sky? Blue."}), "one of 'chosen' / 'rejected' is the start of the other"),
+        (json.dumps({"chosen": "Sky? Blue", "rejected": [{"role": "assistant", "content": "x"}]}), "both be strings or both be chat"),
+        (
+            json.dumps({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}),
+            "'prompt' is a string but 'chosen' and 'rejected' are chat messages",
+        ),
+        (
+            json.dumps({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "x"}],
+                        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "y"}]}),
+            "ends with an assistant message; the last prompt turn must be from the user (the prompt was taken as what",
+        ),
     ],
 )
 def test_bad_record_names_file_line_and_reason(tmp_path, bad_line, reason):
@@ -65,6 +78,39 @@ def test_string_completion_under_chat_prompt_becomes_assistant_turn(tmp_path):
     records, _ = read_records([str(write_jsonl(tmp_path / "c.jsonl", [raw]))], False)
     assert records[0].chosen == [{"role": "assistant", "content": "yes"}]
     assert records[0].conversational
+
+
+def _implicit(record: dict) -> dict:
+    return {"chosen": record["prompt"] + record["chosen"], "rejected": record["prompt"] + record["rejected"]}
+
+
+USER = {"role": "user", "content": "What colour is the sky?"}
+IMPLICIT_RECORDS = [
+    _implicit(PLAIN_RECORD),
+    _implicit(CHAT_RECORD),
+    # hh-rlhf style: the completions share their first words, which TRL's split puts in the prompt
+    {"chosen": "\n\nHuman: Sky?\n\nAssistant: It is blue.", "rejected": "\n\nHuman: Sky?\n\nAssistant: It is green."},
+    # ultrafeedback_binarized style: a string prompt, and the whole conversation in chosen and rejected
+    {"prompt": USER["content"], "chosen": [USER, {"role": "assistant", "content": "Blue."}],
+     "rejected": [USER, {"role": "assistant", "content": "Green."}]},
+]
+
+
+def test_implicit_prompt_is_split_as_trl_splits_it(tmp_path):
+    """Records whose prompt is only inside chosen and rejected get the prompt, chosen and rejected TRL's
+    DPOTrainer trains on (trl.maybe_extract_prompt, the independent computation), and a pair written both
+    ways has one uid, so a reference cache made from either serves both."""
+    from trl.data_utils import maybe_extract_prompt
+
+    path = write_jsonl(tmp_path / "implicit.jsonl", IMPLICIT_RECORDS)
+    records, _ = read_records([str(path)], skip_invalid=False)
+    assert len(records) == len(IMPLICIT_RECORDS)
+    for record, raw in zip(records, IMPLICIT_RECORDS):
+        expected = maybe_extract_prompt(dict(raw))
+        assert (record.prompt, record.chosen, record.rejected) == (expected["prompt"], expected["chosen"], expected["rejected"])
+    assert records[2].prompt.endswith("Assistant: It is") and records[2].chosen == " blue."
+    explicit, _ = read_records([str(write_jsonl(tmp_path / "explicit.jsonl", [PLAIN_RECORD, CHAT_RECORD]))], False)
+    assert [r.uid for r in records[:2]] == [r.uid for r in explicit]
 
 
 def test_json_and_parquet_through_datasets(tmp_path):

@@ -84,10 +84,25 @@ def chat_records() -> list[dict]:
     return records
 
 
+def implicit(make_records):
+    """The same pairs with the prompt left implicit (no "prompt" key; chosen and rejected both start with it),
+    as in hh-rlhf-style data; both tools split it off again (TRL with its maybe_extract_prompt). Pairs where one
+    side is the start of the other are left out: we refuse those, TRL splits them inside a word."""
+    from dpo_dist.records import split_implicit_prompt
+
+    def records() -> list[dict]:
+        joined = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in make_records()]
+        return [r for r in joined if not isinstance(split_implicit_prompt(r["chosen"], r["rejected"]), str)]
+
+    return records
+
+
 # (records, max_seq_length): the lengths are chosen so that some pairs are truncated (checked below).
 CASES = {
     "plain": (plain_records, 20),
     "chat": (chat_records, 40),
+    "plain-implicit": (implicit(plain_records), 20),
+    "chat-implicit": (implicit(chat_records), 40),
 }
 
 
@@ -161,7 +176,7 @@ def ours_evaluate(policy_path, reference_path, records: list[dict], max_length: 
 def test_evaluate_matches_trl(case, tiny_policy, tiny_reference, tmp_path):
     make_records, max_length = CASES[case]
     records = make_records()
-    assert all(isinstance(r["prompt"], list) == (case == "chat") for r in records)
+    assert all(isinstance(r["chosen"], list) == case.startswith("chat") for r in records)
 
     trl_metrics, trl_dataset = trl_evaluate(tiny_policy, tiny_reference, records, max_length, tmp_path / "trl")
     ours = ours_evaluate(tiny_policy, tiny_reference, records, max_length, tmp_path)
