@@ -264,18 +264,26 @@ def read_rows(cache_dir: Path, manifest: dict, verify_checksums: bool = True) ->
 
 
 def check_coverage(rows: dict[str, CachedRow], examples, cache_dir: Path) -> None:
-    """Every example needs a row, tokenized to the same completion lengths as when it was cached."""
-    missing = [e for e in examples if e.uid not in rows]
-    if missing:
-        raise CacheError(
-            f"{len(missing)} of this run's {len(examples)} pairs have no row in the reference cache at {cache_dir} "
-            f"(first uid {missing[0].uid}); the data changed since precompute: rerun launch/precompute_ref.py"
-        )
+    """Every example needs a row, tokenized to the same completion lengths as when it was cached. Missing rows
+    are reported before changed lengths. One pass: `examples` may be a stream (pairs built one at a time)."""
+    total, missing, first_missing, first_changed = 0, 0, None, None
     for example in examples:
-        row = rows[example.uid]
+        total += 1
+        row = rows.get(example.uid)
+        if row is None:
+            missing += 1
+            first_missing = first_missing or example.uid
+            continue
         lengths = (len(example.chosen_ids) - example.chosen_prompt_len, len(example.rejected_ids) - example.rejected_prompt_len)
-        if lengths != (row.chosen_tokens, row.rejected_tokens):
-            raise CacheError(
+        if first_changed is None and lengths != (row.chosen_tokens, row.rejected_tokens):
+            first_changed = (
                 f"pair {example.uid}: completion lengths {lengths} differ from the cache's "
                 f"{(row.chosen_tokens, row.rejected_tokens)}; tokenization changed since precompute: recompute the cache"
             )
+    if missing:
+        raise CacheError(
+            f"{missing} of this run's {total} pairs have no row in the reference cache at {cache_dir} "
+            f"(first uid {first_missing}); the data changed since precompute: rerun launch/precompute_ref.py"
+        )
+    if first_changed:
+        raise CacheError(first_changed)

@@ -21,28 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from dpo_dist import prefix_sharing
 from dpo_dist.errors import UserError
+from dpo_dist.examples import ExampleStore, PreferenceExample
 from dpo_dist.records import DataError, Record, read_records, validate
 
-
-@dataclass(frozen=True)
-class PreferenceExample:
-    """One tokenized pair: each side is prompt + completion ids after truncation."""
-
-    uid: str
-    chosen_ids: list[int]
-    chosen_prompt_len: int  # tokens of chosen_ids before the completion
-    rejected_ids: list[int]
-    rejected_prompt_len: int
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.chosen_ids) + len(self.rejected_ids)
+# Records rendered and encoded together: one tokenizer call per side for this many records (a fast tokenizer
+# encodes a batch on all its threads; one text per call runs on one) while the texts held stay small.
+ENCODE_BATCH_RECORDS = 256
 
 
 def scoring_layout(input_ids: torch.Tensor, completion_mask: torch.Tensor, sequence_index: torch.Tensor | None):
@@ -197,9 +188,11 @@ def render_texts(record: Record, tokenizer) -> tuple[str, str, str]:
     return prompt, full_chosen, full_rejected
 
 
-def _token_ids(tokenizer, text: str, conversational: bool) -> list[int]:
+def _encode(tokenizer, texts: list[str], conversational: bool) -> list[list[int]]:
     # Chat text already holds its special tokens; plain text gets the tokenizer's own (TRL does the same).
-    return tokenizer(text, add_special_tokens=not conversational)["input_ids"]
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=not conversational)["input_ids"]
 
 
 def _truncate(ids: list[int], prompt_len: int, max_len: int, mode: str) -> tuple[list[int], int]:
@@ -211,12 +204,10 @@ def _truncate(ids: list[int], prompt_len: int, max_len: int, mode: str) -> tuple
     return ids[cut:], max(prompt_len - cut, 0)
 
 
-def tokenize_record(record: Record, tokenizer, max_seq_length: int, truncation_mode: str, stats: TokenizeStats):
-    """One record -> `PreferenceExample`, or None when truncation leaves no completion token."""
-    prompt_text, chosen_text, rejected_text = render_texts(record, tokenizer)
-    prompt_ids = _token_ids(tokenizer, prompt_text, record.conversational)
-    chosen_ids = _token_ids(tokenizer, chosen_text, record.conversational)
-    rejected_ids = _token_ids(tokenizer, rejected_text, record.conversational)
+def example_from_ids(record: Record, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
+                     max_seq_length: int, truncation_mode: str, stats: TokenizeStats) -> PreferenceExample | None:
+    """One record's encoded prompt, prompt + chosen and prompt + rejected -> `PreferenceExample`, or None when
+    truncation leaves no completion token."""
     prompt_len = min(prefix_sharing.common_prefix_length(prompt_ids, chosen_ids), prefix_sharing.common_prefix_length(prompt_ids, rejected_ids))
     stats.total += 1
     stats.boundary_merges += prompt_len < len(prompt_ids)
@@ -231,21 +222,52 @@ def tokenize_record(record: Record, tokenizer, max_seq_length: int, truncation_m
     return PreferenceExample(record.uid, chosen_ids, chosen_prompt_len, rejected_ids, rejected_prompt_len)
 
 
+def tokenize_record(record: Record, tokenizer, max_seq_length: int, truncation_mode: str, stats: TokenizeStats):
+    """One record -> `PreferenceExample`, or None when truncation leaves no completion token."""
+    texts = render_texts(record, tokenizer)
+    prompt_ids, chosen_ids, rejected_ids = _encode(tokenizer, list(texts), record.conversational)
+    return example_from_ids(record, prompt_ids, chosen_ids, rejected_ids, max_seq_length, truncation_mode, stats)
+
+
+def _encode_rendered(tokenizer, rendered: list[tuple[Record, tuple[str, str, str]]]) -> list[tuple[list[int], ...]]:
+    """The (prompt, chosen, rejected) ids of each rendered record, in the records' order: one tokenizer call per
+    side for the chat records and one for the plain ones (they differ in special tokens)."""
+    encoded: list[tuple[list[int], ...]] = [()] * len(rendered)
+    for conversational in (True, False):
+        positions = [i for i, (record, _) in enumerate(rendered) if record.conversational == conversational]
+        sides = [_encode(tokenizer, [rendered[i][1][side] for i in positions], conversational) for side in range(3)]
+        for i, ids in zip(positions, zip(*sides)):
+            encoded[i] = ids
+    return encoded
+
+
 def tokenize_records(records: list[Record], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool):
-    """All records -> examples, plus stats. A record that cannot render fails (or is skipped and counted)."""
+    """All records -> an `ExampleStore`, plus stats. A record that cannot render fails (or is skipped and counted).
+
+    The same result as `tokenize_record` on each record in turn, in the same order; the texts are encoded
+    ENCODE_BATCH_RECORDS records at a time."""
     stats = TokenizeStats()
-    examples = []
+    examples = ExampleStore()
     render_failures = 0
-    for record in records:
-        try:
-            example = tokenize_record(record, tokenizer, max_seq_length, truncation_mode, stats)
-        except DataError:
-            if not skip_invalid:
-                raise
-            render_failures += 1
-            continue
-        if example is not None:
-            examples.append(example)
+    for first in range(0, len(records), ENCODE_BATCH_RECORDS):
+        rendered: list[tuple[Record, tuple[str, str, str]]] = []
+        for record in records[first : first + ENCODE_BATCH_RECORDS]:
+            try:
+                rendered.append((record, render_texts(record, tokenizer)))
+            except DataError:
+                if not skip_invalid:
+                    raise
+                render_failures += 1
+        for (record, _), (prompt_ids, chosen_ids, rejected_ids) in zip(rendered, _encode_rendered(tokenizer, rendered)):
+            try:
+                example = example_from_ids(record, prompt_ids, chosen_ids, rejected_ids, max_seq_length, truncation_mode, stats)
+            except DataError:
+                if not skip_invalid:
+                    raise
+                render_failures += 1
+                continue
+            if example is not None:
+                examples.append(example)
     return examples, stats, render_failures
 
 
@@ -374,7 +396,7 @@ def rank_step_indices(
     return micro_batches
 
 
-def eval_batches(examples: list[PreferenceExample], rank: int, world_size: int, micro_batch: int, pad_token_id: int,
+def eval_batches(examples: Sequence[PreferenceExample], rank: int, world_size: int, micro_batch: int, pad_token_id: int,
                  collate_fn=collate):
     """This rank's share of the eval set as batches; every example is scored exactly once overall.
 
@@ -392,7 +414,7 @@ def eval_batches(examples: list[PreferenceExample], rank: int, world_size: int, 
 
 
 def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool, logger,
-                  split: str, validator=validate):
+                  split: str, validator=validate) -> ExampleStore:
     """Read, validate and tokenize one split; report everything that was skipped or cut.
     SFT files (`validator=validate_sft`) become examples whose chosen side is the completion."""
     records, skipped = read_records(files, skip_invalid, validator)

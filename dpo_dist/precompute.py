@@ -23,12 +23,12 @@ from dpo_dist.models import load_tokenizer
 from dpo_dist.reference import build_model_reference, open_fitting_cache
 
 
-def unique_examples(config: Config, tokenizer, logger) -> list[data_lib.PreferenceExample]:
+def unique_examples(config: Config, tokenizer, logger) -> data_lib.ExampleStore:
     """Train then eval pairs, each uid once (a pair in both splits needs one row)."""
     files = config.data.train_files + config.data.eval_files
     if not files:
         raise UserError("data.train_files and data.eval_files are empty: nothing to precompute")
-    examples: dict[str, data_lib.PreferenceExample] = {}
+    examples, seen = data_lib.ExampleStore(), set()
     for split, split_files in (("train", config.data.train_files), ("eval", config.data.eval_files)):
         if not split_files:
             continue
@@ -37,8 +37,10 @@ def unique_examples(config: Config, tokenizer, logger) -> list[data_lib.Preferen
             config.data.skip_invalid, logger, split,
         )
         for example in loaded:
-            examples.setdefault(example.uid, example)
-    return list(examples.values())
+            if example.uid not in seen:
+                seen.add(example.uid)
+                examples.append(example)
+    return examples
 
 
 def _prepare_plan(config: Config, tokenizer, dtype_text: str, uids: list[str], overwrite: bool) -> dict | str:
@@ -75,8 +77,8 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
     tokenizer = load_tokenizer(config.model.policy_path)
     dtype, ds_config = training_ds_config(config, dist_info.world_size)
     examples = unique_examples(config, tokenizer, logger)
-    by_uid = {example.uid: example for example in examples}
-    plan = _prepare_plan(config, tokenizer, dtype_name(dtype), list(by_uid), overwrite) if dist_info.is_main else None
+    position = {uid: i for i, uid in enumerate(examples.uids)}
+    plan = _prepare_plan(config, tokenizer, dtype_name(dtype), examples.uids, overwrite) if dist_info.is_main else None
     plan = broadcast_from_main(plan)
     if isinstance(plan, str):
         raise cache_lib.CacheError(plan)
@@ -105,7 +107,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
             uids = plan["shards"][index]["uids"]
             columns = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
             for offset in range(0, len(uids), micro):
-                batch = collate([by_uid[u] for u in uids[offset : offset + micro]], tokenizer.pad_token_id)
+                batch = collate([examples[position[u]] for u in uids[offset : offset + micro]], tokenizer.pad_token_id)
                 scores = reference.logps(batch.to(dist_info.device))
                 columns["chosen"] += scores.chosen_logps.tolist()
                 columns["rejected"] += scores.rejected_logps.tolist()

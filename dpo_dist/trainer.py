@@ -7,6 +7,7 @@ accumulation boundary. Logging, eval and export are calls around it, not branche
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -133,7 +134,7 @@ class Trainer:
         self.reference = None  # reference-free losses (mode none) have none
         if mode == "precomputed":  # checked before the policy loads: a bad cache fails fast
             self.reference = load_precomputed_reference(
-                config, self.tokenizer, self.dtype, self.train_examples + self.eval_examples, self.logger
+                config, self.tokenizer, self.dtype, itertools.chain(self.train_examples, self.eval_examples), self.logger
             )
         elif mode == "model":
             self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device)
@@ -266,7 +267,7 @@ class Trainer:
         if self._order_epoch != epoch:
             self._order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
             if self.config.data.group_by_length:
-                lengths = [example.num_tokens for example in self.train_examples]
+                lengths = self.train_examples.token_counts  # without building every example
                 self._order = data_lib.length_grouped_order(self._order, lengths, 50 * self.global_batch)
             self._order_epoch = epoch
         order = self._order

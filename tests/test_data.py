@@ -2,7 +2,8 @@
 
 import pytest
 
-from conftest import CHAT_RECORD, PLAIN_RECORD
+from conftest import CHAT_RECORD, MIXED_RECORDS, PLAIN_RECORD
+from dpo_dist import data as data_lib
 from dpo_dist.data import (
     TokenizeStats,
     collate,
@@ -12,7 +13,9 @@ from dpo_dist.data import (
     render_texts,
     steps_per_epoch,
     tokenize_record,
+    tokenize_records,
 )
+from dpo_dist.examples import ExampleStore, PreferenceExample
 from dpo_dist.records import DataError
 from test_logps import make_record
 
@@ -40,6 +43,43 @@ def test_template_that_breaks_the_prefix_fails_clearly(tokenizer, tmp_path):
     )
     with pytest.raises(DataError, match=r"test:1: the chat template renders the prompt"):
         render_texts(make_record(CHAT_RECORD), broken)
+
+
+def test_batched_tokenization_equals_one_text_at_a_time_in_file_order(tokenizer, monkeypatch):
+    """tokenize_records encodes a batch of records per tokenizer call, chat and plain apart: the ids, prompt
+    lengths, truncation and order are those of encoding each text alone (the independent computation here)."""
+    monkeypatch.setattr(data_lib, "ENCODE_BATCH_RECORDS", 3)  # batches end inside the data, and mix both kinds
+    raws = [MIXED_RECORDS[i % len(MIXED_RECORDS)] | {"rejected": MIXED_RECORDS[i % len(MIXED_RECORDS)]["rejected"] * (1 + i % 2)}
+            for i in range(10)]
+    records = [make_record(raw, f"test:{i}") for i, raw in enumerate(raws)]
+    max_len = 48
+    store, stats, failures = tokenize_records(records, tokenizer, max_len, "keep_start", skip_invalid=False)
+    expected = []
+    for record in records:
+        prompt, chosen, rejected = (tokenizer(text, add_special_tokens=not record.conversational)["input_ids"]
+                                    for text in render_texts(record, tokenizer))
+        prompt_len = 0
+        while prompt_len < len(prompt) and prompt[prompt_len] == chosen[prompt_len] == rejected[prompt_len]:
+            prompt_len += 1
+        if prompt_len < max_len:
+            expected.append((record.uid, chosen[:max_len], prompt_len, rejected[:max_len], prompt_len))
+    assert [(e.uid, e.chosen_ids, e.chosen_prompt_len, e.rejected_ids, e.rejected_prompt_len) for e in store] == expected
+    assert isinstance(store, ExampleStore) and failures == 0 and stats.total == len(records)
+    assert stats.truncated > 0 and {r.conversational for r in records} == {True, False}
+
+
+def test_example_store_holds_four_bytes_a_token_and_gives_back_the_pairs():
+    """Qwen's vocabulary puts ids far above Python's small-int cache; the store keeps them as int32 and returns
+    each pair as it went in, by index, negative index and slice; lengths come without building pairs."""
+    examples = [PreferenceExample(f"u{i}", [151_935 - i, 7, 151_643] * (i + 1), i + 1, [100_000 + i] * (2 * i + 3), i + 1)
+                for i in range(6)]
+    store = ExampleStore(examples)
+    assert len(store) == 6 and list(store) == examples and store[-1] == examples[5] and store[1:4] == examples[1:4]
+    assert store.token_counts == [e.num_tokens for e in examples] and store.uids == [e.uid for e in examples]
+    tokens = sum(e.num_tokens for e in examples)
+    assert store.nbytes <= 4 * tokens + 8 * (len(examples) + 1) + 4 * 3 * len(examples)
+    with pytest.raises(IndexError):
+        store[6]
 
 
 def test_keep_start_truncation_and_too_long_prompt_dropped(tokenizer):
