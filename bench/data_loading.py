@@ -1,6 +1,7 @@
-"""Host memory and time of loading a training split: dpo-dist's `ExampleStore` (int32 ids, records encoded a
-batch at a time) against the same pairs held as Python lists and encoded one record at a time (what
-dpo-dist did before; a loader that keeps `input_ids` lists per pair holds the same), in one invocation.
+"""Host memory and time of loading a training split, three ways in one invocation: the pairs held as Python
+lists and encoded one record at a time (what dpo-dist did before; any loader that keeps `input_ids` lists per
+pair holds the same), dpo-dist's `ExampleStore` (int32 ids, 256 records per tokenizer call; this run also
+writes the split cache), and a restart that maps that cache (`data.cache_tokenized`).
 
 Every rank holds every pair, so the held bytes are per rank, times the ranks on a node. Qwen's tokenizer
 cannot be downloaded here, so the bench builds a word-level tokenizer with Qwen's 151,936-token vocabulary:
@@ -11,8 +12,9 @@ tokenizer's own speed differs from Qwen's BPE.
     python bench/data_loading.py                       # 20,000 chat pairs, ~1,000 + 2 x 500 tokens
     python bench/data_loading.py --pairs 5000 --prompt-words 300 --completion-words 200
 
-Each side runs in its own process (clean resident-memory numbers); prints a table and writes
-bench/data_loading.json.
+Each way runs in its own process (clean resident-memory numbers); "held" is the private memory the loaded
+split keeps after every pair was built once, "shared" the file-backed pages of a mapped split (one copy per
+node). Prints a table and writes bench/data_loading.json.
 """
 
 from __future__ import annotations
@@ -69,38 +71,48 @@ def make_data(path: Path, pairs: int, prompt_words: int, completion_words: int, 
             handle.write(json.dumps(record) + "\n")
 
 
-def resident_mb() -> float:
-    """Resident memory now, after handing freed heap pages back (glibc keeps them otherwise, and the tokenizer's
-    transient outputs would count as held)."""
+def resident_mb() -> tuple[float, float]:
+    """(private, file-backed) resident memory now in MB, after handing freed heap pages back (glibc keeps them
+    otherwise, and the tokenizer's transient outputs would count as held). Mapped split files are file-backed:
+    the ranks of a node share those pages."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        resident, shared = (int(field) * os.sysconf("SC_PAGE_SIZE") / 2**20 for field in handle.read().split()[1:3])
+    return resident - shared, shared
 
 
-def worker(kind: str, tokenizer_dir: str, data: str, max_len: int) -> dict:
+class Quiet:
+    def info(self, message):
+        pass
+
+
+def worker(kind: str, tokenizer_dir: str, data: str, cache: str, max_len: int) -> dict:
+    """Load the split one way; time it (records read and tokenized, or mapped) and what it holds after every
+    pair was built once."""
     from transformers import AutoTokenizer
 
-    from dpo_dist.data import TokenizeStats, tokenize_record, tokenize_records
+    from dpo_dist.data import TokenizeStats, load_examples, tokenize_record
     from dpo_dist.records import read_records
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    records, _ = read_records([data], skip_invalid=False)
     tokenizer(["w1 w2"])  # warm the tokenizer up outside the timing
-    gc.collect()
-    before = resident_mb()
+    private_before, shared_before = resident_mb()
     started = time.perf_counter()
     if kind == "lists":
+        records, _ = read_records([data], skip_invalid=False)
         stats = TokenizeStats()
         held = [tokenize_record(record, tokenizer, max_len, "keep_start", stats) for record in records]
         held = [example for example in held if example is not None]
-    else:
-        held, _, _ = tokenize_records(records, tokenizer, max_len, "keep_start", skip_invalid=False)
+        del records
+    else:  # "store" tokenizes and writes the split cache that "mapped" then reads
+        held = load_examples([data], tokenizer, max_len, "keep_start", False, Quiet(), "train", cache_root=Path(cache),
+                             write_cache=kind == "store")
     seconds = time.perf_counter() - started
-    held_mb = resident_mb() - before  # the records are still alive, as in `before`
-    tokens = sum(example.num_tokens for example in held)
-    return {"seconds": seconds, "held_mb": held_mb, "tokens": tokens, "pairs": len(held),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    tokens = sum(example.num_tokens for example in held)  # every pair built once: all its pages touched
+    private, shared = resident_mb()
+    return {"seconds": seconds, "held_mb": private - private_before, "shared_mb": shared - shared_before,
+            "tokens": tokens, "pairs": len(held), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -110,12 +122,13 @@ def main() -> None:
     parser.add_argument("--completion-words", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=4_096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=("lists", "store"))
+    parser.add_argument("--worker", choices=("lists", "store", "mapped"))
     parser.add_argument("--tokenizer")
     parser.add_argument("--data")
+    parser.add_argument("--cache")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokenizer, args.data, args.max_length)))
+        print(json.dumps(worker(args.worker, args.tokenizer, args.data, args.cache, args.max_length)))
         return
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -123,23 +136,26 @@ def main() -> None:
         make_tokenizer(scratch / "tokenizer")
         make_data(scratch / "pairs.jsonl", args.pairs, args.prompt_words, args.completion_words, args.seed)
         results = {}
-        for kind in ("lists", "store"):
+        for kind in ("lists", "store", "mapped"):
             command = [sys.executable, __file__, "--worker", kind, "--tokenizer", str(scratch / "tokenizer"),
-                       "--data", str(scratch / "pairs.jsonl"), "--max-length", str(args.max_length)]
+                       "--data", str(scratch / "pairs.jsonl"), "--cache", str(scratch / "tokenized"),
+                       "--max-length", str(args.max_length)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[kind] = json.loads(output.strip().splitlines()[-1])
-    lists, store = results["lists"], results["store"]
-    assert lists["tokens"] == store["tokens"] and lists["pairs"] == store["pairs"], results
-    print(f"{store['pairs']:,} pairs, {store['tokens']:,} tokens (chosen + rejected), threads: {os.cpu_count()} cores, "
+    lists, store, mapped = results["lists"], results["store"], results["mapped"]
+    assert lists["tokens"] == store["tokens"] == mapped["tokens"] and lists["pairs"] == store["pairs"] == mapped["pairs"], results
+    print(f"{store['pairs']:,} pairs, {store['tokens']:,} tokens (chosen + rejected), {os.cpu_count()} cores, "
           f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
-    print(f"{'':24} {'load s':>8} {'held MB':>9} {'bytes/token':>12} {'peak RSS MB':>12}")
-    for name, row in (("lists, one at a time", lists), ("ExampleStore, batched", store)):
-        print(f"{name:24} {row['seconds']:8.2f} {row['held_mb']:9.0f} {row['held_mb'] * 2**20 / row['tokens']:12.1f} "
-              f"{row['peak_rss_mb']:12.0f}")
-    print(f"store / lists: load time {store['seconds'] / lists['seconds']:.2f}x, held memory "
-          f"{store['held_mb'] / lists['held_mb']:.2f}x")
-    settings = {key: value for key, value in vars(args).items() if key not in ("worker", "tokenizer", "data")}
-    report = {"settings": settings, "lists": lists, "store": store}
+    print(f"{'':34} {'load s':>8} {'held MB':>8} {'bytes/token':>12} {'shared MB':>10} {'peak RSS MB':>12}")
+    rows = (("lists, one record per call", lists), ("ExampleStore, 256 per call", store), ("mapped from data.cache_tokenized", mapped))
+    for name, row in rows:
+        print(f"{name:34} {row['seconds']:8.2f} {row['held_mb']:8.0f} {row['held_mb'] * 2**20 / row['tokens']:12.1f} "
+              f"{row['shared_mb']:10.0f} {row['peak_rss_mb']:12.0f}")
+    print(f"store / lists: load time {store['seconds'] / lists['seconds']:.2f}x, held memory {store['held_mb'] / lists['held_mb']:.2f}x; "
+          f"mapped / lists: load time {mapped['seconds'] / lists['seconds']:.3f}x, held memory {mapped['held_mb'] / lists['held_mb']:.3f}x "
+          "(the mapped pages are shared by the ranks of a node)")
+    settings = {key: value for key, value in vars(args).items() if key not in ("worker", "tokenizer", "data", "cache")}
+    report = {"settings": settings, "lists": lists, "store": store, "mapped": mapped}
     (ROOT / "bench" / "data_loading.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

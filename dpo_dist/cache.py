@@ -131,6 +131,15 @@ def fingerprint_differences(cached: dict, current: dict) -> list[str]:
 # ---------------------------------------------------------------- writing
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename in it), to disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Temp file in the same directory, fsync, rename: the path holds all of `data` or nothing."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -139,11 +148,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    fsync_path(path.parent)  # make the rename itself durable
 
 
 def shard_name(index: int) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpo_dist.cache import fsync_path
 from dpo_dist.engine import DistInfo, barrier
 from dpo_dist.errors import UserError
 
@@ -155,14 +156,6 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 class Checkpointer:
     """Saves every `save_steps` and at the end, atomically; finds and loads the checkpoint to resume from.
 
@@ -196,10 +189,10 @@ class Checkpointer:
         if self.dist.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
             (tmp / "config.yaml").write_text(config_text)
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(self.output_dir)
+            fsync_path(self.output_dir)
             self._prune(state)
         barrier()
         return final

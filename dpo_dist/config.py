@@ -244,6 +244,9 @@ class DataConfig:
         "unshared sequences (gathered per layer); flex_attention runs it on the shared one with a block mask.",
     )
     group_by_length: bool = _opt(False, "Order each window of 50 global batches by length so micro-batches pad less.")
+    cache_tokenized: bool = _opt(
+        True, "Keep each tokenized split in <training.output_dir>/tokenized/ (rank 0 writes it, ~4 bytes a token) so a "
+        "restart with the same data, tokenizer and settings maps it instead of tokenizing again.")
     sft_files: list[str] = _opt([], "SFT data mixed into training against forgetting: {prompt, completion} or {messages} records.")
     sft_ratio: float = _opt(0.0, "SFT examples mixed in per preference pair (e.g. 0.25: one per four pairs).")
     sft_loss_weight: float = _opt(1.0, "Weight of the SFT examples' per-token NLL in the loss.")
@@ -331,6 +334,11 @@ class Config:
     @property
     def reference_cache_dir(self) -> Path:
         return Path(self.reference.cache_dir or Path(self.training.output_dir) / "reference_cache")
+
+    @property
+    def tokenized_cache_dir(self) -> Path | None:
+        """Where tokenized splits are kept (data.cache_tokenized), or None."""
+        return Path(self.training.output_dir) / "tokenized" if self.data.cache_tokenized else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

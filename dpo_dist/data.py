@@ -23,10 +23,11 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from dpo_dist import prefix_sharing
+from dpo_dist import prefix_sharing, split_cache
 from dpo_dist.errors import UserError
 from dpo_dist.examples import ExampleStore, PreferenceExample
 from dpo_dist.records import DataError, Record, read_records, validate
@@ -414,26 +415,49 @@ def eval_batches(examples: Sequence[PreferenceExample], rank: int, world_size: i
 
 
 def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool, logger,
-                  split: str, validator=validate) -> ExampleStore:
+                  split: str, validator=validate, cache_root: Path | None = None, write_cache: bool = False) -> ExampleStore:
     """Read, validate and tokenize one split; report everything that was skipped or cut.
-    SFT files (`validator=validate_sft`) become examples whose chosen side is the completion."""
+    SFT files (`validator=validate_sft`) become examples whose chosen side is the completion.
+
+    With `cache_root`, a split tokenized before with the same data, tokenizer, settings and code is mapped
+    from there instead (split_cache.py), its report logged again; `write_cache` (rank 0) stores a new one."""
+    key = split_cache.split_key(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, validator.__name__) if cache_root else None
+    directory = cache_root / f"{split}-{key}" if key else None
+    cached = split_cache.read(directory) if directory else None
+    if cached is not None:
+        examples, lines = cached
+        lines = lines + [f"{split}: tokenized pairs mapped from {directory}"]
+    else:
+        examples, lines = _tokenize_split(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, split, validator)
+    for line in lines:
+        logger.info(line)
+    if not examples:
+        raise UserError(f"{split}: no usable preference pairs in {', '.join(files)}")
+    if cached is None and directory and write_cache:
+        problem = split_cache.write(directory, examples, lines)
+        if problem:
+            logger.info(f"{split}: could not keep the tokenized pairs in {directory} ({problem}); a restart tokenizes again")
+    return examples
+
+
+def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
+                    split: str, validator) -> tuple[ExampleStore, list[str]]:
+    """The split's pairs and the lines that report what was skipped, cut or dropped."""
     records, skipped = read_records(files, skip_invalid, validator)
     examples, stats, render_failures = tokenize_records(records, tokenizer, max_seq_length, truncation_mode, skip_invalid)
-    logger.info(f"{split}: {len(examples)} pairs from {len(files)} file(s)")
+    lines = [f"{split}: {len(examples)} pairs from {len(files)} file(s)"]
     for reason, count in skipped.items():
-        logger.info(f"{split}: skipped {count} invalid record(s): {reason}")
+        lines.append(f"{split}: skipped {count} invalid record(s): {reason}")
     if render_failures:
-        logger.info(f"{split}: skipped {render_failures} record(s) the chat template could not render cleanly")
+        lines.append(f"{split}: skipped {render_failures} record(s) the chat template could not render cleanly")
     if stats.truncated:
-        logger.info(f"{split}: {stats.truncated} pair(s) longer than training.max_seq_length were truncated")
+        lines.append(f"{split}: {stats.truncated} pair(s) longer than training.max_seq_length were truncated")
     if stats.dropped_prompt_too_long:
-        logger.info(
+        lines.append(
             f"{split}: dropped {stats.dropped_prompt_too_long} pair(s) whose prompt alone fills "
             f"training.max_seq_length={max_seq_length} (no completion token left)"
         )
-    if not examples:
-        raise UserError(f"{split}: no usable preference pairs in {', '.join(files)}")
-    return examples
+    return examples, lines
 
 
 def sft_indices(step: int, micro_step: int, rank: int, world_size: int, accumulation: int,

@@ -4,14 +4,22 @@ Every rank holds every pair of its splits (each epoch reshuffles which pairs a r
 lists of ints, a token costs 36 bytes where Qwen's 151,936-token vocabulary puts nearly every id above
 Python's small-int cache (an 8-byte list slot and a 28-byte int): 100k pairs of 2 x 3k tokens are ~22 GB per
 rank, eight ranks to a node. `ExampleStore` keeps the ids in one int32 array (4 bytes a token) and hands
-out `PreferenceExample`s with lists only for the pairs a batch asks for.
+out `PreferenceExample`s with lists only for the pairs a batch asks for. `save` writes the arrays as raw
+files and `ExampleStore.open` maps them read-only, so the ranks of a node share one copy in the page cache.
 """
 
 from __future__ import annotations
 
+import json
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# The arrays on disk: file name, array typecode, numpy dtype (native byte order).
+_FILES = (("tokens.i32", "i", np.int32), ("starts.i64", "q", np.int64), ("shape.i32", "i", np.int32))
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class ExampleStore(Sequence):
     """An immutable sequence of `PreferenceExample`s whose token ids live in one int32 array.
 
     Indexing builds the example (two list copies of its ids); `token_counts` and `uids` answer without
-    building any. Fill one with `append`/`extend`, then read it; it is not changed after loading."""
+    building any. Fill one with `append`/`extend`, then read it; one that `open` mapped is read-only."""
 
     def __init__(self, examples: Iterable[PreferenceExample] = ()):
         self._uids: list[str] = []
@@ -41,6 +49,26 @@ class ExampleStore(Sequence):
         self._starts = array("q", [0])  # pair i's ids are _tokens[_starts[i]:_starts[i + 1]]
         self._shape = array("i")  # per pair: len(chosen_ids), chosen_prompt_len, rejected_prompt_len
         self.extend(examples)
+
+    def save(self, directory: Path) -> None:
+        """The arrays as raw files and the uids as JSON, in `directory` (which the caller renames into place)."""
+        for (name, _, _), part in zip(_FILES, (self._tokens, self._starts, self._shape)):
+            (directory / name).write_bytes(part.tobytes())
+        (directory / "uids.json").write_text(json.dumps(self._uids))
+
+    @classmethod
+    def open(cls, directory: Path) -> "ExampleStore":
+        """A read-only store over the files `save` wrote, memory-mapped (an empty array is read, not mapped)."""
+        store = cls()
+        parts = []
+        for name, typecode, dtype in _FILES:
+            path = directory / name
+            parts.append(np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else array(typecode))
+        store._tokens, store._starts, store._shape = parts
+        store._uids = json.loads((directory / "uids.json").read_text())
+        if not (len(store._starts) == len(store._uids) + 1 == len(store._shape) // 3 + 1 and store._starts[-1] == len(store._tokens)):
+            raise ValueError(f"{directory}: the stored arrays do not agree with each other")
+        return store
 
     def append(self, example: PreferenceExample) -> None:
         self._uids.append(example.uid)
@@ -63,8 +91,8 @@ class ExampleStore(Sequence):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"pair {index} of {len(self)}")
-        start, end = self._starts[index], self._starts[index + 1]
-        chosen_len, chosen_prompt_len, rejected_prompt_len = self._shape[3 * index : 3 * index + 3]
+        start, end = int(self._starts[index]), int(self._starts[index + 1])
+        chosen_len, chosen_prompt_len, rejected_prompt_len = (int(n) for n in self._shape[3 * index : 3 * index + 3])
         return PreferenceExample(
             self._uids[index],
             self._tokens[start : start + chosen_len].tolist(),
@@ -80,7 +108,7 @@ class ExampleStore(Sequence):
     @property
     def token_counts(self) -> list[int]:
         """`num_tokens` of every pair (chosen + rejected), without building the examples."""
-        return [self._starts[i + 1] - self._starts[i] for i in range(len(self))]
+        return [int(self._starts[i + 1] - self._starts[i]) for i in range(len(self))]
 
     @property
     def nbytes(self) -> int:

@@ -23,8 +23,9 @@ from dpo_dist.models import load_tokenizer
 from dpo_dist.reference import build_model_reference, open_fitting_cache
 
 
-def unique_examples(config: Config, tokenizer, logger) -> data_lib.ExampleStore:
-    """Train then eval pairs, each uid once (a pair in both splits needs one row)."""
+def unique_examples(config: Config, tokenizer, logger, write_cache: bool = False) -> data_lib.ExampleStore:
+    """Train then eval pairs, each uid once (a pair in both splits needs one row). The splits are tokenized as
+    training tokenizes them, and kept for it (`data.cache_tokenized`) where `write_cache`."""
     files = config.data.train_files + config.data.eval_files
     if not files:
         raise UserError("data.train_files and data.eval_files are empty: nothing to precompute")
@@ -34,7 +35,7 @@ def unique_examples(config: Config, tokenizer, logger) -> data_lib.ExampleStore:
             continue
         loaded = data_lib.load_examples(
             split_files, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-            config.data.skip_invalid, logger, split,
+            config.data.skip_invalid, logger, split, cache_root=config.tokenized_cache_dir, write_cache=write_cache,
         )
         for example in loaded:
             if example.uid not in seen:
@@ -76,7 +77,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
     """Write (or finish) the cache for `config`; returns the manifest."""
     tokenizer = load_tokenizer(config.model.policy_path)
     dtype, ds_config = training_ds_config(config, dist_info.world_size)
-    examples = unique_examples(config, tokenizer, logger)
+    examples = unique_examples(config, tokenizer, logger, write_cache=dist_info.is_main)
     position = {uid: i for i, uid in enumerate(examples.uids)}
     plan = _prepare_plan(config, tokenizer, dtype_name(dtype), examples.uids, overwrite) if dist_info.is_main else None
     plan = broadcast_from_main(plan)

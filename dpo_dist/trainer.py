@@ -172,7 +172,7 @@ class Trainer:
         config = self.config
         return data_lib.load_examples(
             files, self.tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-            config.data.skip_invalid, self.logger, split, validator,
+            config.data.skip_invalid, self.logger, split, validator, config.tokenized_cache_dir, self.dist.is_main,
         )
 
     # ---------------------------------------------------------------- the step

@@ -115,6 +115,7 @@ def test_zero2_kill_9_and_resume_is_bitwise_exact(dropout_policy, tiny_reference
     assert_ok(result)
     step = resumed_step(result.stdout)
     assert 8 <= step < STEPS and not partial.exists()
+    assert "train: tokenized pairs mapped from" in result.stdout  # data.cache_tokenized: the restart did not tokenize
     assert_same_run(tmp_path / "straight", tmp_path / "killed", step)
     kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "killed").glob("checkpoint-*"))
     best = json.loads((tmp_path / "killed" / "checkpoint-18" / "trainer_state.json").read_text())["best_step"]

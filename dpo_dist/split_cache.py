@@ -1,0 +1,85 @@
+"""Tokenized splits kept on disk, so a restart maps them instead of tokenizing again.
+
+Tokenizing is the slow part of a start on a big dataset (every rank tokenizes every split, a few ms a
+pair), and a job that is preempted and requeued starts many times. The first run of a config tokenizes
+as before, every rank for itself, with no rank waiting on another; rank 0 also writes each split to
+`<output_dir>/tokenized/<split>-<key>/` (a temp directory, renamed into place when complete, so a
+directory that exists is whole). A later run whose key matches maps those files read-only
+(`ExampleStore.open`): no tokenizing, and the ranks of a node share one copy of the ids.
+
+The key is the sha256 of everything the tokenized pairs depend on: the data files' contents, the
+tokenizer and its chat template, max_seq_length, truncation_mode, skip_invalid, the record kind
+(preference or SFT) and the source of the code that reads and tokenizes (so a change to that code
+never meets an old cache). A key that differs is simply another directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from dpo_dist.cache import fsync_path, sha256_file, sha256_text, tokenizer_fingerprint
+from dpo_dist.examples import ExampleStore
+
+FORMAT = 1
+# The modules whose code decides the tokenized pairs.
+_CODE = ("records.py", "data.py", "examples.py", "prefix_sharing.py")
+
+
+def _content_sha256(path: Path) -> str:
+    """A file's sha256, or a saved dataset directory's: every file in it, by relative path."""
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return sha256_text(json.dumps([[str(p.relative_to(path)), sha256_file(p)] for p in files]))
+
+
+def split_key(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
+              record_kind: str) -> str | None:
+    """16 hex digits naming the tokenized split, or None when a data file is missing (reading it says so)."""
+    paths = [Path(name) for name in files]
+    if not all(path.exists() for path in paths):
+        return None
+    package = Path(__file__).parent
+    described = {
+        "format": FORMAT,
+        "code": sha256_text("".join((package / name).read_text() for name in _CODE)),
+        "files": [[name, _content_sha256(path)] for name, path in zip(files, paths)],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": [max_seq_length, truncation_mode, skip_invalid, record_kind],
+    }
+    return sha256_text(json.dumps(described, sort_keys=True))[:16]
+
+
+def read(directory: Path) -> tuple[ExampleStore, list[str]] | None:
+    """The stored split and the lines its tokenization logged, or None when there is none to trust."""
+    if not (directory / "report.json").is_file():
+        return None
+    try:
+        report = json.loads((directory / "report.json").read_text())
+        return ExampleStore.open(directory), report["lines"]
+    except (OSError, ValueError, KeyError):  # damaged by hand or by the file system: tokenize again
+        return None
+
+
+def write(directory: Path, examples: ExampleStore, lines: list[str]) -> str | None:
+    """Store the split under `directory` (temp directory, then rename). Returns a reason when it could not:
+    the run goes on without a cache, and a later run tokenizes again."""
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        examples.save(tmp)
+        (tmp / "report.json").write_text(json.dumps({"format": FORMAT, "pairs": len(examples), "lines": lines}))
+        for path in [*tmp.iterdir(), tmp]:  # on disk before the name says "whole", as cache.write_atomic does
+            fsync_path(path)
+        os.replace(tmp, directory)
+        fsync_path(directory.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if directory.is_dir():  # another run wrote the same key first: the same pairs
+            return None
+        return f"{type(err).__name__}: {err}"
+    return None
+

@@ -1,0 +1,86 @@
+"""Tokenized splits kept on disk (data.cache_tokenized): a second load maps the first one's pairs without
+tokenizing, the key moves with everything the pairs depend on, and nothing half-written or damaged is trusted."""
+
+import json
+
+import pytest
+
+from conftest import MIXED_RECORDS, PLAIN_RECORD, write_jsonl
+from dpo_dist import data as data_lib
+from dpo_dist import split_cache
+from dpo_dist.records import validate, validate_sft
+
+
+class Lines:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+
+def records(count):
+    """Chat and plain pairs (the first four), then plain ones with longer and longer chosen sides."""
+    return [MIXED_RECORDS[i] if i < len(MIXED_RECORDS) else PLAIN_RECORD | {"chosen": " 2 7" + " 2" * i} for i in range(count)]
+
+
+def load(path, tokenizer, root, write=True, max_len=40, logger=None):
+    logger = logger or Lines()
+    store = data_lib.load_examples([str(path)], tokenizer, max_len, "keep_start", False, logger, "train", validate, root, write)
+    return store, logger.lines
+
+
+def test_second_load_maps_the_first_ones_pairs_without_tokenizing(tokenizer, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "train.jsonl", records(9))
+    first, first_lines = load(path, tokenizer, tmp_path / "tokenized")
+    assert any("truncated" in line for line in first_lines)  # the report has more than the count
+    [stored] = list((tmp_path / "tokenized").iterdir())
+    assert stored.name.startswith("train-")
+
+    monkeypatch.setattr(data_lib, "tokenize_records", lambda *a, **k: pytest.fail("tokenized again"))
+    second, second_lines = load(path, tokenizer, tmp_path / "tokenized")
+    assert list(second) == list(first) and second.token_counts == first.token_counts
+    assert second_lines == first_lines + [f"train: tokenized pairs mapped from {stored}"]
+
+
+def test_only_the_writing_rank_writes_and_a_failed_write_is_logged_not_fatal(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", records(3))
+    plain, _ = load(path, tokenizer, tmp_path / "other_rank", write=False)
+    assert not (tmp_path / "other_rank").exists()
+    (tmp_path / "a_file").write_text("not a directory")
+    store, lines = load(path, tokenizer, tmp_path / "a_file" / "tokenized")
+    assert list(store) == list(plain) and "could not keep the tokenized pairs" in lines[-1]
+
+
+def test_key_moves_with_what_the_pairs_depend_on(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", records(3))
+
+    def key(files=(str(path),), tok=tokenizer, max_len=40, mode="keep_start", skip=False, kind="validate"):
+        return split_cache.split_key(list(files), tok, max_len, mode, skip, kind)
+
+    base = key()
+    assert base == key() and len(base) == 16
+    other_template = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other_template.chat_template = tokenizer.chat_template + " "
+    changed = [key(max_len=41), key(mode="keep_end"), key(skip=True), key(kind=validate_sft.__name__), key(tok=other_template)]
+    assert base not in changed and len(set(changed)) == len(changed)
+    write_jsonl(path, records(3)[:2] + [records(3)[2] | {"rejected": "other"}])  # same file name, other content
+    assert key() != base
+    assert key(files=[str(tmp_path / "missing.jsonl")]) is None  # reading it gives the real error
+
+
+def test_half_written_or_damaged_split_is_not_trusted(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", records(5))
+    root = tmp_path / "tokenized"
+    first, _ = load(path, tokenizer, root)
+    [stored] = list(root.iterdir())
+    # a write killed midway leaves only its temp directory, which no key names
+    (root / f".{stored.name}.tmp-123").mkdir()
+    assert split_cache.read(root / f".{stored.name}.tmp-123") is None
+    # damaged on disk: the arrays disagree with each other, so the split is tokenized again (and rewritten)
+    tokens = stored / "tokens.i32"
+    tokens.write_bytes(tokens.read_bytes()[:-4])
+    assert split_cache.read(stored) is None
+    again, lines = load(path, tokenizer, root, write=False)
+    assert list(again) == list(first) and not any("mapped from" in line for line in lines)
+    json.loads((stored / "report.json").read_text())  # the report itself was not touched
