@@ -268,21 +268,22 @@ def read_rows(cache_dir: Path, manifest: dict, verify_checksums: bool = True) ->
     return rows
 
 
-def check_coverage(rows: dict[str, CachedRow], examples, cache_dir: Path) -> None:
-    """Every example needs a row, tokenized to the same completion lengths as when it was cached. Missing rows
-    are reported before changed lengths. One pass: `examples` may be a stream (pairs built one at a time)."""
+def check_coverage(rows: dict[str, CachedRow], completion_lengths, cache_dir: Path) -> None:
+    """Every pair needs a row, tokenized to the same completion lengths as when it was cached. Missing rows
+    are reported before changed lengths. `completion_lengths`: (uid, chosen tokens, rejected tokens) per pair,
+    as `ExampleStore.completion_lengths` streams them (one pass)."""
     total, missing, first_missing, first_changed = 0, 0, None, None
-    for example in examples:
+    for uid, *completion in completion_lengths:
         total += 1
-        row = rows.get(example.uid)
+        row = rows.get(uid)
         if row is None:
             missing += 1
-            first_missing = first_missing or example.uid
+            first_missing = first_missing or uid
             continue
-        lengths = (len(example.chosen_ids) - example.chosen_prompt_len, len(example.rejected_ids) - example.rejected_prompt_len)
+        lengths = tuple(completion)
         if first_changed is None and lengths != (row.chosen_tokens, row.rejected_tokens):
             first_changed = (
-                f"pair {example.uid}: completion lengths {lengths} differ from the cache's "
+                f"pair {uid}: completion lengths {lengths} differ from the cache's "
                 f"{(row.chosen_tokens, row.rejected_tokens)}; tokenization changed since precompute: recompute the cache"
             )
     if missing:

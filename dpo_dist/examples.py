@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +104,13 @@ class ExampleStore(Sequence):
     @property
     def uids(self) -> list[str]:
         return list(self._uids)
+
+    def completion_lengths(self) -> Iterator[tuple[str, int, int]]:
+        """(uid, chosen completion tokens, rejected completion tokens) of every pair, without building any."""
+        for index, uid in enumerate(self._uids):
+            chosen_len, chosen_prompt_len, rejected_prompt_len = (int(n) for n in self._shape[3 * index : 3 * index + 3])
+            rejected_len = int(self._starts[index + 1] - self._starts[index]) - chosen_len
+            yield uid, chosen_len - chosen_prompt_len, rejected_len - rejected_prompt_len
 
     @property
     def token_counts(self) -> list[int]:

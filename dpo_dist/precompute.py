@@ -145,6 +145,6 @@ def verify_cache(config: Config, logger) -> dict:
     """Full check of an existing cache: re-hash the reference weights and every shard, check coverage."""
     tokenizer = load_tokenizer(config.model.policy_path)
     examples = unique_examples(config, tokenizer, logger)
-    manifest, rows = open_fitting_cache(config, tokenizer, resolve_dtype(config.model.dtype), examples, verify=True)
+    manifest, rows = open_fitting_cache(config, tokenizer, resolve_dtype(config.model.dtype), examples.completion_lengths(), verify=True)
     logger.info(f"verify: {config.reference_cache_dir} is complete and fits this config ({len(rows)} rows, weights re-hashed)")
     return manifest

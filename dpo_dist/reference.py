@@ -137,8 +137,9 @@ class PrecomputedReference:
         )
 
 
-def open_fitting_cache(config: Config, tokenizer, dtype: torch.dtype, examples, verify: bool = False):
-    """The cache's rows for `examples`, or `CacheError` saying what differs from this config.
+def open_fitting_cache(config: Config, tokenizer, dtype: torch.dtype, completion_lengths, verify: bool = False):
+    """The cache's rows for the pairs of `completion_lengths` ((uid, chosen tokens, rejected tokens) each, as
+    `ExampleStore.completion_lengths` gives them), or `CacheError` saying what differs from this config.
 
     Without `verify`, weight files whose size and mtime match the manifest are not re-read."""
     cache_dir = config.reference_cache_dir
@@ -152,13 +153,13 @@ def open_fitting_cache(config: Config, tokenizer, dtype: torch.dtype, examples, 
     if differences:
         raise cache_lib.CacheError(f"the reference cache at {cache_dir} does not fit this config: " + "; ".join(differences))
     rows = cache_lib.read_rows(cache_dir, manifest)
-    cache_lib.check_coverage(rows, examples, cache_dir)
+    cache_lib.check_coverage(rows, completion_lengths, cache_dir)
     return manifest, rows
 
 
-def load_precomputed_reference(config: Config, tokenizer, dtype: torch.dtype, examples, logger) -> PrecomputedReference:
-    """Open the cache and refuse it, saying what differs, unless it fits this run exactly."""
+def load_precomputed_reference(config: Config, tokenizer, dtype: torch.dtype, completion_lengths, logger) -> PrecomputedReference:
+    """Open the cache and refuse it, saying what differs, unless it fits this run's pairs exactly."""
     cache_dir = config.reference_cache_dir
-    manifest, rows = open_fitting_cache(config, tokenizer, dtype, examples)
+    manifest, rows = open_fitting_cache(config, tokenizer, dtype, completion_lengths)
     logger.info(f"reference: precomputed cache {cache_dir} ({manifest['total_rows']} rows, fingerprint verified); no reference model loaded")
     return PrecomputedReference(rows)

@@ -113,11 +113,11 @@ class Trainer:
         config, training = self.config, self.config.training
         if train and not config.data.train_files:
             raise UserError("data.train_files is empty: set it in the config or pass data.train_files=[path.jsonl]")
-        self.train_examples = self._load_split(config.data.train_files, "train") if train else []
+        self.train_examples = self._load_split(config.data.train_files, "train") if train else data_lib.ExampleStore()
         self.sft_examples = (
             self._load_split(config.data.sft_files, "sft", validate_sft) if train and config.data.sft_files else []
         )
-        self.eval_examples = self._load_split(config.data.eval_files, "eval") if config.data.eval_files else []
+        self.eval_examples = self._load_split(config.data.eval_files, "eval") if config.data.eval_files else data_lib.ExampleStore()
         self.global_batch = training.batch_size * self.dist.world_size * training.gradient_accumulation_steps
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_examples), self.global_batch)
         if train and self.steps_per_epoch == 0:
@@ -134,7 +134,8 @@ class Trainer:
         self.reference = None  # reference-free losses (mode none) have none
         if mode == "precomputed":  # checked before the policy loads: a bad cache fails fast
             self.reference = load_precomputed_reference(
-                config, self.tokenizer, self.dtype, itertools.chain(self.train_examples, self.eval_examples), self.logger
+                config, self.tokenizer, self.dtype,
+                itertools.chain(self.train_examples.completion_lengths(), self.eval_examples.completion_lengths()), self.logger
             )
         elif mode == "model":
             self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device)

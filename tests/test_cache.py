@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from dpo_dist import cache as cache_lib
 from dpo_dist.config import load_config
 from dpo_dist.data import collate, load_examples
+from dpo_dist.examples import ExampleStore
 from dpo_dist.engine import resolve_dtype
 from dpo_dist.metrics import NullLogger
 from dpo_dist.reference import load_precomputed_reference
@@ -37,11 +38,11 @@ def open_cache(config_path, *overrides, cache_dir=None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.policy_path)
-    examples = []
+    examples = ExampleStore()
     for files in (config.data.train_files, config.data.eval_files):
-        examples += load_examples(files, tokenizer, config.training.max_seq_length, config.data.truncation_mode, False, NullLogger(), "x")
+        examples.extend(load_examples(files, tokenizer, config.training.max_seq_length, config.data.truncation_mode, False, NullLogger(), "x"))
     dtype = resolve_dtype(config.model.dtype)
-    return load_precomputed_reference(config, tokenizer, dtype, examples, NullLogger()), examples, tokenizer
+    return load_precomputed_reference(config, tokenizer, dtype, examples.completion_lengths(), NullLogger()), examples, tokenizer
 
 
 def test_layout_and_values_equal_a_naive_reference_forward(cache_run, tiny_reference):

@@ -76,6 +76,8 @@ def test_example_store_holds_four_bytes_a_token_and_gives_back_the_pairs():
     store = ExampleStore(examples)
     assert len(store) == 6 and list(store) == examples and store[-1] == examples[5] and store[1:4] == examples[1:4]
     assert store.token_counts == [e.num_tokens for e in examples] and store.uids == [e.uid for e in examples]
+    assert list(store.completion_lengths()) == [
+        (e.uid, len(e.chosen_ids) - e.chosen_prompt_len, len(e.rejected_ids) - e.rejected_prompt_len) for e in examples]
     tokens = sum(e.num_tokens for e in examples)
     assert store.nbytes <= 4 * tokens + 8 * (len(examples) + 1) + 4 * 3 * len(examples)
     with pytest.raises(IndexError):
