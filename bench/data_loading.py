@@ -3,13 +3,17 @@ lists and encoded one record at a time (what dpo-dist did before; any loader tha
 pair holds the same), dpo-dist's `ExampleStore` (int32 ids, 256 records per tokenizer call; this run also
 writes the split cache), and a restart that maps that cache (`data.cache_tokenized`).
 
+Then a first start on two ranks of one machine, two ways: each rank tokenizing the whole split for itself
+(dpo-dist before), and the ranks tokenizing a block each and exchanging them (`data.TokenizeShards`, real
+ranks under torchrun, gloo). The time is the slowest rank's.
+
 Every rank holds every pair, so the held bytes are per rank, times the ranks on a node. Qwen's tokenizer
 cannot be downloaded here, so the bench builds a word-level tokenizer with Qwen's 151,936-token vocabulary:
 the ids are spread over the real range (Python caches ints below 257 only, so a small vocabulary would make
 lists look cheap). Its words are one token each; the timing is of our code around the tokenizer, and the
 tokenizer's own speed differs from Qwen's BPE.
 
-    python bench/data_loading.py                       # 20,000 chat pairs, ~1,000 + 2 x 500 tokens
+    python bench/data_loading.py                       # 20,000 chat pairs, ~1,000 + 2 x 500 tokens: ~6 min
     python bench/data_loading.py --pairs 5000 --prompt-words 300 --completion-words 200
 
 Each way runs in its own process (clean resident-memory numbers); "held" is the private memory the loaded
@@ -82,6 +86,19 @@ def resident_mb() -> tuple[float, float]:
     return resident - shared, shared
 
 
+def reset_peak_mb() -> float:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM); the resident MB now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_mb("VmRSS")
+
+
+def status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 class Quiet:
     def info(self, message):
         pass
@@ -95,9 +112,15 @@ def worker(kind: str, tokenizer_dir: str, data: str, cache: str, max_len: int) -
     from dpo_dist.data import TokenizeStats, load_examples, tokenize_record
     from dpo_dist.records import read_records
 
+    shards = None
+    if kind == "together":  # a rank of a torchrun job
+        from dpo_dist.engine import init_distributed, tokenize_shards
+
+        shards = tokenize_shards(init_distributed(30))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer(["w1 w2"])  # warm the tokenizer up outside the timing
     private_before, shared_before = resident_mb()
+    resident_before = reset_peak_mb()
     started = time.perf_counter()
     if kind == "lists":
         records, _ = read_records([data], skip_invalid=False)
@@ -105,14 +128,34 @@ def worker(kind: str, tokenizer_dir: str, data: str, cache: str, max_len: int) -
         held = [tokenize_record(record, tokenizer, max_len, "keep_start", stats) for record in records]
         held = [example for example in held if example is not None]
         del records
+    elif kind in ("alone", "together"):  # a first start: no split cache
+        held = load_examples([data], tokenizer, max_len, "keep_start", False, Quiet(), "train", shards=shards)
     else:  # "store" tokenizes and writes the split cache that "mapped" then reads
         held = load_examples([data], tokenizer, max_len, "keep_start", False, Quiet(), "train", cache_root=Path(cache),
                              write_cache=kind == "store")
     seconds = time.perf_counter() - started
+    peak_added = status_mb("VmHWM") - resident_before  # what loading added at its peak (imports excluded)
     tokens = sum(example.num_tokens for example in held)  # every pair built once: all its pages touched
     private, shared = resident_mb()
-    return {"seconds": seconds, "held_mb": private - private_before, "shared_mb": shared - shared_before,
-            "tokens": tokens, "pairs": len(held), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    rank = int(os.environ.get("RANK", os.environ.get("RANK_FOR_REPORT", "0")))
+    return {"rank": rank, "seconds": seconds, "held_mb": private - private_before, "shared_mb": shared - shared_before,
+            "tokens": tokens, "pairs": len(held), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_added_mb": peak_added}
+
+
+def two_ranks(scratch: Path, max_len: int) -> tuple[list[dict], list[dict]]:
+    """A first start on two ranks: two processes each tokenizing the whole split at once, then a torchrun job of
+    two ranks tokenizing a block each. Each rank's result, by rank."""
+    def command(*launcher: str, kind: str) -> list[str]:
+        return [*launcher, __file__, "--worker", kind, "--tokenizer", str(scratch / "tokenizer"), "--data",
+                str(scratch / "pairs.jsonl"), "--max-length", str(max_len), "--report", str(scratch / kind)]
+
+    processes = [subprocess.Popen(command(sys.executable, kind="alone"), env={**os.environ, "RANK_FOR_REPORT": str(rank)})
+                 for rank in range(2)]
+    assert [process.wait() for process in processes] == [0, 0]
+    subprocess.run(command(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           kind="together"), check=True, capture_output=True)
+    return tuple([json.loads((scratch / f"{kind}-rank{rank}.json").read_text()) for rank in range(2)]
+                 for kind in ("alone", "together"))
 
 
 def main() -> None:
@@ -122,14 +165,19 @@ def main() -> None:
     parser.add_argument("--completion-words", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=4_096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=("lists", "store", "mapped"))
+    parser.add_argument("--worker", choices=("lists", "store", "mapped", "alone", "together"))
     parser.add_argument("--tokenizer")
     parser.add_argument("--data")
     parser.add_argument("--cache")
+    parser.add_argument("--report")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.tokenizer, args.data, args.cache, args.max_length)))
-        return
+        result = worker(args.worker, args.tokenizer, args.data, args.cache, args.max_length)
+        if args.report:  # one file per rank: ranks printing at once can interleave their lines
+            Path(f"{args.report}-rank{result['rank']}.json").write_text(json.dumps(result))
+        else:
+            print(json.dumps(result), flush=True)
+        os._exit(0)  # a torchrun rank leaves without the interpreter's teardown of gloo's threads (cli.exit_process)
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -142,6 +190,7 @@ def main() -> None:
                        "--max-length", str(args.max_length)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[kind] = json.loads(output.strip().splitlines()[-1])
+        results["two_alone"], results["two_together"] = two_ranks(scratch, args.max_length)
     lists, store, mapped = results["lists"], results["store"], results["mapped"]
     assert lists["tokens"] == store["tokens"] == mapped["tokens"] and lists["pairs"] == store["pairs"] == mapped["pairs"], results
     print(f"{store['pairs']:,} pairs, {store['tokens']:,} tokens (chosen + rejected), {os.cpu_count()} cores, "
@@ -154,8 +203,18 @@ def main() -> None:
     print(f"store / lists: load time {store['seconds'] / lists['seconds']:.2f}x, held memory {store['held_mb'] / lists['held_mb']:.2f}x; "
           f"mapped / lists: load time {mapped['seconds'] / lists['seconds']:.3f}x, held memory {mapped['held_mb'] / lists['held_mb']:.3f}x "
           "(the mapped pages are shared by the ranks of a node)")
-    settings = {key: value for key, value in vars(args).items() if key not in ("worker", "tokenizer", "data", "cache")}
-    report = {"settings": settings, "lists": lists, "store": store, "mapped": mapped}
+    alone, together = results["two_alone"], results["two_together"]
+    assert [rank["tokens"] for rank in alone + together] == [store["tokens"]] * 4, results
+    print(f"first start on 2 ranks (slowest rank): each tokenizing all {max(r['seconds'] for r in alone):.2f} s, "
+          f"a block each + exchange {max(r['seconds'] for r in together):.2f} s "
+          f"({max(r['seconds'] for r in together) / max(r['seconds'] for r in alone):.2f}x); held MB per rank "
+          f"{max(r['held_mb'] for r in alone):.0f} vs {max(r['held_mb'] for r in together):.0f}; peak MB the load added "
+          f"{max(r['peak_added_mb'] for r in alone):.0f} vs {max(r['peak_added_mb'] for r in together):.0f} "
+          f"(peak RSS {max(r['peak_rss_mb'] for r in alone):.0f} vs {max(r['peak_rss_mb'] for r in together):.0f}, "
+          "deepspeed's import included in the second)")
+    settings = {key: value for key, value in vars(args).items() if key not in ("worker", "tokenizer", "data", "cache", "report")}
+    report = {"settings": settings, "lists": lists, "store": store, "mapped": mapped, "two_alone": alone,
+              "two_together": together}
     (ROOT / "bench" / "data_loading.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dpo_dist import prefix_sharing, split_cache
@@ -160,6 +161,27 @@ class TokenizeStats:
     dropped_prompt_too_long: int = 0
     truncated: int = 0
     boundary_merges: int = 0  # pairs whose completion starts before the end of the tokenized prompt
+
+    def add(self, other: "TokenizeStats") -> None:
+        for counter in dataclasses.fields(self):
+            setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
+
+
+@dataclass(frozen=True)
+class TokenizeShards:
+    """The ranks that tokenize a split together: rank `rank` of `count` tokenizes one contiguous block of the
+    records; `gather` (engine.gather_from_each) hands every rank each rank's small object, and `broadcast`
+    (engine.broadcast_array) fills a numpy array on every rank with one rank's contents, in place. Both are
+    collectives every rank calls alike."""
+
+    rank: int
+    count: int
+    gather: Callable[[object], list]
+    broadcast: Callable[[np.ndarray, int], None]
+
+    def block(self, num_records: int) -> tuple[int, int]:
+        """[first, end) of the records this rank tokenizes."""
+        return num_records * self.rank // self.count, num_records * (self.rank + 1) // self.count
 
 
 def render_texts(record: Record, tokenizer) -> tuple[str, str, str]:
@@ -415,22 +437,32 @@ def eval_batches(examples: Sequence[PreferenceExample], rank: int, world_size: i
 
 
 def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool, logger,
-                  split: str, validator=validate, cache_root: Path | None = None, write_cache: bool = False) -> ExampleStore:
+                  split: str, validator=validate, cache_root: Path | None = None, write_cache: bool = False,
+                  shards: TokenizeShards | None = None) -> ExampleStore:
     """Read, validate and tokenize one split; report everything that was skipped or cut.
     SFT files (`validator=validate_sft`) become examples whose chosen side is the completion.
 
     With `cache_root`, a split tokenized before with the same data, tokenizer, settings and code is mapped
-    from there instead (split_cache.py), its report logged again; `write_cache` (rank 0) stores a new one."""
+    from there instead (split_cache.py), its report logged again; `write_cache` (rank 0) stores a new one.
+    With `shards` (more than one rank, all calling this alike), a split that has to be tokenized is tokenized
+    by all of them, a block of records each, and exchanged: every rank gets the same pairs, the same report
+    and the same error as one process would, for 1/count of the tokenizing."""
+    together = shards is not None and shards.count > 1
     key = split_cache.split_key(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, validator.__name__) if cache_root else None
     directory = cache_root / f"{split}-{key}" if key else None
     cached = split_cache.read(directory) if directory else None
+    if together and cache_root is not None and not all(shards.gather(cached is not None)):
+        cached = None  # a rank without the copy (another node's output_dir, a missing file): tokenize together
     if cached is not None:
         examples, lines = cached
         lines = lines + [f"{split}: tokenized pairs mapped from {directory}"]
     else:
-        examples, lines = _tokenize_split(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, split, validator)
+        examples, lines = _tokenize_split(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, split, validator,
+                                          shards if together else None)
     for line in lines:
         logger.info(line)
+    if cached is None and together:
+        logger.info(f"{split}: tokenized by {shards.count} ranks, a block of the records each")
     if not examples:
         raise UserError(f"{split}: no usable preference pairs in {', '.join(files)}")
     if cached is None and directory and write_cache:
@@ -441,10 +473,15 @@ def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_m
 
 
 def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
-                    split: str, validator) -> tuple[ExampleStore, list[str]]:
+                    split: str, validator, shards: TokenizeShards | None = None) -> tuple[ExampleStore, list[str]]:
     """The split's pairs and the lines that report what was skipped, cut or dropped."""
-    records, skipped = read_records(files, skip_invalid, validator)
-    examples, stats, render_failures = tokenize_records(records, tokenizer, max_seq_length, truncation_mode, skip_invalid)
+
+    def tokenize_block() -> tuple[ExampleStore, TokenizeStats, int, dict[str, int]]:
+        records, skipped = read_records(files, skip_invalid, validator)  # every rank reads all: the same skips
+        first, end = shards.block(len(records)) if shards else (0, len(records))
+        return *tokenize_records(records[first:end], tokenizer, max_seq_length, truncation_mode, skip_invalid), skipped
+
+    examples, stats, render_failures, skipped = tokenize_block() if shards is None else _tokenize_together(tokenize_block, shards)
     lines = [f"{split}: {len(examples)} pairs from {len(files)} file(s)"]
     for reason, count in skipped.items():
         lines.append(f"{split}: skipped {count} invalid record(s): {reason}")
@@ -458,6 +495,57 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
             f"training.max_seq_length={max_seq_length} (no completion token left)"
         )
     return examples, lines
+
+
+def _tokenize_together(tokenize_block: Callable[[], tuple], shards: TokenizeShards):
+    """Every rank's block, joined in rank order (= file order). A bad record raises the same `DataError` on every
+    rank: the first in file order, which is the lowest rank's (a block raises at its first bad record), as one
+    process would. A bug on one rank still takes part in the exchange before it raises, so the others stop
+    with it instead of waiting for its block until the collective timeout.
+
+    The ranks first exchange what each block holds (pair and token counts, uids, report numbers), then every
+    block's ids are broadcast straight into their place in one set of arrays: no rank holds the split twice."""
+    bug = None
+    try:
+        outcome = tokenize_block()
+    except DataError as err:
+        outcome = err
+    except Exception as err:
+        outcome, bug = f"{type(err).__name__}: {err}", err
+    if isinstance(outcome, tuple):
+        block, stats, render_failures, skipped = outcome
+        outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
+    headers = shards.gather(outcome)
+    if bug is not None:
+        raise bug
+    for rank, header in enumerate(headers):
+        if isinstance(header, DataError):
+            raise header
+        if isinstance(header, str):
+            raise RuntimeError(f"rank {rank} failed while tokenizing its block of the records ({header}); its own "
+                               "output has the traceback")
+    pair_ends = np.cumsum([0] + [len(header[0]) for header in headers]).tolist()
+    token_ends = np.cumsum([0] + [header[1] for header in headers]).tolist()
+    tokens = np.empty(token_ends[-1], dtype=np.int32)
+    starts = np.zeros(pair_ends[-1] + 1, dtype=np.int64)  # pair i's ids are tokens[starts[i]:starts[i + 1]]
+    shape = np.empty(3 * pair_ends[-1], dtype=np.int32)
+    first_pair, first_token = pair_ends[shards.rank], token_ends[shards.rank]
+    own_tokens, own_starts, own_shape = block.arrays()
+    tokens[first_token : first_token + len(own_tokens)] = own_tokens
+    starts[first_pair + 1 : first_pair + len(own_starts)] = own_starts[1:] + first_token
+    shape[3 * first_pair : 3 * first_pair + len(own_shape)] = own_shape
+    del block, own_tokens, own_starts, own_shape
+    for source in range(shards.count):
+        pairs, token_span = slice(pair_ends[source], pair_ends[source + 1]), slice(token_ends[source], token_ends[source + 1])
+        shards.broadcast(tokens[token_span], source)
+        shards.broadcast(starts[pairs.start + 1 : pairs.stop + 1], source)
+        shards.broadcast(shape[3 * pairs.start : 3 * pairs.stop], source)
+    stats, render_failures = TokenizeStats(), 0
+    for _, _, block_stats, block_failures, skipped in headers:
+        stats.add(block_stats)
+        render_failures += block_failures
+    examples = ExampleStore.from_arrays([uid for header in headers for uid in header[0]], tokens, starts, shape)
+    return examples, stats, render_failures, skipped
 
 
 def sft_indices(step: int, micro_step: int, rank: int, world_size: int, accumulation: int,

@@ -9,6 +9,7 @@ checks the batch arithmetic, so the JSON and the YAML can never disagree silentl
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from dpo_dist.config import Config, LoRAConfig, TrainingConfig
+from dpo_dist.data import TokenizeShards
 from dpo_dist.errors import UserError
 from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements, zero_stage
 
@@ -188,6 +191,53 @@ def broadcast_from_main(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_from_each(value) -> list:
+    """Every rank's `value` (any picklable object) on every rank, in rank order; `[value]` in a world of one.
+
+    One broadcast per rank rather than one all-gather: an all-gather pads every rank's bytes to the largest
+    and holds all of them at once on the device, twice over, where this holds one rank's value in flight.
+    For setup-time exchanges (tokenized data), not the hot path."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values = []
+    for source in range(dist.get_world_size()):
+        holder = [value if source == dist.get_rank() else None]
+        dist.broadcast_object_list(holder, src=source)
+        values.append(holder[0])
+    return values
+
+
+# Bytes staged through the device per piece when a host array is broadcast over a GPU backend.
+_STAGING_BYTES = 256 * 2**20
+
+
+def broadcast_array(array: np.ndarray, source: int, device: torch.device) -> None:
+    """`source`'s contents of `array` (contiguous, the same size on every rank) written into every rank's `array`
+    in place. On CPU (gloo) the host memory itself is sent and received; a GPU backend gets it staged through
+    the device, at most 256 MiB at a time. For setup-time exchanges (tokenized data), not the hot path."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1 or array.size == 0:
+        return
+    host = torch.from_numpy(array.reshape(-1).view(np.uint8))
+    if device.type == "cpu":
+        dist.broadcast(host, src=source)
+        return
+    for first in range(0, host.numel(), _STAGING_BYTES):
+        piece = host[first : first + _STAGING_BYTES]
+        staged = piece.to(device)
+        dist.broadcast(staged, src=source)
+        piece.copy_(staged.cpu())
+
+
+def tokenize_shards(dist_info: DistInfo) -> TokenizeShards:
+    """How this job's ranks tokenize a split together (data.TokenizeShards), over its process group."""
+    return TokenizeShards(dist_info.rank, dist_info.world_size, gather_from_each,
+                          functools.partial(broadcast_array, device=dist_info.device))
 
 
 def reduce_floats(values: list[float], op: str, device: torch.device) -> list[float]:

@@ -41,7 +41,7 @@ class ExampleStore(Sequence):
     """An immutable sequence of `PreferenceExample`s whose token ids live in one int32 array.
 
     Indexing builds the example (two list copies of its ids); `token_counts` and `uids` answer without
-    building any. Fill one with `append`/`extend`, then read it; one that `open` mapped is read-only."""
+    building any. Fill one with `append`/`extend`, then read it; one that `open` mapped or `from_arrays` made is read-only."""
 
     def __init__(self, examples: Iterable[PreferenceExample] = ()):
         self._uids: list[str] = []
@@ -59,16 +59,28 @@ class ExampleStore(Sequence):
     @classmethod
     def open(cls, directory: Path) -> "ExampleStore":
         """A read-only store over the files `save` wrote, memory-mapped (an empty array is read, not mapped)."""
-        store = cls()
         parts = []
         for name, typecode, dtype in _FILES:
             path = directory / name
             parts.append(np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else array(typecode))
-        store._tokens, store._starts, store._shape = parts
-        store._uids = json.loads((directory / "uids.json").read_text())
-        if not (len(store._starts) == len(store._uids) + 1 == len(store._shape) // 3 + 1 and store._starts[-1] == len(store._tokens)):
-            raise ValueError(f"{directory}: the stored arrays do not agree with each other")
+        try:
+            return cls.from_arrays(json.loads((directory / "uids.json").read_text()), *parts)
+        except ValueError as err:
+            raise ValueError(f"{directory}: {err}") from None
+
+    @classmethod
+    def from_arrays(cls, uids: list[str], tokens, starts, shape) -> "ExampleStore":
+        """A read-only store over filled arrays (as `arrays` gives them: numpy or `array`), checked to agree."""
+        if not (len(starts) == len(uids) + 1 == len(shape) // 3 + 1 and starts[0] == 0 and starts[-1] == len(tokens)):
+            raise ValueError("the stored arrays do not agree with each other")
+        store = cls()
+        store._uids, store._tokens, store._starts, store._shape = uids, tokens, starts, shape
         return store
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids, pair starts, per-pair shape) as numpy arrays over the store's own memory (no copy)."""
+        return tuple(np.frombuffer(part, dtype=dtype) if isinstance(part, array) else part
+                     for part, (_, _, dtype) in zip((self._tokens, self._starts, self._shape), _FILES))
 
     def append(self, example: PreferenceExample) -> None:
         self._uids.append(example.uid)

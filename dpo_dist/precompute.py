@@ -17,15 +17,15 @@ from dpo_dist import cache as cache_lib
 from dpo_dist import data as data_lib
 from dpo_dist.config import Config
 from dpo_dist.engine import (DistInfo, barrier, broadcast_from_main, dtype_name, reduce_floats, resolve_dtype,
-                              training_ds_config)
+                              tokenize_shards, training_ds_config)
 from dpo_dist.errors import UserError
 from dpo_dist.models import load_tokenizer
 from dpo_dist.reference import build_model_reference, open_fitting_cache
 
 
-def unique_examples(config: Config, tokenizer, logger, write_cache: bool = False) -> data_lib.ExampleStore:
+def unique_examples(config: Config, tokenizer, logger, dist_info: DistInfo) -> data_lib.ExampleStore:
     """Train then eval pairs, each uid once (a pair in both splits needs one row). The splits are tokenized as
-    training tokenizes them, and kept for it (`data.cache_tokenized`) where `write_cache`."""
+    training tokenizes them (by all ranks together), and kept for it (`data.cache_tokenized`, written by rank 0)."""
     files = config.data.train_files + config.data.eval_files
     if not files:
         raise UserError("data.train_files and data.eval_files are empty: nothing to precompute")
@@ -35,7 +35,8 @@ def unique_examples(config: Config, tokenizer, logger, write_cache: bool = False
             continue
         loaded = data_lib.load_examples(
             split_files, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-            config.data.skip_invalid, logger, split, cache_root=config.tokenized_cache_dir, write_cache=write_cache,
+            config.data.skip_invalid, logger, split, cache_root=config.tokenized_cache_dir, write_cache=dist_info.is_main,
+            shards=tokenize_shards(dist_info),
         )
         for example in loaded:
             if example.uid not in seen:
@@ -77,7 +78,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
     """Write (or finish) the cache for `config`; returns the manifest."""
     tokenizer = load_tokenizer(config.model.policy_path)
     dtype, ds_config = training_ds_config(config, dist_info.world_size)
-    examples = unique_examples(config, tokenizer, logger, write_cache=dist_info.is_main)
+    examples = unique_examples(config, tokenizer, logger, dist_info)
     position = {uid: i for i, uid in enumerate(examples.uids)}
     plan = _prepare_plan(config, tokenizer, dtype_name(dtype), examples.uids, overwrite) if dist_info.is_main else None
     plan = broadcast_from_main(plan)
@@ -141,10 +142,10 @@ def log_scoring_rate(logger, rows: int, tokens: int, seconds: float, dist_info: 
                 f"{dist_info.world_size} rank(s): {total_tokens / max(slowest, 1e-9):,.0f} tokens/s")
 
 
-def verify_cache(config: Config, logger) -> dict:
+def verify_cache(config: Config, dist_info: DistInfo, logger) -> dict:
     """Full check of an existing cache: re-hash the reference weights and every shard, check coverage."""
     tokenizer = load_tokenizer(config.model.policy_path)
-    examples = unique_examples(config, tokenizer, logger)
+    examples = unique_examples(config, tokenizer, logger, dist_info)
     manifest, rows = open_fitting_cache(config, tokenizer, resolve_dtype(config.model.dtype), examples.completion_lengths(), verify=True)
     logger.info(f"verify: {config.reference_cache_dir} is complete and fits this config ({len(rows)} rows, weights re-hashed)")
     return manifest

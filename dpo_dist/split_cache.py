@@ -1,8 +1,8 @@
 """Tokenized splits kept on disk, so a restart maps them instead of tokenizing again.
 
-Tokenizing is the slow part of a start on a big dataset (every rank tokenizes every split, a few ms a
-pair), and a job that is preempted and requeued starts many times. The first run of a config tokenizes
-as before, every rank for itself, with no rank waiting on another; rank 0 also writes each split to
+Tokenizing is the slow part of a start on a big dataset (a few ms a pair, even shared by the ranks), and a
+job that is preempted and requeued starts many times. The first run of a config tokenizes (the ranks a
+block of the records each, `data.TokenizeShards`); rank 0 also writes each split to
 `<output_dir>/tokenized/<split>-<key>/` (a temp directory, renamed into place when complete, so a
 directory that exists is whole). A later run whose key matches maps those files read-only
 (`ExampleStore.open`): no tokenizing, and the ranks of a node share one copy of the ids.

@@ -25,6 +25,7 @@ from dpo_dist.engine import (
     dtype_name,
     param_elements,
     reference_ds_config,
+    tokenize_shards,
     training_ds_config,
 )
 from dpo_dist.errors import UserError
@@ -174,6 +175,7 @@ class Trainer:
         return data_lib.load_examples(
             files, self.tokenizer, config.training.max_seq_length, config.data.truncation_mode,
             config.data.skip_invalid, self.logger, split, validator, config.tokenized_cache_dir, self.dist.is_main,
+            tokenize_shards(self.dist),
         )
 
     # ---------------------------------------------------------------- the step

@@ -28,7 +28,7 @@ def main(config, args) -> int:
     dist_info = init_distributed(config.deepspeed.timeout_minutes)
     logger = make_logger(dist_info.rank, config.reference_cache_dir)
     if args.verify:
-        verify_cache(config, logger)
+        verify_cache(config, dist_info, logger)
     else:
         run_precompute(config, dist_info, logger, overwrite=args.overwrite)
     logger.close()

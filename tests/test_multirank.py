@@ -93,6 +93,10 @@ def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_pat
     assert_ok(result)
     evals = check_two_rank_run(tmp_path / "run", single_process_run)
     assert "ZeRO-3 on one process" not in result.stdout + result.stderr  # two ranks: ZeRO-3 shards
+    # Each split was tokenized by the two ranks, a block each; the losses above equal one process's, step by step,
+    # so both ranks trained on the same pairs in the same order.
+    for split in ("train", "eval"):
+        assert f"{split}: tokenized by 2 ranks, a block of the records each" in result.stdout
     # DeepSpeed's calls to the collectives torch 2.13 renamed warned on every rank; silenced (engine.py)
     assert "all_gather_into_tensor` is deprecated" not in result.stderr
     # Under the deepspeed launcher DeepSpeed's CPU all-reduce maps one /dev/shm file per rank and never removes

@@ -1,0 +1,143 @@
+"""A split's first load is tokenized by all ranks together (a block of records each, then exchanged): two real
+ranks (torchrun, gloo) must end with exactly the pairs, report and errors of one process tokenizing alone,
+which this test computes in its own process as the independent reference."""
+
+import dataclasses
+import json
+import sys
+
+from conftest import MIXED_RECORDS, PLAIN_RECORD, write_jsonl
+from dpo_dist import data as data_lib
+from dpo_dist.errors import UserError
+from dpo_dist.records import validate
+from launching import ROOT, assert_ok, free_port, run
+
+WORKER = """
+import dataclasses, json, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from transformers import AutoTokenizer
+from dpo_dist import data as data_lib
+from dpo_dist.engine import init_distributed, shutdown_distributed, tokenize_shards
+from dpo_dist.records import validate
+
+class Lines:
+    def __init__(self):
+        self.lines = []
+    def info(self, message):
+        self.lines.append(message)
+
+def broken_tokenize(*args, **kwargs):
+    raise ValueError("a bug in this rank's tokenizing")
+
+work = Path(sys.argv[1])
+info = init_distributed(2)
+shards = tokenize_shards(info)
+real_tokenize, results = data_lib.tokenize_records, {{}}
+for case in json.loads((work / "cases.json").read_text()):
+    data_lib.tokenize_records = broken_tokenize if case.get("bug_on_rank") == info.rank else real_tokenize
+    tokenizer, logger = AutoTokenizer.from_pretrained(case["tokenizer"]), Lines()
+    root = case["roots"][info.rank]
+    try:
+        store = data_lib.load_examples([case["data"]], tokenizer, 40, "keep_start", case["skip_invalid"], logger, "train",
+                                       validate, Path(root) if root else None, info.is_main, shards)
+        results[case["name"]] = {{"pairs": [dataclasses.astuple(e) for e in store], "lines": logger.lines}}
+    except Exception as err:
+        results[case["name"]] = {{"error": f"{{type(err).__name__}}: {{err}}", "lines": logger.lines}}
+(work / f"rank{{info.rank}}.json").write_text(json.dumps(results))
+shutdown_distributed()
+"""
+
+
+def records(count, chat_at=()):
+    """Plain pairs whose chosen sides grow (some truncated at 40 tokens), with chat pairs at `chat_at`."""
+    return [MIXED_RECORDS[0] if i in chat_at else PLAIN_RECORD | {"chosen": " 2 7" + " 2" * (3 * i)} for i in range(count)]
+
+
+def alone(case):
+    """What one process tokenizing the whole split gets: (pairs, report lines) or the error text."""
+    from transformers import AutoTokenizer
+
+    class Lines:
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    logger = Lines()
+    try:
+        store = data_lib.load_examples([case["data"]], AutoTokenizer.from_pretrained(case["tokenizer"]), 40, "keep_start",
+                                       case["skip_invalid"], logger, "train", validate)
+    except UserError as err:
+        return f"{type(err).__name__}: {err}"
+    return [list(dataclasses.astuple(e)) for e in store], logger.lines
+
+
+def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_policy, tokenizer, tmp_path):
+    # A template whose generation prompt differs from how it renders the assistant turn: every chat pair fails
+    # to render (after the records were read, so the error comes from one rank's block).
+    broken = tokenizer.__class__.from_pretrained(tiny_policy)
+    broken.chat_template = tokenizer.chat_template.replace(
+        "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'"
+    )
+    broken.save_pretrained(tmp_path / "broken_tokenizer")
+    good = str(write_jsonl(tmp_path / "good.jsonl", records(9, chat_at={2, 7})))
+    late = str(write_jsonl(tmp_path / "late.jsonl", records(9, chat_at={6})))  # rows 4-8 are rank 1's block
+    both = str(write_jsonl(tmp_path / "both.jsonl", records(9, chat_at={1, 6})))
+    shared, node1 = str(tmp_path / "shared"), str(tmp_path / "node1")
+    cases = [
+        {"name": "first", "data": good, "tokenizer": str(tiny_policy), "roots": [shared, shared], "skip_invalid": False},
+        {"name": "restart", "data": good, "tokenizer": str(tiny_policy), "roots": [shared, shared], "skip_invalid": False},
+        # rank 0 has the stored split, rank 1's node does not: both tokenize, neither waits on a collective alone
+        {"name": "one_node_stored", "data": good, "tokenizer": str(tiny_policy), "roots": [shared, node1], "skip_invalid": False},
+        {"name": "bad_in_rank1_block", "data": late, "tokenizer": str(tmp_path / "broken_tokenizer"), "roots": [None, None],
+         "skip_invalid": False},
+        {"name": "bad_in_both_blocks", "data": both, "tokenizer": str(tmp_path / "broken_tokenizer"), "roots": [None, None],
+         "skip_invalid": False},
+        {"name": "skipped_in_both_blocks", "data": both, "tokenizer": str(tmp_path / "broken_tokenizer"), "roots": [None, None],
+         "skip_invalid": True},
+        {"name": "bug_on_rank1", "data": good, "tokenizer": str(tiny_policy), "roots": [None, None], "skip_invalid": False,
+         "bug_on_rank": 1},
+    ]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "worker.py").write_text(WORKER.format(root=str(ROOT)))
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                  str(tmp_path / "worker.py"), str(tmp_path)], timeout=300)
+    assert_ok(result)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    together = "train: tokenized by 2 ranks, a block of the records each"
+
+    pairs, lines = alone(cases[0])
+    # 9 records: the two chat prompts alone fill the 40 tokens (dropped, counted); some plain pairs are cut
+    assert len(pairs) == 7 and any("truncated" in line for line in lines) and any("dropped 2" in line for line in lines)
+    [stored] = (tmp_path / "shared").iterdir()
+    for rank in ranks:
+        assert rank["first"] == {"pairs": pairs, "lines": lines + [together]}
+        assert rank["restart"] == {"pairs": pairs, "lines": lines + [f"train: tokenized pairs mapped from {stored}"]}
+        assert rank["one_node_stored"] == {"pairs": pairs, "lines": lines + [together]}
+    assert not (tmp_path / "node1").exists()  # only rank 0 writes
+
+    late_error = alone(cases[3])
+    assert "late.jsonl:7: the chat template renders the prompt" in late_error
+    first_error = alone(cases[4])
+    assert "both.jsonl:2: the chat template renders the prompt" in first_error
+    skipped_pairs, skipped_lines = alone(cases[5])
+    assert len(skipped_pairs) == 7 and "train: skipped 2 record(s) the chat template could not render cleanly" in skipped_lines
+    for rank in ranks:
+        assert rank["bad_in_rank1_block"] == {"error": late_error, "lines": []}
+        assert rank["bad_in_both_blocks"] == {"error": first_error, "lines": []}
+        assert rank["skipped_in_both_blocks"] == {"pairs": skipped_pairs, "lines": skipped_lines + [together]}
+    assert ranks[1]["bug_on_rank1"]["error"] == "ValueError: a bug in this rank's tokenizing"
+    assert ranks[0]["bug_on_rank1"]["error"] == (
+        "RuntimeError: rank 1 failed while tokenizing its block of the records (ValueError: a bug in this rank's "
+        "tokenizing); its own output has the traceback"
+    )
+
+
+def test_blocks_cover_the_records_once_in_order():
+    for count in (0, 1, 2, 7, 9, 64):
+        for ranks in (1, 2, 3, 8):
+            blocks = [data_lib.TokenizeShards(rank, ranks, None, None).block(count) for rank in range(ranks)]
+            assert [i for first, end in blocks for i in range(first, end)] == list(range(count))
+            assert max(end - first for first, end in blocks) - min(end - first for first, end in blocks) <= 1
