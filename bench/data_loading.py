@@ -4,7 +4,7 @@ pair holds the same), dpo-dist's `ExampleStore` (int32 ids, 256 records per toke
 writes the split cache), and a restart that maps that cache (`data.cache_tokenized`).
 
 Then a first start on two ranks of one machine, two ways: each rank tokenizing the whole split for itself
-(dpo-dist before), and the ranks tokenizing a block each and exchanging them (`data.TokenizeShards`, real
+(dpo-dist before), and the ranks tokenizing a block each and exchanging them (`tokenization.TokenizeShards`, real
 ranks under torchrun, gloo). The time is the slowest rank's.
 
 Every rank holds every pair, so the held bytes are per rank, times the ranks on a node. Qwen's tokenizer
@@ -109,7 +109,7 @@ def worker(kind: str, tokenizer_dir: str, data: str, cache: str, max_len: int) -
     pair was built once."""
     from transformers import AutoTokenizer
 
-    from dpo_dist.data import TokenizeStats, load_examples, tokenize_record
+    from dpo_dist.tokenization import TokenizeStats, load_examples, tokenize_record
     from dpo_dist.records import read_records
 
     shards = None

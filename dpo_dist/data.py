@@ -1,41 +1,20 @@
-"""Records -> token ids -> padded pair batches, tokenized the way TRL's DPOTrainer does.
-
-Rendering follows TRL so the numbers of the two tools compare:
-- chat records: the prompt is rendered with the chat template and the generation prompt; the
-  prompt + completion conversation is rendered in full. The rendered prompt must be a prefix of
-  the rendered conversation (a template that renders the prompt differently alone, as Qwen3's
-  thinking tags can, fails here with the record's location instead of training on a context the
-  model never sees at inference).
-- plain strings: the prompt and prompt + completion are tokenized as text; EOS is appended to a
-  completion that does not already end with it.
-The completion starts where the tokenized prompt and the tokenized prompt + completion first
-differ (usually right after the prompt; earlier when tokens merge across the boundary).
-
-Truncation (as TRL's collator): each prompt + completion sequence is cut to `max_seq_length`,
-keeping its start (`keep_start`, the default) or its end (`keep_end`). With `keep_start`, a pair
-whose prompt alone fills the budget has no completion left; it is dropped and counted (the
-count is logged), never silently.
+"""Tokenized pairs -> micro-batches: padded (`collate`), packed into one row (`collate_packed`) or one
+document per pair (`collate_shared_prefix`), each carrying the positions it scores; the seeded epoch order,
+length grouping and each rank's share of a global batch; eval batches padded so every rank runs the same
+forwards; the SFT examples mixed into a micro-batch. How records become pairs is tokenization.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from dpo_dist import prefix_sharing, split_cache
-from dpo_dist.errors import UserError
-from dpo_dist.examples import ExampleStore, PreferenceExample
-from dpo_dist.records import DataError, Record, read_records, validate
-
-# Records rendered and encoded together: one tokenizer call per side for this many records (a fast tokenizer
-# encodes a batch on all its threads; one text per call runs on one) while the texts held stay small.
-ENCODE_BATCH_RECORDS = 256
+from dpo_dist import prefix_sharing
+from dpo_dist.examples import PreferenceExample
 
 
 def scoring_layout(input_ids: torch.Tensor, completion_mask: torch.Tensor, sequence_index: torch.Tensor | None):
@@ -153,145 +132,6 @@ class PairBatch:
             scored_targets=self.scored_targets[: self.pair_scored],
             scored_owners=self.scored_owners[: self.pair_scored], num_tokens=self.pair_tokens,
         )
-
-
-@dataclass
-class TokenizeStats:
-    total: int = 0
-    dropped_prompt_too_long: int = 0
-    truncated: int = 0
-    boundary_merges: int = 0  # pairs whose completion starts before the end of the tokenized prompt
-
-    def add(self, other: "TokenizeStats") -> None:
-        for counter in dataclasses.fields(self):
-            setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
-
-
-@dataclass(frozen=True)
-class TokenizeShards:
-    """The ranks that tokenize a split together: rank `rank` of `count` tokenizes one contiguous block of the
-    records; `gather` (engine.gather_from_each) hands every rank each rank's small object, and `broadcast`
-    (engine.broadcast_array) fills a numpy array on every rank with one rank's contents, in place. Both are
-    collectives every rank calls alike."""
-
-    rank: int
-    count: int
-    gather: Callable[[object], list]
-    broadcast: Callable[[np.ndarray, int], None]
-
-    def block(self, num_records: int) -> tuple[int, int]:
-        """[first, end) of the records this rank tokenizes."""
-        return num_records * self.rank // self.count, num_records * (self.rank + 1) // self.count
-
-
-def render_texts(record: Record, tokenizer) -> tuple[str, str, str]:
-    """(prompt, prompt + chosen, prompt + rejected) as text, rendered as TRL renders them."""
-    if not record.conversational:
-        eos = tokenizer.eos_token
-        chosen = record.chosen if record.chosen.endswith(eos) else record.chosen + eos
-        rejected = record.rejected if record.rejected.endswith(eos) else record.rejected + eos
-        return record.prompt, record.prompt + chosen, record.prompt + rejected
-    if tokenizer.chat_template is None:
-        raise DataError(
-            f"{record.location}: the record is a chat conversation but the tokenizer has no chat template; "
-            "use a tokenizer with one (Qwen's instruct tokenizers have it) or plain-string records"
-        )
-    prompt = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
-    full_chosen = tokenizer.apply_chat_template(record.prompt + record.chosen, tokenize=False)
-    full_rejected = tokenizer.apply_chat_template(record.prompt + record.rejected, tokenize=False)
-    for name, full in (("chosen", full_chosen), ("rejected", full_rejected)):
-        if not full.startswith(prompt):
-            raise DataError(
-                f"{record.location}: the chat template renders the prompt (with the generation prompt) "
-                f"differently from the start of prompt + {name}, so the completion has no clean start. "
-                f"Prompt ends with {prompt[-40:]!r}; the conversation continues {full[len(prompt) - 40:len(prompt)]!r}. "
-                "Qwen3's template does this with thinking tags: pass enable_thinking consistently or use a "
-                "template whose generation prompt matches how it renders the assistant turn"
-            )
-    return prompt, full_chosen, full_rejected
-
-
-def _encode(tokenizer, texts: list[str], conversational: bool) -> list[list[int]]:
-    # Chat text already holds its special tokens; plain text gets the tokenizer's own (TRL does the same).
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=not conversational)["input_ids"]
-
-
-def _truncate(ids: list[int], prompt_len: int, max_len: int, mode: str) -> tuple[list[int], int]:
-    if len(ids) <= max_len:
-        return ids, prompt_len
-    if mode == "keep_start":
-        return ids[:max_len], min(prompt_len, max_len)
-    cut = len(ids) - max_len
-    return ids[cut:], max(prompt_len - cut, 0)
-
-
-def example_from_ids(record: Record, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
-                     max_seq_length: int, truncation_mode: str, stats: TokenizeStats) -> PreferenceExample | None:
-    """One record's encoded prompt, prompt + chosen and prompt + rejected -> `PreferenceExample`, or None when
-    truncation leaves no completion token."""
-    prompt_len = min(prefix_sharing.common_prefix_length(prompt_ids, chosen_ids), prefix_sharing.common_prefix_length(prompt_ids, rejected_ids))
-    stats.total += 1
-    stats.boundary_merges += prompt_len < len(prompt_ids)
-    if len(chosen_ids) == prompt_len or len(rejected_ids) == prompt_len:
-        raise DataError(f"{record.location}: a completion renders to no tokens")
-    stats.truncated += max(len(chosen_ids), len(rejected_ids)) > max_seq_length
-    chosen_ids, chosen_prompt_len = _truncate(chosen_ids, prompt_len, max_seq_length, truncation_mode)
-    rejected_ids, rejected_prompt_len = _truncate(rejected_ids, prompt_len, max_seq_length, truncation_mode)
-    if chosen_prompt_len >= len(chosen_ids) or rejected_prompt_len >= len(rejected_ids):
-        stats.dropped_prompt_too_long += 1
-        return None
-    return PreferenceExample(record.uid, chosen_ids, chosen_prompt_len, rejected_ids, rejected_prompt_len)
-
-
-def tokenize_record(record: Record, tokenizer, max_seq_length: int, truncation_mode: str, stats: TokenizeStats):
-    """One record -> `PreferenceExample`, or None when truncation leaves no completion token."""
-    texts = render_texts(record, tokenizer)
-    prompt_ids, chosen_ids, rejected_ids = _encode(tokenizer, list(texts), record.conversational)
-    return example_from_ids(record, prompt_ids, chosen_ids, rejected_ids, max_seq_length, truncation_mode, stats)
-
-
-def _encode_rendered(tokenizer, rendered: list[tuple[Record, tuple[str, str, str]]]) -> list[tuple[list[int], ...]]:
-    """The (prompt, chosen, rejected) ids of each rendered record, in the records' order: one tokenizer call per
-    side for the chat records and one for the plain ones (they differ in special tokens)."""
-    encoded: list[tuple[list[int], ...]] = [()] * len(rendered)
-    for conversational in (True, False):
-        positions = [i for i, (record, _) in enumerate(rendered) if record.conversational == conversational]
-        sides = [_encode(tokenizer, [rendered[i][1][side] for i in positions], conversational) for side in range(3)]
-        for i, ids in zip(positions, zip(*sides)):
-            encoded[i] = ids
-    return encoded
-
-
-def tokenize_records(records: list[Record], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool):
-    """All records -> an `ExampleStore`, plus stats. A record that cannot render fails (or is skipped and counted).
-
-    The same result as `tokenize_record` on each record in turn, in the same order; the texts are encoded
-    ENCODE_BATCH_RECORDS records at a time."""
-    stats = TokenizeStats()
-    examples = ExampleStore()
-    render_failures = 0
-    for first in range(0, len(records), ENCODE_BATCH_RECORDS):
-        rendered: list[tuple[Record, tuple[str, str, str]]] = []
-        for record in records[first : first + ENCODE_BATCH_RECORDS]:
-            try:
-                rendered.append((record, render_texts(record, tokenizer)))
-            except DataError:
-                if not skip_invalid:
-                    raise
-                render_failures += 1
-        for (record, _), (prompt_ids, chosen_ids, rejected_ids) in zip(rendered, _encode_rendered(tokenizer, rendered)):
-            try:
-                example = example_from_ids(record, prompt_ids, chosen_ids, rejected_ids, max_seq_length, truncation_mode, stats)
-            except DataError:
-                if not skip_invalid:
-                    raise
-                render_failures += 1
-                continue
-            if example is not None:
-                examples.append(example)
-    return examples, stats, render_failures
 
 
 def collate(
@@ -434,118 +274,6 @@ def eval_batches(examples: Sequence[PreferenceExample], rank: int, world_size: i
         weights = [1.0] * len(chunk) + [0.0] * (micro_batch - len(chunk))
         chunk = chunk + [examples[0]] * (micro_batch - len(chunk))
         yield collate_fn(chunk, pad_token_id, weights)
-
-
-def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool, logger,
-                  split: str, validator=validate, cache_root: Path | None = None, write_cache: bool = False,
-                  shards: TokenizeShards | None = None) -> ExampleStore:
-    """Read, validate and tokenize one split; report everything that was skipped or cut.
-    SFT files (`validator=validate_sft`) become examples whose chosen side is the completion.
-
-    With `cache_root`, a split tokenized before with the same data, tokenizer, settings and code is mapped
-    from there instead (split_cache.py), its report logged again; `write_cache` (rank 0) stores a new one.
-    With `shards` (more than one rank, all calling this alike), a split that has to be tokenized is tokenized
-    by all of them, a block of records each, and exchanged: every rank gets the same pairs, the same report
-    and the same error as one process would, for 1/count of the tokenizing."""
-    together = shards is not None and shards.count > 1
-    key = split_cache.split_key(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, validator.__name__) if cache_root else None
-    directory = cache_root / f"{split}-{key}" if key else None
-    cached = split_cache.read(directory) if directory else None
-    if together and cache_root is not None and not all(shards.gather(cached is not None)):
-        cached = None  # a rank without the copy (another node's output_dir, a missing file): tokenize together
-    if cached is not None:
-        examples, lines = cached
-        lines = lines + [f"{split}: tokenized pairs mapped from {directory}"]
-    else:
-        examples, lines = _tokenize_split(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, split, validator,
-                                          shards if together else None)
-    for line in lines:
-        logger.info(line)
-    if cached is None and together:
-        logger.info(f"{split}: tokenized by {shards.count} ranks, a block of the records each")
-    if not examples:
-        raise UserError(f"{split}: no usable preference pairs in {', '.join(files)}")
-    if cached is None and directory and write_cache:
-        problem = split_cache.write(directory, examples, lines)
-        if problem:
-            logger.info(f"{split}: could not keep the tokenized pairs in {directory} ({problem}); a restart tokenizes again")
-    return examples
-
-
-def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
-                    split: str, validator, shards: TokenizeShards | None = None) -> tuple[ExampleStore, list[str]]:
-    """The split's pairs and the lines that report what was skipped, cut or dropped."""
-
-    def tokenize_block() -> tuple[ExampleStore, TokenizeStats, int, dict[str, int]]:
-        records, skipped = read_records(files, skip_invalid, validator)  # every rank reads all: the same skips
-        first, end = shards.block(len(records)) if shards else (0, len(records))
-        return *tokenize_records(records[first:end], tokenizer, max_seq_length, truncation_mode, skip_invalid), skipped
-
-    examples, stats, render_failures, skipped = tokenize_block() if shards is None else _tokenize_together(tokenize_block, shards)
-    lines = [f"{split}: {len(examples)} pairs from {len(files)} file(s)"]
-    for reason, count in skipped.items():
-        lines.append(f"{split}: skipped {count} invalid record(s): {reason}")
-    if render_failures:
-        lines.append(f"{split}: skipped {render_failures} record(s) the chat template could not render cleanly")
-    if stats.truncated:
-        lines.append(f"{split}: {stats.truncated} pair(s) longer than training.max_seq_length were truncated")
-    if stats.dropped_prompt_too_long:
-        lines.append(
-            f"{split}: dropped {stats.dropped_prompt_too_long} pair(s) whose prompt alone fills "
-            f"training.max_seq_length={max_seq_length} (no completion token left)"
-        )
-    return examples, lines
-
-
-def _tokenize_together(tokenize_block: Callable[[], tuple], shards: TokenizeShards):
-    """Every rank's block, joined in rank order (= file order). A bad record raises the same `DataError` on every
-    rank: the first in file order, which is the lowest rank's (a block raises at its first bad record), as one
-    process would. A bug on one rank still takes part in the exchange before it raises, so the others stop
-    with it instead of waiting for its block until the collective timeout.
-
-    The ranks first exchange what each block holds (pair and token counts, uids, report numbers), then every
-    block's ids are broadcast straight into their place in one set of arrays: no rank holds the split twice."""
-    bug = None
-    try:
-        outcome = tokenize_block()
-    except DataError as err:
-        outcome = err
-    except Exception as err:
-        outcome, bug = f"{type(err).__name__}: {err}", err
-    if isinstance(outcome, tuple):
-        block, stats, render_failures, skipped = outcome
-        outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
-    headers = shards.gather(outcome)
-    if bug is not None:
-        raise bug
-    for rank, header in enumerate(headers):
-        if isinstance(header, DataError):
-            raise header
-        if isinstance(header, str):
-            raise RuntimeError(f"rank {rank} failed while tokenizing its block of the records ({header}); its own "
-                               "output has the traceback")
-    pair_ends = np.cumsum([0] + [len(header[0]) for header in headers]).tolist()
-    token_ends = np.cumsum([0] + [header[1] for header in headers]).tolist()
-    tokens = np.empty(token_ends[-1], dtype=np.int32)
-    starts = np.zeros(pair_ends[-1] + 1, dtype=np.int64)  # pair i's ids are tokens[starts[i]:starts[i + 1]]
-    shape = np.empty(3 * pair_ends[-1], dtype=np.int32)
-    first_pair, first_token = pair_ends[shards.rank], token_ends[shards.rank]
-    own_tokens, own_starts, own_shape = block.arrays()
-    tokens[first_token : first_token + len(own_tokens)] = own_tokens
-    starts[first_pair + 1 : first_pair + len(own_starts)] = own_starts[1:] + first_token
-    shape[3 * first_pair : 3 * first_pair + len(own_shape)] = own_shape
-    del block, own_tokens, own_starts, own_shape
-    for source in range(shards.count):
-        pairs, token_span = slice(pair_ends[source], pair_ends[source + 1]), slice(token_ends[source], token_ends[source + 1])
-        shards.broadcast(tokens[token_span], source)
-        shards.broadcast(starts[pairs.start + 1 : pairs.stop + 1], source)
-        shards.broadcast(shape[3 * pairs.start : 3 * pairs.stop], source)
-    stats, render_failures = TokenizeStats(), 0
-    for _, _, block_stats, block_failures, skipped in headers:
-        stats.add(block_stats)
-        render_failures += block_failures
-    examples = ExampleStore.from_arrays([uid for header in headers for uid in header[0]], tokens, starts, shape)
-    return examples, stats, render_failures, skipped
 
 
 def sft_indices(step: int, micro_step: int, rank: int, world_size: int, accumulation: int,

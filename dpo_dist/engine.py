@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dpo_dist.config import Config, LoRAConfig, TrainingConfig
-from dpo_dist.data import TokenizeShards
+from dpo_dist.tokenization import TokenizeShards
 from dpo_dist.errors import UserError
 from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements, zero_stage
 
@@ -235,7 +235,7 @@ def broadcast_array(array: np.ndarray, source: int, device: torch.device) -> Non
 
 
 def tokenize_shards(dist_info: DistInfo) -> TokenizeShards:
-    """How this job's ranks tokenize a split together (data.TokenizeShards), over its process group."""
+    """How this job's ranks tokenize a split together (tokenization.TokenizeShards), over its process group."""
     return TokenizeShards(dist_info.rank, dist_info.world_size, gather_from_each,
                           functools.partial(broadcast_array, device=dist_info.device))
 

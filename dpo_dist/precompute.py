@@ -15,25 +15,27 @@ import time
 
 from dpo_dist import cache as cache_lib
 from dpo_dist import data as data_lib
+from dpo_dist import tokenization
 from dpo_dist.config import Config
 from dpo_dist.engine import (DistInfo, barrier, broadcast_from_main, dtype_name, reduce_floats, resolve_dtype,
                               tokenize_shards, training_ds_config)
 from dpo_dist.errors import UserError
+from dpo_dist.examples import ExampleStore
 from dpo_dist.models import load_tokenizer
 from dpo_dist.reference import build_model_reference, open_fitting_cache
 
 
-def unique_examples(config: Config, tokenizer, logger, dist_info: DistInfo) -> data_lib.ExampleStore:
+def unique_examples(config: Config, tokenizer, logger, dist_info: DistInfo) -> ExampleStore:
     """Train then eval pairs, each uid once (a pair in both splits needs one row). The splits are tokenized as
     training tokenizes them (by all ranks together), and kept for it (`data.cache_tokenized`, written by rank 0)."""
     files = config.data.train_files + config.data.eval_files
     if not files:
         raise UserError("data.train_files and data.eval_files are empty: nothing to precompute")
-    examples, seen = data_lib.ExampleStore(), set()
+    examples, seen = ExampleStore(), set()
     for split, split_files in (("train", config.data.train_files), ("eval", config.data.eval_files)):
         if not split_files:
             continue
-        loaded = data_lib.load_examples(
+        loaded = tokenization.load_examples(
             split_files, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
             config.data.skip_invalid, logger, split, cache_root=config.tokenized_cache_dir, write_cache=dist_info.is_main,
             shards=tokenize_shards(dist_info),

@@ -2,7 +2,7 @@
 
 Tokenizing is the slow part of a start on a big dataset (a few ms a pair, even shared by the ranks), and a
 job that is preempted and requeued starts many times. The first run of a config tokenizes (the ranks a
-block of the records each, `data.TokenizeShards`); rank 0 also writes each split to
+block of the records each, `tokenization.TokenizeShards`); rank 0 also writes each split to
 `<output_dir>/tokenized/<split>-<key>/` (a temp directory, renamed into place when complete, so a
 directory that exists is whole). A later run whose key matches maps those files read-only
 (`ExampleStore.open`): no tokenizing, and the ranks of a node share one copy of the ids.
@@ -25,7 +25,7 @@ from dpo_dist.examples import ExampleStore
 
 FORMAT = 1
 # The modules whose code decides the tokenized pairs.
-_CODE = ("records.py", "data.py", "examples.py", "prefix_sharing.py")
+_CODE = ("records.py", "tokenization.py", "examples.py", "prefix_sharing.py")
 
 
 def _content_sha256(path: Path) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dpo_dist import data as data_lib
+from dpo_dist import tokenization
 from dpo_dist.checkpoint import Checkpointer, TrainerState, export_hf, set_rng_state
 from dpo_dist.config import Config, save_config, yaml_text
 from dpo_dist.engine import (
@@ -29,6 +30,7 @@ from dpo_dist.engine import (
     training_ds_config,
 )
 from dpo_dist.errors import UserError
+from dpo_dist.examples import ExampleStore
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.lora_ops import fused_lora_layers
 from dpo_dist.losses import LOSSES, PreferenceInputs, chosen_nll
@@ -114,11 +116,11 @@ class Trainer:
         config, training = self.config, self.config.training
         if train and not config.data.train_files:
             raise UserError("data.train_files is empty: set it in the config or pass data.train_files=[path.jsonl]")
-        self.train_examples = self._load_split(config.data.train_files, "train") if train else data_lib.ExampleStore()
+        self.train_examples = self._load_split(config.data.train_files, "train") if train else ExampleStore()
         self.sft_examples = (
             self._load_split(config.data.sft_files, "sft", validate_sft) if train and config.data.sft_files else []
         )
-        self.eval_examples = self._load_split(config.data.eval_files, "eval") if config.data.eval_files else data_lib.ExampleStore()
+        self.eval_examples = self._load_split(config.data.eval_files, "eval") if config.data.eval_files else ExampleStore()
         self.global_batch = training.batch_size * self.dist.world_size * training.gradient_accumulation_steps
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_examples), self.global_batch)
         if train and self.steps_per_epoch == 0:
@@ -172,7 +174,7 @@ class Trainer:
 
     def _load_split(self, files: list[str], split: str, validator=validate):
         config = self.config
-        return data_lib.load_examples(
+        return tokenization.load_examples(
             files, self.tokenizer, config.training.max_seq_length, config.data.truncation_mode,
             config.data.skip_invalid, self.logger, split, validator, config.tokenized_cache_dir, self.dist.is_main,
             tokenize_shards(self.dist),

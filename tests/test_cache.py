@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from dpo_dist import cache as cache_lib
 from dpo_dist.config import load_config
-from dpo_dist.data import collate, load_examples
+from dpo_dist.data import collate
+from dpo_dist.tokenization import load_examples
 from dpo_dist.examples import ExampleStore
 from dpo_dist.engine import resolve_dtype
 from dpo_dist.metrics import NullLogger

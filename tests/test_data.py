@@ -3,18 +3,9 @@
 import pytest
 
 from conftest import CHAT_RECORD, MIXED_RECORDS, PLAIN_RECORD
-from dpo_dist import data as data_lib
-from dpo_dist.data import (
-    TokenizeStats,
-    collate,
-    epoch_order,
-    eval_batches,
-    rank_step_indices,
-    render_texts,
-    steps_per_epoch,
-    tokenize_record,
-    tokenize_records,
-)
+from dpo_dist import tokenization
+from dpo_dist.data import collate, epoch_order, eval_batches, rank_step_indices, steps_per_epoch
+from dpo_dist.tokenization import TokenizeStats, render_texts, tokenize_record, tokenize_records
 from dpo_dist.examples import ExampleStore, PreferenceExample
 from dpo_dist.records import DataError
 from test_logps import make_record
@@ -48,7 +39,7 @@ def test_template_that_breaks_the_prefix_fails_clearly(tokenizer, tmp_path):
 def test_batched_tokenization_equals_one_text_at_a_time_in_file_order(tokenizer, monkeypatch):
     """tokenize_records encodes a batch of records per tokenizer call, chat and plain apart: the ids, prompt
     lengths, truncation and order are those of encoding each text alone (the independent computation here)."""
-    monkeypatch.setattr(data_lib, "ENCODE_BATCH_RECORDS", 3)  # batches end inside the data, and mix both kinds
+    monkeypatch.setattr(tokenization, "ENCODE_BATCH_RECORDS", 3)  # batches end inside the data, and mix both kinds
     raws = [MIXED_RECORDS[i % len(MIXED_RECORDS)] | {"rejected": MIXED_RECORDS[i % len(MIXED_RECORDS)]["rejected"] * (1 + i % 2)}
             for i in range(10)]
     records = [make_record(raw, f"test:{i}") for i, raw in enumerate(raws)]

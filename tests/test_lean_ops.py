@@ -42,7 +42,8 @@ def test_lean_model_scores_and_backpropagates_like_the_plain_one(tiny_policy):
     from test_logps import naive_completion_logps
     from conftest import CHAT_RECORD, PLAIN_RECORD
     from test_logps import make_record
-    from dpo_dist.data import TokenizeStats, collate, tokenize_record
+    from dpo_dist.data import collate
+    from dpo_dist.tokenization import TokenizeStats, tokenize_record
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy)

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import CHAT_RECORD, PLAIN_RECORD
-from dpo_dist.data import PairBatch, TokenizeStats, collate, tokenize_record
+from dpo_dist.data import PairBatch, collate
+from dpo_dist.tokenization import TokenizeStats, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.records import Record, record_uid, validate
 

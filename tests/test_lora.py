@@ -10,7 +10,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_dist.data import TokenizeStats, collate, tokenize_record
+from dpo_dist.data import collate
+from dpo_dist.tokenization import TokenizeStats, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.reference import AdapterReference
 from launching import assert_ok, deepspeed_launch, read_metrics, run, torchrun_launch, write_config

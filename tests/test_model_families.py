@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import MIXED_RECORDS
 from dpo_dist.config import LoRAConfig, ModelConfig
-from dpo_dist.data import TokenizeStats, collate, collate_packed, collate_shared_prefix, tokenize_record
+from dpo_dist.data import collate, collate_packed, collate_shared_prefix
+from dpo_dist.tokenization import TokenizeStats, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.lora_ops import _fused_form
 from dpo_dist.models import load_causal_lm, prepare_policy

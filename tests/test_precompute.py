@@ -32,7 +32,7 @@ def tokenized_pairs(config_path):
     from transformers import AutoTokenizer
 
     from dpo_dist.config import load_config
-    from dpo_dist.data import load_examples
+    from dpo_dist.tokenization import load_examples
     from dpo_dist.metrics import NullLogger
 
     config = load_config(config_path)

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import MIXED_RECORDS, PLAIN_RECORD
 from dpo_dist import prefix_sharing
-from dpo_dist.data import TokenizeStats, collate, collate_shared_prefix, tokenize_record
+from dpo_dist.data import collate, collate_shared_prefix
+from dpo_dist.tokenization import TokenizeStats, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
 from launching import assert_ok, python_launch, read_metrics, run, write_config
 from test_logps import host_reads, make_record, naive_completion_logps

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import MIXED_RECORDS, PLAIN_RECORD, write_jsonl
-from dpo_dist import data as data_lib
+from dpo_dist import tokenization
 from dpo_dist import split_cache
 from dpo_dist.records import validate, validate_sft
 
@@ -26,7 +26,7 @@ def records(count):
 
 def load(path, tokenizer, root, write=True, max_len=40, logger=None):
     logger = logger or Lines()
-    store = data_lib.load_examples([str(path)], tokenizer, max_len, "keep_start", False, logger, "train", validate, root, write)
+    store = tokenization.load_examples([str(path)], tokenizer, max_len, "keep_start", False, logger, "train", validate, root, write)
     return store, logger.lines
 
 
@@ -37,7 +37,7 @@ def test_second_load_maps_the_first_ones_pairs_without_tokenizing(tokenizer, tmp
     [stored] = list((tmp_path / "tokenized").iterdir())
     assert stored.name.startswith("train-")
 
-    monkeypatch.setattr(data_lib, "tokenize_records", lambda *a, **k: pytest.fail("tokenized again"))
+    monkeypatch.setattr(tokenization, "tokenize_records", lambda *a, **k: pytest.fail("tokenized again"))
     second, second_lines = load(path, tokenizer, tmp_path / "tokenized")
     assert list(second) == list(first) and second.token_counts == first.token_counts
     assert second_lines == first_lines + [f"train: tokenized pairs mapped from {stored}"]

@@ -7,7 +7,7 @@ import json
 import sys
 
 from conftest import MIXED_RECORDS, PLAIN_RECORD, write_jsonl
-from dpo_dist import data as data_lib
+from dpo_dist import tokenization
 from dpo_dist.errors import UserError
 from dpo_dist.records import validate
 from launching import ROOT, assert_ok, free_port, run
@@ -17,7 +17,7 @@ import dataclasses, json, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from transformers import AutoTokenizer
-from dpo_dist import data as data_lib
+from dpo_dist import tokenization
 from dpo_dist.engine import init_distributed, shutdown_distributed, tokenize_shards
 from dpo_dist.records import validate
 
@@ -33,13 +33,13 @@ def broken_tokenize(*args, **kwargs):
 work = Path(sys.argv[1])
 info = init_distributed(2)
 shards = tokenize_shards(info)
-real_tokenize, results = data_lib.tokenize_records, {{}}
+real_tokenize, results = tokenization.tokenize_records, {{}}
 for case in json.loads((work / "cases.json").read_text()):
-    data_lib.tokenize_records = broken_tokenize if case.get("bug_on_rank") == info.rank else real_tokenize
+    tokenization.tokenize_records = broken_tokenize if case.get("bug_on_rank") == info.rank else real_tokenize
     tokenizer, logger = AutoTokenizer.from_pretrained(case["tokenizer"]), Lines()
     root = case["roots"][info.rank]
     try:
-        store = data_lib.load_examples([case["data"]], tokenizer, 40, "keep_start", case["skip_invalid"], logger, "train",
+        store = tokenization.load_examples([case["data"]], tokenizer, 40, "keep_start", case["skip_invalid"], logger, "train",
                                        validate, Path(root) if root else None, info.is_main, shards)
         results[case["name"]] = {{"pairs": [dataclasses.astuple(e) for e in store], "lines": logger.lines}}
     except Exception as err:
@@ -67,7 +67,7 @@ def alone(case):
 
     logger = Lines()
     try:
-        store = data_lib.load_examples([case["data"]], AutoTokenizer.from_pretrained(case["tokenizer"]), 40, "keep_start",
+        store = tokenization.load_examples([case["data"]], AutoTokenizer.from_pretrained(case["tokenizer"]), 40, "keep_start",
                                        case["skip_invalid"], logger, "train", validate)
     except UserError as err:
         return f"{type(err).__name__}: {err}"
@@ -138,6 +138,6 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
 def test_blocks_cover_the_records_once_in_order():
     for count in (0, 1, 2, 7, 9, 64):
         for ranks in (1, 2, 3, 8):
-            blocks = [data_lib.TokenizeShards(rank, ranks, None, None).block(count) for rank in range(ranks)]
+            blocks = [tokenization.TokenizeShards(rank, ranks, None, None).block(count) for rank in range(ranks)]
             assert [i for first, end in blocks for i in range(first, end)] == list(range(count))
             assert max(end - first for first, end in blocks) - min(end - first for first, end in blocks) <= 1
