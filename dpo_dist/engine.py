@@ -221,6 +221,8 @@ def broadcast_array(array: np.ndarray, source: int, device: torch.device) -> Non
     the device, at most 256 MiB at a time. For setup-time exchanges (tokenized data), not the hot path."""
     import torch.distributed as dist
 
+    if not array.flags.c_contiguous:  # a reshaped copy would be filled instead, and the data silently lost
+        raise ValueError("broadcast_array fills its array in place: pass a contiguous one")
     if not dist.is_initialized() or dist.get_world_size() == 1 or array.size == 0:
         return
     host = torch.from_numpy(array.reshape(-1).view(np.uint8))

@@ -245,20 +245,15 @@ def _tokenize_together(tokenize_block: Callable[[], tuple], shards: TokenizeShar
     """Every rank's block, joined in rank order (= file order). A bad record raises the same `DataError` on every
     rank: the first in file order, which is the lowest rank's (a block raises at its first bad record), as one
     process would. A bug on one rank still takes part in the exchange before it raises, so the others stop
-    with it instead of waiting for its block until the collective timeout.
-
-    The ranks first exchange what each block holds (pair and token counts, uids, report numbers), then every
-    block's ids are broadcast straight into their place in one set of arrays: no rank holds the split twice."""
-    bug = None
+    with it instead of waiting for its block until the collective timeout."""
+    bug, block = None, None
     try:
-        outcome = tokenize_block()
+        block, stats, render_failures, skipped = tokenize_block()
+        outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
     except DataError as err:
         outcome = err
     except Exception as err:
         outcome, bug = f"{type(err).__name__}: {err}", err
-    if isinstance(outcome, tuple):
-        block, stats, render_failures, skipped = outcome
-        outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
     headers = shards.gather(outcome)
     if bug is not None:
         raise bug
@@ -268,6 +263,18 @@ def _tokenize_together(tokenize_block: Callable[[], tuple], shards: TokenizeShar
         if isinstance(header, str):
             raise RuntimeError(f"rank {rank} failed while tokenizing its block of the records ({header}); its own "
                                "output has the traceback")
+    examples = _join_blocks(block, headers, shards)
+    stats, render_failures = TokenizeStats(), 0
+    for _, _, block_stats, block_failures, _ in headers:
+        stats.add(block_stats)
+        render_failures += block_failures
+    return examples, stats, render_failures, headers[0][4]  # every rank read all records: the same skip counts
+
+
+def _join_blocks(block: ExampleStore, headers: list[tuple], shards: TokenizeShards) -> ExampleStore:
+    """One store of every rank's block, in rank order: this rank's copied into its place in the final arrays, the
+    others' broadcast straight into theirs, so no rank holds the split twice. `headers` are every rank's
+    (uids, token count, ...)."""
     pair_ends = np.cumsum([0] + [len(header[0]) for header in headers]).tolist()
     token_ends = np.cumsum([0] + [header[1] for header in headers]).tolist()
     tokens = np.empty(token_ends[-1], dtype=np.int32)
@@ -278,15 +285,9 @@ def _tokenize_together(tokenize_block: Callable[[], tuple], shards: TokenizeShar
     tokens[first_token : first_token + len(own_tokens)] = own_tokens
     starts[first_pair + 1 : first_pair + len(own_starts)] = own_starts[1:] + first_token
     shape[3 * first_pair : 3 * first_pair + len(own_shape)] = own_shape
-    del block, own_tokens, own_starts, own_shape
     for source in range(shards.count):
-        pairs, token_span = slice(pair_ends[source], pair_ends[source + 1]), slice(token_ends[source], token_ends[source + 1])
-        shards.broadcast(tokens[token_span], source)
-        shards.broadcast(starts[pairs.start + 1 : pairs.stop + 1], source)
-        shards.broadcast(shape[3 * pairs.start : 3 * pairs.stop], source)
-    stats, render_failures = TokenizeStats(), 0
-    for _, _, block_stats, block_failures, skipped in headers:
-        stats.add(block_stats)
-        render_failures += block_failures
-    examples = ExampleStore.from_arrays([uid for header in headers for uid in header[0]], tokens, starts, shape)
-    return examples, stats, render_failures, skipped
+        first_pair, end_pair = pair_ends[source], pair_ends[source + 1]
+        shards.broadcast(tokens[token_ends[source] : token_ends[source + 1]], source)
+        shards.broadcast(starts[first_pair + 1 : end_pair + 1], source)
+        shards.broadcast(shape[3 * first_pair : 3 * end_pair], source)
+    return ExampleStore.from_arrays([uid for header in headers for uid in header[0]], tokens, starts, shape)
