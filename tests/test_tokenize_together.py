@@ -141,3 +141,15 @@ def test_blocks_cover_the_records_once_in_order():
             blocks = [tokenization.TokenizeShards(rank, ranks, None, None).block(count) for rank in range(ranks)]
             assert [i for first, end in blocks for i in range(first, end)] == list(range(count))
             assert max(end - first for first, end in blocks) - min(end - first for first, end in blocks) <= 1
+
+
+def test_broadcast_array_refuses_an_array_it_could_not_fill_in_place():
+    import numpy as np
+    import pytest
+    import torch
+
+    from dpo_dist.engine import broadcast_array
+
+    with pytest.raises(ValueError, match="contiguous"):
+        broadcast_array(np.arange(10, dtype=np.int32)[::2], 0, torch.device("cpu"))
+    broadcast_array(np.arange(10, dtype=np.int32)[2:6], 0, torch.device("cpu"))  # a contiguous slice is fine
