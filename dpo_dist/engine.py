@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from dpo_dist.config import Config, LoRAConfig, TrainingConfig
-from dpo_dist.tokenization import TokenizeShards
 from dpo_dist.errors import UserError
 from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements, zero_stage
+from dpo_dist.tokenization import TokenizeShards
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -82,4 +82,3 @@ def write(directory: Path, examples: ExampleStore, lines: list[str]) -> str | No
             return None
         return f"{type(err).__name__}: {err}"
     return None
-
