@@ -14,6 +14,7 @@ from launching import ROOT, assert_ok, free_port, run
 
 WORKER = """
 import dataclasses, json, sys
+import torch.distributed
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from transformers import AutoTokenizer
@@ -44,6 +45,8 @@ for case in json.loads((work / "cases.json").read_text()):
         results[case["name"]] = {{"pairs": [dataclasses.astuple(e) for e in store], "lines": logger.lines}}
     except Exception as err:
         results[case["name"]] = {{"error": f"{{type(err).__name__}}: {{err}}", "lines": logger.lines}}
+    # A real restart is a new launch, after rank 0 stored the split: don't let rank 1 look before the rename
+    torch.distributed.barrier()
 (work / f"rank{{info.rank}}.json").write_text(json.dumps(results))
 shutdown_distributed()
 """
