@@ -10,7 +10,9 @@ directory that exists is whole). A later run whose key matches maps those files 
 The key is the sha256 of everything the tokenized pairs depend on: the data files' contents, the
 tokenizer and its chat template, max_seq_length, truncation_mode, skip_invalid, the record kind
 (preference or SFT) and the source of the code that reads and tokenizes (so a change to that code
-never meets an old cache). A key that differs is simply another directory.
+never meets an old cache). A key that differs is simply another directory. The same description
+(`describe`, before it is hashed) is what the ranks compare to make sure they all read the same split
+(`differences` says what differs, for the error).
 """
 
 from __future__ import annotations
@@ -36,21 +38,55 @@ def _content_sha256(path: Path) -> str:
     return sha256_text(json.dumps([[str(p.relative_to(path)), sha256_file(p)] for p in files]))
 
 
-def split_key(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
-              record_kind: str) -> str | None:
-    """16 hex digits naming the tokenized split, or None when a data file is missing (reading it says so)."""
+def describe(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
+             record_kind: str) -> dict | None:
+    """Everything the tokenized pairs depend on, as hashes (small enough to exchange between ranks), or None
+    when a data file is missing (reading it says so)."""
     paths = [Path(name) for name in files]
     if not all(path.exists() for path in paths):
         return None
     package = Path(__file__).parent
-    described = {
+    return {
         "format": FORMAT,
         "code": sha256_text("".join((package / name).read_text() for name in _CODE)),
         "files": [[name, _content_sha256(path)] for name, path in zip(files, paths)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": [max_seq_length, truncation_mode, skip_invalid, record_kind],
     }
-    return sha256_text(json.dumps(described, sort_keys=True))[:16]
+
+
+def key_of(description: dict) -> str:
+    """16 hex digits naming the tokenized split `description` describes: its directory's suffix."""
+    return sha256_text(json.dumps(description, sort_keys=True))[:16]
+
+
+def split_key(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
+              record_kind: str) -> str | None:
+    """The key of the split these inputs make, or None when a data file is missing."""
+    description = describe(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, record_kind)
+    return key_of(description) if description is not None else None
+
+
+def differences(first: dict, second: dict) -> list[str]:
+    """What differs between two ranks' descriptions of one split, in words a user can act on."""
+    found = []
+    first_names, second_names = [name for name, _ in first["files"]], [name for name, _ in second["files"]]
+    if first_names != second_names:  # each node brought its own config
+        found.append(f"the data files the config names ({', '.join(first_names)} vs {', '.join(second_names)})")
+    else:
+        for (name, first_hash), (_, second_hash) in zip(first["files"], second["files"]):
+            if first_hash != second_hash:
+                found.append(f"the contents of {name}")
+    if first["tokenizer"]["sha256"] != second["tokenizer"]["sha256"]:
+        found.append("the tokenizer (vocabulary or special tokens)")
+    if first["tokenizer"]["chat_template_sha256"] != second["tokenizer"]["chat_template_sha256"]:
+        found.append("the tokenizer's chat template")
+    if first["settings"] != second["settings"]:
+        found.append(f"the settings (max_seq_length, truncation_mode, skip_invalid, kind: {first['settings']} vs "
+                     f"{second['settings']})")
+    if first["code"] != second["code"] or first["format"] != second["format"]:
+        found.append("dpo-dist's code (another version installed)")
+    return found
 
 
 def read(directory: Path) -> tuple[ExampleStore, list[str]] | None:

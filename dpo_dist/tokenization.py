@@ -25,6 +25,7 @@ pairs are data.py's.
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,13 +191,19 @@ def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_m
     from there instead (split_cache.py), its report logged again; `write_cache` (rank 0) stores a new one.
     With `shards` (more than one rank, all calling this alike), a split that has to be tokenized is tokenized
     by all of them, a block of records each, and exchanged: every rank gets the same pairs, the same report
-    and the same error as one process would, for 1/count of the tokenizing."""
+    and the same error as one process would, for 1/count of the tokenizing. The ranks first check that they
+    all read the same split (data contents, tokenizer, settings, code) and refuse to start if not."""
     together = shards is not None and shards.count > 1
-    key = split_cache.split_key(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, validator.__name__) if cache_root else None
-    directory = cache_root / f"{split}-{key}" if key else None
+    description = None
+    if cache_root is not None or together:
+        description = split_cache.describe(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, validator.__name__)
+    directory = cache_root / f"{split}-{split_cache.key_of(description)}" if cache_root and description else None
     cached = split_cache.read(directory) if directory else None
-    if together and cache_root is not None and not all(shards.gather(cached is not None)):
-        cached = None  # a rank without the copy (another node's output_dir, a missing file): tokenize together
+    if together:
+        views = shards.gather((description, cached is not None, socket.gethostname()))
+        _refuse_different_splits(split, views)
+        if not all(has_copy for _, has_copy, _ in views):
+            cached = None  # a rank without the copy (another node's output_dir, a missing file): tokenize together
     if cached is not None:
         examples, lines = cached
         lines = lines + [f"{split}: tokenized pairs mapped from {directory}"]
@@ -214,6 +221,25 @@ def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_m
         if problem:
             logger.info(f"{split}: could not keep the tokenized pairs in {directory} ({problem}); a restart tokenizes again")
     return examples
+
+
+def _refuse_different_splits(split: str, views: list[tuple]) -> None:
+    """Every rank must read the same split (nodes with their own copies of the data, tokenizer, config or code
+    can drift apart); a rank that does not would train on pairs the others never see, or join blocks of two
+    datasets. `views` are every rank's (description, has stored copy, host); a missing file (None) is left to
+    reading, which names it."""
+    described = [(rank, view[0], view[2]) for rank, view in enumerate(views) if view[0] is not None]
+    if not described:
+        return
+    first_rank, first, first_host = described[0]
+    for rank, description, host in described[1:]:
+        if description != first:
+            differing = split_cache.differences(first, description) or ["what the split is made of"]
+            raise UserError(
+                f"{split}: rank {rank} on {host} does not read what rank {first_rank} on {first_host} reads: "
+                f"{'; '.join(differing)} differ. Give every node the same data files, tokenizer, config and "
+                "dpo-dist version (copy them alike, or put them on a shared file system)"
+            )
 
 
 def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,

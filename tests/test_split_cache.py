@@ -84,3 +84,32 @@ def test_half_written_or_damaged_split_is_not_trusted(tokenizer, tmp_path):
     again, lines = load(path, tokenizer, root, write=False)
     assert list(again) == list(first) and not any("mapped from" in line for line in lines)
     json.loads((stored / "report.json").read_text())  # the report itself was not touched
+
+
+def test_differences_name_what_two_ranks_read_differently(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", records(3))
+
+    def describe(files=(str(path),), tok=tokenizer, max_len=40):
+        return split_cache.describe(list(files), tok, max_len, "keep_start", False, "validate")
+
+    base = describe()
+    assert split_cache.differences(base, describe()) == []
+    other_template = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other_template.chat_template = tokenizer.chat_template + " "
+    assert split_cache.differences(base, describe(tok=other_template)) == ["the tokenizer's chat template"]
+    other_vocab = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other_vocab.add_tokens(["<an_added_token>"])
+    assert split_cache.differences(base, describe(tok=other_vocab)) == ["the tokenizer (vocabulary or special tokens)"]
+    assert split_cache.differences(base, describe(max_len=41)) == [
+        "the settings (max_seq_length, truncation_mode, skip_invalid, kind: [40, 'keep_start', False, 'validate'] vs "
+        "[41, 'keep_start', False, 'validate'])"
+    ]
+    renamed = write_jsonl(tmp_path / "copy.jsonl", records(3))
+    assert split_cache.differences(base, describe(files=[str(renamed)])) == [
+        f"the data files the config names ({path} vs {renamed})"
+    ]
+    other_code = base | {"code": "0" * 64}
+    assert split_cache.differences(base, other_code) == ["dpo-dist's code (another version installed)"]
+    write_jsonl(path, records(3)[:2] + [records(3)[2] | {"rejected": "other"}])  # another node's copy of the file
+    changed = describe(max_len=41)
+    assert split_cache.differences(base, changed)[0] == f"the contents of {path}" and len(split_cache.differences(base, changed)) == 2

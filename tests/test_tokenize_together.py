@@ -4,6 +4,7 @@ which this test computes in its own process as the independent reference."""
 
 import dataclasses
 import json
+import socket
 import sys
 
 from conftest import MIXED_RECORDS, PLAIN_RECORD, write_jsonl
@@ -13,7 +14,7 @@ from dpo_dist.records import validate
 from launching import ROOT, assert_ok, free_port, run
 
 WORKER = """
-import dataclasses, json, sys
+import dataclasses, json, os, sys
 import torch.distributed
 from pathlib import Path
 sys.path.insert(0, {root!r})
@@ -39,6 +40,7 @@ for case in json.loads((work / "cases.json").read_text()):
     tokenization.tokenize_records = broken_tokenize if case.get("bug_on_rank") == info.rank else real_tokenize
     tokenizer, logger = AutoTokenizer.from_pretrained(case["tokenizer"]), Lines()
     root = case["roots"][info.rank]
+    os.chdir(case.get("cwd", [str(work), str(work)])[info.rank])  # a relative data path: each "node" its own copy
     try:
         store = tokenization.load_examples([case["data"]], tokenizer, 40, "keep_start", case["skip_invalid"], logger, "train",
                                        validate, Path(root) if root else None, info.is_main, shards)
@@ -89,6 +91,11 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
     late = str(write_jsonl(tmp_path / "late.jsonl", records(9, chat_at={6})))  # rows 4-8 are rank 1's block
     both = str(write_jsonl(tmp_path / "both.jsonl", records(9, chat_at={1, 6})))
     shared, node1 = str(tmp_path / "shared"), str(tmp_path / "node1")
+    node_a, node_a_copy, node_b = (tmp_path / "a", tmp_path / "a_copy", tmp_path / "b")
+    for node, chat_at in [(node_a, {2, 7}), (node_a_copy, {2, 7}), (node_b, {6})]:
+        node.mkdir()
+        write_jsonl(node / "train.jsonl", records(9, chat_at=chat_at))
+    node_a, node_a_copy, node_b = str(node_a), str(node_a_copy), str(node_b)
     cases = [
         {"name": "first", "data": good, "tokenizer": str(tiny_policy), "roots": [shared, shared], "skip_invalid": False},
         {"name": "restart", "data": good, "tokenizer": str(tiny_policy), "roots": [shared, shared], "skip_invalid": False},
@@ -102,6 +109,13 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
          "skip_invalid": True},
         {"name": "bug_on_rank1", "data": good, "tokenizer": str(tiny_policy), "roots": [None, None], "skip_invalid": False,
          "bug_on_rank": 1},
+        # each "node" has its own copy of train.jsonl: alike, they work as one file; different, every rank refuses
+        {"name": "same_copies", "data": "train.jsonl", "tokenizer": str(tiny_policy), "roots": [None, None],
+         "skip_invalid": False, "cwd": [node_a, node_a_copy]},
+        {"name": "other_copy_on_rank1", "data": "train.jsonl", "tokenizer": str(tiny_policy), "roots": [None, None],
+         "skip_invalid": False, "cwd": [node_a, node_b]},
+        {"name": "other_copy_on_rank1_cached", "data": "train.jsonl", "tokenizer": str(tiny_policy), "roots": [shared, shared],
+         "skip_invalid": False, "cwd": [node_a, node_b]},
     ]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     (tmp_path / "worker.py").write_text(WORKER.format(root=str(ROOT)))
@@ -136,6 +150,14 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
         "RuntimeError: rank 1 failed while tokenizing its block of the records (ValueError: a bug in this rank's "
         "tokenizing); its own output has the traceback"
     )
+    host = socket.gethostname()
+    refusal = (f"UserError: train: rank 1 on {host} does not read what rank 0 on {host} reads: the contents of train.jsonl "
+               "differ. Give every node the same data files, tokenizer, config and dpo-dist version (copy them alike, or "
+               "put them on a shared file system)")
+    for rank in ranks:
+        assert rank["same_copies"] == {"pairs": pairs, "lines": lines + [together]}
+        assert rank["other_copy_on_rank1"] == {"error": refusal, "lines": []}
+        assert rank["other_copy_on_rank1_cached"] == {"error": refusal, "lines": []}
 
 
 def test_blocks_cover_the_records_once_in_order():
