@@ -60,13 +60,6 @@ def key_of(description: dict) -> str:
     return sha256_text(json.dumps(description, sort_keys=True))[:16]
 
 
-def split_key(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
-              record_kind: str) -> str | None:
-    """The key of the split these inputs make, or None when a data file is missing."""
-    description = describe(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, record_kind)
-    return key_of(description) if description is not None else None
-
-
 def differences(first: dict, second: dict) -> list[str]:
     """What differs between two ranks' descriptions of one split, in words a user can act on."""
     found = []

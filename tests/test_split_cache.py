@@ -56,7 +56,8 @@ def test_key_moves_with_what_the_pairs_depend_on(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", records(3))
 
     def key(files=(str(path),), tok=tokenizer, max_len=40, mode="keep_start", skip=False, kind="validate"):
-        return split_cache.split_key(list(files), tok, max_len, mode, skip, kind)
+        description = split_cache.describe(list(files), tok, max_len, mode, skip, kind)
+        return split_cache.key_of(description) if description is not None else None
 
     base = key()
     assert base == key() and len(base) == 16
