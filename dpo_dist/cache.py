@@ -92,6 +92,17 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
     return {"sha256": sha256_text(serialized + special), "chat_template_sha256": sha256_text(tokenizer.chat_template or "")}
 
 
+def tokenizer_changes(first: dict, second: dict) -> list[str]:
+    """The parts of two `tokenizer_fingerprint`s that differ, named for a message: "the tokenizer" (its
+    vocabulary, merges or special tokens) and "the chat template"."""
+    changes = []
+    if first["sha256"] != second["sha256"]:
+        changes.append("the tokenizer")
+    if first["chat_template_sha256"] != second["chat_template_sha256"]:
+        changes.append("the chat template")
+    return changes
+
+
 def fingerprint(reference_path: str, tokenizer, max_seq_length: int, truncation_mode: str, dtype: str,
                 data_files: list[str], known_weights: dict | None = None, verify: bool = False) -> dict:
     """Everything the cached reference log-probs depend on (see the module docstring)."""
@@ -114,10 +125,8 @@ def fingerprint_differences(cached: dict, current: dict) -> list[str]:
             f"reference weights differ: the cache was computed from {cached['reference']['path']}, "
             f"this run's reference is {current['reference']['path']} (model.ref_model / model.sft_model)"
         )
-    if cached["tokenizer"]["sha256"] != current["tokenizer"]["sha256"]:
-        differences.append("the tokenizer differs from the one the cache was computed with")
-    if cached["tokenizer"]["chat_template_sha256"] != current["tokenizer"]["chat_template_sha256"]:
-        differences.append("the chat template differs from the one the cache was computed with")
+    for part in tokenizer_changes(cached["tokenizer"], current["tokenizer"]):
+        differences.append(f"{part} differs from the one the cache was computed with")
     for key in ("max_seq_length", "truncation_mode"):
         was, now = cached["tokenization"][key], current["tokenization"][key]
         if was != now:

@@ -22,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from dpo_dist.cache import fsync_path, sha256_file, sha256_text, tokenizer_fingerprint
+from dpo_dist.cache import fsync_path, sha256_file, sha256_text, tokenizer_changes, tokenizer_fingerprint
 from dpo_dist.examples import ExampleStore
 
 FORMAT = 1
@@ -70,10 +70,7 @@ def differences(first: dict, second: dict) -> list[str]:
         for (name, first_hash), (_, second_hash) in zip(first["files"], second["files"]):
             if first_hash != second_hash:
                 found.append(f"the contents of {name}")
-    if first["tokenizer"]["sha256"] != second["tokenizer"]["sha256"]:
-        found.append("the tokenizer (vocabulary or special tokens)")
-    if first["tokenizer"]["chat_template_sha256"] != second["tokenizer"]["chat_template_sha256"]:
-        found.append("the tokenizer's chat template")
+    found.extend(tokenizer_changes(first["tokenizer"], second["tokenizer"]))
     if first["settings"] != second["settings"]:
         found.append(f"the settings (max_seq_length, truncation_mode, skip_invalid, kind: {first['settings']} vs "
                      f"{second['settings']})")

@@ -164,3 +164,19 @@ def test_lora_policy_trains_from_the_cache(cache_run, tmp_path):
                                "lora.r=4", "training.max_steps=3", f"training.output_dir={tmp_path / 'lora'}"))
     assert_ok(result)
     assert "no reference model loaded" in result.stdout and (tmp_path / "lora" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_a_changed_tokenizer_or_chat_template_is_named():
+    base = {"reference": {"path": "ref", "weights": {"model.safetensors": {"sha256": "w"}}},
+            "tokenizer": {"sha256": "vocab", "chat_template_sha256": "template"},
+            "tokenization": {"max_seq_length": 128, "truncation_mode": "keep_start"}, "dtype": "float32"}
+    assert cache_lib.fingerprint_differences(base, base) == []
+    other_template = base | {"tokenizer": {"sha256": "vocab", "chat_template_sha256": "another"}}
+    assert cache_lib.fingerprint_differences(base, other_template) == [
+        "the chat template differs from the one the cache was computed with"
+    ]
+    both = base | {"tokenizer": {"sha256": "another", "chat_template_sha256": "another"}}
+    assert cache_lib.fingerprint_differences(base, both) == [
+        "the tokenizer differs from the one the cache was computed with",
+        "the chat template differs from the one the cache was computed with",
+    ]
