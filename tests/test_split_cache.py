@@ -114,3 +114,21 @@ def test_differences_name_what_two_ranks_read_differently(tokenizer, tmp_path):
     write_jsonl(path, records(3)[:2] + [records(3)[2] | {"rejected": "other"}])  # another node's copy of the file
     changed = describe(max_len=41)
     assert split_cache.differences(base, changed)[0] == f"the contents of {path}" and len(split_cache.differences(base, changed)) == 2
+
+
+def test_a_new_copy_says_how_many_older_copies_of_its_split_are_left_beside_it(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", records(5))
+    root = tmp_path / "tokenized"
+    _, first_lines = load(path, tokenizer, root)
+    assert not any("older tokenized" in line for line in first_lines)
+    eval_logger = Lines()  # another split beside it is not an older copy of this one
+    tokenization.load_examples([str(path)], tokenizer, 40, "keep_start", False, eval_logger, "eval", validate, root, True)
+    assert not any("older tokenized" in line for line in eval_logger.lines)
+    [older] = root.glob("train-*")
+    older_bytes = sum(p.stat().st_size for p in older.iterdir())
+    _, lines = load(path, tokenizer, root, max_len=41)  # another key: stored beside the first
+    assert lines[-1] == (f"train: {root} also holds 1 older tokenized copy of this split ({older_bytes / 2**20:.1f} MiB) "
+                         "that this config no longer reads; delete them unless another run needs them")
+    assert older.is_dir()  # only said, never removed
+    _, mapped_lines = load(path, tokenizer, root, max_len=41)
+    assert not any("older tokenized" in line for line in mapped_lines)  # nothing written, nothing to say
