@@ -114,10 +114,10 @@ def older_copies(directory: Path) -> tuple[int, int]:
     """(how many, bytes) of the other stored copies of `directory`'s split beside it: keys this run no longer
     makes (the data, tokenizer, settings or dpo-dist changed since). Never removed here: another run may still
     read one, and only the user knows."""
-    split = directory.name.rsplit("-", 1)[0]
+    split = directory.name.rsplit("-", 1)[0]  # the split names (train, eval, sft) hold no "-"
     count = size = 0
-    for other in directory.parent.glob(f"{split}-*"):
-        if other != directory and other.is_dir() and other.name.rsplit("-", 1)[0] == split:
+    for other in directory.parent.glob(f"{split}-*"):  # temp directories start with "." and are not matched
+        if other != directory and other.is_dir():
             count += 1
             size += sum(path.stat().st_size for path in other.iterdir() if path.is_file())
     return count, size

@@ -222,8 +222,9 @@ def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_m
             logger.info(f"{split}: could not keep the tokenized pairs in {directory} ({problem}); a restart tokenizes again")
         count, size = split_cache.older_copies(directory)
         if count:
-            logger.info(f"{split}: {directory.parent} also holds {count} older tokenized cop{'y' if count == 1 else 'ies'} of "
-                        f"this split ({size / 2**20:.1f} MiB) that this config no longer reads; delete them unless another run needs them")
+            copies = "copy" if count == 1 else "copies"
+            logger.info(f"{split}: {directory.parent} also holds {count} older tokenized {copies} of this split "
+                        f"({size / 2**20:.1f} MiB) that this config no longer reads; delete them unless another run needs them")
     return examples
 
 

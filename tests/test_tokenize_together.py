@@ -91,11 +91,10 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
     late = str(write_jsonl(tmp_path / "late.jsonl", records(9, chat_at={6})))  # rows 4-8 are rank 1's block
     both = str(write_jsonl(tmp_path / "both.jsonl", records(9, chat_at={1, 6})))
     shared, node1 = str(tmp_path / "shared"), str(tmp_path / "node1")
-    node_a, node_a_copy, node_b = (tmp_path / "a", tmp_path / "a_copy", tmp_path / "b")
-    for node, chat_at in [(node_a, {2, 7}), (node_a_copy, {2, 7}), (node_b, {6})]:
-        node.mkdir()
-        write_jsonl(node / "train.jsonl", records(9, chat_at=chat_at))
-    node_a, node_a_copy, node_b = str(node_a), str(node_a_copy), str(node_b)
+    for node, chat_at in [("a", {2, 7}), ("a_copy", {2, 7}), ("b", {6})]:  # each "node"'s own train.jsonl
+        (tmp_path / node).mkdir()
+        write_jsonl(tmp_path / node / "train.jsonl", records(9, chat_at=chat_at))
+    node_a, node_a_copy, node_b = str(tmp_path / "a"), str(tmp_path / "a_copy"), str(tmp_path / "b")
     cases = [
         {"name": "first", "data": good, "tokenizer": str(tiny_policy), "roots": [shared, shared], "skip_invalid": False},
         {"name": "restart", "data": good, "tokenizer": str(tiny_policy), "roots": [shared, shared], "skip_invalid": False},
