@@ -102,7 +102,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
     )
 
     if pending:
-        reference = build_model_reference(config, dtype, ds_config, dist_info.device)
+        reference = build_model_reference(config, dtype, ds_config, dist_info.device, logger)
         rows_total = sum(len(plan["shards"][i]["uids"]) for i in mine)
         progress = logger.progress(total=rows_total, desc="precompute", unit="row")
         forwards, tokens, started = 0, 0, time.perf_counter()

@@ -25,6 +25,7 @@ from dpo_dist.data import PairBatch
 from dpo_dist.engine import build_inference_engine, dtype_name, reference_ds_config
 from dpo_dist.logps import PairLogps, SequenceLogps, forward_pair
 from dpo_dist.models import load_causal_lm
+from dpo_dist.replicas import agree_with_main
 
 
 class ModelReference:
@@ -39,11 +40,16 @@ class ModelReference:
         return forward_pair(self.scorer, batch)
 
 
-def build_model_reference(config: Config, dtype: torch.dtype, train_ds_config: dict, device) -> ModelReference:
+def build_model_reference(config: Config, dtype: torch.dtype, train_ds_config: dict, device, logger) -> ModelReference:
     ref_ds = reference_ds_config(train_ds_config, config.reference.offload)
     model = load_causal_lm(config.model.reference_path, config.model, dtype, ref_ds)
-    scorer = SequenceLogps(model, config.model.logps_chunk_tokens)
-    return ModelReference(build_inference_engine(scorer, ref_ds, device, config.deepspeed.zero3_whole_layers), model)
+    scorer = build_inference_engine(SequenceLogps(model, config.model.logps_chunk_tokens), ref_ds, device,
+                                    config.deepspeed.zero3_whole_layers)
+    # No engine broadcasts a whole (ZeRO 0-2) reference: without this each rank would score its own node's copy
+    stale_copies = agree_with_main(model, f"reference model {config.model.reference_path}", device)
+    if stale_copies:
+        logger.info(stale_copies)
+    return ModelReference(scorer, model)
 
 
 class AdapterSwitch:

@@ -48,6 +48,7 @@ from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read
 from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes, single_rank_zero3_note
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, load_precomputed_reference
+from dpo_dist.replicas import agree_with_main
 
 
 def seed_everything(seed: int) -> None:
@@ -141,9 +142,12 @@ class Trainer:
                 itertools.chain(self.train_examples.completion_lengths(), self.eval_examples.completion_lengths()), self.logger
             )
         elif mode == "model":
-            self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device)
-        policy = prepare_policy(load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config),
-                                config.model, config.lora)
+            self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device, self.logger)
+        causal_lm = load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config)
+        stale_copies = agree_with_main(causal_lm, f"policy {config.model.policy_path}", self.dist.device)
+        if stale_copies:
+            self.logger.info(stale_copies)
+        policy = prepare_policy(causal_lm, config.model, config.lora)
         self.causal_lm = policy
         scorer = SequenceLogps(policy, config.model.logps_chunk_tokens, config.model.recompute_elementwise,
                                router_top_k=self.shape.experts_per_token if self.router_aux_coef else 0)
