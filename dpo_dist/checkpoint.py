@@ -14,6 +14,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -107,6 +108,7 @@ def consolidated_checkpoint_state(checkpoint_dir: Path) -> dict[str, torch.Tenso
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+SYNCED_REFERENCE = "reference"  # a TR-DPO run's moved reference (reference.sync_steps), in HF layout
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "stopped on a signal after a checkpoint; run me again to resume"
 
 
@@ -174,8 +176,10 @@ class Checkpointer:
     def should_save(self, step: int, last: bool) -> bool:
         return last or (self.training.save_steps > 0 and step % self.training.save_steps == 0)
 
-    def save(self, step: int, engine, state: TrainerState, config_text: str) -> Path:
-        """Collective: every rank calls it with the same step."""
+    def save(self, step: int, engine, state: TrainerState, config_text: str,
+             write_more: Callable[[Path], None] | None = None) -> Path:
+        """Collective: every rank calls it with the same step; `write_more(directory)` (collective too) adds
+        what else the run needs to resume (a TR-DPO reference), inside the directory before it is renamed."""
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
         if self.dist.is_main:
@@ -185,6 +189,8 @@ class Checkpointer:
         barrier()
         engine.save_state(tmp, ENGINE_TAG)
         torch.save(rng_state(), tmp / f"rng_state_rank{self.dist.rank}.pt")
+        if write_more is not None:
+            write_more(tmp)
         barrier()
         if self.dist.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))

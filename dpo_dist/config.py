@@ -122,19 +122,29 @@ class ModelConfig:
         return self.ref_model or self.policy_path
 
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")  # dpo_dist.losses.LOSSES, checked by a test
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")  # dpo_dist.losses.LOSSES, checked by a test
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DPOConfig:
-    beta: float = _opt(0.1, "Strength of the KL penalty toward the reference (DPO's beta; ORPO's lambda).")
-    loss_type: str = _opt(
-        "sigmoid", "Preference loss; simpo and orpo are reference-free (no reference is loaded).", LOSS_TYPES
+    beta: float = _opt(0.1, "Strength of the KL penalty toward the reference (DPO's beta; IPO's tau; ORPO's lambda).")
+    loss_type: list[str] = _opt(
+        ["sigmoid"],
+        "Preference loss, or a list of them summed per pair with dpo.loss_weights (as TRL's; e.g. MPO: "
+        "[sigmoid, bco_pair, sft]); simpo and orpo are reference-free (no reference is loaded) and used alone.",
+        LOSS_TYPES,
     )
-    label_smoothing: float = _opt(0.0, "Assumed label-flip rate for loss_type=robust, in [0, 0.5).")
+    loss_weights: list[float] | None = _opt(None, "Weight of each dpo.loss_type entry (null: 1.0 each).")
+    label_smoothing: float = _opt(
+        0.0, "loss_type robust: the assumed label-flip rate; exo_pair: EXO's epsilon (> 0; the paper uses 1e-3). In [0, 0.5)."
+    )
+    discopop_tau: float = _opt(0.05, "DiscoPOP's temperature tau (the paper's and TRL's default 0.05).")
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma.")
-    sft_weight: float = _opt(0.0, "Weight of the per-token NLL of the chosen completion added to the loss (TRL's rpo_alpha).")
+    sft_weight: float = _opt(
+        0.0, "Weight of the per-token NLL of the chosen completion added to the loss (earlier TRL's rpo_alpha; as sft in dpo.loss_type)."
+    )
     router_aux_loss_coef: float | None = _opt(
         None, "Mixture-of-experts policies: weight of the routers' load-balancing loss added to the loss (TRL's "
         "aux_loss); null: as TRL, the model's router_aux_loss_coef where its config.json sets output_router_logits, else off.")
@@ -144,10 +154,34 @@ class DPOConfig:
             raise UserError(f"dpo.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not self.loss_type:
+            raise UserError("dpo.loss_type is an empty list: name at least one loss (sigmoid is DPO's)")
+        alone = [name for name in self.loss_type if name in REFERENCE_FREE_LOSSES]
+        if alone and len(self.loss_type) > 1:
+            raise UserError(f"dpo.loss_type: {alone[0]} is reference-free and is used alone, not in a list with "
+                            f"{', '.join(name for name in self.loss_type if name != alone[0]) or alone[0]}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise UserError(f"dpo.loss_weights has {len(self.loss_weights)} entries for the {len(self.loss_type)} of "
+                            f"dpo.loss_type ({', '.join(self.loss_type)}): give one weight per loss, or none (1.0 each)")
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0:
+            raise UserError("dpo.loss_type exo_pair needs dpo.label_smoothing > 0: EXO's epsilon, the weight of the "
+                            "flipped label (log 0 is infinite); the paper uses 1e-3")
+        if self.discopop_tau <= 0:
+            raise UserError(f"dpo.discopop_tau must be > 0, got {self.discopop_tau}")
         if self.sft_weight < 0:
             raise UserError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise UserError(f"dpo.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+    @property
+    def reference_free(self) -> bool:
+        """No reference log-probs needed (simpo, orpo: used alone)."""
+        return self.loss_type[0] in REFERENCE_FREE_LOSSES
+
+    @property
+    def weighted_losses(self) -> list[tuple[str, float]]:
+        """(loss name, weight) for each dpo.loss_type entry."""
+        return list(zip(self.loss_type, self.loss_weights or [1.0] * len(self.loss_type)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,10 +314,21 @@ class ReferenceConfig:
     offload: bool = _opt(False, "Keep the reference's parameters on CPU (ZeRO-3 param offload).")
     cache_dir: str | None = _opt(None, "Reference log-prob cache directory; defaults to <training.output_dir>/reference_cache.")
     rows_per_shard: int = _opt(2048, "Pairs per cache shard (the unit precompute resumes at).")
+    sync_steps: int = _opt(
+        0,
+        "TR-DPO (TRL's sync_ref_model / ref_model_sync_steps): every this many optimizer steps the reference "
+        "moves toward the policy, ref = mixup_alpha x policy + (1 - mixup_alpha) x ref. 0: never. Needs a separate "
+        "reference model (reference.mode=model) and full-parameter training; checkpoints then keep the reference.",
+    )
+    mixup_alpha: float = _opt(0.6, "TR-DPO's alpha (TRL's ref_model_mixup_alpha): the policy's share in each sync, in (0, 1].")
 
     def __post_init__(self) -> None:
         if self.rows_per_shard < 1:
             raise UserError(f"reference.rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if self.sync_steps < 0:
+            raise UserError(f"reference.sync_steps must be >= 0 (0: never), got {self.sync_steps}")
+        if not 0.0 < self.mixup_alpha <= 1.0:
+            raise UserError(f"reference.mixup_alpha must be in (0, 1], got {self.mixup_alpha}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,13 +358,19 @@ class Config:
     def __post_init__(self) -> None:
         if not self.model.base_model and not self.model.sft_model:
             raise UserError("model.base_model is required (an HF model id or a local checkpoint directory)")
-        mode, loss = self.reference.mode, self.dpo.loss_type
-        if loss in REFERENCE_FREE_LOSSES and mode not in ("auto", "none"):
+        mode, loss = self.reference.mode, ",".join(self.dpo.loss_type)
+        if self.dpo.reference_free and mode not in ("auto", "none"):
             raise UserError(f"dpo.loss_type={loss} is reference-free; reference.mode={mode} does not apply (use auto or none)")
-        if loss not in REFERENCE_FREE_LOSSES and mode == "none":
+        if not self.dpo.reference_free and mode == "none":
             raise UserError(f"dpo.loss_type={loss} needs reference log-probs; reference.mode=none gives none")
         if mode == "adapter" and self.lora is None:
             raise UserError("reference.mode=adapter needs a lora: section (the reference is the policy without its adapter)")
+        if self.reference.sync_steps and self.lora is not None:
+            raise UserError("reference.sync_steps (TR-DPO) with a lora: section: the reference would have to follow the "
+                            "base weights plus the adapter. Train full-parameter, or set reference.sync_steps=0")
+        if self.reference.sync_steps and self.reference_mode != "model":
+            raise UserError(f"reference.sync_steps (TR-DPO) needs a separate reference model that can move; "
+                            f"reference.mode={self.reference_mode} has none. Use reference.mode=model, or reference.sync_steps=0")
 
     @property
     def reference_mode(self) -> str:
@@ -327,7 +378,7 @@ class Config:
         explicit model.ref_model; else a separate model."""
         if self.reference.mode != "auto":
             return self.reference.mode
-        if self.dpo.loss_type in REFERENCE_FREE_LOSSES:
+        if self.dpo.reference_free:
             return "none"
         return "adapter" if self.lora is not None and self.model.ref_model is None else "model"
 
@@ -369,7 +420,7 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
         return _coerce(value, inner[0], key, choices)
     if origin is list:
         items = value if isinstance(value, list) else [value]  # a single path is a one-item list
-        return [_coerce(item, args[0], f"{key}[{i}]", None) for i, item in enumerate(items)]
+        return [_coerce(item, args[0], f"{key}[{i}]", choices) for i, item in enumerate(items)]
     if annotation is bool:
         if isinstance(value, bool):
             return value

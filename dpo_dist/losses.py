@@ -3,12 +3,14 @@
 No reduction, no config objects, no `.item()`: the caller weights and averages. Each loss is a
 separate function taking `PreferenceInputs` and its own hyper-parameters by keyword; `LOSSES`
 registers them with whether they need reference log-probs (SimPO and ORPO do not, and then no
-reference is loaded at all). Conventions follow TRL's DPOTrainer / CPOTrainer / ORPOTrainer so
-numbers compare; where they normalise by length, the docstring says so.
+reference is loaded at all); `combine` sums a weighted list of them per pair, as TRL's multi-loss
+`loss_type` does. Conventions follow TRL's DPOTrainer / CPOTrainer / ORPOTrainer so numbers compare;
+where they normalise by length, the docstring says so.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -93,6 +95,115 @@ def ipo_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
     return _dpo_rewards(inputs, beta, (h - 1 / (2 * beta)) ** 2)
 
 
+def exo_pair_loss(inputs: PreferenceInputs, *, beta: float, label_smoothing: float, **_) -> PreferenceLoss:
+    """EXO-pref (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment", Eq. 16):
+    KL(q || p) between the policy's implied preference q = softmax(beta * log-ratios) over {chosen, rejected}
+    and the smoothed label p = (1 - eps, eps), eps = label_smoothing > 0 (the paper uses 1e-3).
+
+    loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps),  q_w = sigmoid(beta z), q_l = sigmoid(-beta z)
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    z = beta * (chosen_logratios - rejected_logratios)
+    eps = label_smoothing
+    losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+              + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    return _dpo_rewards(inputs, beta, losses)
+
+
+def nca_pair_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
+    """NCA, pairwise (Chen et al. 2024, "Noise Contrastive Alignment", Eq. 12 with K = 1): each completion's
+    reward r = beta * log-ratio is scored on its own, not only against the other, so the chosen one's
+    likelihood is pushed up rather than only the margin.
+
+    loss = -log sigmoid(r_w) - 0.5 log sigmoid(-r_w) - 0.5 log sigmoid(-r_l)
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+    return _dpo_rewards(inputs, beta, -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l))
+
+
+def bco_pair_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
+    """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization", Eq. 5, without the reward shift
+    delta, as TRL 1.16 computes it): chosen classified as good, rejected as bad, each by its own reward.
+
+    loss = -log sigmoid(r_w) - log sigmoid(-r_l),  r = beta * log-ratio
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    return _dpo_rewards(inputs, beta, -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios))
+
+
+def sppo_hard_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
+    """SPPO with hard labels (Wu et al. 2024, "Self-Play Preference Optimization", Eq. 4.7 with P = 1 for the
+    winner and 0 for the loser): each log-ratio regressed onto +-1 / (2 beta).
+
+    loss = (log-ratio_w - 1 / (2 beta))^2 + (log-ratio_l + 1 / (2 beta))^2
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    target = 0.5 / beta
+    return _dpo_rewards(inputs, beta, (chosen_logratios - target) ** 2 + (rejected_logratios + target) ** 2)
+
+
+def apo_zero_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", Eq. 7): for chosen answers
+    better than the model's own; raises the chosen likelihood and lowers the rejected one, each on its own.
+
+    loss = (1 - sigmoid(r_w)) + sigmoid(r_l),  r = beta * log-ratio
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    return _dpo_rewards(inputs, beta, 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios))
+
+
+def apo_down_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
+    """APO-down (the same paper, Eq. 8): for chosen answers worse than the model's own; lowers the chosen
+    likelihood, and the rejected one more.
+
+    loss = sigmoid(r_w) + (1 - sigmoid(r_w - r_l)),  r = beta * log-ratio
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    losses = torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+    return _dpo_rewards(inputs, beta, losses)
+
+
+def discopop_loss(inputs: PreferenceInputs, *, beta: float, discopop_tau: float, **_) -> PreferenceLoss:
+    """DiscoPOP (Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms", Eq. 5): the logistic
+    (DPO) loss and the exponential loss blended by sigmoid(z / tau), z = beta * log-ratio margin.
+
+    loss = (1 - sigmoid(z / tau)) * -log sigmoid(z) + sigmoid(z / tau) * exp(-z)
+    The second product is taken as exp(-z + log sigmoid(z / tau)): for a very negative z, exp(-z) alone
+    overflows to inf and inf x 0 would be nan, where the product itself is ~0.
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    z = beta * (chosen_logratios - rejected_logratios)
+    losses = torch.sigmoid(-z / discopop_tau) * -F.logsigmoid(z) + torch.exp(-z + F.logsigmoid(z / discopop_tau))
+    return _dpo_rewards(inputs, beta, losses)
+
+
+def sigmoid_norm_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
+    """DPO on log-ratios averaged per completion token (TRL's sigmoid_norm): the sigmoid loss without its
+    pull toward long chosen / short rejected answers.
+
+    loss = -log sigmoid(beta * (log-ratio_w / |y_w| - log-ratio_l / |y_l|))
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    h = chosen_logratios / inputs.chosen_tokens.clamp(min=1) - rejected_logratios / inputs.rejected_tokens.clamp(min=1)
+    return _dpo_rewards(inputs, beta, -F.logsigmoid(beta * h))
+
+
+def sft_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
+    """The chosen answer's NLL per completion token (`chosen_nll`) as a loss of its own, for mixes such as MPO
+    (`dpo.loss_type: [sigmoid, bco_pair, sft]`); the same term `dpo.sft_weight` adds. TRL 1.16's "sft" averages
+    over all chosen tokens of a batch instead of per pair first: the same where completions are equally long."""
+    return _dpo_rewards(inputs, beta, chosen_nll(inputs))
+
+
+def combine(parts: list[tuple[PreferenceLoss, float]]) -> PreferenceLoss:
+    """A weighted sum of several losses of the same pairs (`dpo.loss_type` as a list, `dpo.loss_weights`), as
+    TRL combines them; the rewards are the first loss's (every reference-based loss logs beta * log-ratio)."""
+    first = parts[0][0]
+    losses = sum(weight * part.losses for part, weight in parts)
+    return PreferenceLoss(losses, first.chosen_rewards, first.rejected_rewards)
+
+
 def simpo_loss(inputs: PreferenceInputs, *, beta: float, simpo_gamma: float, **_) -> PreferenceLoss:
     """SimPO (Meng et al. 2024, Eq. 6), reference-free: length-normalised log-probs and a margin.
 
@@ -137,6 +248,15 @@ LOSSES: dict[str, LossSpec] = {
     "robust": LossSpec(robust_loss, needs_reference=True),
     "hinge": LossSpec(hinge_loss, needs_reference=True),
     "ipo": LossSpec(ipo_loss, needs_reference=True),
+    "exo_pair": LossSpec(exo_pair_loss, needs_reference=True),
+    "nca_pair": LossSpec(nca_pair_loss, needs_reference=True),
+    "bco_pair": LossSpec(bco_pair_loss, needs_reference=True),
+    "sppo_hard": LossSpec(sppo_hard_loss, needs_reference=True),
+    "apo_zero": LossSpec(apo_zero_loss, needs_reference=True),
+    "apo_down": LossSpec(apo_down_loss, needs_reference=True),
+    "discopop": LossSpec(discopop_loss, needs_reference=True),
+    "sigmoid_norm": LossSpec(sigmoid_norm_loss, needs_reference=True),
+    "sft": LossSpec(sft_loss, needs_reference=True),
     "simpo": LossSpec(simpo_loss, needs_reference=False),
     "orpo": LossSpec(orpo_loss, needs_reference=False),
 }

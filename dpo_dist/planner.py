@@ -556,7 +556,7 @@ def _advice(config: Config, shape: ModelShape, ds_config: dict, world_size: int,
                               f"{shape.layers} that fit)", dataclasses.replace(config, model=partial), ds_config, world_size))
     advice = []
     for label, changed, changed_ds, ranks in candidates:
-        if config.dpo.loss_type in ("simpo", "orpo") and "reference" in label:
+        if config.dpo.reference_free and "reference" in label:
             continue
         if plan_memory(changed, shape, changed_ds, ranks, dtype_name, device_bytes, with_advice=False).fits:
             advice.append(label)

@@ -39,14 +39,62 @@ class ModelReference:
     def logps(self, batch: PairBatch) -> PairLogps:
         return forward_pair(self.scorer, batch)
 
+    def release_gathered_params(self) -> None:
+        """Under ZeRO-3, re-partition what prefetching left gathered, so that parameters can be gathered one
+        by one (a sync, a checkpoint of the synced reference)."""
+        if hasattr(self.scorer, "empty_partition_cache"):  # a DeepSpeed engine: ZeRO-3
+            self.scorer.empty_partition_cache()
 
-def build_model_reference(config: Config, dtype: torch.dtype, train_ds_config: dict, device, logger) -> ModelReference:
+    def follow(self, policy: nn.Module, alpha: float) -> None:
+        """TR-DPO's sync (`reference.sync_steps`): move this reference toward `policy` (the causal LM the
+        training engine updates), in place on every rank. Collective under ZeRO-3."""
+        self.release_gathered_params()
+        move_toward(self.model, policy, alpha)
+
+
+@torch.no_grad()
+def move_toward(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """TR-DPO's soft update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment",
+    Eq. 5, as TRL's SyncRefModelCallback): every reference parameter becomes
+    alpha x the policy's + (1 - alpha) x its own, in the reference's dtype.
+
+    Under ZeRO-3 both models are partitioned: each pair of parameters is gathered whole, one pair at a time
+    (the policy's read only; the reference's result written back from rank 0's copy, which every rank
+    computed alike). Elsewhere the gathering is a no-op and every rank updates its whole copy alike."""
+    import deepspeed
+
+    policy_params = dict(policy.named_parameters())
+    for name, ref_param in reference.named_parameters():
+        policy_param = policy_params[name]
+        with deepspeed.zero.GatheredParameters([policy_param], modifier_rank=None):
+            with deepspeed.zero.GatheredParameters([ref_param], modifier_rank=0):
+                ref_param.data.mul_(1 - alpha).add_(policy_param.data.to(ref_param.device, ref_param.dtype), alpha=alpha)
+
+
+def layout_mismatch(reference: nn.Module, policy: nn.Module) -> str | None:
+    """Why `move_toward` cannot mix these two models (parameter names or full shapes differ), or None."""
+    def shapes(model: nn.Module) -> dict[str, tuple]:
+        return {name: tuple(getattr(param, "ds_shape", param.shape)) for name, param in model.named_parameters()}
+
+    reference_shapes, policy_shapes = shapes(reference), shapes(policy)
+    if reference_shapes == policy_shapes:
+        return None
+    for name in sorted(set(reference_shapes) | set(policy_shapes)):
+        if reference_shapes.get(name) != policy_shapes.get(name):
+            return f"{name} is {reference_shapes.get(name, 'absent')} in the reference, {policy_shapes.get(name, 'absent')} in the policy"
+    return None
+
+
+def build_model_reference(config: Config, dtype: torch.dtype, train_ds_config: dict, device, logger,
+                          path: str | None = None) -> ModelReference:
+    """The separate reference model, from `path` (a checkpoint's synced reference on resume) or model.ref_model."""
+    path = path or config.model.reference_path
     ref_ds = reference_ds_config(train_ds_config, config.reference.offload)
-    model = load_causal_lm(config.model.reference_path, config.model, dtype, ref_ds)
+    model = load_causal_lm(path, config.model, dtype, ref_ds)
     scorer = build_inference_engine(SequenceLogps(model, config.model.logps_chunk_tokens), ref_ds, device,
                                     config.deepspeed.zero3_whole_layers)
     # No engine broadcasts a whole (ZeRO 0-2) reference: without this each rank would score its own node's copy
-    stale_copies = agree_with_main(model, f"reference model {config.model.reference_path}", device)
+    stale_copies = agree_with_main(model, f"reference model {path}", device)
     if stale_copies:
         logger.info(stale_copies)
     return ModelReference(scorer, model)

@@ -16,7 +16,7 @@ import torch
 
 from dpo_dist import data as data_lib
 from dpo_dist import tokenization
-from dpo_dist.checkpoint import Checkpointer, TrainerState, export_hf, set_rng_state
+from dpo_dist.checkpoint import SYNCED_REFERENCE, Checkpointer, TrainerState, export_hf, set_rng_state
 from dpo_dist.config import Config, save_config, yaml_text
 from dpo_dist.engine import (
     DistInfo,
@@ -33,7 +33,7 @@ from dpo_dist.errors import UserError
 from dpo_dist.examples import ExampleStore
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.lora_ops import fused_lora_layers
-from dpo_dist.losses import LOSSES, PreferenceInputs, chosen_nll
+from dpo_dist.losses import LOSSES, PreferenceInputs, chosen_nll, combine
 from dpo_dist.metrics import (
     MetricWindow,
     PreemptionFlag,
@@ -47,7 +47,7 @@ from dpo_dist.metrics import (
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
 from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes, single_rank_zero3_note
 from dpo_dist.records import validate, validate_sft
-from dpo_dist.reference import AdapterReference, build_model_reference, load_precomputed_reference
+from dpo_dist.reference import AdapterReference, build_model_reference, layout_mismatch, load_precomputed_reference
 from dpo_dist.replicas import agree_with_main
 
 
@@ -76,7 +76,7 @@ class Trainer:
         self.config = config
         self.dist = dist_info
         self.logger = make_logger(dist_info.rank, config.training.output_dir)
-        self.loss_fn = LOSSES[config.dpo.loss_type].fn
+        self.loss_fns = [(LOSSES[name].fn, weight) for name, weight in config.dpo.weighted_losses]
         self._order, self._order_epoch = [], None  # the shuffled order of the epoch in progress
         self.collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing)
 
@@ -101,7 +101,7 @@ class Trainer:
         self._setup_data(train)
         self.checkpointer = Checkpointer(self.config.training, self.dist)
         resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models
-        self._setup_models(train)
+        self._setup_models(train, resume_path)
         self.state = TrainerState(world_size=self.dist.world_size, global_batch=self.global_batch)
         self.resume_rng = None
         if resume_path is not None:
@@ -132,7 +132,7 @@ class Trainer:
         total = self.steps_per_epoch * training.num_epochs
         self.total_steps = min(total, training.max_steps) if training.max_steps > 0 else total
 
-    def _setup_models(self, train: bool) -> None:
+    def _setup_models(self, train: bool, resume_path: Path | None) -> None:
         """The reference (a model, a verified cache, the adapter-less policy, or none) and the policy engine."""
         config, mode = self.config, self.config.reference_mode
         self.reference = None  # reference-free losses (mode none) have none
@@ -142,7 +142,8 @@ class Trainer:
                 itertools.chain(self.train_examples.completion_lengths(), self.eval_examples.completion_lengths()), self.logger
             )
         elif mode == "model":
-            self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device, self.logger)
+            self.reference = build_model_reference(config, self.dtype, self.ds_config, self.dist.device, self.logger,
+                                                   self._synced_reference_path(resume_path))
         causal_lm = load_causal_lm(config.model.policy_path, config.model, self.dtype, self.ds_config)
         stale_copies = agree_with_main(causal_lm, f"policy {config.model.policy_path}", self.dist.device)
         if stale_copies:
@@ -159,6 +160,11 @@ class Trainer:
                                                  config.deepspeed.zero3_whole_layers)
         if mode == "adapter":
             self.reference = AdapterReference(self.policy, policy)
+        if config.reference.sync_steps and train:
+            mismatch = layout_mismatch(self.reference.model, policy)
+            if mismatch:
+                raise UserError(f"reference.sync_steps (TR-DPO) mixes the policy's weights into the reference's, so both "
+                                f"must be one architecture: {mismatch}. Give model.ref_model of the policy's shape")
         # For mfu: parameter counts of what runs per token (the reference's forward only in model/adapter mode; a
         # MoE token runs through k of each layer's E experts, so the idle experts' weights are left out).
         idle = self.shape.idle_expert_elements()
@@ -176,6 +182,18 @@ class Trainer:
                 local, total = param_elements(model)
                 self.logger.info(f"{name}: rank 0 holds {local:,} of {total:,} parameter elements")
 
+    def _synced_reference_path(self, resume_path: Path | None) -> str | None:
+        """With TR-DPO, a resumed run's reference is the one its checkpoint kept (it has moved since the start)."""
+        if not self.config.reference.sync_steps or resume_path is None:
+            return None
+        kept = resume_path / SYNCED_REFERENCE
+        if kept.is_dir():
+            self.logger.info(f"reference: the synced reference kept in {kept}")
+            return str(kept)
+        self.logger.info(f"reference: {resume_path} keeps no synced reference (that run did not sync); "
+                         f"syncing starts from {self.config.model.reference_path}")
+        return None
+
     def _load_split(self, files: list[str], split: str, validator=validate):
         config = self.config
         return tokenization.load_examples(
@@ -186,7 +204,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- the step
     def _pair_loss(self, batch: data_lib.PairBatch):
-        """Per-pair loss (preference loss + sft_weight x chosen NLL), and what the metrics need."""
+        """Per-pair loss (the weighted preference losses + sft_weight x chosen NLL), and what the metrics need."""
         dpo = self.config.dpo
         ref_logps = self.reference.logps(batch.pairs_only()) if self.reference is not None else None
         policy_logps = forward_pair(self.policy, batch)
@@ -198,7 +216,9 @@ class Trainer:
             ref_chosen_logps=ref_logps.chosen_logps if ref_logps is not None else None,
             ref_rejected_logps=ref_logps.rejected_logps if ref_logps is not None else None,
         )
-        loss = self.loss_fn(inputs, beta=dpo.beta, label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma)
+        settings = dict(beta=dpo.beta, label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma,
+                        discopop_tau=dpo.discopop_tau)
+        loss = combine([(loss_fn(inputs, **settings), weight) for loss_fn, weight in self.loss_fns])
         nll = chosen_nll(inputs)
         if dpo.sft_weight:
             loss.losses = loss.losses + dpo.sft_weight * nll
@@ -243,6 +263,10 @@ class Trainer:
         while state.step < self.total_steps:
             self.train_step(self._micro_batches(state.epoch, state.epoch_step), window)
             state.advance(self.steps_per_epoch)
+            sync_steps = self.config.reference.sync_steps
+            if sync_steps and state.step % sync_steps == 0:  # TR-DPO: the reference follows the policy
+                self.policy.release_gathered_params()
+                self.reference.follow(self.causal_lm, self.config.reference.mixup_alpha)
             epoch_progress = state.epoch + state.epoch_step / self.steps_per_epoch  # a finished epoch reads as epoch + 1
             progress.update(1)
             last = state.step == self.total_steps
@@ -257,7 +281,7 @@ class Trainer:
                 self.policy.train()
                 clock.resume()
             if saving:
-                path = self.checkpointer.save(state.step, self.policy, state, yaml_text(self.config))
+                path = self.checkpointer.save(state.step, self.policy, state, yaml_text(self.config), self._keep_synced_reference)
                 self.logger.info(f"saved {path}")
             if stopping:
                 stop_vote.drain()
@@ -270,6 +294,12 @@ class Trainer:
         export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist, export.merge, export.max_shard_size)
         self.logger.info(f"exported the policy to {Path(training.output_dir) / 'final'}")
         return "completed"
+
+    def _keep_synced_reference(self, checkpoint_dir: Path) -> None:
+        """With TR-DPO the reference is part of the run's state: a checkpoint keeps it (in HF layout) to resume from."""
+        if self.config.reference.sync_steps:
+            self.reference.release_gathered_params()
+            export_hf(self.reference.model, self.tokenizer, checkpoint_dir / SYNCED_REFERENCE, self.dist)
 
     def _micro_batches(self, epoch: int, epoch_step: int) -> list[data_lib.PairBatch]:
         training = self.config.training

@@ -64,12 +64,31 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         ("model: {base_model: x}\nreference: {mode: adapter}\n", [], "reference.mode=adapter needs a lora: section"),
         (SEED_CONFIG, ["dpo.label_smoothing=0.5"], "dpo.label_smoothing must be in [0, 0.5)"),
         ("model: [1]\n", [], "model: expected a mapping"),
+        (SEED_CONFIG, ["dpo.loss_type=[sigmoid, bco]"], "dpo.loss_type[1]: 'bco' is not one of sigmoid, robust, hinge"),
+        (SEED_CONFIG, ["dpo.loss_type=[]"], "dpo.loss_type is an empty list"),
+        (SEED_CONFIG, ["dpo.loss_type=[sigmoid, simpo]"], "dpo.loss_type: simpo is reference-free and is used alone"),
+        (SEED_CONFIG, ["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0]"],
+         "dpo.loss_weights has 1 entries for the 2 of dpo.loss_type (sigmoid, sft)"),
+        (SEED_CONFIG, ["dpo.loss_type=exo_pair"], "dpo.loss_type exo_pair needs dpo.label_smoothing > 0"),
+        (SEED_CONFIG, ["dpo.discopop_tau=0"], "dpo.discopop_tau must be > 0"),
+        (SEED_CONFIG, ["reference.sync_steps=64"], "reference.sync_steps (TR-DPO) with a lora: section"),
+        ("model: {base_model: x}\n", ["reference.sync_steps=64", "reference.mode=precomputed"],
+         "reference.sync_steps (TR-DPO) needs a separate reference model that can move; reference.mode=precomputed"),
+        ("model: {base_model: x}\n", ["reference.mixup_alpha=0"], "reference.mixup_alpha must be in (0, 1]"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(UserError) as err:
         load_config(write(tmp_path, text), overrides)
     assert message in str(err.value)
+
+
+def test_loss_type_is_one_name_or_a_weighted_list(tmp_path):
+    one = load_config(write(tmp_path, SEED_CONFIG), ["dpo.loss_type=ipo"]).dpo  # as every earlier config wrote it
+    assert one.loss_type == ["ipo"] and one.weighted_losses == [("ipo", 1.0)]
+    mpo = load_config(write(tmp_path, SEED_CONFIG), ["dpo.loss_type=[sigmoid, bco_pair, sft]", "dpo.loss_weights=[0.8, 0.2, 1]"])
+    assert mpo.dpo.weighted_losses == [("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)]
+    assert mpo.reference_mode == "adapter" and not mpo.dpo.reference_free
 
 
 def test_unknown_key_suggests_the_close_one(tmp_path):

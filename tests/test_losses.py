@@ -10,13 +10,23 @@ from dpo_dist.losses import (
     router_balance_loss,
     LOSSES,
     PreferenceInputs,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
     chosen_nll,
+    combine,
+    discopop_loss,
+    exo_pair_loss,
     hinge_loss,
     ipo_loss,
+    nca_pair_loss,
     orpo_loss,
     robust_loss,
+    sft_loss,
     sigmoid_loss,
+    sigmoid_norm_loss,
     simpo_loss,
+    sppo_hard_loss,
 )
 
 
@@ -99,6 +109,65 @@ def test_orpo_reference_free():
     expected = 1.0 + 0.1 * softplus(-log_odds)
     assert expected == pytest.approx(1.0238183, abs=1e-6)
     assert orpo_loss(pair(-2.0, -6.0, nc=2, nr=3), beta=0.1).losses.item() == pytest.approx(expected, abs=1e-6)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# STANDARD at beta 0.1: rewards r_w = 0.1, r_l = -0.1, z = beta * margin = 0.2. Each line: the loss, its value
+# worked out with `math` from the paper's formula (as TRL 1.16 writes it).
+PER_PAIR_CLOSED_FORMS = {
+    # EXO, eps = 1e-3: KL((q_w, q_l) || (1 - eps, eps)), q_w = sigmoid(z)
+    "exo_pair": (exo_pair_loss, dict(label_smoothing=1e-3),
+                 sigmoid(0.2) * (math.log(sigmoid(0.2)) - math.log(1 - 1e-3))
+                 + sigmoid(-0.2) * (math.log(sigmoid(-0.2)) - math.log(1e-3))),
+    # NCA: -log s(r_w) - 0.5 log s(-r_w) - 0.5 log s(-r_l) = softplus(-0.1) + 0.5 softplus(0.1) + 0.5 softplus(-0.1)
+    "nca_pair": (nca_pair_loss, {}, 1.5 * softplus(-0.1) + 0.5 * softplus(0.1)),
+    # BCO: -log s(r_w) - log s(-r_l) = 2 softplus(-0.1)
+    "bco_pair": (bco_pair_loss, {}, 2 * softplus(-0.1)),
+    # SPPO hard: (1 - 5)^2 + (-1 + 5)^2 = 32
+    "sppo_hard": (sppo_hard_loss, {}, 32.0),
+    # APO-zero: 1 - s(0.1) + s(-0.1) = 2 s(-0.1)
+    "apo_zero": (apo_zero_loss, {}, 2 * sigmoid(-0.1)),
+    # APO-down: s(r_w) + 1 - s(z)
+    "apo_down": (apo_down_loss, {}, sigmoid(0.1) + 1 - sigmoid(0.2)),
+    # DiscoPOP, tau 0.05: (1 - s(z / tau)) softplus(-z) + s(z / tau) e^-z
+    "discopop": (discopop_loss, dict(discopop_tau=0.05), (1 - sigmoid(4.0)) * softplus(-0.2) + sigmoid(4.0) * math.exp(-0.2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_PAIR_CLOSED_FORMS))
+def test_trl_pair_losses_closed_form(name):
+    loss_fn, settings, expected = PER_PAIR_CLOSED_FORMS[name]
+    out = loss_fn(pair(**STANDARD), beta=0.1, **settings)
+    assert out.losses.item() == pytest.approx(expected, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(0.1) and out.rejected_rewards.item() == pytest.approx(-0.1)
+    assert LOSSES[name].fn is loss_fn and LOSSES[name].needs_reference
+
+
+def test_sigmoid_norm_is_length_normalised():
+    # per-token margin h = 1/2 - (-1)/4 = 0.75 (as IPO's); loss = log(1 + e^-(0.1 * 0.75))
+    out = sigmoid_norm_loss(pair(**STANDARD, nc=2, nr=4), beta=0.1)
+    assert out.losses.item() == pytest.approx(softplus(-0.075), abs=1e-6)
+
+
+def test_discopop_stays_finite_where_its_exponential_overflows():
+    # z = 0.5 * -4000 = -2000: e^-z overflows, s(z / tau) underflows; the blend is the logistic part, softplus(2000)
+    out = discopop_loss(pair(0.0, 4000.0, 0.0, 0.0), beta=0.5, discopop_tau=0.05)
+    assert out.losses.item() == pytest.approx(2000.0)
+    inputs = pair(0.0, 4000.0, 0.0, 0.0, grad=True)
+    discopop_loss(inputs, beta=0.5, discopop_tau=0.05).losses.sum().backward()
+    assert inputs.policy_chosen_logps.grad.item() == pytest.approx(-0.5)  # d/dc softplus(-0.5 (c - r)) = -0.5 s(2000)
+
+
+def test_mpo_mix_is_the_weighted_sum_per_pair():
+    # MPO (TRL's example): [sigmoid, bco_pair, sft] weighted [0.8, 0.2, 1.0]; sft = the chosen NLL per token
+    inputs = pair(**STANDARD, nc=2, nr=4)
+    parts = [(sigmoid_loss(inputs, beta=0.1), 0.8), (bco_pair_loss(inputs, beta=0.1), 0.2), (sft_loss(inputs, beta=0.1), 1.0)]
+    out = combine(parts)
+    assert out.losses.item() == pytest.approx(0.8 * softplus(-0.2) + 0.2 * 2 * softplus(-0.1) + 1.0 * 0.5, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(0.1) and out.rejected_rewards.item() == pytest.approx(-0.1)
 
 
 def test_chosen_nll_is_per_token():

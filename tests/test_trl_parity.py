@@ -106,8 +106,19 @@ CASES = {
 }
 
 
-def trl_evaluate(policy_path, reference_path, records: list[dict], max_length: int, output_dir):
-    """TRL's DPOTrainer.evaluate() on `records`; returns (metrics, the prepared eval dataset)."""
+# Every loss both tools define the same way, in one weighted mix (distinct weights: a wrong loss moves the sum).
+# sft is left out: TRL averages it over a batch's tokens, we per pair (the same only for equal lengths).
+LOSS_MIX = {
+    "loss_type": ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "discopop", "sigmoid_norm"],
+    "loss_weights": [1.0, 0.9, 0.05, 0.7, 0.6, 0.5, 0.4, 0.003, 0.3, 0.2, 0.15, 0.1],
+    "label_smoothing": 0.01,  # robust's flip rate, exo_pair's epsilon
+}
+
+
+def trl_evaluate(policy_path, reference_path, records: list[dict], max_length: int, output_dir, losses=None):
+    """TRL's DPOTrainer.evaluate() on `records` (sigmoid DPO, or the `losses` settings); returns (metrics, the
+    prepared eval dataset)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -118,7 +129,7 @@ def trl_evaluate(policy_path, reference_path, records: list[dict], max_length: i
     args = DPOConfig(
         output_dir=str(output_dir),
         beta=BETA,
-        loss_type=["sigmoid"],
+        **(losses or {"loss_type": ["sigmoid"]}),
         max_length=max_length,
         truncation_mode="keep_start",
         # The whole eval set is ONE batch. TRL logs the mean over batches of per-batch means (and its logits/*
@@ -149,7 +160,7 @@ def trl_evaluate(policy_path, reference_path, records: list[dict], max_length: i
     return trainer.evaluate(), trainer.eval_dataset
 
 
-def ours_evaluate(policy_path, reference_path, records: list[dict], max_length: int, tmp_path) -> dict:
+def ours_evaluate(policy_path, reference_path, records: list[dict], max_length: int, tmp_path, losses=None) -> dict:
     eval_file = write_jsonl(tmp_path / "eval.jsonl", records)
     output_dir = tmp_path / "ours"
     config = write_config(
@@ -158,7 +169,7 @@ def ours_evaluate(policy_path, reference_path, records: list[dict], max_length: 
         reference_path,
         output_dir,
         model={"dtype": "float32", "attn_implementation": "sdpa"},
-        dpo={"beta": BETA, "loss_type": "sigmoid"},
+        dpo={"beta": BETA, **(losses or {"loss_type": "sigmoid"})},
         # A small eval batch that does not divide the pair count: our metrics are global pair / token means,
         # independent of batching and of the weight-0 padding pairs that fill the last batch.
         training={"max_seq_length": max_length, "batch_size": 4, "eval_batch_size": 4},
@@ -198,3 +209,16 @@ def test_evaluate_matches_trl(case, tiny_policy, tiny_reference, tmp_path):
     print(f"\n[{case}] max abs diff vs TRL: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
     mismatched = {key: (ours[key], trl_metrics[key]) for key, diff in diffs.items() if not diff <= TOLERANCE}
     assert not mismatched, f"ours vs TRL differ by more than {TOLERANCE}: {mismatched}"
+
+
+def test_loss_mix_matches_trl(tiny_policy, tiny_reference, tmp_path):
+    """TRL's and our eval loss for every loss both define, summed with weights: TRL adds each loss's batch mean
+    times its weight, we each pair's weighted sum; over one TRL batch the two are the same number."""
+    records = plain_records()
+    trl_metrics, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl", LOSS_MIX)
+    ours = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path, LOSS_MIX)
+    assert ours["eval_loss"] == pytest.approx(trl_metrics["eval_loss"], abs=TOLERANCE)
+    sigmoid_only, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl-sigmoid")
+    assert abs(ours["eval_loss"] - sigmoid_only["eval_loss"]) > 0.1  # the mix is really another loss
+    for key in ("eval_rewards/chosen", "eval_rewards/margins"):  # every loss logs beta * log-ratio, as TRL
+        assert ours[key] == pytest.approx(trl_metrics[key], abs=TOLERANCE)
