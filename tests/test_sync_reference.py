@@ -101,10 +101,11 @@ def test_a_tr_dpo_run_syncs_keeps_and_resumes_its_reference(tmp_path, tiny_polic
         np.testing.assert_allclose(value, kept_4[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
-def test_tr_dpo_under_zero3_on_two_ranks(tmp_path, tiny_policy, tiny_reference):
+@pytest.mark.parametrize("offload", [False, True], ids=["sharded", "offloaded"])
+def test_tr_dpo_under_zero3_on_two_ranks(tmp_path, tiny_policy, tiny_reference, offload):
     out = tmp_path / "z3"
     config = _sync_config(tmp_path, tiny_policy, tiny_reference, out, "ds_configs/zero3.json")
-    result = run(torchrun_launch("train.py", config, "training.max_steps=3"))
+    result = run(torchrun_launch("train.py", config, "training.max_steps=3", f"reference.offload={str(offload).lower()}"))
     assert_ok(result)
     kept_2 = weights(out / "checkpoint-2/reference")
     assert_synced(kept_2, policy_at(out / "checkpoint-2"), weights(tiny_reference))
