@@ -41,8 +41,8 @@ _CHECKSUM_CHUNK = 2**24
 def tensor_checksum(tensor: torch.Tensor) -> int:
     """The exact sum of the tensor's elements read as integers of the same width: any changed element changes
     it (barring an exact cancellation), and unlike a float sum it does not depend on the order the device adds
-    in, so two nodes with different thread counts or GPUs agree on the same bits. int64 cannot overflow here
-    (2^15 x 2^32 elements for bf16)."""
+    in, so two nodes with different thread counts or GPUs agree on the same bits. (Where an int64 sum would
+    overflow, past 2^48 bf16 or 2^32 fp32 elements in one tensor, it wraps modulo 2^64: still order-free.)"""
     if tensor.numel() == 0:
         return 0
     bits = tensor.detach().contiguous().reshape(-1).view(_SAME_SIZE_INTEGERS[tensor.element_size()])
@@ -110,11 +110,15 @@ def _broadcast_from_main(model: nn.Module, device: torch.device) -> None:
     import torch.distributed as dist
 
     for _, tensor in _named_tensors(model):
-        data = tensor.data.reshape(-1).view(torch.uint8)  # as bytes: any dtype, and still a view of the tensor
+        target = tensor.data
+        staged = target if target.is_contiguous() else target.contiguous()
+        data = staged.reshape(-1).view(torch.uint8)  # as bytes: any dtype, and a view of `staged`
         if data.device.type == "cpu":
             broadcast_array(data.numpy(), 0, device)
         else:
             dist.broadcast(data, src=0)
+        if staged is not target:  # a strided tensor was received into a contiguous copy
+            target.copy_(staged)
 
 
 def agree_with_main(model: nn.Module, what: str, device: torch.device) -> str | None:
