@@ -125,6 +125,10 @@ class ModelConfig:
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")  # dpo_dist.losses.LOSSES, checked by a test
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # losses.divergence_scores
+# Losses whose margin is a difference of chosen and rejected scores, where f-DPO's partition term cancels;
+# TRL 1.16 refuses another divergence for the rest, and so do we.
+F_DIVERGENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm", "sft")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +145,13 @@ class DPOConfig:
         0.0, "loss_type robust: the assumed label-flip rate; exo_pair: EXO's epsilon (> 0; the paper uses 1e-3). In [0, 0.5)."
     )
     discopop_tau: float = _opt(0.05, "DiscoPOP's temperature tau (the paper's and TRL's default 0.05).")
+    f_divergence_type: str = _opt(
+        "reverse_kl",
+        "f-DPO: the divergence to the reference whose f'(pi/pi_ref) replaces the log-ratio in the margin (TRL's "
+        "f_divergence_type); reverse_kl is DPO. Only with " + ", ".join(F_DIVERGENCE_LOSSES) + ".",
+        F_DIVERGENCES,
+    )
+    f_alpha_divergence_coef: float = _opt(0.5, "f-DPO's alpha for f_divergence_type=alpha_divergence (TRL's f_alpha_divergence_coef).")
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma.")
     sft_weight: float = _opt(
         0.0, "Weight of the per-token NLL of the chosen completion added to the loss (earlier TRL's rpo_alpha; as sft in dpo.loss_type)."
@@ -168,6 +179,11 @@ class DPOConfig:
                             "flipped label (log 0 is infinite); the paper uses 1e-3")
         if self.discopop_tau <= 0:
             raise UserError(f"dpo.discopop_tau must be > 0, got {self.discopop_tau}")
+        other = [name for name in self.loss_type if name not in F_DIVERGENCE_LOSSES]
+        if self.f_divergence_type != "reverse_kl" and other:
+            raise UserError(f"dpo.f_divergence_type={self.f_divergence_type} with dpo.loss_type {', '.join(other)}: f-DPO "
+                            "holds only where the loss compares chosen and rejected scores (" + ", ".join(F_DIVERGENCE_LOSSES)
+                            + "); use reverse_kl with the others")
         if self.sft_weight < 0:
             raise UserError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:

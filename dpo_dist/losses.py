@@ -4,7 +4,8 @@ No reduction, no config objects, no `.item()`: the caller weights and averages. 
 separate function taking `PreferenceInputs` and its own hyper-parameters by keyword; `LOSSES`
 registers them with whether they need reference log-probs (SimPO and ORPO do not, and then no
 reference is loaded at all); `combine` sums a weighted list of them per pair, as TRL's multi-loss
-`loss_type` does. Conventions follow TRL's DPOTrainer / CPOTrainer / ORPOTrainer so numbers compare;
+`loss_type` does. The margin-based ones compare `inputs.scores()`: the log-ratios, or f-DPO's
+f'(pi/pi_ref) under another divergence (`divergence_scores`). Conventions follow TRL's DPOTrainer / CPOTrainer / ORPOTrainer so numbers compare;
 where they normalise by length, the docstring says so.
 """
 
@@ -28,10 +29,19 @@ class PreferenceInputs:
     rejected_tokens: torch.Tensor
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
+    f_divergence: str = "reverse_kl"  # dpo.f_divergence_type: what `scores` makes of the log-ratios
+    f_alpha: float = 0.5  # dpo.f_alpha_divergence_coef
 
     def logratios(self) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi/pi_ref for chosen and rejected."""
         return self.policy_chosen_logps - self.ref_chosen_logps, self.policy_rejected_logps - self.ref_rejected_logps
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the margin-based losses compare, chosen's minus rejected's: the log-ratios under DPO's reverse KL,
+        f'(pi/pi_ref) under another divergence (`divergence_scores`)."""
+        chosen_logratios, rejected_logratios = self.logratios()
+        return (divergence_scores(chosen_logratios, self.f_divergence, self.f_alpha),
+                divergence_scores(rejected_logratios, self.f_divergence, self.f_alpha))
 
     def mean_token_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Length-normalised log-probs (average over completion tokens)."""
@@ -39,6 +49,27 @@ class PreferenceInputs:
             self.policy_chosen_logps / self.chosen_tokens.clamp(min=1),
             self.policy_rejected_logps / self.rejected_tokens.clamp(min=1),
         )
+
+
+def divergence_scores(logratios: torch.Tensor, f_divergence: str, f_alpha: float) -> torch.Tensor:
+    """f'(t) at t = pi/pi_ref (log t = `logratios`), the reward f-DPO puts where DPO has log t (Wang et al. 2023,
+    "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints",
+    Table 1), as TRL 1.16 computes it:
+    reverse_kl: log t (DPO);  forward_kl: 1 - 1/t;  js_divergence: log 2 + log sigmoid(log t);
+    alpha_divergence: (t^(alpha-1) - 1) / (alpha - 1), log t when alpha = 1, its exponent capped at 80 as TRL's
+    (float32), so that exp stays finite."""
+    if f_divergence == "reverse_kl":
+        return logratios
+    if f_divergence == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence == "alpha_divergence":
+        if abs(f_alpha - 1.0) < 1e-6:
+            return logratios
+        exponent = torch.clamp((f_alpha - 1.0) * logratios.float(), max=80.0)
+        return ((torch.exp(exponent) - 1.0) / (f_alpha - 1.0)).to(logratios.dtype)
+    raise ValueError(f"unknown f-divergence {f_divergence!r}")  # config.F_DIVERGENCES lists the known ones
 
 
 @dataclass
@@ -61,8 +92,8 @@ def sigmoid_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLos
     loss = -log sigmoid(beta * ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))))
     Written with `F.logsigmoid`, which is stable for large margins of either sign.
     """
-    chosen_logratios, rejected_logratios = inputs.logratios()
-    return _dpo_rewards(inputs, beta, -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)))
+    chosen_scores, rejected_scores = inputs.scores()
+    return _dpo_rewards(inputs, beta, -F.logsigmoid(beta * (chosen_scores - rejected_scores)))
 
 
 def robust_loss(inputs: PreferenceInputs, *, beta: float, label_smoothing: float, **_) -> PreferenceLoss:
@@ -71,8 +102,8 @@ def robust_loss(inputs: PreferenceInputs, *, beta: float, label_smoothing: float
 
     loss = ((1 - eps) * -log sigmoid(beta z) - eps * -log sigmoid(-beta z)) / (1 - 2 eps)
     """
-    chosen_logratios, rejected_logratios = inputs.logratios()
-    z = beta * (chosen_logratios - rejected_logratios)
+    chosen_scores, rejected_scores = inputs.scores()
+    z = beta * (chosen_scores - rejected_scores)
     eps = label_smoothing
     losses = ((1 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1 - 2 * eps)
     return _dpo_rewards(inputs, beta, losses)
@@ -80,8 +111,8 @@ def robust_loss(inputs: PreferenceInputs, *, beta: float, label_smoothing: float
 
 def hinge_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
     """SLiC-HF hinge (Zhao et al. 2023, Eq. 1 with the DPO log-ratio margin): relu(1 - beta z)."""
-    chosen_logratios, rejected_logratios = inputs.logratios()
-    return _dpo_rewards(inputs, beta, torch.relu(1 - beta * (chosen_logratios - rejected_logratios)))
+    chosen_scores, rejected_scores = inputs.scores()
+    return _dpo_rewards(inputs, beta, torch.relu(1 - beta * (chosen_scores - rejected_scores)))
 
 
 def ipo_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
@@ -90,8 +121,8 @@ def ipo_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
     loss = (h - 1 / (2 beta))^2 where h is the log-ratio margin AVERAGED PER TOKEN (chosen and
     rejected each divided by their completion length), as TRL computes it.
     """
-    chosen_logratios, rejected_logratios = inputs.logratios()
-    h = chosen_logratios / inputs.chosen_tokens.clamp(min=1) - rejected_logratios / inputs.rejected_tokens.clamp(min=1)
+    chosen_scores, rejected_scores = inputs.scores()
+    h = chosen_scores / inputs.chosen_tokens.clamp(min=1) - rejected_scores / inputs.rejected_tokens.clamp(min=1)
     return _dpo_rewards(inputs, beta, (h - 1 / (2 * beta)) ** 2)
 
 
@@ -102,8 +133,8 @@ def exo_pair_loss(inputs: PreferenceInputs, *, beta: float, label_smoothing: flo
 
     loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps),  q_w = sigmoid(beta z), q_l = sigmoid(-beta z)
     """
-    chosen_logratios, rejected_logratios = inputs.logratios()
-    z = beta * (chosen_logratios - rejected_logratios)
+    chosen_scores, rejected_scores = inputs.scores()
+    z = beta * (chosen_scores - rejected_scores)
     eps = label_smoothing
     losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
               + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
@@ -172,8 +203,8 @@ def discopop_loss(inputs: PreferenceInputs, *, beta: float, discopop_tau: float,
     The second product is taken as exp(-z + log sigmoid(z / tau)): for a very negative z, exp(-z) alone
     overflows to inf and inf x 0 would be nan, where the product itself is ~0.
     """
-    chosen_logratios, rejected_logratios = inputs.logratios()
-    z = beta * (chosen_logratios - rejected_logratios)
+    chosen_scores, rejected_scores = inputs.scores()
+    z = beta * (chosen_scores - rejected_scores)
     losses = torch.sigmoid(-z / discopop_tau) * -F.logsigmoid(z) + torch.exp(-z + F.logsigmoid(z / discopop_tau))
     return _dpo_rewards(inputs, beta, losses)
 
@@ -184,8 +215,8 @@ def sigmoid_norm_loss(inputs: PreferenceInputs, *, beta: float, **_) -> Preferen
 
     loss = -log sigmoid(beta * (log-ratio_w / |y_w| - log-ratio_l / |y_l|))
     """
-    chosen_logratios, rejected_logratios = inputs.logratios()
-    h = chosen_logratios / inputs.chosen_tokens.clamp(min=1) - rejected_logratios / inputs.rejected_tokens.clamp(min=1)
+    chosen_scores, rejected_scores = inputs.scores()
+    h = chosen_scores / inputs.chosen_tokens.clamp(min=1) - rejected_scores / inputs.rejected_tokens.clamp(min=1)
     return _dpo_rewards(inputs, beta, -F.logsigmoid(beta * h))
 
 

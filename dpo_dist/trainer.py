@@ -215,6 +215,8 @@ class Trainer:
             rejected_tokens=policy_logps.rejected_tokens,
             ref_chosen_logps=ref_logps.chosen_logps if ref_logps is not None else None,
             ref_rejected_logps=ref_logps.rejected_logps if ref_logps is not None else None,
+            f_divergence=dpo.f_divergence_type,
+            f_alpha=dpo.f_alpha_divergence_coef,
         )
         settings = dict(beta=dpo.beta, label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma,
                         discopop_tau=dpo.discopop_tau)

@@ -71,6 +71,8 @@ def test_overrides_apply_with_yaml_values(tmp_path):
          "dpo.loss_weights has 1 entries for the 2 of dpo.loss_type (sigmoid, sft)"),
         (SEED_CONFIG, ["dpo.loss_type=exo_pair"], "dpo.loss_type exo_pair needs dpo.label_smoothing > 0"),
         (SEED_CONFIG, ["dpo.discopop_tau=0"], "dpo.discopop_tau must be > 0"),
+        (SEED_CONFIG, ["dpo.loss_type=[sigmoid, bco_pair]", "dpo.f_divergence_type=js_divergence"],
+         "dpo.f_divergence_type=js_divergence with dpo.loss_type bco_pair: f-DPO holds only where"),
         (SEED_CONFIG, ["reference.sync_steps=64"], "reference.sync_steps (TR-DPO) with a lora: section"),
         ("model: {base_model: x}\n", ["reference.sync_steps=64", "reference.mode=precomputed"],
          "reference.sync_steps (TR-DPO) needs a separate reference model that can move; reference.mode=precomputed"),

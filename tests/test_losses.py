@@ -16,6 +16,7 @@ from dpo_dist.losses import (
     chosen_nll,
     combine,
     discopop_loss,
+    divergence_scores,
     exo_pair_loss,
     hinge_loss,
     ipo_loss,
@@ -159,6 +160,31 @@ def test_discopop_stays_finite_where_its_exponential_overflows():
     inputs = pair(0.0, 4000.0, 0.0, 0.0, grad=True)
     discopop_loss(inputs, beta=0.5, discopop_tau=0.05).losses.sum().backward()
     assert inputs.policy_chosen_logps.grad.item() == pytest.approx(-0.5)  # d/dc softplus(-0.5 (c - r)) = -0.5 s(2000)
+
+
+def test_divergence_scores_closed_form():
+    t = torch.tensor([0.5, -2.0])
+    cases = {
+        "reverse_kl": [0.5, -2.0],
+        "forward_kl": [1 - math.exp(-0.5), 1 - math.exp(2.0)],  # 1 - 1/t
+        "js_divergence": [math.log(2) - softplus(-0.5), math.log(2) - softplus(2.0)],  # log(2t / (t + 1))
+        "alpha_divergence": [(math.exp(-0.25) - 1) / -0.5, (math.exp(1.0) - 1) / -0.5],  # (t^(a-1) - 1) / (a - 1), a = 0.5
+    }
+    for name, expected in cases.items():
+        assert divergence_scores(t, name, 0.5).tolist() == pytest.approx(expected, abs=1e-6), name
+    assert divergence_scores(t, "alpha_divergence", 1.0).tolist() == pytest.approx([0.5, -2.0])  # the limit: log t
+    capped = divergence_scores(torch.tensor([100.0]), "alpha_divergence", 3.0).item()  # exponent 200 capped at 80
+    assert capped == pytest.approx((math.exp(80.0) - 1) / 2, rel=1e-5) and math.isfinite(capped)
+
+
+def test_f_divergence_replaces_the_log_ratios_in_the_margin_only():
+    # js: score = log 2 + log s(log t); the margin log s(1) - log s(-1) = 1 exactly, so z = 0.1 * 1
+    inputs = pair(**STANDARD)
+    inputs.f_divergence = "js_divergence"
+    out = sigmoid_loss(inputs, beta=0.1)
+    assert out.losses.item() == pytest.approx(softplus(-0.1), abs=1e-6)
+    # The rewards stay beta x log-ratio, as TRL logs them under any divergence
+    assert out.chosen_rewards.item() == pytest.approx(0.1) and out.rejected_rewards.item() == pytest.approx(-0.1)
 
 
 def test_mpo_mix_is_the_weighted_sum_per_pair():

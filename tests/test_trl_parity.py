@@ -116,6 +116,14 @@ LOSS_MIX = {
 }
 
 
+# The losses TRL lets another f-divergence replace the log-ratios in (its f_divergence_loss_types, less sft).
+F_DIVERGENCE_MIX = {
+    "loss_type": ["sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm"],
+    "loss_weights": [1.0, 0.7, 0.05, 0.5, 0.3, 0.2, 0.1],
+    "label_smoothing": 0.01,
+}
+
+
 def trl_evaluate(policy_path, reference_path, records: list[dict], max_length: int, output_dir, losses=None):
     """TRL's DPOTrainer.evaluate() on `records` (sigmoid DPO, or the `losses` settings); returns (metrics, the
     prepared eval dataset)."""
@@ -222,3 +230,15 @@ def test_loss_mix_matches_trl(tiny_policy, tiny_reference, tmp_path):
     assert abs(ours["eval_loss"] - sigmoid_only["eval_loss"]) > 0.1  # the mix is really another loss
     for key in ("eval_rewards/chosen", "eval_rewards/margins"):  # every loss logs beta * log-ratio, as TRL
         assert ours[key] == pytest.approx(trl_metrics[key], abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence_matches_trl(divergence, tiny_policy, tiny_reference, tmp_path):
+    """f-DPO: TRL and we put f'(pi/pi_ref) in place of the log-ratios in every loss that allows it."""
+    records = plain_records()
+    losses = {**F_DIVERGENCE_MIX, "f_divergence_type": divergence, "f_alpha_divergence_coef": 0.3}
+    trl_metrics, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl", losses)
+    ours = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path, losses)
+    assert ours["eval_loss"] == pytest.approx(trl_metrics["eval_loss"], abs=TOLERANCE)
+    reverse, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl-reverse", F_DIVERGENCE_MIX)
+    assert abs(ours["eval_loss"] - reverse["eval_loss"]) > 1e-3  # the divergence really changed the loss
