@@ -152,6 +152,12 @@ class DPOConfig:
         F_DIVERGENCES,
     )
     f_alpha_divergence_coef: float = _opt(0.5, "f-DPO's alpha for f_divergence_type=alpha_divergence (TRL's f_alpha_divergence_coef).")
+    use_weighting: bool = _opt(
+        False,
+        "WPO (TRL's use_weighting): each pair's loss times the policy's probabilities of its two completions, each "
+        "the exp of the mean over its tokens of log p(token) - log sum_v p_v^2 (detached), to weigh off-policy "
+        "pairs down. Costs one more logsumexp over the vocabulary per completion token.",
+    )
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma.")
     sft_weight: float = _opt(
         0.0, "Weight of the per-token NLL of the chosen completion added to the loss (earlier TRL's rpo_alpha; as sft in dpo.loss_type)."

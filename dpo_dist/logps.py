@@ -40,6 +40,10 @@ class PairLogps:
     sft_logps: torch.Tensor | None = None  # (S,) for the SFT rows mixed into the batch, if any
     sft_tokens: torch.Tensor | None = None
     router_loss: torch.Tensor | None = None  # () a MoE policy's load-balancing loss, when asked for (SequenceLogps.router_top_k)
+    # WPO (dpo.use_weighting, SequenceLogps.probability_weights): log of each completion's weight, the mean over
+    # its tokens of log p(token) - log sum_v p_v^2; detached
+    chosen_log_weights: torch.Tensor | None = None
+    rejected_log_weights: torch.Tensor | None = None
 
 
 class TargetLogProb(torch.autograd.Function):
@@ -66,11 +70,16 @@ class TargetLogProb(torch.autograd.Function):
         return grad_logits, None
 
 
-def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
-    """(n, H) hidden states and (n,) next tokens -> (n,) log p(target) and (n,) mean logit, in fp32."""
+def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, probability_weights: bool = False):
+    """(n, H) hidden states and (n,) next tokens -> (n,) log p(target), (n,) mean logit and, with
+    `probability_weights`, (n,) log sum_v p_v^2 (WPO's normaliser; else None), all in fp32."""
     logits = lm_head(hidden).float()  # (n, V)
-    mean_logits = logits.detach().mean(dim=-1)
-    return TargetLogProb.apply(logits, targets), mean_logits
+    detached = logits.detach()
+    mean_logits = detached.mean(dim=-1)
+    log_sum_squares = None
+    if probability_weights:  # log sum_v p_v^2 = logsumexp(2 logits) - 2 logsumexp(logits)
+        log_sum_squares = torch.logsumexp(2 * detached, dim=-1) - 2 * torch.logsumexp(detached, dim=-1)
+    return TargetLogProb.apply(logits, targets), mean_logits, log_sum_squares
 
 
 CHUNK_BUDGET_BYTES = 128 * 2**20
@@ -103,8 +112,10 @@ class SequenceLogps(nn.Module):
     """Wraps a causal LM; `forward` maps a concatenated pair batch to per-sequence sums."""
 
     def __init__(self, causal_lm: nn.Module, chunk_tokens: int | None = None, recompute_elementwise: bool = False,
-                 router_top_k: int = 0):
+                 router_top_k: int = 0, probability_weights: bool = False):
         super().__init__()
+        # WPO (dpo.use_weighting): also each sequence's mean over its tokens of log p(token) - log sum_v p_v^2
+        self.probability_weights = probability_weights
         self.causal_lm = causal_lm
         self.chunk_tokens = chunk_tokens or default_chunk_tokens(causal_lm.config.vocab_size)
         self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute
@@ -126,9 +137,9 @@ class SequenceLogps(nn.Module):
         attention_scatter: torch.Tensor | None = None,
         real_tokens: torch.Tensor | None = None,
     ):
-        """Returns (logps, logits_sum, token_counts, router_loss): one entry per sequence, sums over its completion
-        tokens; and with `router_top_k` in grad mode the routers' load-balancing loss over `real_tokens` (the
-        batch's attention_mask), else None.
+        """Returns (logps, logits_sum, token_counts, router_loss, log_weights): one entry per sequence, sums over its
+        completion tokens; with `router_top_k` in grad mode the routers' load-balancing loss over `real_tokens` (the
+        batch's attention_mask), else None; with `probability_weights` WPO's log weight per sequence, else None.
 
         `scored_positions` / `scored_targets` / `scored_owners` say which positions predict a completion
         token, which token, and for which sequence (built with the batch, `data.scoring_layout`). Padded
@@ -148,15 +159,18 @@ class SequenceLogps(nn.Module):
         # Only completion-predicting positions are projected: prompt and padding never reach the lm_head.
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored_positions)  # (N, H)
 
-        token_logps, token_mean_logits = [], []
+        token_logps, token_mean_logits, token_aligned = [], [], []
         for start in range(0, hidden.shape[0], self.chunk_tokens):
-            chunk = (hidden[start : start + self.chunk_tokens], scored_targets[start : start + self.chunk_tokens])
+            chunk = (hidden[start : start + self.chunk_tokens], scored_targets[start : start + self.chunk_tokens],
+                     self.probability_weights)
             if torch.is_grad_enabled() and hidden.requires_grad:
-                logps, mean_logits = checkpoint(_chunk_token_stats, lm_head, *chunk, use_reentrant=False)
+                logps, mean_logits, log_sum_squares = checkpoint(_chunk_token_stats, lm_head, *chunk, use_reentrant=False)
             else:
-                logps, mean_logits = _chunk_token_stats(lm_head, *chunk)
+                logps, mean_logits, log_sum_squares = _chunk_token_stats(lm_head, *chunk)
             token_logps.append(logps)
             token_mean_logits.append(mean_logits)
+            if log_sum_squares is not None:
+                token_aligned.append(logps.detach() - log_sum_squares)
 
         zeros = hidden.new_zeros(num_sequences, dtype=torch.float32)
         counts = torch.zeros(num_sequences, dtype=torch.long, device=input_ids.device).index_add(0, scored_owners, torch.ones_like(scored_owners))
@@ -166,7 +180,11 @@ class SequenceLogps(nn.Module):
         else:  # no completion tokens at all: keep the graph connected so backward still runs
             logps = zeros + 0.0 * hidden.sum()
             logits_sum = zeros.detach()
-        return logps, logits_sum, counts, router_loss
+        log_weights = None
+        if self.probability_weights:
+            aligned = torch.cat(token_aligned) if token_aligned else zeros.new_zeros(0)
+            log_weights = zeros.detach().index_add(0, scored_owners, aligned) / counts.clamp(min=1)
+        return logps, logits_sum, counts, router_loss, log_weights
 
     def _decode(self, input_ids, position_ids, sequence_index, branch, attention_gather, attention_scatter, routed: bool):
         """The decoder's output for the batch's layout (see `forward`): its last hidden states, and with `routed`
@@ -188,7 +206,7 @@ class SequenceLogps(nn.Module):
 
 def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
     """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected."""
-    logps, logits_sum, tokens, router_loss = model(
+    logps, logits_sum, tokens, router_loss, log_weights = model(
         batch.input_ids, batch.scored_positions, batch.scored_targets, batch.scored_owners, batch.num_sequences,
         batch.position_ids, batch.sequence_index, batch.branch, batch.attention_gather, batch.attention_scatter,
         batch.attention_mask,
@@ -204,4 +222,6 @@ def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
         sft_logps=logps[2 * num_pairs :] if batch.num_sft else None,
         sft_tokens=tokens[2 * num_pairs :] if batch.num_sft else None,
         router_loss=router_loss,
+        chosen_log_weights=log_weights[:num_pairs] if log_weights is not None else None,
+        rejected_log_weights=log_weights[num_pairs : 2 * num_pairs] if log_weights is not None else None,
     )

@@ -151,7 +151,8 @@ class Trainer:
         policy = prepare_policy(causal_lm, config.model, config.lora)
         self.causal_lm = policy
         scorer = SequenceLogps(policy, config.model.logps_chunk_tokens, config.model.recompute_elementwise,
-                               router_top_k=self.shape.experts_per_token if self.router_aux_coef else 0)
+                               router_top_k=self.shape.experts_per_token if self.router_aux_coef else 0,
+                               probability_weights=config.dpo.use_weighting)
         if train:
             self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1),
                                       config.deepspeed.zero3_whole_layers)
@@ -204,7 +205,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- the step
     def _pair_loss(self, batch: data_lib.PairBatch):
-        """Per-pair loss (the weighted preference losses + sft_weight x chosen NLL), and what the metrics need."""
+        """Per-pair loss (the weighted preference losses, WPO-weighted with dpo.use_weighting, + sft_weight x chosen
+        NLL), and what the metrics need."""
         dpo = self.config.dpo
         ref_logps = self.reference.logps(batch.pairs_only()) if self.reference is not None else None
         policy_logps = forward_pair(self.policy, batch)
@@ -221,6 +223,8 @@ class Trainer:
         settings = dict(beta=dpo.beta, label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma,
                         discopop_tau=dpo.discopop_tau)
         loss = combine([(loss_fn(inputs, **settings), weight) for loss_fn, weight in self.loss_fns])
+        if dpo.use_weighting:  # WPO: each pair weighted by how likely the policy finds both its completions
+            loss.losses = loss.losses * torch.exp(policy_logps.chosen_log_weights + policy_logps.rejected_log_weights)
         nll = chosen_nll(inputs)
         if dpo.sft_weight:
             loss.losses = loss.losses + dpo.sft_weight * nll

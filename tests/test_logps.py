@@ -70,6 +70,22 @@ def test_matches_naive_full_softmax(model, batch, chunk_tokens):
     assert torch.equal(counts, batch.completion_mask[:, 1:].sum(dim=1))
 
 
+@pytest.mark.parametrize("chunk_tokens", [3, 4096])
+def test_wpo_log_weights_match_naive_full_softmax(model, batch, chunk_tokens):
+    """WPO's per-sequence log weight: the mean over completion tokens of log p(token) - log sum_v p_v^2."""
+    scorer = SequenceLogps(model, chunk_tokens=chunk_tokens, probability_weights=True)
+    with torch.no_grad():
+        pair = forward_pair(scorer, batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[:, :-1]
+        probs = torch.softmax(logits, dim=-1)
+        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        aligned = token_logps - torch.log((probs * probs).sum(dim=-1))
+        mask = batch.completion_mask[:, 1:].float()
+        expected = (aligned * mask).sum(dim=1) / mask.sum(dim=1)
+    torch.testing.assert_close(torch.cat([pair.chosen_log_weights, pair.rejected_log_weights]), expected, atol=1e-5, rtol=0)
+    assert forward_pair(SequenceLogps(model, chunk_tokens), batch).chosen_log_weights is None  # off by default
+
+
 def test_prompt_and_padding_tokens_are_never_counted(model, batch):
     """Only completion positions are scored: a row whose completion mask is cleared sums to exactly 0."""
     completion_mask = batch.completion_mask.clone()

@@ -242,3 +242,17 @@ def test_f_divergence_matches_trl(divergence, tiny_policy, tiny_reference, tmp_p
     assert ours["eval_loss"] == pytest.approx(trl_metrics["eval_loss"], abs=TOLERANCE)
     reverse, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl-reverse", F_DIVERGENCE_MIX)
     assert abs(ours["eval_loss"] - reverse["eval_loss"]) > 1e-3  # the divergence really changed the loss
+
+
+def test_wpo_weighting_matches_trl(tiny_policy, tiny_reference, tmp_path):
+    """WPO (use_weighting): each pair's losses times the policy's length-normalised probabilities of its two
+    completions; TRL and we agree on the weighted eval loss, which is far from the unweighted one."""
+    records = plain_records()
+    losses = {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1.0, 0.5], "use_weighting": True}
+    trl_metrics, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl", losses)
+    ours = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path, losses)
+    assert ours["eval_loss"] == pytest.approx(trl_metrics["eval_loss"], abs=TOLERANCE)
+    (tmp_path / "unweighted").mkdir()
+    unweighted = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "unweighted",
+                               {**losses, "use_weighting": False})
+    assert abs(ours["eval_loss"] - unweighted["eval_loss"]) > 1e-3
