@@ -77,6 +77,9 @@ class Trainer:
         self.dist = dist_info
         self.logger = make_logger(dist_info.rank, config.training.output_dir)
         self.loss_fns = [(LOSSES[name].fn, weight) for name, weight in config.dpo.weighted_losses]
+        dpo = config.dpo  # each loss takes the hyper-parameters it uses from these
+        self.loss_settings = dict(beta=dpo.beta, label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma,
+                                  discopop_tau=dpo.discopop_tau)
         self._order, self._order_epoch = [], None  # the shuffled order of the epoch in progress
         self.collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing)
 
@@ -220,9 +223,7 @@ class Trainer:
             f_divergence=dpo.f_divergence_type,
             f_alpha=dpo.f_alpha_divergence_coef,
         )
-        settings = dict(beta=dpo.beta, label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma,
-                        discopop_tau=dpo.discopop_tau)
-        loss = combine([(loss_fn(inputs, **settings), weight) for loss_fn, weight in self.loss_fns])
+        loss = combine([(loss_fn(inputs, **self.loss_settings), weight) for loss_fn, weight in self.loss_fns])
         if dpo.use_weighting:  # WPO: each pair weighted by how likely the policy finds both its completions
             loss.losses = loss.losses * torch.exp(policy_logps.chosen_log_weights + policy_logps.rejected_log_weights)
         nll = chosen_nll(inputs)
