@@ -76,10 +76,13 @@ def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.
     logits = lm_head(hidden).float()  # (n, V)
     detached = logits.detach()
     mean_logits = detached.mean(dim=-1)
+    target_logps = TargetLogProb.apply(logits, targets)
     log_sum_squares = None
     if probability_weights:  # log sum_v p_v^2 = logsumexp(2 logits) - 2 logsumexp(logits)
-        log_sum_squares = torch.logsumexp(2 * detached, dim=-1) - 2 * torch.logsumexp(detached, dim=-1)
-    return TargetLogProb.apply(logits, targets), mean_logits, log_sum_squares
+        # logsumexp(logits) = logit[target] - log p(target): TargetLogProb's, read back without a second vocab pass
+        log_normalizer = detached.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - target_logps.detach()
+        log_sum_squares = torch.logsumexp(2 * detached, dim=-1) - 2 * log_normalizer
+    return target_logps, mean_logits, log_sum_squares
 
 
 CHUNK_BUDGET_BYTES = 128 * 2**20

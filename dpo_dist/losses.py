@@ -5,8 +5,8 @@ separate function taking `PreferenceInputs` and its own hyper-parameters by keyw
 registers them with whether they need reference log-probs (SimPO and ORPO do not, and then no
 reference is loaded at all); `combine` sums a weighted list of them per pair, as TRL's multi-loss
 `loss_type` does. The margin-based ones compare `inputs.scores()`: the log-ratios, or f-DPO's
-f'(pi/pi_ref) under another divergence (`divergence_scores`). Conventions follow TRL's DPOTrainer / CPOTrainer / ORPOTrainer so numbers compare;
-where they normalise by length, the docstring says so.
+f'(pi/pi_ref) under another divergence (`divergence_scores`). Conventions follow TRL's DPOTrainer /
+CPOTrainer / ORPOTrainer so numbers compare; where they normalise by length, the docstring says so.
 """
 
 from __future__ import annotations

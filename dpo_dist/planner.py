@@ -57,9 +57,9 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
 - logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x V in fp32, twice (the logits and
   one vocab-wide temporary: logsumexp's in forward; backward turns the saved logits into their gradient in
   place); three with `dpo.use_weighting` (WPO's doubled logits for log sum p^2, again when a checkpointed
-  chunk is recomputed in backward). When the lm_head trains (full fine-tuning) its gradient, V H b, exists full-size before any
-  reduction, twice while a further chunk's gradient is added; under ZeRO-3 the lm_head is also gathered
-  whole, V H b.
+  chunk is recomputed in backward). When the lm_head trains (full fine-tuning) its gradient, V H b, exists
+  full-size before any reduction, twice while a further chunk's gradient is added; under ZeRO-3 the lm_head
+  is also gathered whole, V H b.
 - gathered: under ZeRO-3 on more than one rank, the decoder layer running and the next one (prefetched:
   "auto" stage3_prefetch_bucket_size is one layer) gathered whole, 2 x one layer's parameters x b.
 
