@@ -96,7 +96,7 @@ def main() -> None:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",  # plain torch AdamW, as dpo-dist builds (TRL's default is the fused variant)
+        optim="adamw_torch_fused",  # TRL's default, and the fused torch AdamW dpo-dist builds
         beta=args.beta,
         loss_type=["sigmoid"],
         max_length=args.max_length,
@@ -113,7 +113,12 @@ def main() -> None:
     # TRL turns gradient (activation) checkpointing on by default; the bench sets both tools alike.
     config_kwargs["gradient_checkpointing"] = args.gradient_checkpointing
     if args.backend == "deepspeed":
-        config_kwargs["deepspeed"] = json.loads(Path(args.ds_config).read_text())
+        ds_config = json.loads(Path(args.ds_config).read_text())
+        # transformers fills the "auto"s it knows; sub_group_size is dpo-dist's, so TRL gets DeepSpeed's default,
+        # what its users run with
+        if ds_config.get("zero_optimization", {}).get("sub_group_size") == "auto":
+            del ds_config["zero_optimization"]["sub_group_size"]
+        config_kwargs["deepspeed"] = ds_config
     else:
         config_kwargs["ddp_backend"] = "gloo"
     dpo_config = DPOConfig(**config_kwargs)

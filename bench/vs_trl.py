@@ -262,12 +262,23 @@ def run_dpo_dist_worker(record_dir: str, train_argv: list[str]) -> None:
     after_step: list[float] = []
     before_first: list[float] = []
     original = trainer_module.Trainer.train_step
+    rank = int(os.environ.get("RANK", "0"))
+    record = Path(record_dir) / f"rank{rank}.json"
+
+    def write_record() -> None:
+        # After every step, not at exit: launch/train.py leaves with os._exit (cli.exit_process), which runs no
+        # `finally` of this frame
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(
+            {"rank": rank, "torch_threads": torch.get_num_threads(), "peak_memory_mb_after_step": after_step,
+             "peak_memory_mb_before_first_step": before_first[0] if before_first else None}))
 
     def train_step(self, micro_batches, window):
         if not before_first:
             before_first.append(peak_memory_mb())
         original(self, micro_batches, window)
         after_step.append(peak_memory_mb())
+        write_record()
 
     trainer_module.Trainer.train_step = train_step
     # Like TRL's run (save_strategy="no"), no final checkpoint or export: writing a 1.7B model's optimizer
@@ -275,18 +286,7 @@ def run_dpo_dist_worker(record_dir: str, train_argv: list[str]) -> None:
     trainer_module.Checkpointer.save = lambda self, step, *_: self.output_dir
     trainer_module.export_hf = lambda *_, **__: None
     sys.argv = [str(ROOT / "launch/train.py"), *train_argv]
-    try:
-        runpy.run_path(str(ROOT / "launch/train.py"), run_name="__main__")
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise
-    finally:
-        out = Path(record_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        rank = int(os.environ.get("RANK", "0"))
-        (out / f"rank{rank}.json").write_text(json.dumps(
-            {"rank": rank, "torch_threads": torch.get_num_threads(), "peak_memory_mb_after_step": after_step,
-             "peak_memory_mb_before_first_step": before_first[0] if before_first else None}))
+    runpy.run_path(str(ROOT / "launch/train.py"), run_name="__main__")
 
 
 # ----------------------------------------------------------------------------- main
@@ -417,7 +417,7 @@ def main() -> None:
             "settings": {
                 **{k: v for k, v in vars(args).items() if k not in ("work_dir", "keep", "out")},
                 "reference": "adapter disabled" if args.lora_r else "separate frozen model, same checkpoint",
-                "optimizer": "torch.optim.AdamW", "mean_tokens": lengths, "pairs": num_pairs,
+                "optimizer": "torch.optim.AdamW(fused=True) in both", "mean_tokens": lengths, "pairs": num_pairs,
                 "flops_per_token": flops, **counts, "peak_tflops": peak_tflops,
             },
             "machine": machine,

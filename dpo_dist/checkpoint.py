@@ -125,6 +125,7 @@ class TrainerState:
     best_step: int | None = None
     world_size: int = 1
     global_batch: int = 0
+    zero3_sub_group_size: int | None = None  # ZeRO-3's optimizer sub-groups, which shape its saved optimizer state
 
     def advance(self, steps_per_epoch: int) -> None:
         """Count one optimizer step of `global_batch` pairs; the epoch ends after `steps_per_epoch` of them."""
@@ -245,9 +246,11 @@ class Checkpointer:
             raise UserError(f"training.resume_from: {path} is not a finished checkpoint (no {TRAINER_STATE})")
         return path
 
-    def load(self, path: Path, engine, global_batch: int) -> tuple[TrainerState, dict]:
-        """Engine state into `engine`; returns the trainer state and this rank's RNG states (set them last)."""
+    def load(self, path: Path, engine, fresh: TrainerState) -> tuple[TrainerState, dict]:
+        """Engine state into `engine`; returns the trainer state and this rank's RNG states (set them last).
+        `fresh` is this run's own start state: what it must share with the checkpoint to continue it."""
         state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+        global_batch = fresh.global_batch
         if state.world_size != self.dist.world_size:
             raise UserError(
                 f"{path} was saved by {state.world_size} processes and this run has {self.dist.world_size}. Resume "
@@ -260,6 +263,16 @@ class Checkpointer:
                 f"{path} was trained with global batch {state.global_batch}, this run's is {global_batch}; "
                 "keep batch_size x processes x gradient_accumulation_steps the same to resume exactly"
             )
+        # DeepSpeed saves ZeRO-3's optimizer state per sub-group and fails to load it into other sub-groups with
+        # "loaded state dict contains a parameter group that doesn't match" (checkpoints from before the field: no check)
+        if state.zero3_sub_group_size not in (None, fresh.zero3_sub_group_size):
+            raise UserError(
+                f"{path} was saved with ZeRO-3 optimizer sub-groups of {state.zero3_sub_group_size} elements and this "
+                f"run's are {fresh.zero3_sub_group_size}; DeepSpeed cannot load an optimizer state split otherwise. "
+                f"Set \"sub_group_size\": {state.zero3_sub_group_size} under zero_optimization in the DeepSpeed config "
+                "to resume it"
+            )
+        state.zero3_sub_group_size = fresh.zero3_sub_group_size
         engine.load_state(path, ENGINE_TAG)
         rng = torch.load(path / f"rng_state_rank{self.dist.rank}.pt", weights_only=False)
         return state, rng

@@ -25,7 +25,7 @@ from torch import nn
 
 from dpo_dist.config import Config, LoRAConfig, TrainingConfig
 from dpo_dist.errors import UserError
-from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements, zero_stage
+from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements, sub_group_elements, zero_stage
 from dpo_dist.tokenization import TokenizeShards
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -367,10 +367,13 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     # transformers' 0.9 hidden^2 is less than one of a Qwen3 layer's matrices, so with whole-layer gathering
     # only the next layer's first matrix was prefetched and the rest gathered while the GPU waited.
     # (DeepSpeed's own default, 5e7, is about one Qwen3-1.7B layer.) The persistence threshold as transformers'.
+    # ZeRO-3's optimizer sub-group: one decoder layer too (planner.sub_group_elements says why).
     _fill(zero, "reduce_bucket_size", reduce_bucket_elements(shape, lora))
     if zero_stage(ds) == 3:
         _fill(zero, "stage3_prefetch_bucket_size", decoder_layer_elements(shape))
         _fill(zero, "stage3_param_persistence_threshold", 10 * shape.hidden)
+        offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+        _fill(zero, "sub_group_size", sub_group_elements(shape, offload_optimizer))
     leftover = [key for key, value in _walk(ds) if value == "auto"]
     if leftover:
         raise UserError(f"the DeepSpeed config has \"auto\" values dpo-dist cannot fill: {', '.join(leftover)}")
@@ -418,6 +421,23 @@ def param_elements(module: nn.Module) -> tuple[int, int]:
             local += param.numel()
             total += param.numel()
     return local, total
+
+
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")  # torch's fused AdamW kernels (torch.optim.adam docs)
+
+
+def fused_adamw_supported() -> bool:
+    """Whether the optimizer's tensors live where torch has a fused AdamW kernel: DeepSpeed's accelerator (or the
+    host, with optimizer offload, which is "cpu" and supported too).
+
+    The fused step updates each element in one kernel, with no intermediate tensors. torch's default on a GPU, the
+    foreach implementation, allocates sqrt(v) for the whole step (4 bytes per trainable element of the optimizer's
+    group, a Qwen3-1.7B's 6.4 GiB on one rank), and the per-tensor one on a CPU two such buffers per tensor; on a
+    full fine-tune with gradient checkpointing that step, not the backward, was the run's peak. It is also TRL's
+    default (`optim="adamw_torch_fused"`), the same update (Adam's formula, per element, in fp32)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() in FUSED_ADAMW_DEVICES
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
@@ -489,6 +509,7 @@ class TrainEngine:
             lr=training.learning_rate,
             betas=(training.adam_beta1, training.adam_beta2),
             eps=training.adam_epsilon,
+            fused=fused_adamw_supported(),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, training.lr_scheduler)

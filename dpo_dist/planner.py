@@ -64,16 +64,18 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   "auto" stage3_prefetch_bucket_size is one layer) gathered whole, 2 x one layer's parameters x b.
 
 Alive in the optimizer step (the "step" phase)
-- gradients (unless held, above) and step: the fp32 copy of the gradient partition DeepSpeed hands the
-  optimizer, 4 N_t, and Adam's temporaries (sqrt of the second moment and its quotient): one more 4 N_t
-  with the foreach implementation on a GPU, two with the per-tensor one on a CPU; divided under ZeRO-1/2/3,
-  none on the device with optimizer offload.
+- gradients (unless held, above) and step: the fp32 copy of the gradient DeepSpeed hands the optimizer, 4 bytes
+  for each element it steps at once (`optimizer_step_elements`: everything under ZeRO-0, the largest parameter
+  group's 1/W slice under ZeRO-1/2, the largest sub-group under ZeRO-3, one decoder layer with "auto"
+  sub_group_size), plus b per element for its flattened copy when b < 4 (`step_bytes`); none on the device with
+  optimizer offload. The fused AdamW keeps no temporaries (torch's foreach and per-tensor ones did: 4 and 8
+  bytes per element).
 
 The peak is held + the larger phase. On a GPU, overhead adds the CUDA context and allocator slack
 (1.5 GiB + 10%). Attention scores are not counted for sdpa / flash-attention (they do not materialise them).
 Against peaks measured on CPU (fp32, one process, on_gpu=False) for full ZeRO-2/3, gradient-checkpointed
 and LoRA runs the plan is within 5% (tests/test_planner.py allows 25%); on 2 ranks (ZeRO-3, ZeRO-2 with
-gradient accumulation) within 4% of the busiest rank, 20% above the lighter ZeRO-2 rank; and within 9% of
+gradient accumulation) within 8% of the busiest rank, 20% above the lighter ZeRO-2 rank; and within 9% of
 CUDA max allocated (without `overhead`) for Qwen3-1.7B full ZeRO-3 and Qwen3-4B LoRA runs on an H200; the
 tables are in docs/architecture.md.
 """
@@ -241,7 +243,7 @@ def offloads_parameters(ds_config: dict) -> bool:
     return ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device") == "cpu"
 
 
-def _trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[int]]:
+def trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[int]]:
     """Elements of each trainable parameter, by optimizer parameter group, in DeepSpeed's flattening order:
     LoRA's A (r x fan-in) and B (fan-out x r) of each adapted projection, all matrices (one group); else the
     model's matrices and vectors."""
@@ -287,7 +289,50 @@ def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
     unit whole-layer ZeRO-3 gathers and whose gradients come ready together. The cost is memory: one buffer of
     this many elements under ZeRO-3, two under ZeRO-2 with overlap_comm (the `buckets` part of the plan):
     ~100 MB for a 1.7B layer in bf16."""
-    return min(decoder_layer_elements(shape), sum(map(sum, _trainable_groups(shape, lora))))
+    return min(decoder_layer_elements(shape), sum(map(sum, trainable_groups(shape, lora))))
+
+
+DEEPSPEED_SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size (zero/config.py)
+
+
+def sub_group_elements(shape: ModelShape, offload_optimizer: bool) -> int:
+    """What "auto" means for ZeRO-3's sub_group_size here: one decoder layer's parameters; DeepSpeed's default
+    (1e9) with optimizer offload.
+
+    ZeRO-3 steps the optimizer one sub-group at a time (stage3.py: step), and for each it flattens the group's
+    gradient partition and copies it to fp32 (`_prepare_fp32_grad_for_sub_group`), freeing both after the update.
+    With DeepSpeed's default a Qwen3-1.7B on one GPU steps 1e9 elements at once: a 4 GB fp32 gradient and, for
+    a moment, its 2 GB bf16 flat copy, on top of everything held; with gradient checkpointing that is the peak
+    of a full fine-tune. Sub-groups of one layer leave the embedding as the largest (a parameter is never
+    split): 1.7 GiB for the 1.7B on one GPU, 0.3 GiB per GPU on eight (Qwen3-8B: 6.2 -> 4.4 GiB on one, 5.7 ->
+    1.4 GiB per GPU on eight), for a few dozen optimizer calls per step instead of a few. With optimizer offload
+    the sub-groups are what DeepSpeed moves to and from the host and updates with its CPU Adam, where larger
+    ones use the bandwidth better, so its default stays."""
+    return DEEPSPEED_SUB_GROUP_SIZE if offload_optimizer else decoder_layer_elements(shape)
+
+
+def optimizer_step_elements(groups: list[list[int]], ds_config: dict, world_size: int) -> int:
+    """Trainable elements whose fp32 gradient the optimizer takes at once on the busiest rank (the `step` part).
+
+    ZeRO-1/2 step each parameter group's 1/W slice in turn (stage_1_and_2.py), ZeRO-3 each sub-group: the
+    parameters of a group in order, each padded to a multiple of W and divided, gathered until their
+    partitions reach sub_group_size (stage3.py: `_create_fp16_sub_groups`), so a parameter longer than that
+    (the embedding) is a sub-group of its own. Without ZeRO's optimizer (stage 0) every trainable element."""
+    stage = zero_stage(ds_config)
+    if stage == 0:
+        return sum(map(sum, groups))
+    if stage < 3:
+        return max(math.ceil(sum(sizes) / world_size) for sizes in groups)
+    limit = ds_config.get("zero_optimization", {}).get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE)
+    largest = 0
+    for sizes in groups:
+        running = 0
+        for size in sizes:
+            running += math.ceil(size / world_size)
+            if running >= limit:
+                largest, running = max(largest, running), 0
+        largest = max(largest, running)
+    return largest
 
 
 def bucket_bytes(ds_config: dict, dtype_bytes: int) -> float:
@@ -430,7 +475,7 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     offload_params = offloads_parameters(ds_config)
     offload_optimizer = zero.get("offload_optimizer", {}).get("device") == "cpu"
     n = shape.parameters()
-    groups = _trainable_groups(shape, config.lora)
+    groups = trainable_groups(shape, config.lora)
     trainable = sum(map(sum, groups))
     shard = lambda nbytes, divided: nbytes / world_size if divided else nbytes  # noqa: E731
 
@@ -452,7 +497,6 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
         logits += head * (2 if tokens > chunk else 1)
     if stage == 3:  # the lm_head gathered whole for the chunks
         logits += head
-    adam_temporaries = 1 if on_gpu else 2  # foreach on a GPU; per-tensor on a CPU
     if stage == 2 and not offload_optimizer:  # the busiest rank's; at least N_t / W (W = 1: all of them)
         gradients = zero2_gradient_elements(groups, world_size) * b
     else:
@@ -467,7 +511,7 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
         # ZeRO-3 on several ranks: the layer running and the next one, prefetched, gathered whole (one rank gathers nothing)
         "gathered": 2 * decoder_layer_elements(shape) * b if stage == 3 and world_size > 1 and not offload_params else 0.0,
         "logits": logits,
-        "step": 0.0 if offload_optimizer else shard(trainable * FP32 * (1 + adam_temporaries), stage >= 1),
+        "step": 0.0 if offload_optimizer else step_bytes(groups, ds_config, world_size, b),
     }
     held = stage == 3 or config.training.gradient_accumulation_steps > 1
     if on_gpu:
@@ -476,6 +520,17 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     if plan.fits or device_bytes is None or not with_advice:
         return plan
     return dataclasses.replace(plan, advice=tuple(_advice(config, shape, ds_config, world_size, dtype_name, device_bytes)))
+
+
+def step_bytes(groups: list[list[int]], ds_config: dict, world_size: int, b: int) -> float:
+    """The optimizer step's own memory on the device: the fp32 gradient of the elements it takes at once
+    (`optimizer_step_elements`); under ZeRO with 2-byte gradients also their flattened copy, alive with it for
+    a moment before the fp32 conversion (a 4-byte gradient is flattened straight into the fp32 one). The fused
+    AdamW the engine builds (engine.fused_adamw_supported) updates in place and adds nothing; torch's foreach
+    one would add 4 bytes per element, its per-tensor one 8."""
+    elements = optimizer_step_elements(groups, ds_config, world_size)
+    flattened = b if zero_stage(ds_config) >= 1 and b < FP32 else 0
+    return float(elements * (FP32 + flattened))
 
 
 def single_rank_zero3_note(ds_config: dict, world_size: int) -> str | None:
@@ -539,10 +594,16 @@ def _fewest_checkpointed_layers(config: Config, shape: ModelShape, ds_config: di
 
 def _advice(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str, device_bytes: float):
     """Single changes that would make the run fit, each checked by re-planning."""
-    zero3 = {**ds_config, "zero_optimization": {**ds_config.get("zero_optimization", {}), "stage": 3}}
+    zero = ds_config.get("zero_optimization", {})
+    layer_sub_groups = {**zero, "stage": 3, "sub_group_size": sub_group_elements(shape, offload_optimizer=False)}
+    zero3 = {**ds_config, "zero_optimization": layer_sub_groups if zero_stage(ds_config) < 3 else {**zero, "stage": 3}}
     offload = {**zero3, "zero_optimization": {**zero3["zero_optimization"], "offload_optimizer": {"device": "cpu"}}}
     half_batch = max(1, config.training.batch_size // 2)
-    candidates = [
+    candidates = []
+    if zero_stage(ds_config) == 3 and zero.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE) > layer_sub_groups["sub_group_size"]:
+        candidates.append(('"sub_group_size": "auto" under zero_optimization in the DeepSpeed config (one decoder layer)',
+                           config, {**ds_config, "zero_optimization": layer_sub_groups}, world_size))
+    candidates += [
         ("model.gradient_checkpointing=true", dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=True)), ds_config, world_size),
         ("deepspeed.config=ds_configs/zero3.json", config, zero3, world_size),
         ("reference.mode=precomputed (launch/precompute_ref.py first)", dataclasses.replace(config, reference=dataclasses.replace(config.reference, mode="precomputed")), ds_config, world_size),

@@ -45,7 +45,7 @@ from dpo_dist.metrics import (
     peak_memory_mb,
 )
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
-from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes, single_rank_zero3_note
+from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes, single_rank_zero3_note, zero_stage
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, layout_mismatch, load_precomputed_reference
 from dpo_dist.replicas import agree_with_main
@@ -105,10 +105,12 @@ class Trainer:
         self.checkpointer = Checkpointer(self.config.training, self.dist)
         resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models
         self._setup_models(train, resume_path)
-        self.state = TrainerState(world_size=self.dist.world_size, global_batch=self.global_batch)
+        sub_group = self.ds_config["zero_optimization"]["sub_group_size"] if zero_stage(self.ds_config) == 3 else None
+        self.state = TrainerState(world_size=self.dist.world_size, global_batch=self.global_batch,
+                                  zero3_sub_group_size=None if sub_group is None else int(sub_group))
         self.resume_rng = None
         if resume_path is not None:
-            self.state, self.resume_rng = self.checkpointer.load(resume_path, self.policy, self.global_batch)
+            self.state, self.resume_rng = self.checkpointer.load(resume_path, self.policy, self.state)
             self.logger.truncate_after(self.state.step)  # drop what the interrupted run logged past its checkpoint
             self.logger.info(f"resumed from {resume_path} at step {self.state.step} (epoch {self.state.epoch}, "
                              f"{self.state.epoch_step} steps into it, {self.state.consumed_pairs} pairs consumed)")

@@ -38,7 +38,7 @@ from dpo_dist.cli import parse_args  # noqa: E402
 from dpo_dist.config import TrainingConfig, load_config  # noqa: E402
 from dpo_dist.engine import TrainEngine, dtype_name, init_distributed  # noqa: E402
 from dpo_dist.models import read_model_config  # noqa: E402
-from dpo_dist.planner import ModelShape, plan_memory  # noqa: E402
+from dpo_dist.planner import ModelShape, trainable_groups, optimizer_step_elements, plan_memory  # noqa: E402
 from dpo_dist.trainer import Trainer  # noqa: E402
 
 STEPS = 2
@@ -72,6 +72,14 @@ def warm_up_deepspeed(world_size: int) -> None:
     TrainEngine(torch.nn.Linear(8, 8), ds_config, TrainingConfig(), total_steps=1)
 
 
+def engine_step_elements(zero_optimizer) -> int:
+    """The most trainable elements DeepSpeed's optimizer steps at once on this rank, read from the optimizer it
+    built: ZeRO-3's sub-groups, ZeRO-1/2's partitions of each parameter group."""
+    if hasattr(zero_optimizer, "fp16_partitioned_groups_flat_numel"):
+        return max(zero_optimizer.fp16_partitioned_groups_flat_numel)
+    return max(int(size) for size in zero_optimizer.partition_size)
+
+
 class Measured(Exception):
     """Raised after the last measured step: the rest of train() (checkpoint, export) is not measured."""
 
@@ -88,6 +96,9 @@ def main() -> None:
     plan = plan_memory(config, shape, trainer.ds_config, trainer.dist.world_size, dtype_name(trainer.dtype), None,
                        on_gpu=False)
 
+    step_elements = {"planned": optimizer_step_elements(trainable_groups(shape, config.lora), trainer.ds_config,
+                                                        trainer.dist.world_size),
+                     "engine": engine_step_elements(trainer.policy.engine.optimizer)}
     phases = []  # (step, phase, peak bytes above the baseline); the counter restarts at each phase
     micro_steps = config.training.gradient_accumulation_steps
     position = {"step": 0, "micro": 0}  # the optimizer step (from 1) and micro-step in progress
@@ -135,6 +146,7 @@ def main() -> None:
         "predicted_phases_mb": {name: value / MIB for name, value in plan.phases.items()},
         "parts_mb": {name: value / MIB for name, value in plan.parts.items()},
         "phases_mb": [[step, name, value / MIB] for step, name, value in phases],
+        "step_elements": step_elements,
     })
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), (line + "\n").encode())  # one write: the ranks share the launcher's stdout

@@ -1,5 +1,6 @@
-"""DeepSpeed config filling, batch arithmetic and the learning-rate schedule."""
+"""DeepSpeed config filling, batch arithmetic, the optimizer and the learning-rate schedule."""
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -39,6 +40,59 @@ def test_auto_fields_are_filled_from_the_run_config():
     explicit = read_ds_config("zero2.json")
     explicit["zero_optimization"]["reduce_bucket_size"] = 12345  # a number in the JSON is kept
     assert fill_ds_config(explicit, training, torch.bfloat16, QWEN3_1_7B, 4, lora)["zero_optimization"]["reduce_bucket_size"] == 12345
+
+
+def test_zero3_optimizer_sub_groups_are_one_layer_unless_the_optimizer_is_offloaded():
+    training = TrainingConfig(batch_size=2)
+    filled = lambda raw: fill_ds_config(raw, training, torch.bfloat16, QWEN3_1_7B, 8, None)["zero_optimization"]  # noqa: E731
+    assert filled(read_ds_config("zero3.json"))["sub_group_size"] == LAYER_1_7B
+    # Offloaded, DeepSpeed's CPU Adam streams sub-groups through the host: its default size
+    assert filled(read_ds_config("zero3_offload.json"))["sub_group_size"] == 10**9
+    explicit = read_ds_config("zero3.json")
+    explicit["zero_optimization"]["sub_group_size"] = 12345
+    assert filled(explicit)["sub_group_size"] == 12345
+    assert "sub_group_size" not in filled(read_ds_config("zero2.json"))  # ZeRO-1/2 step whole parameter groups
+
+
+def test_the_optimizer_is_torchs_fused_adamw(tmp_path):
+    """One update through the engine (ZeRO-2, a process of its own) is Adam's formula, written out here
+    (decoupled weight decay, bias-corrected moments), by the fused implementation: the one whose step keeps
+    no temporaries (planner.step_bytes)."""
+    from launching import ROOT, assert_ok, run
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from dpo_dist.config import TrainingConfig\n"
+        "from dpo_dist.engine import TrainEngine, fill_ds_config, init_distributed, read_ds_config\n"
+        "from dpo_dist.planner import ModelShape\n"
+        "init_distributed(1.0)\n"
+        "torch.manual_seed(0)\n"
+        "module = torch.nn.Linear(3, 2, bias=False)\n"
+        "training = TrainingConfig(batch_size=1, learning_rate=0.1, weight_decay=0.01, warmup_ratio=0.0)\n"
+        "shape = ModelShape(vocab=10, hidden=3, intermediate=4, layers=1, heads=1, kv_heads=1, head_dim=3, tied=True)\n"
+        "engine = TrainEngine(module, fill_ds_config(read_ds_config('zero2.json'), training, torch.float32, shape, 1, None),\n"
+        "                     training, total_steps=1000)\n"
+        "inputs = torch.randn(4, 3)\n"
+        "before = module.weight.detach().clone().tolist()\n"
+        "engine.backward(engine(inputs).pow(2).sum())\n"
+        "engine.step()\n"
+        "print(json.dumps({'fused': engine.engine.optimizer.optimizer.defaults['fused'], 'inputs': inputs.tolist(),\n"
+        "                  'before': before, 'after': module.weight.detach().tolist()}))\n"
+    )
+    result = run([sys.executable, str(probe)])
+    assert_ok(result)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["fused"] is True
+    inputs, before = torch.tensor(out["inputs"]), torch.tensor(out["before"])
+    grad = 2 * (inputs @ before.T).T @ inputs  # d/dW of sum((x W^T)^2)
+    training = TrainingConfig()
+    beta1, beta2, eps, lr = training.adam_beta1, training.adam_beta2, training.adam_epsilon, 0.1  # no warmup: full lr
+    grad = grad * min(1.0, training.max_grad_norm / grad.norm().item())  # the engine clips at max_grad_norm
+    m, v = (1 - beta1) * grad, (1 - beta2) * grad * grad
+    expected = before * (1 - lr * 0.01) - lr * (m / (1 - beta1)) / ((v / (1 - beta2)).sqrt() + eps)
+    assert torch.allclose(torch.tensor(out["after"]), expected, atol=1e-6), (out["after"], expected)
 
 
 def test_batch_arithmetic_mismatch_is_a_clear_error():

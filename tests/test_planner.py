@@ -19,7 +19,8 @@ from dpo_dist.lean_ops import RECOMPUTE
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.models import load_causal_lm, prepare_policy, read_model_config
 from dpo_dist.planner import (DTYPE_BYTES, GIB, ModelShape, activation_bytes, bucket_bytes, check_memory, device_memory_bytes,
-                              plan_memory, single_rank_zero3_note, zero2_gradient_elements)
+                              optimizer_step_elements, plan_memory, single_rank_zero3_note, sub_group_elements,
+                              zero2_gradient_elements)
 from launching import ROOT, assert_ok, free_port, python_launch, run, write_config
 from make_tiny_qwen3 import make_checkpoint
 
@@ -74,12 +75,12 @@ def test_lora_adapters_on_moe_experts_are_what_peft_makes(targets):
     """PEFT adapts a Qwen3-MoE layer's experts through their fused 3-d weights (gate_proj + up_proj -> gate_up_proj
     at twice the rank); the planner's trainable sizes are PEFT's, in PEFT's order."""
     from dpo_dist.config import ModelConfig
-    from dpo_dist.planner import _trainable_groups
+    from dpo_dist.planner import trainable_groups
 
     lora = LoRAConfig(r=3, target_modules=targets)
     policy = prepare_policy(AutoModelForCausalLM.from_config(MOE), ModelConfig(base_model="x"), lora)
     trainable = [p.numel() for p in policy.parameters() if p.requires_grad]
-    assert _trainable_groups(ModelShape.from_hf_config(MOE), lora) == [trainable]
+    assert trainable_groups(ModelShape.from_hf_config(MOE), lora) == [trainable]
 
 
 def test_moe_active_parameters_are_what_a_forward_multiplies():
@@ -176,6 +177,22 @@ def test_check_memory_refuses_with_the_planners_advice(tmp_path):
     assert check_memory(load_config(path), QWEN3_4B, zero2, 8, "bfloat16", 80 * GIB).fits
     assert check_memory(load_config(path, ["training.memory_check=false"]), QWEN3_4B, zero2, 8, "bfloat16", 40 * GIB) is None
     assert check_memory(load_config(path), QWEN3_4B, zero2, 8, "bfloat16", None) is None  # a CPU has no device limit
+
+
+def test_advice_names_layer_sub_groups_when_the_optimizer_step_is_the_peak(tmp_path):
+    """A full fine-tune with gradient checkpointing under ZeRO-3 with DeepSpeed's 1e9 sub-groups peaks in the
+    optimizer step; one-layer sub-groups are the first advice when they alone make it fit."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {base_model: x, gradient_checkpointing: true}\ntraining: {batch_size: 1, max_seq_length: 512}\n")
+    config = load_config(path)
+    default = {"zero_optimization": {"stage": 3, "sub_group_size": 10**9}}
+    layered = {"zero_optimization": {"stage": 3, "sub_group_size": sub_group_elements(QWEN3_4B, offload_optimizer=False)}}
+    worse = plan_memory(config, QWEN3_4B, default, 1, "bfloat16", None)
+    better = plan_memory(config, QWEN3_4B, layered, 1, "bfloat16", None)
+    assert worse.phases["step"] > worse.phases["backward"]
+    assert worse.total - better.total > 2 * GIB  # 1e9 elements' fp32 gradient and bf16 copy against the embedding's
+    plan = plan_memory(config, QWEN3_4B, default, 1, "bfloat16", (worse.total + better.total) / 2)
+    assert not plan.fits and plan.advice[0].startswith('"sub_group_size": "auto" under zero_optimization'), plan.advice
 
 
 def test_zero3_on_one_process_gets_a_note_naming_zero2(tmp_path):
@@ -337,6 +354,59 @@ def test_plan_is_within_25_percent_of_the_measured_cpu_peak(tmp_path):
         rows.append((name, record))
     print_table(rows)
     assert all(abs(error(record)) <= 0.25 for _, record in rows), rows
+    assert_step_elements_are_deepspeeds(rows)
+
+
+def assert_step_elements_are_deepspeeds(rows: list[tuple[str, dict]]) -> None:
+    """The elements the plan's optimizer step takes at once are those of the largest sub-group (ZeRO-3) or
+    partition (ZeRO-1/2) of the optimizer DeepSpeed built, up to its alignment padding (a few elements)."""
+    for name, record in rows:
+        planned, engine = record["step_elements"]["planned"], record["step_elements"]["engine"]
+        assert abs(planned - engine) <= 16, (name, planned, engine)
+
+
+def test_optimizer_step_elements_follow_deepspeeds_grouping():
+    """ZeRO-3 gathers a group's parameters, each divided over the ranks (rounded up), into a sub-group until it
+    reaches sub_group_size; a longer parameter makes one alone. ZeRO-1/2 step each group's 1/W slice."""
+    groups = [[10, 3, 3, 3, 3, 1], [1, 1]]
+    zero3 = lambda limit: {"zero_optimization": {"stage": 3, "sub_group_size": limit}}  # noqa: E731
+    assert optimizer_step_elements(groups, zero3(5), 1) == 10  # [10] [3 3] [3 3] [1] | [1 1]
+    assert optimizer_step_elements(groups, zero3(5), 2) == 6  # [5] [2 2 2] [2 1] | [1 1]
+    assert optimizer_step_elements(groups, zero3(100), 1) == 23  # DeepSpeed's default (1e9) is usually this
+    assert optimizer_step_elements(groups, {"zero_optimization": {"stage": 3}}, 1) == 23
+    assert optimizer_step_elements(groups, {"zero_optimization": {"stage": 2}}, 2) == 12  # ceil(23 / 2)
+    assert optimizer_step_elements(groups, {"zero_optimization": {"stage": 0}}, 2) == 25
+
+
+# A model whose decoder layers are most of its parameters (8 layers, an 8k vocabulary) on 128-token rows with
+# gradient checkpointing: activations are small, so the optimizer step's fp32 gradient shows in the peak.
+SUB_GROUP_SHAPE = {**MEASURED_SHAPE, "vocab_size": 8192, "num_hidden_layers": 8}
+
+
+def test_zero3_steps_one_sub_group_at_a_time(tmp_path):
+    """Measured on CPU (one process, fp32): with "auto" sub_group_size (one decoder layer) the optimizer step
+    holds one layer's fp32 gradient at a time instead of all of them (DeepSpeed's default, 1e9, here one
+    sub-group of everything). The plan predicts both peaks, and the step phase's drop."""
+    model = make_checkpoint(tmp_path / "model", seed=0, **SUB_GROUP_SHAPE)
+    default_json = tmp_path / "zero3_default_sub_groups.json"
+    raw = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    raw["zero_optimization"]["sub_group_size"] = 10**9  # written out: dpo-dist fills a missing one as "auto"
+    default_json.write_text(json.dumps(raw))
+    rows = []
+    for index, (name, ds_json) in enumerate([("auto", "ds_configs/zero3.json"), ("1e9 (DeepSpeed's)", str(default_json))]):
+        sections = {"model": {"gradient_checkpointing": True}, "deepspeed": {"config": ds_json}}
+        [record] = measure([sys.executable, "tests/measure_peak.py", "--config",
+                            str(measured_config(tmp_path, model, index, 128, sections))])
+        rows.append((f"full ZeRO-3 checkpointed, sub_group_size {name}", record))
+    print_table(rows)
+    assert all(abs(error(record)) <= 0.10 for _, record in rows), rows
+    assert_step_elements_are_deepspeeds(rows)
+    (_, layered), (_, default) = rows
+    last_step = lambda record: next(mb for step, phase, mb in record["phases_mb"][::-1] if phase == "step")  # noqa: E731
+    predicted_drop = default["parts_mb"]["step"] - layered["parts_mb"]["step"]
+    assert predicted_drop > 100  # MB: 33 M parameters' fp32 gradient against one layer's
+    assert last_step(default) - last_step(layered) >= 0.75 * predicted_drop, rows
+    assert layered["measured_mb"] < default["measured_mb"]
 
 
 TWO_RANK_RUNS = [  # (name, config sections), 128-token rows
@@ -364,6 +434,7 @@ def test_plan_is_within_25_percent_of_each_ranks_measured_cpu_peak_on_2_ranks(tm
         plans[name] = (load_config(config), records[0]["parts_mb"])
     print_table(rows)
     assert all(abs(error(record)) <= 0.25 for _, record in rows), rows
+    assert_step_elements_are_deepspeeds(rows)
     # ZeRO-3 shards weights, gradients, optimizer and the reference: each is half of what one rank holds.
     config, two_ranks = plans[TWO_RANK_RUNS[0][0]]
     one_rank = plan_memory(config, ModelShape.from_hf_config(read_model_config(str(model))),

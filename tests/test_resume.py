@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from launching import ROOT, assert_ok, deepspeed_launch, python_launch, read_metrics, run, torchrun_launch, write_config
 from make_tiny_qwen3 import make_checkpoint
@@ -161,3 +162,16 @@ def test_zero3_kill_and_sigusr1_on_one_rank_resume_exactly(dropout_policy, tiny_
     assert_same_run(tmp_path / "straight", tmp_path / "signalled", stop_step)
     state = json.loads((tmp_path / "signalled" / "checkpoint-18" / "trainer_state.json").read_text())
     assert state["consumed_pairs"] == STEPS * 16 and state["step"] == STEPS
+
+    # DeepSpeed keeps ZeRO-3's optimizer state per sub-group: a run whose sub-groups differ is refused before
+    # loading, with the size to set (DeepSpeed itself would fail inside torch's load_state_dict)
+    layer = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(dropout_policy).model.layers[0].parameters())
+    assert state["zero3_sub_group_size"] == layer  # "auto": one decoder layer
+    other = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    other["zero_optimization"]["sub_group_size"] = 10**9
+    (tmp_path / "zero3_1e9.json").write_text(json.dumps(other))
+    result = run(deepspeed_launch("train.py", signalled, "training.resume_from=auto", "training.save_steps=100",
+                                  f"deepspeed.config={tmp_path / 'zero3_1e9.json'}"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f'Set "sub_group_size": {layer} under zero_optimization' in result.stderr
+    assert "Traceback" not in result.stderr
