@@ -25,7 +25,8 @@ from torch import nn
 
 from dpo_dist.config import Config, LoRAConfig, TrainingConfig
 from dpo_dist.errors import UserError
-from dpo_dist.planner import ModelShape, decoder_layer_elements, reduce_bucket_elements, sub_group_elements, zero_stage
+from dpo_dist.planner import (ModelShape, decoder_layer_elements, offloads_optimizer, reduce_bucket_elements, sub_group_elements,
+                              zero_stage)
 from dpo_dist.tokenization import TokenizeShards
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -372,8 +373,7 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     if zero_stage(ds) == 3:
         _fill(zero, "stage3_prefetch_bucket_size", decoder_layer_elements(shape))
         _fill(zero, "stage3_param_persistence_threshold", 10 * shape.hidden)
-        offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") != "none"
-        _fill(zero, "sub_group_size", sub_group_elements(shape, offload_optimizer))
+        _fill(zero, "sub_group_size", sub_group_elements(shape, offloads_optimizer(ds)))
     leftover = [key for key, value in _walk(ds) if value == "auto"]
     if leftover:
         raise UserError(f"the DeepSpeed config has \"auto\" values dpo-dist cannot fill: {', '.join(leftover)}")
@@ -431,8 +431,8 @@ def fused_adamw_supported() -> bool:
     host, with optimizer offload, which is "cpu" and supported too).
 
     The fused step updates each element in one kernel, with no intermediate tensors. torch's default on a GPU, the
-    foreach implementation, allocates sqrt(v) for the whole step (4 bytes per trainable element of the optimizer's
-    group, a Qwen3-1.7B's 6.4 GiB on one rank), and the per-tensor one on a CPU two such buffers per tensor; on a
+    foreach implementation, allocates sqrt(v) for everything it steps at once (4 bytes per element: up to 6.4 GiB
+    for a Qwen3-1.7B on one rank), and the per-tensor one on a CPU two such buffers per tensor; on a
     full fine-tune with gradient checkpointing that step, not the backward, was the run's peak. It is also TRL's
     default (`optim="adamw_torch_fused"`), the same update (Adam's formula, per element, in fp32)."""
     from deepspeed.accelerator import get_accelerator

@@ -243,6 +243,11 @@ def offloads_parameters(ds_config: dict) -> bool:
     return ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device") == "cpu"
 
 
+def offloads_optimizer(ds_config: dict) -> bool:
+    """ZeRO optimizer offload (to CPU, or NVMe): the fp32 master weights and Adam's states live off the device."""
+    return ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+
+
 def trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[int]]:
     """Elements of each trainable parameter, by optimizer parameter group, in DeepSpeed's flattening order:
     LoRA's A (r x fan-in) and B (fan-out x r) of each adapted projection, all matrices (one group); else the
@@ -470,10 +475,9 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
                 device_bytes: float | None, on_gpu: bool = True, with_advice: bool = True) -> MemoryPlan:
     """Per-device bytes of `config` on `world_size` ranks (see the module docstring for each term)."""
     b = DTYPE_BYTES[dtype_name]
-    zero = ds_config.get("zero_optimization", {})
     stage = zero_stage(ds_config)
     offload_params = offloads_parameters(ds_config)
-    offload_optimizer = zero.get("offload_optimizer", {}).get("device") == "cpu"
+    offload_optimizer = offloads_optimizer(ds_config)
     n = shape.parameters()
     groups = trainable_groups(shape, config.lora)
     trainable = sum(map(sum, groups))
