@@ -37,7 +37,8 @@
 #   profile-lora, profile-full   bench/profile_step.py (2 warm-up steps, 1 profiled) on dpo-dist's config of an
 #              earlier lora* / full* case (eager); profile.json (top ops, host syncs) to OUT_DIR
 # all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
-#   bash bench/gpu_suite.sh OUT_DIR CASE...   (a machine without deepspeed/trl/datasets: put their wheels in .whl/)
+#   bash bench/gpu_suite.sh OUT_DIR CASE...   (a machine without deepspeed/trl/datasets/liger-kernel: their wheels in
+#   .whl/, which `python bench/gpu_wheels.py` fills on a machine with a package index)
 # Writes gpu_<case>.json (bench/vs_trl.py's report), <case>.log and logs.tgz (every run's log) to OUT_DIR.
 set -u
 OUT=$1
