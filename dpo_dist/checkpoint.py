@@ -250,7 +250,6 @@ class Checkpointer:
         """Engine state into `engine`; returns the trainer state and this rank's RNG states (set them last).
         `fresh` is this run's own start state: what it must share with the checkpoint to continue it."""
         state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
-        global_batch = fresh.global_batch
         if state.world_size != self.dist.world_size:
             raise UserError(
                 f"{path} was saved by {state.world_size} processes and this run has {self.dist.world_size}. Resume "
@@ -258,9 +257,9 @@ class Checkpointer:
                 f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {path / ENGINE_TAG} "
                 "--output_folder <dir>) and start a new run from the export (launch/export.py is planned)"
             )
-        if state.global_batch != global_batch:
+        if state.global_batch != fresh.global_batch:
             raise UserError(
-                f"{path} was trained with global batch {state.global_batch}, this run's is {global_batch}; "
+                f"{path} was trained with global batch {state.global_batch}, this run's is {fresh.global_batch}; "
                 "keep batch_size x processes x gradient_accumulation_steps the same to resume exactly"
             )
         # DeepSpeed saves ZeRO-3's optimizer state per sub-group and fails to load it into other sub-groups with

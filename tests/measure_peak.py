@@ -38,7 +38,7 @@ from dpo_dist.cli import parse_args  # noqa: E402
 from dpo_dist.config import TrainingConfig, load_config  # noqa: E402
 from dpo_dist.engine import TrainEngine, dtype_name, init_distributed  # noqa: E402
 from dpo_dist.models import read_model_config  # noqa: E402
-from dpo_dist.planner import ModelShape, trainable_groups, optimizer_step_elements, plan_memory  # noqa: E402
+from dpo_dist.planner import ModelShape, optimizer_step_elements, plan_memory, trainable_groups  # noqa: E402
 from dpo_dist.trainer import Trainer  # noqa: E402
 
 STEPS = 2
