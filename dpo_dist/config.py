@@ -123,8 +123,10 @@ class ModelConfig:
 
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
-              "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")  # dpo_dist.losses.LOSSES, checked by a test
+              "apo_down", "discopop", "sigmoid_norm", "aot", "aot_unpaired", "sft", "simpo", "orpo")  # dpo_dist.losses.LOSSES, checked by a test
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+# Losses of a whole micro-batch (its pairs sorted), not of each pair alone: WPO's per-pair weights do not apply.
+BATCH_LEVEL_LOSSES = ("aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # losses.divergence_scores
 # Losses whose margin is a difference of chosen and rejected scores, where f-DPO's partition term cancels;
 # TRL 1.16 refuses another divergence for the rest, and so do we.
@@ -142,7 +144,8 @@ class DPOConfig:
     )
     loss_weights: list[float] | None = _opt(None, "Weight of each dpo.loss_type entry (null: 1.0 each).")
     label_smoothing: float = _opt(
-        0.0, "loss_type robust: the assumed label-flip rate; exo_pair: EXO's epsilon (> 0; the paper uses 1e-3). In [0, 0.5)."
+        0.0, "loss_type robust: the assumed label-flip rate; exo_pair: EXO's epsilon (> 0; the paper uses 1e-3); aot, "
+        "aot_unpaired: the weight of the flipped label in their logistic loss (as TRL's). In [0, 0.5)."
     )
     discopop_tau: float = _opt(0.05, "DiscoPOP's temperature tau (the paper's and TRL's default 0.05).")
     f_divergence_type: str = _opt(
@@ -190,6 +193,11 @@ class DPOConfig:
             raise UserError(f"dpo.f_divergence_type={self.f_divergence_type} with dpo.loss_type {', '.join(other)}: f-DPO "
                             "holds only where the loss compares chosen and rejected scores (" + ", ".join(F_DIVERGENCE_LOSSES)
                             + "); use reverse_kl with the others")
+        sorted_losses = [name for name in self.loss_type if name in BATCH_LEVEL_LOSSES]
+        if self.use_weighting and sorted_losses:
+            raise UserError(f"dpo.use_weighting (WPO) with dpo.loss_type {', '.join(sorted_losses)}: these losses sort a "
+                            "micro-batch's pairs, so a per-pair weight no longer belongs to the pair it was computed "
+                            "for; turn one of them off")
         if self.sft_weight < 0:
             raise UserError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:

@@ -31,6 +31,9 @@ class PreferenceInputs:
     ref_rejected_logps: torch.Tensor | None = None
     f_divergence: str = "reverse_kl"  # dpo.f_divergence_type: what `scores` makes of the log-ratios
     f_alpha: float = 0.5  # dpo.f_alpha_divergence_coef
+    # (B,) bool, False for eval padding pairs (weight 0): the batch-level losses (AOT) sort the real pairs only.
+    # None: every pair is real.
+    real_pairs: torch.Tensor | None = None
 
     def logratios(self) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi/pi_ref for chosen and rejected."""
@@ -209,6 +212,49 @@ def discopop_loss(inputs: PreferenceInputs, *, beta: float, discopop_tau: float,
     return _dpo_rewards(inputs, beta, losses)
 
 
+def sorted_over_pairs(values: torch.Tensor, real_pairs: torch.Tensor | None) -> torch.Tensor:
+    """`values` (B,) with the real pairs' entries sorted ascending among themselves, in the real pairs' places;
+    padding pairs keep theirs (they weigh 0). Differentiable: sorting only permutes. No host sync (no boolean
+    indexing): padding sorts after every real value, and the k-th smallest goes to the k-th real pair's place."""
+    if real_pairs is None:
+        return torch.sort(values).values
+    ranked = torch.sort(torch.where(real_pairs, values, torch.inf)).values
+    places = torch.sort((~real_pairs).to(torch.int8), stable=True).indices  # real pairs' places first, in order
+    placed = torch.empty_like(values).scatter(0, places, ranked)
+    return torch.where(real_pairs, placed, values)
+
+
+def _smoothed_sigmoid(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """cDPO's label-smoothed logistic loss: (1 - eps) * -log sigmoid(z) + eps * -log sigmoid(-z)."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def aot_loss(inputs: PreferenceInputs, *, beta: float, label_smoothing: float, **_) -> PreferenceLoss:
+    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
+    Eq. 11 with the logistic loss): the policy's chosen-minus-rejected log-prob margins must dominate the
+    reference's in distribution, so both are sorted over the micro-batch's pairs and compared rank by rank.
+    A BATCH-LEVEL loss, as in TRL: pair i's loss depends on the other pairs of its micro-batch.
+
+    d = sort_i(logp_w - logp_l) - sort_i(logp_ref_w - logp_ref_l);  loss = (1 - eps) * -log sigmoid(beta d) + eps * -log sigmoid(-beta d)
+    """
+    margins = sorted_over_pairs(inputs.policy_chosen_logps - inputs.policy_rejected_logps, inputs.real_pairs)
+    ref_margins = sorted_over_pairs(inputs.ref_chosen_logps - inputs.ref_rejected_logps, inputs.real_pairs)
+    return _dpo_rewards(inputs, beta, _smoothed_sigmoid(beta * (margins - ref_margins), label_smoothing))
+
+
+def aot_unpaired_loss(inputs: PreferenceInputs, *, beta: float, label_smoothing: float, **_) -> PreferenceLoss:
+    """AOT, unpaired (the same paper, Eq. 10): the chosen log-ratios must dominate the rejected ones in
+    distribution, each sorted over the micro-batch on its own (for data whose chosen and rejected answers
+    are not matched pairs). Batch-level, as `aot_loss`.
+
+    d = sort_i(log-ratio_w) - sort_i(log-ratio_l);  loss as `aot_loss`
+    """
+    chosen_logratios, rejected_logratios = inputs.logratios()
+    delta = (sorted_over_pairs(chosen_logratios, inputs.real_pairs)
+             - sorted_over_pairs(rejected_logratios, inputs.real_pairs))
+    return _dpo_rewards(inputs, beta, _smoothed_sigmoid(beta * delta, label_smoothing))
+
+
 def sigmoid_norm_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
     """DPO on log-ratios averaged per completion token (TRL's sigmoid_norm): the sigmoid loss without its
     pull toward long chosen / short rejected answers.
@@ -287,6 +333,8 @@ LOSSES: dict[str, LossSpec] = {
     "apo_down": LossSpec(apo_down_loss, needs_reference=True),
     "discopop": LossSpec(discopop_loss, needs_reference=True),
     "sigmoid_norm": LossSpec(sigmoid_norm_loss, needs_reference=True),
+    "aot": LossSpec(aot_loss, needs_reference=True),
+    "aot_unpaired": LossSpec(aot_unpaired_loss, needs_reference=True),
     "sft": LossSpec(sft_loss, needs_reference=True),
     "simpo": LossSpec(simpo_loss, needs_reference=False),
     "orpo": LossSpec(orpo_loss, needs_reference=False),

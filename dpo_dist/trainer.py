@@ -224,6 +224,7 @@ class Trainer:
             ref_rejected_logps=ref_logps.rejected_logps if ref_logps is not None else None,
             f_divergence=dpo.f_divergence_type,
             f_alpha=dpo.f_alpha_divergence_coef,
+            real_pairs=batch.pair_weight > 0,
         )
         loss = combine([(loss_fn(inputs, **self.loss_settings), weight) for loss_fn, weight in self.loss_fns])
         if dpo.use_weighting:  # WPO: each pair weighted by how likely the policy finds both its completions

@@ -10,6 +10,8 @@ from dpo_dist.losses import (
     router_balance_loss,
     LOSSES,
     PreferenceInputs,
+    aot_loss,
+    aot_unpaired_loss,
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
@@ -194,6 +196,54 @@ def test_mpo_mix_is_the_weighted_sum_per_pair():
     out = combine(parts)
     assert out.losses.item() == pytest.approx(0.8 * softplus(-0.2) + 0.2 * 2 * softplus(-0.1) + 1.0 * 0.5, abs=1e-6)
     assert out.chosen_rewards.item() == pytest.approx(0.1) and out.rejected_rewards.item() == pytest.approx(-0.1)
+
+
+def batch(pc, pr, rc, rr, real=None, grad=False):
+    t = lambda values: torch.tensor([float(v) for v in values], requires_grad=grad)  # noqa: E731
+    ones = torch.ones(len(pc), dtype=torch.long)
+    return PreferenceInputs(t(pc), t(pr), ones, ones, t(rc), t(rr),
+                            real_pairs=None if real is None else torch.tensor(real))
+
+
+# Three pairs. Policy margins logp_w - logp_l: 2, -1, 0.5; reference margins: 0, 1, -3. Log-ratios: chosen
+# -1 - (-2) = 1, -4 - (-1) = -3, -2 - (-1.5) = -0.5; rejected -3 - (-2) = -1, -3 - (-2) = -1, -2.5 - (1.5) = -4.
+AOT_BATCH = dict(pc=[-1.0, -4.0, -2.0], pr=[-3.0, -3.0, -2.5], rc=[-2.0, -1.0, -1.5], rr=[-2.0, -2.0, 1.5])
+
+
+def smoothed(z: float, eps: float) -> float:
+    return (1 - eps) * softplus(-z) + eps * softplus(z)
+
+
+def test_aot_compares_sorted_margins_rank_by_rank():
+    """AOT (paired): sorted policy margins (-1, 0.5, 2) minus sorted reference margins (-3, 0, 1) = (2, 0.5, 1),
+    rank by rank: NOT pair by pair (pair 0 alone would compare 2 with 0)."""
+    out = aot_loss(batch(**AOT_BATCH), beta=0.5, label_smoothing=0.1)
+    expected = [smoothed(0.5 * d, 0.1) for d in (2.0, 0.5, 1.0)]
+    assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.5, -1.5, -0.25])  # beta x log-ratio, per pair, as TRL
+    assert LOSSES["aot"].fn is aot_loss and LOSSES["aot"].needs_reference
+
+
+def test_aot_unpaired_sorts_chosen_and_rejected_log_ratios_apart():
+    """Chosen log-ratios sorted (-3, -0.5, 1), rejected sorted (-4, -1, -1): differences (1, 0.5, 2)."""
+    out = aot_unpaired_loss(batch(**AOT_BATCH), beta=0.5, label_smoothing=0.0)
+    assert out.losses.tolist() == pytest.approx([softplus(-0.5 * d) for d in (1.0, 0.5, 2.0)], abs=1e-6)
+    assert LOSSES["aot_unpaired"].fn is aot_unpaired_loss
+
+
+@pytest.mark.parametrize("loss_fn", [aot_loss, aot_unpaired_loss])
+def test_aot_leaves_eval_padding_pairs_out_of_the_sort(loss_fn):
+    """An eval batch's weight-0 padding pairs (here a middle one with extreme values, and one at the end) change
+    none of the real pairs' losses, and gradients stay finite."""
+    plain = loss_fn(batch(**AOT_BATCH), beta=0.5, label_smoothing=0.1).losses
+    padded_values = {key: [v[0], -90.0, v[1], v[2], 50.0] for key, v in AOT_BATCH.items()}
+    real = [True, False, True, True, False]
+    padded_inputs = batch(**padded_values, real=real, grad=True)
+    padded = loss_fn(padded_inputs, beta=0.5, label_smoothing=0.1).losses
+    assert padded[torch.tensor(real)].tolist() == pytest.approx(plain.tolist(), abs=1e-6)
+    (padded * torch.tensor([float(r) for r in real])).sum().backward()
+    assert torch.isfinite(padded_inputs.policy_chosen_logps.grad).all()
+    assert padded_inputs.policy_chosen_logps.grad[1] == 0 and padded_inputs.policy_chosen_logps.grad[4] == 0
 
 
 def test_chosen_nll_is_per_token():

@@ -168,7 +168,8 @@ def trl_evaluate(policy_path, reference_path, records: list[dict], max_length: i
     return trainer.evaluate(), trainer.eval_dataset
 
 
-def ours_evaluate(policy_path, reference_path, records: list[dict], max_length: int, tmp_path, losses=None) -> dict:
+def ours_evaluate(policy_path, reference_path, records: list[dict], max_length: int, tmp_path, losses=None,
+                  eval_batch: int = 4) -> dict:
     eval_file = write_jsonl(tmp_path / "eval.jsonl", records)
     output_dir = tmp_path / "ours"
     config = write_config(
@@ -180,7 +181,7 @@ def ours_evaluate(policy_path, reference_path, records: list[dict], max_length: 
         dpo={"beta": BETA, **(losses or {"loss_type": "sigmoid"})},
         # A small eval batch that does not divide the pair count: our metrics are global pair / token means,
         # independent of batching and of the weight-0 padding pairs that fill the last batch.
-        training={"max_seq_length": max_length, "batch_size": 4, "eval_batch_size": 4},
+        training={"max_seq_length": max_length, "batch_size": 4, "eval_batch_size": eval_batch},
         data={"eval_files": [str(eval_file)], "truncation_mode": "keep_start"},
     )
     result = run(python_launch("evaluate.py", config), timeout=300)
@@ -256,3 +257,18 @@ def test_wpo_weighting_matches_trl(tiny_policy, tiny_reference, tmp_path):
     unweighted = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "unweighted",
                                {**losses, "use_weighting": False})
     assert abs(ours["eval_loss"] - unweighted["eval_loss"]) > 1e-3
+
+
+def test_aot_matches_trl_over_one_batch(tiny_policy, tiny_reference, tmp_path):
+    """AOT sorts a batch's pairs, so a pair's loss depends on its batch-mates: over the same single batch (ours
+    one pair larger than the pairs kept, so it holds a weight-0 padding pair that must stay out of the sort),
+    TRL's and our eval loss agree; split into batches of 4 it is another number (further from the one batch's
+    than the tolerance)."""
+    records = plain_records()
+    losses = {"loss_type": ["aot", "aot_unpaired"], "loss_weights": [1.0, 0.5], "label_smoothing": 0.05}
+    trl_metrics, trl_dataset = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl", losses)
+    ours = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path, losses, eval_batch=len(trl_dataset) + 1)
+    assert ours["eval_loss"] == pytest.approx(trl_metrics["eval_loss"], abs=TOLERANCE)
+    (tmp_path / "batches").mkdir()
+    in_batches = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "batches", losses)
+    assert abs(in_batches["eval_loss"] - ours["eval_loss"]) > 2 * TOLERANCE  # 4.4e-4 here: beta 0.1 keeps it small
