@@ -104,12 +104,14 @@ def tokenizer_changes(first: dict, second: dict) -> list[str]:
 
 
 def fingerprint(reference_path: str, tokenizer, max_seq_length: int, truncation_mode: str, dtype: str,
-                data_files: list[str], known_weights: dict | None = None, verify: bool = False) -> dict:
+                data_files: list[str], known_weights: dict | None = None, verify: bool = False,
+                ld_alpha: float | None = None) -> dict:
     """Everything the cached reference log-probs depend on (see the module docstring)."""
     return {
         "reference": {"path": reference_path, "weights": weight_hashes(resolve_model_dir(reference_path), known_weights, verify)},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenization": {"max_seq_length": max_seq_length, "truncation_mode": truncation_mode},
+        "scoring": {"ld_alpha": ld_alpha},  # LD-DPO weighs the sums' tokens (dpo.ld_alpha)
         "dtype": dtype,
         "data_files": {name: sha256_file(Path(name)) for name in sorted(set(data_files))},
     }
@@ -132,6 +134,10 @@ def fingerprint_differences(cached: dict, current: dict) -> list[str]:
         if was != now:
             section = "training" if key == "max_seq_length" else "data"
             differences.append(f"{section}.{key} is {now!r}; the cache was computed with {was!r}")
+    # caches written before LD-DPO have no "scoring": plain sums
+    was, now = cached.get("scoring", {}).get("ld_alpha"), current.get("scoring", {}).get("ld_alpha")
+    if was != now:
+        differences.append(f"dpo.ld_alpha is {now!r}; the cache was computed with {was!r}")
     if cached["dtype"] != current["dtype"]:
         differences.append(f"model.dtype resolves to {current['dtype']}; the cache was computed in {cached['dtype']}")
     return differences

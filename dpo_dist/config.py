@@ -161,6 +161,12 @@ class DPOConfig:
         "the exp of the mean over its tokens of log p(token) - log sum_v p_v^2 (detached), to weigh off-policy "
         "pairs down. Costs one more logsumexp over the vocabulary per completion token.",
     )
+    ld_alpha: float | None = _opt(
+        None,
+        "LD-DPO (TRL's ld_alpha): in each pair, completion tokens past the shorter answer's length weigh ld_alpha in "
+        "the policy's and the reference's log-prob sums (1: plain DPO; 0: only the common length counts); null: off. "
+        "In [0, 1].",
+    )
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma.")
     sft_weight: float = _opt(
         0.0, "Weight of the per-token NLL of the chosen completion added to the loss (earlier TRL's rpo_alpha; as sft in dpo.loss_type)."
@@ -198,6 +204,8 @@ class DPOConfig:
             raise UserError(f"dpo.use_weighting (WPO) with dpo.loss_type {', '.join(sorted_losses)}: these losses sort a "
                             "micro-batch's pairs, so a per-pair weight no longer belongs to the pair it was computed "
                             "for; turn one of them off")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise UserError(f"dpo.ld_alpha must be in [0, 1] (1: plain DPO; 0: only the common length counts), got {self.ld_alpha}")
         if self.sft_weight < 0:
             raise UserError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:

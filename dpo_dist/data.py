@@ -35,7 +35,8 @@ def scoring_layout(input_ids: torch.Tensor, completion_mask: torch.Tensor, seque
 
 
 _TENSOR_FIELDS = ("input_ids", "attention_mask", "completion_mask", "pair_weight", "position_ids", "sequence_index",
-                  "branch", "attention_gather", "attention_scatter", "scored_positions", "scored_targets", "scored_owners")
+                  "branch", "attention_gather", "attention_scatter", "scored_positions", "scored_targets", "scored_owners",
+                  "scored_weights")
 
 
 @dataclass
@@ -62,6 +63,8 @@ class PairBatch:
     scored_positions: torch.Tensor | None = None  # (N,) flat indices into the (rows, T) grid
     scored_targets: torch.Tensor | None = None  # (N,) the token each position predicts
     scored_owners: torch.Tensor | None = None  # (N,) the sequence each scored position belongs to
+    # (N,) float, LD-DPO (dpo.ld_alpha) only: each scored token's weight in its sequence's log-prob sum; None: 1 each
+    scored_weights: torch.Tensor | None = None
     # Host numbers, so that metrics and pairs_only() never read the device.
     num_tokens: int | None = None  # tokens of the sequences, each counted in full (shared prompts twice)
     pair_rows: int | None = None  # rows [0, pair_rows) hold the pairs (packed: the one row)
@@ -131,6 +134,7 @@ class PairBatch:
             scored_positions=narrower(self.scored_positions[: self.pair_scored]),
             scored_targets=self.scored_targets[: self.pair_scored],
             scored_owners=self.scored_owners[: self.pair_scored], num_tokens=self.pair_tokens,
+            scored_weights=self.scored_weights[: self.pair_scored] if self.scored_weights is not None else None,
         )
 
 
@@ -211,11 +215,46 @@ def collate_shared_prefix(
     )
 
 
-def collate_for(packing: bool, prefix_sharing_on: bool):
-    """The collate function of a run's data layout (`data.packing`, `data.prefix_sharing`)."""
+def collate_for(packing: bool, prefix_sharing_on: bool, ld_alpha: float | None = None):
+    """The collate function of a run's data layout (`data.packing`, `data.prefix_sharing`); with `ld_alpha`
+    (dpo.ld_alpha) its batches carry LD-DPO's token weights (`length_desensitized_weights`)."""
     if prefix_sharing_on:
-        return functools.partial(collate_shared_prefix, packed=packing)
-    return collate_packed if packing else collate
+        layout = functools.partial(collate_shared_prefix, packed=packing)
+    else:
+        layout = collate_packed if packing else collate
+    if ld_alpha is None:
+        return layout
+
+    def collate_weighted(*args, **kwargs) -> PairBatch:
+        batch = layout(*args, **kwargs)
+        batch.scored_weights = length_desensitized_weights(batch.scored_owners, batch.num_pairs, ld_alpha)
+        return batch
+
+    return collate_weighted
+
+
+def length_desensitized_weights(scored_owners: torch.Tensor, num_pairs: int, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's token weights (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization",
+    as TRL's ld_alpha): in pair i, the first min(|y_w|, |y_l|) completion tokens of chosen and of rejected weigh
+    1, the longer answer's tokens after them `ld_alpha`, so the excess length counts less. SFT sequences
+    (owners 2B and up) weigh 1.
+
+    `scored_owners` (N,) is the batch's scored-token owners (host tensor), each sequence's tokens in order of
+    position, as every layout lists them; a token's place in its completion is how many of its owner's tokens
+    come before it."""
+    owners = scored_owners.cpu()
+    num_sequences = int(owners.max()) + 1 if owners.numel() else 0
+    lengths = torch.bincount(owners, minlength=max(num_sequences, 2 * num_pairs))
+    shared = lengths.clone()  # SFT sequences: all of it
+    pair_shared = torch.minimum(lengths[:num_pairs], lengths[num_pairs : 2 * num_pairs])
+    shared[:num_pairs], shared[num_pairs : 2 * num_pairs] = pair_shared, pair_shared
+    order = torch.sort(owners, stable=True).indices  # grouped by owner, each group in position order
+    first_of_owner = torch.cumsum(lengths, 0) - lengths
+    place = torch.empty_like(owners)
+    place[order] = torch.arange(owners.numel()) - first_of_owner[owners[order]]
+    weights = torch.ones(owners.numel(), dtype=torch.float32)
+    weights[place >= shared[owners]] = ld_alpha
+    return weights
 
 
 def length_grouped_order(order: list[int], lengths: list[int], group_size: int) -> list[int]:

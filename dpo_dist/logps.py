@@ -139,6 +139,7 @@ class SequenceLogps(nn.Module):
         attention_gather: torch.Tensor | None = None,
         attention_scatter: torch.Tensor | None = None,
         real_tokens: torch.Tensor | None = None,
+        scored_weights: torch.Tensor | None = None,
     ):
         """Returns (logps, logits_sum, token_counts, router_loss, log_weights): one entry per sequence, sums over its
         completion tokens; with `router_top_k` in grad mode the routers' load-balancing loss over `real_tokens` (the
@@ -150,6 +151,8 @@ class SequenceLogps(nn.Module):
         several sequences in a row, `position_ids` restarting at 0 for each (transformers then keeps
         attention inside each sequence). Prefix-shared batch (`branch` given): one document per pair, attention
         as `prefix_sharing.attention_masks` arranges it, `sequence_index` the documents of a packed row.
+        `scored_weights` (LD-DPO, `data.length_desensitized_weights`) weighs each scored token in its sequence's
+        log-prob sum; the logits metric and the counts stay unweighted.
         """
         lm_head = self.causal_lm.get_output_embeddings()
         recompute = self.recompute_elementwise and torch.is_grad_enabled()
@@ -178,7 +181,8 @@ class SequenceLogps(nn.Module):
         zeros = hidden.new_zeros(num_sequences, dtype=torch.float32)
         counts = torch.zeros(num_sequences, dtype=torch.long, device=input_ids.device).index_add(0, scored_owners, torch.ones_like(scored_owners))
         if token_logps:
-            logps = zeros.index_add(0, scored_owners, torch.cat(token_logps))
+            all_logps = torch.cat(token_logps)
+            logps = zeros.index_add(0, scored_owners, all_logps if scored_weights is None else all_logps * scored_weights)
             logits_sum = zeros.detach().index_add(0, scored_owners, torch.cat(token_mean_logits))
         else:  # no completion tokens at all: keep the graph connected so backward still runs
             logps = zeros + 0.0 * hidden.sum()
@@ -212,7 +216,7 @@ def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
     logps, logits_sum, tokens, router_loss, log_weights = model(
         batch.input_ids, batch.scored_positions, batch.scored_targets, batch.scored_owners, batch.num_sequences,
         batch.position_ids, batch.sequence_index, batch.branch, batch.attention_gather, batch.attention_scatter,
-        batch.attention_mask,
+        batch.attention_mask, batch.scored_weights,
     )
     num_pairs = batch.num_pairs
     return PairLogps(

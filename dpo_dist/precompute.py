@@ -53,7 +53,7 @@ def _prepare_plan(config: Config, tokenizer, dtype_text: str, uids: list[str], o
     try:
         fingerprint = cache_lib.fingerprint(
             config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-            dtype_text, config.data.train_files + config.data.eval_files,
+            dtype_text, config.data.train_files + config.data.eval_files, ld_alpha=config.dpo.ld_alpha,
         )
         plan = cache_lib.make_plan(fingerprint, uids, config.reference.rows_per_shard)
         plan_path = cache_dir / cache_lib.PLAN
@@ -106,7 +106,7 @@ def run_precompute(config: Config, dist_info: DistInfo, logger, overwrite: bool 
         rows_total = sum(len(plan["shards"][i]["uids"]) for i in mine)
         progress = logger.progress(total=rows_total, desc="precompute", unit="row")
         forwards, tokens, started = 0, 0, time.perf_counter()
-        collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing)
+        collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing, config.dpo.ld_alpha)
         for index in mine:
             uids = plan["shards"][index]["uids"]
             columns = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}

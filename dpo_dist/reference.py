@@ -201,7 +201,7 @@ def open_fitting_cache(config: Config, tokenizer, dtype: torch.dtype, completion
     known = None if verify else manifest["fingerprint"]["reference"]["weights"]
     current = cache_lib.fingerprint(
         config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
-        dtype_name(dtype), [], known_weights=known, verify=verify,
+        dtype_name(dtype), [], known_weights=known, verify=verify, ld_alpha=config.dpo.ld_alpha,
     )
     differences = cache_lib.fingerprint_differences(manifest["fingerprint"], current)
     if differences:

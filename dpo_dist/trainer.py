@@ -81,7 +81,7 @@ class Trainer:
         self.loss_settings = dict(beta=dpo.beta, label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma,
                                   discopop_tau=dpo.discopop_tau)
         self._order, self._order_epoch = [], None  # the shuffled order of the epoch in progress
-        self.collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing)
+        self.collate = data_lib.collate_for(config.data.packing, config.data.prefix_sharing, config.dpo.ld_alpha)
 
     # ---------------------------------------------------------------- setup
     def setup(self, train: bool = True) -> None:

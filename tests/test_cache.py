@@ -180,3 +180,15 @@ def test_a_changed_tokenizer_or_chat_template_is_named():
         "the tokenizer differs from the one the cache was computed with",
         "the chat template differs from the one the cache was computed with",
     ]
+
+
+def test_a_cache_scored_with_another_ld_alpha_is_named():
+    """LD-DPO weighs the reference's sums too, so dpo.ld_alpha is part of what a cache fits; a cache written
+    before the setting existed (no "scoring") holds plain sums and fits a run without it."""
+    old = {"reference": {"path": "ref", "weights": {"model.safetensors": {"sha256": "w"}}},
+           "tokenizer": {"sha256": "vocab", "chat_template_sha256": "template"},
+           "tokenization": {"max_seq_length": 128, "truncation_mode": "keep_start"}, "dtype": "float32"}
+    plain, weighted = old | {"scoring": {"ld_alpha": None}}, old | {"scoring": {"ld_alpha": 0.5}}
+    assert cache_lib.fingerprint_differences(old, plain) == []
+    assert cache_lib.fingerprint_differences(plain, weighted) == ["dpo.ld_alpha is 0.5; the cache was computed with None"]
+    assert cache_lib.fingerprint_differences(old, weighted) == ["dpo.ld_alpha is 0.5; the cache was computed with None"]

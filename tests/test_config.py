@@ -73,6 +73,7 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         (SEED_CONFIG, ["dpo.discopop_tau=0"], "dpo.discopop_tau must be > 0"),
         (SEED_CONFIG, ["dpo.loss_type=[sigmoid, bco_pair]", "dpo.f_divergence_type=js_divergence"],
          "dpo.f_divergence_type=js_divergence with dpo.loss_type bco_pair: f-DPO holds only where"),
+        (SEED_CONFIG, ["dpo.ld_alpha=1.5"], "dpo.ld_alpha must be in [0, 1]"),
         (SEED_CONFIG, ["dpo.loss_type=[sigmoid, aot]", "dpo.use_weighting=true"],
          "dpo.use_weighting (WPO) with dpo.loss_type aot: these losses sort a micro-batch's pairs"),
         (SEED_CONFIG, ["reference.sync_steps=64"], "reference.sync_steps (TR-DPO) with a lora: section"),

@@ -219,3 +219,51 @@ def test_target_log_prob_function_against_float64_log_softmax():
 
     torch.testing.assert_close(got.double(), expected.detach(), atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(fused_input.grad.double(), reference_input.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_length_desensitized_weights_by_hand():
+    """Two pairs and one SFT sequence, owners listed as prefix sharing lists them (pair by pair, SFT last):
+    pair 0 chosen 3 tokens, rejected 5; pair 1 chosen 2, rejected 1; SFT 4. Past the shorter answer: alpha."""
+    from dpo_dist.data import length_desensitized_weights
+
+    owners = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2, 1, 1, 3, 4, 4, 4, 4])
+    got = length_desensitized_weights(owners, num_pairs=2, ld_alpha=0.25)
+    expected = [1, 1, 1, 1, 1, 1, 0.25, 0.25, 1, 0.25, 1, 1, 1, 1, 1]
+    assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix-shared", "prefix-shared-packed"])
+def test_ld_alpha_sums_match_trls_shared_and_tail_split(model, tokenizer, layout):
+    """LD-DPO (dpo.ld_alpha) in every layout: each pair's log-probs equal TRL's formula on a plain full softmax,
+    shared + alpha x tail, where a token is shared while its place in its completion (a cumulative sum of the
+    completion mask) is at most min(chosen length, rejected length); the SFT sequence and the counts unweighted."""
+    from dpo_dist.data import collate_for
+
+    records = [make_record(CHAT_RECORD), make_record(PLAIN_RECORD), make_record(PLAIN_RECORD | {"chosen": " 2 7 7 7 7"})]
+    stats = TokenizeStats()
+    examples = [tokenize_record(r, tokenizer, 1024, "keep_start", stats) for r in records]
+    sft = [examples[1]]
+    padded = collate(examples, tokenizer.pad_token_id, None, sft)
+    with torch.no_grad():  # TRL's way, on the padded rows
+        logits = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask).logits.float()
+        token_logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, padded.input_ids[:, 1:, None]).squeeze(-1)
+    mask = padded.completion_mask[:, 1:]
+    token_logps = token_logps * mask
+    place, lengths = mask.cumsum(dim=1), mask.sum(dim=1)
+    pairs = len(examples)
+    shared_length = torch.minimum(lengths[:pairs], lengths[pairs : 2 * pairs]).repeat(2)
+    place, mask = place[: 2 * pairs], mask[: 2 * pairs]
+    shared = ((place > 0) & (place <= shared_length[:, None])).float()
+    alpha = 0.3
+    expected = (token_logps[: 2 * pairs] * (shared + alpha * (1 - shared) * mask)).sum(dim=1)
+    assert (lengths[:pairs] != lengths[pairs : 2 * pairs]).tolist() == [False, True, True]  # tails on either side
+
+    packing, sharing = layout.endswith("packed") or layout == "packed", layout.startswith("prefix")
+    batch = collate_for(packing, sharing, ld_alpha=alpha)(examples, tokenizer.pad_token_id, None, sft)
+    with torch.no_grad():
+        got = forward_pair(SequenceLogps(model, 5), batch)
+        reference_view = forward_pair(SequenceLogps(model, 5), batch.pairs_only())
+    torch.testing.assert_close(torch.cat([got.chosen_logps, got.rejected_logps]), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference_view.rejected_logps, expected[pairs:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.sft_logps, token_logps[2 * pairs :].sum(dim=1), atol=1e-5, rtol=0)
+    assert torch.equal(torch.cat([got.chosen_tokens, got.rejected_tokens]), lengths[: 2 * pairs])

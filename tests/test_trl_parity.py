@@ -272,3 +272,17 @@ def test_aot_matches_trl_over_one_batch(tiny_policy, tiny_reference, tmp_path):
     (tmp_path / "batches").mkdir()
     in_batches = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "batches", losses)
     assert abs(in_batches["eval_loss"] - ours["eval_loss"]) > 2 * TOLERANCE  # 4.4e-4 here: beta 0.1 keeps it small
+
+
+def test_ld_alpha_matches_trl(tiny_policy, tiny_reference, tmp_path):
+    """LD-DPO: the policy's and the reference's sums weigh the tokens past the shorter answer by ld_alpha; TRL's and
+    our eval metrics agree (the log-probs too, which TRL reports weighted), and they are not the plain ones."""
+    records = plain_records()
+    losses = {"loss_type": ["sigmoid"], "ld_alpha": 0.4}
+    trl_metrics, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl", losses)
+    ours = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path, losses)
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected"):
+        assert ours[key] == pytest.approx(trl_metrics[key], abs=TOLERANCE), key
+    plain, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl-plain")
+    assert abs(ours["eval_logps/rejected"] - plain["eval_logps/rejected"]) > 0.1
+    assert abs(ours["eval_loss"] - plain["eval_loss"]) > 1e-3
