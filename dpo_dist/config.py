@@ -169,7 +169,8 @@ class DPOConfig:
     )
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma.")
     sft_weight: float = _opt(
-        0.0, "Weight of the per-token NLL of the chosen completion added to the loss (earlier TRL's rpo_alpha; as sft in dpo.loss_type)."
+        0.0, "Weight of the per-token NLL of the chosen completion, each pair's own, added to the loss (RPO; earlier TRL's "
+        "rpo_alpha). sft in dpo.loss_type is TRL 1.16's: the NLL over all chosen tokens of the micro-batch."
     )
     router_aux_loss_coef: float | None = _opt(
         None, "Mixture-of-experts policies: weight of the routers' load-balancing loss added to the loss (TRL's "

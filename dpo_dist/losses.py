@@ -267,10 +267,14 @@ def sigmoid_norm_loss(inputs: PreferenceInputs, *, beta: float, **_) -> Preferen
 
 
 def sft_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
-    """The chosen answer's NLL per completion token (`chosen_nll`) as a loss of its own, for mixes such as MPO
-    (`dpo.loss_type: [sigmoid, bco_pair, sft]`); the same term `dpo.sft_weight` adds. TRL 1.16's "sft" averages
-    over all chosen tokens of a batch instead of per pair first: the same where completions are equally long."""
-    return _dpo_rewards(inputs, beta, chosen_nll(inputs))
+    """The chosen answers' NLL as a loss of its own, for mixes such as MPO (`dpo.loss_type: [sigmoid, bco_pair,
+    sft]`), as TRL 1.16 computes it: averaged over ALL chosen tokens of the micro-batch's real pairs, not per pair
+    first (so a long answer weighs more than a short one). Batch-level, written per pair so that the pairs' mean is
+    that token mean: pair i's share is -logp(y_w_i) / mean_j |y_w_j|. (`dpo.sft_weight` adds RPO's per-pair form,
+    `chosen_nll`; the two agree where chosen answers are equally long.)"""
+    real = inputs.real_pairs.float() if inputs.real_pairs is not None else torch.ones_like(inputs.policy_chosen_logps)
+    mean_tokens = (inputs.chosen_tokens * real).sum() / real.sum().clamp(min=1)
+    return _dpo_rewards(inputs, beta, -inputs.policy_chosen_logps / mean_tokens.clamp(min=1))
 
 
 def combine(parts: list[tuple[PreferenceLoss, float]]) -> PreferenceLoss:
@@ -306,8 +310,8 @@ def orpo_loss(inputs: PreferenceInputs, *, beta: float, **_) -> PreferenceLoss:
 
 
 def chosen_nll(inputs: PreferenceInputs) -> torch.Tensor:
-    """(B,) negative log-likelihood per completion token of the chosen answer: the SFT term that
-    `dpo.sft_weight` adds (TRL's rpo_alpha; RPO, Pang et al. 2024, Eq. 3)."""
+    """(B,) negative log-likelihood per completion token of the chosen answer, each pair on its own: the term
+    `dpo.sft_weight` adds (RPO, Pang et al. 2024, Eq. 3, normalised by |y_w|) and the `nll_loss` metric."""
     return -inputs.policy_chosen_logps / inputs.chosen_tokens.clamp(min=1)
 
 

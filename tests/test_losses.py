@@ -246,6 +246,22 @@ def test_aot_leaves_eval_padding_pairs_out_of_the_sort(loss_fn):
     assert padded_inputs.policy_chosen_logps.grad[1] == 0 and padded_inputs.policy_chosen_logps.grad[4] == 0
 
 
+def test_sft_is_the_token_mean_over_the_batchs_chosen_answers():
+    """TRL 1.16's sft: the chosen answers' NLL averaged over all their tokens at once. Chosen answers of 2, 4 and 6
+    tokens with log-probs -2, -12, -6: (2 + 12 + 6) / 12 tokens, not the per-pair mean (1 + 3 + 1) / 3; a weight-0
+    eval padding pair changes nothing."""
+    def inputs(logps, tokens, real=None):
+        t = torch.tensor(logps)
+        return PreferenceInputs(t, t, torch.tensor(tokens), torch.tensor(tokens), t, t,
+                                real_pairs=None if real is None else torch.tensor(real))
+
+    out = sft_loss(inputs([-2.0, -12.0, -6.0], [2, 4, 6]), beta=0.1)
+    assert out.losses.mean().item() == pytest.approx(20 / 12)
+    assert chosen_nll(inputs([-2.0, -12.0, -6.0], [2, 4, 6])).mean().item() == pytest.approx(5 / 3)  # RPO's, per pair
+    padded = sft_loss(inputs([-2.0, -12.0, -6.0, -1000.0], [2, 4, 6, 100], [True, True, True, False]), beta=0.1)
+    assert padded.losses[:3].sum().item() / 3 == pytest.approx(20 / 12)
+
+
 def test_chosen_nll_is_per_token():
     assert chosen_nll(pair(-6.0, -1.0, nc=3)).item() == pytest.approx(2.0)
 

@@ -106,8 +106,8 @@ CASES = {
 }
 
 
-# Every loss both tools define the same way, in one weighted mix (distinct weights: a wrong loss moves the sum).
-# sft is left out: TRL averages it over a batch's tokens, we per pair (the same only for equal lengths).
+# Every per-pair loss both tools define the same way, in one weighted mix (distinct weights: a wrong loss moves the
+# sum). The batch-level ones (aot, aot_unpaired, sft) are checked over one batch (BATCH_LEVEL_MIXES).
 LOSS_MIX = {
     "loss_type": ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
                   "apo_down", "discopop", "sigmoid_norm"],
@@ -259,19 +259,27 @@ def test_wpo_weighting_matches_trl(tiny_policy, tiny_reference, tmp_path):
     assert abs(ours["eval_loss"] - unweighted["eval_loss"]) > 1e-3
 
 
-def test_aot_matches_trl_over_one_batch(tiny_policy, tiny_reference, tmp_path):
-    """AOT sorts a batch's pairs, so a pair's loss depends on its batch-mates: over the same single batch (ours
-    one pair larger than the pairs kept, so it holds a weight-0 padding pair that must stay out of the sort),
-    TRL's and our eval loss agree; split into batches of 4 it is another number (further from the one batch's
-    than the tolerance)."""
+# Losses of a whole batch, not of each pair alone: AOT sorts the batch's pairs, sft averages over all its chosen
+# tokens (TRL 1.16's MPO example mixes it in).
+BATCH_LEVEL_MIXES = {
+    "aot": {"loss_type": ["aot", "aot_unpaired"], "loss_weights": [1.0, 0.5], "label_smoothing": 0.05},
+    "mpo": {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+}
+
+
+@pytest.mark.parametrize("mix", sorted(BATCH_LEVEL_MIXES))
+def test_batch_level_losses_match_trl_over_one_batch(mix, tiny_policy, tiny_reference, tmp_path):
+    """A pair's loss depends on its batch-mates: over the same single batch (ours one pair larger than the pairs
+    kept, so it holds a weight-0 padding pair that must count nowhere), TRL's and our eval loss agree; split into
+    batches of 4 it is another number (further from the one batch's than the tolerance)."""
     records = plain_records()
-    losses = {"loss_type": ["aot", "aot_unpaired"], "loss_weights": [1.0, 0.5], "label_smoothing": 0.05}
+    losses = BATCH_LEVEL_MIXES[mix]
     trl_metrics, trl_dataset = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl", losses)
     ours = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path, losses, eval_batch=len(trl_dataset) + 1)
     assert ours["eval_loss"] == pytest.approx(trl_metrics["eval_loss"], abs=TOLERANCE)
     (tmp_path / "batches").mkdir()
     in_batches = ours_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "batches", losses)
-    assert abs(in_batches["eval_loss"] - ours["eval_loss"]) > 2 * TOLERANCE  # 4.4e-4 here: beta 0.1 keeps it small
+    assert abs(in_batches["eval_loss"] - ours["eval_loss"]) > 2 * TOLERANCE  # aot: 4.4e-4 here, beta 0.1 keeps it small
 
 
 def test_ld_alpha_matches_trl(tiny_policy, tiny_reference, tmp_path):
