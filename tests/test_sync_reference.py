@@ -100,6 +100,18 @@ def test_a_tr_dpo_run_syncs_keeps_and_resumes_its_reference(tmp_path, tiny_polic
     for name, value in weights(resumed / "checkpoint-4/reference").items():
         np.testing.assert_allclose(value, kept_4[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
+    # Resume from a step-2 checkpoint that keeps no reference (a run that did not sync): syncing starts over from
+    # model.ref_model, so step 3 scores against the original reference and step 4's sync mixes into it.
+    unsynced = tmp_path / "unsynced"
+    shutil.copytree(out, unsynced, ignore=shutil.ignore_patterns("checkpoint-4", "final", "reference"))
+    result = run(python_launch("train.py", _sync_config(tmp_path, tiny_policy, tiny_reference, unsynced),
+                               "training.resume_from=auto"))
+    assert_ok(result)
+    assert f"reference: {unsynced / 'checkpoint-2'} keeps no synced reference (that run did not sync); " in result.stdout
+    assert_synced(weights(unsynced / "checkpoint-4/reference"), policy_at(unsynced / "checkpoint-4"), start)
+    from_start, _ = read_metrics(unsynced)
+    assert abs(from_start[3]["rewards/margins"] - expected[3]["rewards/margins"]) > 1e-6  # another reference
+
 
 @pytest.mark.parametrize("offload", [False, True], ids=["sharded", "offloaded"])
 def test_tr_dpo_under_zero3_on_two_ranks(tmp_path, tiny_policy, tiny_reference, offload):
