@@ -106,6 +106,7 @@ def half_done(c):
         (None, ["training.max_seq_length=64"], "training.max_seq_length is 64; the cache was computed with 128"),
         (None, ["data.truncation_mode=keep_end"], "data.truncation_mode is 'keep_end'"),
         (None, ["model.dtype=bfloat16"], "model.dtype resolves to"),
+        (None, ["dpo.ld_alpha=0.5"], "dpo.ld_alpha is 0.5; the cache was computed with None"),
     ],
 )
 def test_refuses_a_cache_that_does_not_fit(cache_run, tmp_path, damage, overrides, message):
