@@ -71,6 +71,14 @@ Alive in the optimizer step (the "step" phase)
   optimizer offload. The fused AdamW keeps no temporaries (torch's foreach and per-tensor ones did: 4 and 8
   bytes per element).
 
+Host memory (`host_memory`, per rank; a node's ranks share it): what offload moves off the device. ZeRO-3
+parameter offload: the weights' partitions, N b / W (the reference's too with reference.offload); optimizer
+offload to CPU: 12 N_t / W of fp32 master weights and Adam moments and 4 N_t / W of fp32 gradients, plus b N_t / W
+of gradient partitions (ZeRO-3; not on the device then) or, under ZeRO-1/2, a b-byte copy of the partition, the
+largest parameter once in b, and with gradient accumulation the full gradients of the parameters the rank's slice
+touches. Each process's libraries, CUDA context and the data are not counted. On CPU, where the host is the device,
+device + host plans are within 5% of measured peaks for ZeRO-3 and ZeRO-2 offload (docs/architecture.md).
+
 The peak is held + the larger phase. On a GPU, overhead adds the CUDA context and allocator slack
 (1.5 GiB + 10%). Attention scores are not counted for sdpa / flash-attention (they do not materialise them).
 Against peaks measured on CPU (fp32, one process, on_gpu=False) for full ZeRO-2/3, gradient-checkpointed
@@ -503,6 +511,8 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
         logits += head
     if stage == 2 and not offload_optimizer:  # the busiest rank's; at least N_t / W (W = 1: all of them)
         gradients = zero2_gradient_elements(groups, world_size) * b
+    elif stage == 3 and offload_optimizer:  # ZeRO-3 keeps the gradient partitions where the optimizer is: `host_memory`
+        gradients = 0.0
     else:
         gradients = shard(trainable * b, stage >= 2)
     parts = {
@@ -524,6 +534,53 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     if plan.fits or device_bytes is None or not with_advice:
         return plan
     return dataclasses.replace(plan, advice=tuple(_advice(config, shape, ds_config, world_size, dtype_name, device_bytes)))
+
+
+def host_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str) -> dict[str, float]:
+    """Bytes per rank that offload puts in HOST memory (the module docstring's "Host memory"), by part; empty
+    without offload. Read from DeepSpeed 0.19's allocations: ZeRO-3 parameter offload keeps each rank's
+    partition of the weights (stage3.py's flat pinned buffers, which the partitions then point into); optimizer
+    offload keeps the fp32 master partition and Adam's two moments (12 bytes per trainable element / W) and the
+    fp32 gradient partition (4), plus under ZeRO-3 the gradient partitions in the model dtype
+    (`grad_partitions_flat_buffer`, there instead of on the device) and under ZeRO-1/2 a model-dtype copy of the
+    partition, a buffer the size of the largest parameter, and with gradient accumulation the full gradient of
+    every parameter overlapping the rank's slice (`accumulated_grads_in_cpu`, as `zero2_gradient_elements`). NVMe
+    offload is not modeled (what it keeps in host memory is its swap buffers)."""
+    b = DTYPE_BYTES[dtype_name]
+    stage = zero_stage(ds_config)
+    groups = trainable_groups(shape, config.lora)
+    trainable = sum(map(sum, groups))
+    parts = {}
+    if offloads_parameters(ds_config):
+        parts["weights"] = (shape.parameters() + (trainable if config.lora is not None else 0)) * b / world_size
+    if config.reference_mode == "model" and config.reference.offload:
+        parts["reference"] = shape.parameters() * b / world_size
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("offload_optimizer", {}).get("device") == "cpu":
+        divided = trainable / world_size
+        parts["optimizer"] = 12 * divided
+        if stage == 3:
+            parts["gradients"] = (FP32 + b) * divided
+        else:
+            largest = max(size for sizes in groups for size in sizes)
+            accumulated = zero2_gradient_elements(groups, world_size) if config.training.gradient_accumulation_steps > 1 else 0
+            parts["gradients"] = (FP32 + b) * divided + b * largest + b * accumulated
+    return parts
+
+
+def describe_host(parts: dict[str, float], ranks_per_node: int, host_bytes: float | None) -> str:
+    """plan.py's lines for `host_memory`: each part per rank, the node's total (its ranks share the host), and
+    whether that fits `host_bytes` (per node)."""
+    if not parts:
+        return "  host memory: nothing offloaded"
+    node = sum(parts.values()) * ranks_per_node
+    lines = ["  host memory (offloaded), per rank:"]
+    lines += [f"    {name:10} {value / GIB:8.2f} GiB" for name, value in parts.items()]
+    lines.append(f"  host total   {node / GIB:8.2f} GiB per node ({ranks_per_node} rank(s); plus each process's own "
+                 "libraries and CUDA context, and the data)")
+    if host_bytes is not None:
+        lines.append(f"  {'fits' if node <= host_bytes else 'does NOT fit'} in {host_bytes / GIB:.1f} GiB of host memory")
+    return "\n".join(lines)
 
 
 def step_bytes(groups: list[list[int]], ds_config: dict, world_size: int, b: int) -> float:
@@ -581,6 +638,38 @@ def check_memory(config: Config, shape: ModelShape, ds_config: dict, world_size:
     )
 
 
+def host_available_bytes() -> float | None:
+    """The host memory the kernel could give without swapping (/proc/meminfo's MemAvailable); None where unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str,
+                      ranks_per_node: int, available_bytes: float | None) -> None:
+    """The trainer's check of what offload puts in host memory (`host_memory`, times the node's ranks, which share
+    it) against `available_bytes` (MemAvailable at start); a `UserError` when it cannot fit. GPU runs only (on CPU
+    the device plan is not checked either), skipped with training.memory_check=false. It errs on the permissive
+    side: each process's own libraries and CUDA context are not counted."""
+    if available_bytes is None or not config.training.memory_check:
+        return
+    parts = host_memory(config, shape, ds_config, world_size, dtype_name)
+    node = sum(parts.values()) * ranks_per_node
+    if node <= available_bytes:
+        return
+    listed = ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts.items())
+    raise UserError(
+        f"offload puts {node / GIB:.1f} GiB in host memory on this node ({ranks_per_node} rank(s) x {listed} GiB each), more "
+        f"than the {available_bytes / GIB:.1f} GiB available; spread the run over more nodes (each holds 1/W of it), "
+        "offload less (offload_param / offload_optimizer in the DeepSpeed config), or use NVMe offload. launch/plan.py "
+        "--host-mem prints the plan; training.memory_check=false starts anyway"
+    )
+
+
 def _fewest_checkpointed_layers(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str,
                                 device_bytes: float) -> int | None:
     """The fewest checkpointed layers (model.checkpointed_layers), fewer than all and more than now, with which the
@@ -611,7 +700,8 @@ def _advice(config: Config, shape: ModelShape, ds_config: dict, world_size: int,
         ("model.gradient_checkpointing=true", dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=True)), ds_config, world_size),
         ("deepspeed.config=ds_configs/zero3.json", config, zero3, world_size),
         ("reference.mode=precomputed (launch/precompute_ref.py first)", dataclasses.replace(config, reference=dataclasses.replace(config.reference, mode="precomputed")), ds_config, world_size),
-        ("deepspeed.config=ds_configs/zero3_offload.json", config, offload, world_size),
+        (f"deepspeed.config=ds_configs/zero3_offload.json (then {sum(host_memory(config, shape, offload, world_size, dtype_name).values()) / GIB:.1f} "
+         "GiB of host memory per rank)", config, offload, world_size),
         (f"training.batch_size={half_batch} with twice the gradient_accumulation_steps",
          dataclasses.replace(config, training=dataclasses.replace(config.training, batch_size=half_batch)), ds_config, world_size),
         ("twice as many GPUs", config, ds_config, 2 * world_size),

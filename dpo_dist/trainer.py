@@ -8,6 +8,7 @@ accumulation boundary. Logging, eval and export are calls around it, not branche
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from pathlib import Path
 
@@ -45,7 +46,9 @@ from dpo_dist.metrics import (
     peak_memory_mb,
 )
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
-from dpo_dist.planner import ModelShape, check_memory, device_memory_bytes, single_rank_zero3_note, zero_stage
+from dpo_dist.planner import (
+    ModelShape, check_host_memory, check_memory, device_memory_bytes, host_available_bytes, single_rank_zero3_note, zero_stage,
+)
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, layout_mismatch, load_precomputed_reference
 from dpo_dist.replicas import agree_with_main
@@ -98,6 +101,9 @@ class Trainer:
         if train:  # refuse a run that cannot fit the GPU before tokenizing data or loading weights
             check_memory(self.config, self.shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
                          device_memory_bytes(self.dist.device))
+            if self.dist.device.type == "cuda":  # the ranks on this node share its host memory
+                check_host_memory(self.config, self.shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", 1)), host_available_bytes())
             note = single_rank_zero3_note(self.ds_config, self.dist.world_size)
             if note:
                 self.logger.info(f"note: {note}")

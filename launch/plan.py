@@ -5,8 +5,9 @@
 
 Prints each part (weights, gradients, optimizer, reference, activations, logits, the optimizer step's
 temporaries, overhead) with the phase it lives in, the peak (held parts + the larger of the backward
-and step phases), whether it fits in --gpu-mem GiB, and single changes that would make it fit. Exit status 0 when it fits, 3
-when it does not. dtype auto plans bf16. dpo_dist/planner.py documents the formula.
+and step phases), whether it fits in --gpu-mem GiB, and single changes that would make it fit; then what
+offload puts in host memory, per rank and per node (whether it fits in --host-mem GiB per node, when given).
+Exit status 0 when it fits, 3 when it does not. dtype auto plans bf16. dpo_dist/planner.py documents the formula.
 """
 
 import argparse
@@ -20,7 +21,9 @@ from dpo_dist.config import load_config  # noqa: E402
 from dpo_dist.engine import fill_ds_config, read_ds_config  # noqa: E402
 from dpo_dist.errors import UserError  # noqa: E402
 from dpo_dist.models import read_model_config  # noqa: E402
-from dpo_dist.planner import GIB, ModelShape, plan_memory, single_rank_zero3_note, zero_stage  # noqa: E402
+from dpo_dist.planner import (  # noqa: E402
+    GIB, ModelShape, describe_host, host_memory, plan_memory, single_rank_zero3_note, zero_stage,
+)
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=1)
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    parser.add_argument("--host-mem", type=float, default=None, help="GiB of host memory per node (checked when given)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     try:
@@ -42,6 +46,7 @@ def main() -> None:
         world = args.nodes * args.gpus_per_node
         ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, getattr(torch, dtype_name), shape, world, config.lora)
         plan = plan_memory(config, shape, ds, world, dtype_name, args.gpu_mem * GIB)
+        host = host_memory(config, shape, ds, world, dtype_name)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
@@ -52,7 +57,10 @@ def main() -> None:
     note = single_rank_zero3_note(ds, world)
     if note:
         print(f"  note: {note}")
-    sys.exit(0 if plan.fits else EXIT_DOES_NOT_FIT)
+    host_bytes = args.host_mem * GIB if args.host_mem is not None else None
+    print(describe_host(host, args.gpus_per_node, host_bytes))
+    host_fits = host_bytes is None or sum(host.values()) * args.gpus_per_node <= host_bytes
+    sys.exit(0 if plan.fits and host_fits else EXIT_DOES_NOT_FIT)
 
 
 if __name__ == "__main__":

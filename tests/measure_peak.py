@@ -38,7 +38,7 @@ from dpo_dist.cli import parse_args  # noqa: E402
 from dpo_dist.config import TrainingConfig, load_config  # noqa: E402
 from dpo_dist.engine import TrainEngine, dtype_name, init_distributed  # noqa: E402
 from dpo_dist.models import read_model_config  # noqa: E402
-from dpo_dist.planner import ModelShape, optimizer_step_elements, plan_memory, trainable_groups  # noqa: E402
+from dpo_dist.planner import ModelShape, host_memory, optimizer_step_elements, plan_memory, trainable_groups  # noqa: E402
 from dpo_dist.trainer import Trainer  # noqa: E402
 
 STEPS = 2
@@ -95,6 +95,8 @@ def main() -> None:
     shape = ModelShape.from_hf_config(read_model_config(config.model.policy_path))
     plan = plan_memory(config, shape, trainer.ds_config, trainer.dist.world_size, dtype_name(trainer.dtype), None,
                        on_gpu=False)
+    # On CPU the host is the device: what offload moves to the host is in the same resident set
+    host = host_memory(config, shape, trainer.ds_config, trainer.dist.world_size, dtype_name(trainer.dtype))
 
     step_elements = {"planned": optimizer_step_elements(trainable_groups(shape, config.lora), trainer.ds_config,
                                                         trainer.dist.world_size),
@@ -140,11 +142,12 @@ def main() -> None:
     line = json.dumps({
         "rank": trainer.dist.rank,
         "world_size": trainer.dist.world_size,
-        "predicted_mb": plan.total / MIB,
+        "predicted_mb": (plan.total + sum(host.values())) / MIB,
         "measured_mb": peak[2] / MIB,
         "measured_phase": f"{peak[1]} of step {peak[0]}",
         "predicted_phases_mb": {name: value / MIB for name, value in plan.phases.items()},
         "parts_mb": {name: value / MIB for name, value in plan.parts.items()},
+        "host_parts_mb": {name: value / MIB for name, value in host.items()},
         "phases_mb": [[step, name, value / MIB] for step, name, value in phases],
         "step_elements": step_elements,
     })

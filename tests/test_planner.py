@@ -18,9 +18,9 @@ from dpo_dist.errors import UserError
 from dpo_dist.lean_ops import RECOMPUTE
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.models import load_causal_lm, prepare_policy, read_model_config
-from dpo_dist.planner import (DTYPE_BYTES, GIB, ModelShape, activation_bytes, bucket_bytes, check_memory, device_memory_bytes,
-                              optimizer_step_elements, plan_memory, single_rank_zero3_note, sub_group_elements,
-                              zero2_gradient_elements)
+from dpo_dist.planner import (DTYPE_BYTES, GIB, ModelShape, activation_bytes, bucket_bytes, check_host_memory, check_memory,
+                              device_memory_bytes, host_memory, optimizer_step_elements, plan_memory, single_rank_zero3_note,
+                              sub_group_elements, trainable_groups, zero2_gradient_elements)
 from launching import ROOT, assert_ok, free_port, python_launch, run, write_config
 from make_tiny_qwen3 import make_checkpoint
 
@@ -179,6 +179,48 @@ def test_check_memory_refuses_with_the_planners_advice(tmp_path):
     assert check_memory(load_config(path), QWEN3_4B, zero2, 8, "bfloat16", None) is None  # a CPU has no device limit
 
 
+ZERO3_OFFLOAD = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}
+ZERO2_OFFLOAD = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+
+
+def test_host_memory_by_hand(tmp_path):
+    """What offload puts in host memory, per rank (Qwen3-4B, bf16, 8 ranks): written out from DeepSpeed's allocations."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {base_model: x}\ntraining: {batch_size: 2, max_seq_length: 2048}\n")
+    config, n = load_config(path), QWEN3_4B.parameters()
+    assert host_memory(config, QWEN3_4B, {"zero_optimization": {"stage": 3}}, 8, "bfloat16") == {}
+    zero3 = host_memory(config, QWEN3_4B, ZERO3_OFFLOAD, 8, "bfloat16")
+    # weight partitions in bf16; fp32 master + 2 Adam moments; fp32 gradient + the bf16 gradient partition
+    assert zero3 == {"weights": n * 2 / 8, "optimizer": n * 12 / 8, "gradients": n * (4 + 2) / 8}
+    device = plan_memory(config, QWEN3_4B, ZERO3_OFFLOAD, 8, "bfloat16", None).parts
+    assert device["weights"] == device["optimizer"] == device["gradients"] == device["step"] == 0  # moved, not copied
+    largest = QWEN3_4B.vocab * QWEN3_4B.hidden  # the (tied) embedding
+    zero2 = host_memory(config, QWEN3_4B, ZERO2_OFFLOAD, 8, "bfloat16")
+    # ZeRO-2: its bf16 partition copy in place of ZeRO-3's gradient partition, and one buffer of the largest parameter
+    assert zero2 == {"optimizer": n * 12 / 8, "gradients": n * (4 + 2) / 8 + largest * 2}
+    accumulating = dataclasses.replace(config, training=dataclasses.replace(config.training, gradient_accumulation_steps=4))
+    held = zero2_gradient_elements(trainable_groups(QWEN3_4B, None), 8)
+    assert host_memory(accumulating, QWEN3_4B, ZERO2_OFFLOAD, 8, "bfloat16")["gradients"] == zero2["gradients"] + held * 2
+    offloaded_reference = dataclasses.replace(config, reference=dataclasses.replace(config.reference, offload=True))
+    assert host_memory(offloaded_reference, QWEN3_4B, {"zero_optimization": {"stage": 2}}, 8, "bfloat16") == {"reference": n * 2 / 8}
+
+
+def test_check_host_memory_refuses_a_node_that_cannot_hold_the_offloaded_states(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {base_model: x}\ntraining: {batch_size: 2, max_seq_length: 2048}\n")
+    config = load_config(path)
+    per_rank = sum(host_memory(config, QWEN3_4B, ZERO3_OFFLOAD, 8, "bfloat16").values())
+    with pytest.raises(UserError) as err:
+        check_host_memory(config, QWEN3_4B, ZERO3_OFFLOAD, 8, "bfloat16", 8, 8 * per_rank - GIB)
+    message = str(err.value)
+    assert f"offload puts {8 * per_rank / GIB:.1f} GiB in host memory on this node (8 rank(s) x weights" in message
+    assert "training.memory_check=false" in message and "\n" not in message
+    check_host_memory(config, QWEN3_4B, ZERO3_OFFLOAD, 8, "bfloat16", 8, 8 * per_rank + GIB)  # fits: no error
+    check_host_memory(config, QWEN3_4B, ZERO3_OFFLOAD, 8, "bfloat16", 8, None)  # unknown: not checked
+    unchecked = load_config(path, ["training.memory_check=false"])
+    check_host_memory(unchecked, QWEN3_4B, ZERO3_OFFLOAD, 8, "bfloat16", 8, GIB)
+
+
 def test_advice_names_layer_sub_groups_when_the_optimizer_step_is_the_peak(tmp_path):
     """A full fine-tune with gradient checkpointing under ZeRO-3 with DeepSpeed's 1e9 sub-groups peaks in the
     optimizer step; one-layer sub-groups are the first advice when they alone make it fit."""
@@ -233,6 +275,12 @@ def test_plan_command(tiny_policy, tmp_path):
                  + ["--config", str(ROOT / "configs" / "demo.yaml"), "--gpu-mem", "0.5", f"model.base_model={tiny_policy}"])
     assert result.returncode == 3 and "does NOT fit" in result.stdout
     assert "ZeRO-2" in result.stdout.splitlines()[0] and "active" not in result.stdout
+    assert "host memory: nothing offloaded" in result.stdout
+    offloaded = run(python_launch("plan.py", ROOT / "configs" / "demo.yaml")[:2]
+                    + ["--config", str(ROOT / "configs" / "demo.yaml"), "--gpus-per-node", "2", "--host-mem", "0.001",
+                       f"model.base_model={tiny_policy}", "deepspeed.config=ds_configs/zero3_offload.json"])
+    assert offloaded.returncode == 3 and "fits in 80.0 GiB" in offloaded.stdout  # the GPU fits, the host does not
+    assert "GiB per node (2 rank(s)" in offloaded.stdout and "does NOT fit in 0.0 GiB of host memory" in offloaded.stdout
     moe = make_checkpoint(tmp_path / "moe", seed=0, family="qwen3-moe")
     result = run(python_launch("plan.py", ROOT / "configs" / "demo.yaml")[:2]
                  + ["--config", str(ROOT / "configs" / "demo.yaml"), f"model.base_model={moe}"])
@@ -355,6 +403,20 @@ def test_plan_is_within_25_percent_of_the_measured_cpu_peak(tmp_path):
     print_table(rows)
     assert all(abs(error(record)) <= 0.25 for _, record in rows), rows
     assert_step_elements_are_deepspeeds(rows)
+
+
+def test_offloaded_run_plans_within_25_percent_of_the_measured_cpu_peak(tmp_path):
+    """Offload on CPU: the host is the device, so the measured peak holds both the device plan and what
+    `host_memory` puts on the host. ds_configs/zero3_offload.json (weights and optimizer offloaded), fp32, 4 x 512
+    tokens: without the host parts the plan would be 44% short, so the check has teeth. (ZeRO-2 with the optimizer
+    offloaded, with and without accumulation, and an offloaded reference were measured by hand:
+    docs/architecture.md.)"""
+    model = make_checkpoint(tmp_path / "model", seed=0, **MEASURED_SHAPE)
+    config = measured_config(tmp_path, model, 0, 512, {"deepspeed": {"config": "ds_configs/zero3_offload.json"}})
+    [record] = measure([sys.executable, "tests/measure_peak.py", "--config", str(config)])
+    print_table([("full, ZeRO-3, weights + optimizer offloaded", record)])
+    assert sum(record["host_parts_mb"].values()) > 0.4 * record["measured_mb"]  # offload really moved a large share
+    assert abs(error(record)) <= 0.25, record
 
 
 def assert_step_elements_are_deepspeeds(rows: list[tuple[str, dict]]) -> None:
