@@ -125,8 +125,8 @@ class ModelConfig:
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "discopop", "sigmoid_norm", "aot", "aot_unpaired", "sft", "simpo", "orpo")  # dpo_dist.losses.LOSSES, checked by a test
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
-# Losses of a whole micro-batch (its pairs sorted), not of each pair alone: WPO's per-pair weights do not apply.
-BATCH_LEVEL_LOSSES = ("aot", "aot_unpaired")
+# Losses that sort a micro-batch's pairs (AOT): WPO's per-pair weights no longer belong to their pairs there.
+SORTING_LOSSES = ("aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # losses.divergence_scores
 # Losses whose margin is a difference of chosen and rejected scores, where f-DPO's partition term cancels;
 # TRL 1.16 refuses another divergence for the rest, and so do we.
@@ -200,7 +200,7 @@ class DPOConfig:
             raise UserError(f"dpo.f_divergence_type={self.f_divergence_type} with dpo.loss_type {', '.join(other)}: f-DPO "
                             "holds only where the loss compares chosen and rejected scores (" + ", ".join(F_DIVERGENCE_LOSSES)
                             + "); use reverse_kl with the others")
-        sorted_losses = [name for name in self.loss_type if name in BATCH_LEVEL_LOSSES]
+        sorted_losses = [name for name in self.loss_type if name in SORTING_LOSSES]
         if self.use_weighting and sorted_losses:
             raise UserError(f"dpo.use_weighting (WPO) with dpo.loss_type {', '.join(sorted_losses)}: these losses sort a "
                             "micro-batch's pairs, so a per-pair weight no longer belongs to the pair it was computed "

@@ -568,19 +568,33 @@ def host_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     return parts
 
 
-def describe_host(parts: dict[str, float], ranks_per_node: int, host_bytes: float | None) -> str:
-    """plan.py's lines for `host_memory`: each part per rank, the node's total (its ranks share the host), and
-    whether that fits `host_bytes` (per node)."""
-    if not parts:
-        return "  host memory: nothing offloaded"
-    node = sum(parts.values()) * ranks_per_node
-    lines = ["  host memory (offloaded), per rank:"]
-    lines += [f"    {name:10} {value / GIB:8.2f} GiB" for name, value in parts.items()]
-    lines.append(f"  host total   {node / GIB:8.2f} GiB per node ({ranks_per_node} rank(s); plus each process's own "
-                 "libraries and CUDA context, and the data)")
-    if host_bytes is not None:
-        lines.append(f"  {'fits' if node <= host_bytes else 'does NOT fit'} in {host_bytes / GIB:.1f} GiB of host memory")
-    return "\n".join(lines)
+@dataclass
+class HostPlan:
+    """`host_memory`'s parts (bytes per rank) on a node of `ranks_per_node` ranks, which share its host memory;
+    `fits` against `host_bytes` (per node, None: not checked)."""
+
+    parts: dict[str, float]
+    ranks_per_node: int
+    host_bytes: float | None = None
+
+    @property
+    def node_total(self) -> float:
+        return sum(self.parts.values()) * self.ranks_per_node
+
+    @property
+    def fits(self) -> bool:
+        return self.host_bytes is None or self.node_total <= self.host_bytes
+
+    def describe(self) -> str:
+        if not self.parts:
+            return "  host memory: nothing offloaded"
+        lines = ["  host memory (offloaded), per rank:"]
+        lines += [f"    {name:10} {value / GIB:8.2f} GiB" for name, value in self.parts.items()]
+        lines.append(f"  host total   {self.node_total / GIB:8.2f} GiB per node ({self.ranks_per_node} rank(s); plus each "
+                     "process's own libraries and CUDA context, and the data)")
+        if self.host_bytes is not None:
+            lines.append(f"  {'fits' if self.fits else 'does NOT fit'} in {self.host_bytes / GIB:.1f} GiB of host memory")
+        return "\n".join(lines)
 
 
 def step_bytes(groups: list[list[int]], ds_config: dict, world_size: int, b: int) -> float:
@@ -657,13 +671,12 @@ def check_host_memory(config: Config, shape: ModelShape, ds_config: dict, world_
     side: each process's own libraries and CUDA context are not counted."""
     if available_bytes is None or not config.training.memory_check:
         return
-    parts = host_memory(config, shape, ds_config, world_size, dtype_name)
-    node = sum(parts.values()) * ranks_per_node
-    if node <= available_bytes:
+    plan = HostPlan(host_memory(config, shape, ds_config, world_size, dtype_name), ranks_per_node, available_bytes)
+    if plan.fits:
         return
-    listed = ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts.items())
+    listed = ", ".join(f"{name} {value / GIB:.1f}" for name, value in plan.parts.items())
     raise UserError(
-        f"offload puts {node / GIB:.1f} GiB in host memory on this node ({ranks_per_node} rank(s) x {listed} GiB each), more "
+        f"offload puts {plan.node_total / GIB:.1f} GiB in host memory on this node ({ranks_per_node} rank(s) x {listed} GiB each), more "
         f"than the {available_bytes / GIB:.1f} GiB available; spread the run over more nodes (each holds 1/W of it), "
         "offload less (offload_param / offload_optimizer in the DeepSpeed config), or use NVMe offload. launch/plan.py "
         "--host-mem prints the plan; training.memory_check=false starts anyway"

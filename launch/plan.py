@@ -22,7 +22,7 @@ from dpo_dist.engine import fill_ds_config, read_ds_config  # noqa: E402
 from dpo_dist.errors import UserError  # noqa: E402
 from dpo_dist.models import read_model_config  # noqa: E402
 from dpo_dist.planner import (  # noqa: E402
-    GIB, ModelShape, describe_host, host_memory, plan_memory, single_rank_zero3_note, zero_stage,
+    GIB, HostPlan, ModelShape, host_memory, plan_memory, single_rank_zero3_note, zero_stage,
 )
 
 EXIT_DOES_NOT_FIT = 3
@@ -46,7 +46,8 @@ def main() -> None:
         world = args.nodes * args.gpus_per_node
         ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, getattr(torch, dtype_name), shape, world, config.lora)
         plan = plan_memory(config, shape, ds, world, dtype_name, args.gpu_mem * GIB)
-        host = host_memory(config, shape, ds, world, dtype_name)
+        host = HostPlan(host_memory(config, shape, ds, world, dtype_name), args.gpus_per_node,
+                        args.host_mem * GIB if args.host_mem is not None else None)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
@@ -57,10 +58,8 @@ def main() -> None:
     note = single_rank_zero3_note(ds, world)
     if note:
         print(f"  note: {note}")
-    host_bytes = args.host_mem * GIB if args.host_mem is not None else None
-    print(describe_host(host, args.gpus_per_node, host_bytes))
-    host_fits = host_bytes is None or sum(host.values()) * args.gpus_per_node <= host_bytes
-    sys.exit(0 if plan.fits and host_fits else EXIT_DOES_NOT_FIT)
+    print(host.describe())
+    sys.exit(0 if plan.fits and host.fits else EXIT_DOES_NOT_FIT)
 
 
 if __name__ == "__main__":
