@@ -44,6 +44,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def ranks_on_this_node() -> int:
+    """How many ranks share this node (and its host memory): torchrun's LOCAL_WORLD_SIZE, else the deepspeed
+    launcher's LOCAL_SIZE (it sets only that one), else 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

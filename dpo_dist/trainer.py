@@ -8,7 +8,6 @@ accumulation boundary. Logging, eval and export are calls around it, not branche
 from __future__ import annotations
 
 import itertools
-import os
 import random
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from dpo_dist.engine import (
     build_inference_engine,
     dtype_name,
     param_elements,
+    ranks_on_this_node,
     reference_ds_config,
     tokenize_shards,
     training_ds_config,
@@ -103,7 +103,7 @@ class Trainer:
                          device_memory_bytes(self.dist.device))
             if self.dist.device.type == "cuda":  # the ranks on this node share its host memory
                 check_host_memory(self.config, self.shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
-                                  int(os.environ.get("LOCAL_WORLD_SIZE", 1)), host_available_bytes())
+                                  ranks_on_this_node(), host_available_bytes())
             note = single_rank_zero3_note(self.ds_config, self.dist.world_size)
             if note:
                 self.logger.info(f"note: {note}")

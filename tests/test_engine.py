@@ -269,3 +269,17 @@ def test_launch_scripts_end_with_their_status_whatever_the_interpreter_teardown_
         result = run([sys.executable, str(probe), "--config", str(config), f"training.seed={seed}"], timeout=120)
         assert result.returncode == status, result.stderr[-3000:]
         assert "group at exit: False" in result.stdout and "terminate called" not in result.stderr
+
+
+def test_ranks_on_this_node_reads_either_launchers_variable(monkeypatch):
+    """torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher only LOCAL_SIZE: the host-memory check must count
+    the node's ranks under both (plain python: one)."""
+    from dpo_dist.engine import ranks_on_this_node
+
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert ranks_on_this_node() == 1
+    monkeypatch.setenv("LOCAL_SIZE", "8")
+    assert ranks_on_this_node() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert ranks_on_this_node() == 4
