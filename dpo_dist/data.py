@@ -243,8 +243,7 @@ def length_desensitized_weights(scored_owners: torch.Tensor, num_pairs: int, ld_
     position, as every layout lists them; a token's place in its completion is how many of its owner's tokens
     come before it."""
     owners = scored_owners.cpu()
-    num_sequences = int(owners.max()) + 1 if owners.numel() else 0
-    lengths = torch.bincount(owners, minlength=max(num_sequences, 2 * num_pairs))
+    lengths = torch.bincount(owners, minlength=2 * num_pairs)  # every sequence's, SFT ones too (owners up to the max)
     shared = lengths.clone()  # SFT sequences: all of it
     pair_shared = torch.minimum(lengths[:num_pairs], lengths[num_pairs : 2 * num_pairs])
     shared[:num_pairs], shared[num_pairs : 2 * num_pairs] = pair_shared, pair_shared

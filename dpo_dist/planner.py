@@ -246,14 +246,20 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def offload_device(ds_config: dict, what: str) -> str:
+    """Where zero_optimization's `what` ("offload_param" or "offload_optimizer") sends its tensors: "cpu", "nvme",
+    or "none"."""
+    return ds_config.get("zero_optimization", {}).get(what, {}).get("device", "none")
+
+
 def offloads_parameters(ds_config: dict) -> bool:
     """ZeRO-3 parameter offload to CPU: the weights live in host memory, none are gathered on the device."""
-    return ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device") == "cpu"
+    return offload_device(ds_config, "offload_param") == "cpu"
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
     """ZeRO optimizer offload (to CPU, or NVMe): the fp32 master weights and Adam's states live off the device."""
-    return ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    return offload_device(ds_config, "offload_optimizer") != "none"
 
 
 def trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[int]]:
@@ -555,8 +561,7 @@ def host_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
         parts["weights"] = (shape.parameters() + (trainable if config.lora is not None else 0)) * b / world_size
     if config.reference_mode == "model" and config.reference.offload:
         parts["reference"] = shape.parameters() * b / world_size
-    zero = ds_config.get("zero_optimization", {})
-    if zero.get("offload_optimizer", {}).get("device") == "cpu":
+    if offload_device(ds_config, "offload_optimizer") == "cpu":
         divided = trainable / world_size
         parts["optimizer"] = 12 * divided
         if stage == 3:
