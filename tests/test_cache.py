@@ -16,7 +16,7 @@ from dpo_dist.examples import ExampleStore
 from dpo_dist.engine import resolve_dtype
 from dpo_dist.metrics import NullLogger
 from dpo_dist.reference import load_precomputed_reference
-from launching import assert_ok, python_launch, run, write_config
+from launching import python_launch, run, run_here, write_config
 from test_logps import naive_completion_logps
 
 
@@ -27,9 +27,7 @@ def cache_run(tiny_policy, tiny_reference, tmp_path_factory):
     config_path = write_config(
         root / "c.yaml", tiny_policy, tiny_reference, root / "run", reference={"rows_per_shard": 100, "cache_dir": str(root / "cache")}
     )
-    result = run(python_launch("precompute_ref.py", config_path))
-    assert_ok(result)
-    return config_path, root / "cache", result
+    return config_path, root / "cache", run_here("precompute_ref.py", config_path)
 
 
 def open_cache(config_path, *overrides, cache_dir=None):
@@ -47,7 +45,7 @@ def open_cache(config_path, *overrides, cache_dir=None):
 
 
 def test_layout_and_values_equal_a_naive_reference_forward(cache_run, tiny_reference):
-    config_path, cache_dir, result = cache_run
+    config_path, cache_dir, printed = cache_run
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["total_rows"] == 576 and [s["rows"] for s in manifest["shards"]] == [100] * 5 + [76]
     assert set(manifest["fingerprint"]) >= {"reference", "tokenizer", "tokenization", "dtype", "data_files"}
@@ -61,7 +59,7 @@ def test_layout_and_values_equal_a_naive_reference_forward(cache_run, tiny_refer
         expected = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
     cached = reference.logps(batch)
     torch.testing.assert_close(torch.cat([cached.chosen_logps, cached.rejected_logps]), expected, atol=1e-5, rtol=0)
-    assert "row/s" in result.stderr  # the rank-0 progress bar reports throughput
+    assert "row/s" in printed  # the rank-0 progress bar reports throughput
 
 
 def test_serves_a_subset_of_its_data(cache_run, tmp_path):
@@ -150,7 +148,7 @@ def test_weights_hashed_once_then_checked_by_size_and_mtime(cache_run, tiny_refe
 
 def test_training_refuses_with_one_clear_line_and_verify_passes(cache_run, tmp_path):
     config_path, cache_dir, _ = cache_run
-    assert_ok(run(python_launch("precompute_ref.py", config_path, "--verify")))
+    run_here("precompute_ref.py", config_path, "--verify")
     copy = damaged_copy(cache_dir, tmp_path)
     corrupt_shard(copy)
     result = run(python_launch("train.py", config_path, "reference.mode=precomputed", f"reference.cache_dir={copy}"))
@@ -161,10 +159,9 @@ def test_training_refuses_with_one_clear_line_and_verify_passes(cache_run, tmp_p
 
 def test_lora_policy_trains_from_the_cache(cache_run, tmp_path):
     config_path, cache_dir, _ = cache_run
-    result = run(python_launch("train.py", config_path, "reference.mode=precomputed", f"reference.cache_dir={cache_dir}",
-                               "lora.r=4", "training.max_steps=3", f"training.output_dir={tmp_path / 'lora'}"))
-    assert_ok(result)
-    assert "no reference model loaded" in result.stdout and (tmp_path / "lora" / "final" / "adapter_model.safetensors").exists()
+    printed = run_here("train.py", config_path, "reference.mode=precomputed", f"reference.cache_dir={cache_dir}",
+                       "lora.r=4", "training.max_steps=3", f"training.output_dir={tmp_path / 'lora'}")
+    assert "no reference model loaded" in printed and (tmp_path / "lora" / "final" / "adapter_model.safetensors").exists()
 
 
 def test_a_changed_tokenizer_or_chat_template_is_named():

@@ -19,7 +19,7 @@ from dpo_dist.tokenization import TokenizeStats, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.lora_ops import _fused_form
 from dpo_dist.models import load_causal_lm, prepare_policy
-from launching import assert_ok, read_metrics, run, python_launch, torchrun_launch, write_config
+from launching import assert_ok, python_launch, read_metrics, run, run_here, torchrun_launch, write_config
 from make_tiny_qwen3 import make_checkpoint
 from test_logps import make_record, naive_completion_logps
 
@@ -140,7 +140,7 @@ def test_zero3_on_two_ranks_trains_like_one_process(family, policy_dir, referenc
     with whole-layer or per-submodule gathering (the same losses)."""
     single = write_config(tmp_path / "one.yaml", policy_dir, reference_dir, tmp_path / "one",
                           training={"batch_size": 8, "max_steps": STEPS})
-    assert_ok(run(python_launch("train.py", single)))
+    run_here("train.py", single)
     sharded = write_config(tmp_path / "two.yaml", policy_dir, reference_dir, tmp_path / "two",
                            training={"max_steps": STEPS}, deepspeed={"config": "ds_configs/zero3.json"},
                            data={"prefix_sharing": True}, model={"lean_activations": True, "recompute_elementwise": True})
@@ -185,7 +185,7 @@ def test_moe_load_balancing_loss_joins_the_loss_as_trl_adds_it(tiny_policy, tmp_
                                         ("on", plain_dir, ["dpo.router_aux_loss_coef=0.05"]),
                                         ("from-config", flagged_dir, [])):
         config = write_config(tmp_path / f"{name}.yaml", model_dir, None, tmp_path / name, training={"max_steps": 2})
-        assert_ok(run(python_launch("train.py", config, *overrides)))
+        run_here("train.py", config, *overrides)
         runs[name] = read_metrics(tmp_path / name)[0]
     off, on, from_config = runs["off"], runs["on"], runs["from-config"]
     assert "aux_loss" not in off[1] and on[1]["aux_loss"] > 1.0  # top-2 of 8: 2.0 when balanced, more when not

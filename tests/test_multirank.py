@@ -24,6 +24,7 @@ from launching import (
     python_launch,
     read_metrics,
     run,
+    run_here,
     torchrun_launch,
     write_config,
 )
@@ -37,7 +38,7 @@ def single_process_run(tiny_policy, tiny_reference, tmp_path_factory):
     """One process, 8 pairs per micro-batch: the same global batch as 2 ranks x 4 pairs."""
     out = tmp_path_factory.mktemp("single")
     config = write_config(out / "c.yaml", tiny_policy, tiny_reference, out / "run", training={"batch_size": 8, "max_steps": STEPS})
-    assert_ok(run(python_launch("train.py", config)))
+    run_here("train.py", config)
     return read_metrics(out / "run")
 
 
@@ -46,7 +47,7 @@ def precomputed_cache(tiny_policy, tiny_reference, tmp_path_factory):
     """The reference cache for the demo data, written by ONE process (training then runs on two)."""
     out = tmp_path_factory.mktemp("precompute")
     config = write_config(out / "c.yaml", tiny_policy, tiny_reference, out / "run", reference={"cache_dir": str(out / "cache")})
-    assert_ok(run(python_launch("precompute_ref.py", config)))
+    run_here("precompute_ref.py", config)
     return out / "cache"
 
 

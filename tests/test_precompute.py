@@ -11,7 +11,7 @@ import time
 import pytest
 
 from dpo_dist import cache as cache_lib
-from launching import ROOT, assert_ok, python_launch, run, torchrun_launch, write_config
+from launching import ROOT, assert_ok, python_launch, run, run_here, torchrun_launch, write_config
 
 from make_demo_data import _pair
 
@@ -50,7 +50,7 @@ def config_for(tmp_path, policy, reference, data, cache_dir):
 
 def test_kill_9_then_resume_on_two_ranks_gives_the_clean_rows(tiny_policy, tiny_reference, big_data, tmp_path):
     clean_config = config_for(tmp_path, tiny_policy, tiny_reference, big_data, tmp_path / "clean")
-    assert_ok(run(python_launch("precompute_ref.py", clean_config)))
+    run_here("precompute_ref.py", clean_config)
 
     cache_dir = tmp_path / "killed"
     killed_config = config_for(tmp_path, tiny_policy, tiny_reference, big_data, cache_dir)
@@ -98,13 +98,11 @@ def test_kill_9_then_resume_on_two_ranks_gives_the_clean_rows(tiny_policy, tiny_
 
 def test_rerun_of_a_finished_cache_does_nothing_and_other_settings_are_refused(tiny_policy, tiny_reference, big_data, tmp_path):
     config = config_for(tmp_path, tiny_policy, tiny_reference, big_data, tmp_path / "c")
-    assert_ok(run(python_launch("precompute_ref.py", config)))
+    run_here("precompute_ref.py", config)
     manifest = (tmp_path / "c" / "manifest.json").read_text()
-    result = run(python_launch("precompute_ref.py", config))
-    assert_ok(result)
-    assert f"{SHARDS} already done, 0 to score" in result.stdout
+    assert f"{SHARDS} already done, 0 to score" in run_here("precompute_ref.py", config)
     assert (tmp_path / "c" / "manifest.json").read_text() == manifest
     result = run(python_launch("precompute_ref.py", config, "training.max_seq_length=64"))
     assert result.returncode == 2 and "pass --overwrite to replace it" in result.stderr
-    assert_ok(run(python_launch("precompute_ref.py", config, "training.max_seq_length=64", "--overwrite")))
+    run_here("precompute_ref.py", config, "training.max_seq_length=64", "--overwrite")
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["fingerprint"]["tokenization"]["max_seq_length"] == 64

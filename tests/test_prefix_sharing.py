@@ -9,7 +9,7 @@ from dpo_dist import prefix_sharing
 from dpo_dist.data import collate, collate_shared_prefix
 from dpo_dist.tokenization import TokenizeStats, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
-from launching import assert_ok, python_launch, read_metrics, run, write_config
+from launching import read_metrics, run_here, write_config
 from test_logps import host_reads, make_record, naive_completion_logps
 
 
@@ -179,7 +179,7 @@ def test_training_with_prefix_sharing_equals_training_without(tiny_policy, tmp_p
                               model={"gradient_checkpointing": True, **extra.get("model", {})},
                               training={"max_steps": 3, "learning_rate": 3e-2 if "lora" in recipe else 1e-2, "warmup_ratio": 0.0},
                               data={"prefix_sharing": shared, "sft_files": [str(sft)], "sft_ratio": 0.5, **extra.get("data", {})})
-        assert_ok(run(python_launch("train.py", config)))
+        run_here("train.py", config)
         runs[shared] = read_metrics(out)
     (plain_train, plain_eval), (shared_train, shared_eval) = runs[False], runs[True]
     keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "sft_nll_loss")

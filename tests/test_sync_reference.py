@@ -13,7 +13,7 @@ import torch
 
 from dpo_dist.checkpoint import consolidated_checkpoint_state
 from dpo_dist.reference import layout_mismatch, move_toward
-from launching import assert_ok, python_launch, read_metrics, run, torchrun_launch, write_config
+from launching import assert_ok, read_metrics, run, run_here, torchrun_launch, write_config
 
 ALPHA = 0.5
 
@@ -78,8 +78,7 @@ def _sync_config(tmp_path, tiny_policy, tiny_reference, output_dir, ds_config="d
 
 def test_a_tr_dpo_run_syncs_keeps_and_resumes_its_reference(tmp_path, tiny_policy, tiny_reference):
     out = tmp_path / "run"
-    result = run(python_launch("train.py", _sync_config(tmp_path, tiny_policy, tiny_reference, out)))
-    assert_ok(result)
+    run_here("train.py", _sync_config(tmp_path, tiny_policy, tiny_reference, out))
     start = weights(tiny_reference)
     kept_2, kept_4 = weights(out / "checkpoint-2/reference"), weights(out / "checkpoint-4/reference")
     assert_synced(kept_2, policy_at(out / "checkpoint-2"), start)
@@ -88,15 +87,13 @@ def test_a_tr_dpo_run_syncs_keeps_and_resumes_its_reference(tmp_path, tiny_polic
     # Resume from step 2, as after a crash past it: steps 3 and 4 must score against the synced reference
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("checkpoint-4", "final"))
-    result = run(python_launch("train.py", _sync_config(tmp_path, tiny_policy, tiny_reference, resumed),
-                               "training.resume_from=auto"))
-    assert_ok(result)
+    printed = run_here("train.py", _sync_config(tmp_path, tiny_policy, tiny_reference, resumed), "training.resume_from=auto")
     expected, _ = read_metrics(out)
     measured, _ = read_metrics(resumed)
     for step in (3, 4):
         for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen"):
             assert measured[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-7), (step, key)
-    assert f"reference: the synced reference kept in {resumed / 'checkpoint-2/reference'}" in result.stdout
+    assert f"reference: the synced reference kept in {resumed / 'checkpoint-2/reference'}" in printed
     for name, value in weights(resumed / "checkpoint-4/reference").items():
         np.testing.assert_allclose(value, kept_4[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
@@ -104,10 +101,8 @@ def test_a_tr_dpo_run_syncs_keeps_and_resumes_its_reference(tmp_path, tiny_polic
     # model.ref_model, so step 3 scores against the original reference and step 4's sync mixes into it.
     unsynced = tmp_path / "unsynced"
     shutil.copytree(out, unsynced, ignore=shutil.ignore_patterns("checkpoint-4", "final", "reference"))
-    result = run(python_launch("train.py", _sync_config(tmp_path, tiny_policy, tiny_reference, unsynced),
-                               "training.resume_from=auto"))
-    assert_ok(result)
-    assert f"reference: {unsynced / 'checkpoint-2'} keeps no synced reference (that run did not sync); " in result.stdout
+    printed = run_here("train.py", _sync_config(tmp_path, tiny_policy, tiny_reference, unsynced), "training.resume_from=auto")
+    assert f"reference: {unsynced / 'checkpoint-2'} keeps no synced reference (that run did not sync); " in printed
     assert_synced(weights(unsynced / "checkpoint-4/reference"), policy_at(unsynced / "checkpoint-4"), start)
     from_start, _ = read_metrics(unsynced)
     assert abs(from_start[3]["rewards/margins"] - expected[3]["rewards/margins"]) > 1e-6  # another reference

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from launching import ROOT, assert_ok, python_launch, read_metrics, run, write_config
+from launching import ROOT, read_metrics, run_here, write_config
 
 TRL_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -22,7 +22,7 @@ def test_lora_with_gradient_checkpointing_trains_and_exports_an_adapter(tiny_pol
         model={"gradient_checkpointing": True}, lora={"r": 4, "alpha": 8},
         training={"max_steps": 6, "logging_steps": 3, "warmup_ratio": 0.5},
     )
-    assert_ok(run(python_launch("train.py", config)))
+    run_here("train.py", config)
 
     train, evals = read_metrics(out)
     assert sorted(train) == [3, 6]
@@ -56,7 +56,7 @@ def test_offloaded_reference_gives_the_same_losses(tiny_policy, tiny_reference, 
             tmp_path / f"{offload}.yaml", tiny_policy, tiny_reference, out,
             training={"max_steps": 4}, reference={"offload": offload}, data={"eval_files": []},
         )
-        assert_ok(run(python_launch("train.py", config)))
+        run_here("train.py", config)
         train, _ = read_metrics(out)
         losses[offload] = [train[step]["loss"] for step in sorted(train)]
     assert len(losses[True]) == 4
@@ -68,9 +68,8 @@ def test_reference_free_losses_load_no_reference(tiny_policy, tmp_path, loss_typ
     out = tmp_path / loss_type
     config = write_config(tmp_path / "c.yaml", tiny_policy, None, out, dpo={"loss_type": loss_type, "beta": 1.0},
                           training={"max_steps": 12, "logging_steps": 2})
-    result = run(python_launch("train.py", config))
-    assert_ok(result)
-    assert "reference: none" in result.stdout and "reference: rank 0 holds" not in result.stdout
+    printed = run_here("train.py", config)
+    assert "reference: none" in printed and "reference: rank 0 holds" not in printed
     train, evals = read_metrics(out)
     if loss_type == "orpo":  # ORPO's loss contains the NLL term, so it is above it
         assert all(train[s]["loss"] > train[s]["nll_loss"] for s in train)
@@ -84,7 +83,7 @@ def test_sft_weight_adds_the_chosen_nll(tiny_policy, tiny_reference, tmp_path):
         out = tmp_path / f"w{weight}"
         config = write_config(tmp_path / f"{weight}.yaml", tiny_policy, tiny_reference, out, dpo={"sft_weight": weight},
                               training={"max_steps": 1}, data={"eval_files": []})
-        assert_ok(run(python_launch("train.py", config)))
+        run_here("train.py", config)
         first[weight] = read_metrics(out)[0][1]
     assert first[0.5]["nll_loss"] == pytest.approx(first[0.0]["nll_loss"], rel=1e-6) and first[0.0]["nll_loss"] > 1.0
     assert first[0.5]["loss"] == pytest.approx(first[0.0]["loss"] + 0.5 * first[0.0]["nll_loss"], abs=1e-5)
@@ -98,9 +97,7 @@ def test_sft_files_are_mixed_in_and_learned(tiny_policy, tiny_reference, tmp_pat
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_policy, tiny_reference, out, training={"max_steps": 10, "logging_steps": 5},
                           data={"sft_files": [str(sft)], "sft_ratio": 0.5, "eval_files": []})
-    result = run(python_launch("train.py", config))
-    assert_ok(result)
-    assert "sft: 20 pairs from 1 file(s)" in result.stdout
+    assert "sft: 20 pairs from 1 file(s)" in run_here("train.py", config)
     train, _ = read_metrics(out)
     assert train[10]["sft_nll_loss"] < train[5]["sft_nll_loss"]  # the SFT completions get more likely
     assert "sft_nll_loss" in train[5] and train[5]["num_pairs"] == 5 * 4
@@ -108,9 +105,8 @@ def test_sft_files_are_mixed_in_and_learned(tiny_policy, tiny_reference, tmp_pat
 
 def test_demo_lora_recipe_runs(tiny_policy, tmp_path):
     """configs/demo_lora.yaml as shipped (on the test's tiny model): trains, and exports adapter + merged model."""
-    result = run(python_launch("train.py", ROOT / "configs" / "demo_lora.yaml", f"model.base_model={tiny_policy}",
-                               f"training.output_dir={tmp_path}", "training.max_steps=8"))
-    assert_ok(result)
+    run_here("train.py", ROOT / "configs" / "demo_lora.yaml", f"model.base_model={tiny_policy}",
+             f"training.output_dir={tmp_path}", "training.max_steps=8")
     assert (tmp_path / "final" / "adapter_model.safetensors").exists() and (tmp_path / "final" / "merged" / "model.safetensors").exists()
 
 
@@ -121,7 +117,7 @@ def test_packing_trains_like_padding(tiny_policy, tiny_reference, tmp_path):
         out = tmp_path / f"packing-{packing}"
         config = write_config(tmp_path / f"{packing}.yaml", tiny_policy, tiny_reference, out,
                               training={"max_steps": 4}, data={"packing": packing, "eval_files": []})
-        assert_ok(run(python_launch("train.py", config)))
+        run_here("train.py", config)
         train, _ = read_metrics(out)
         losses[packing] = [train[step]["loss"] for step in sorted(train)]
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
