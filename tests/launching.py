@@ -52,9 +52,20 @@ def write_config(path: Path, policy: Path, ref_model: Path | None, output_dir: P
     return path
 
 
+def processes_of(command: list[str]) -> int:
+    """How many processes a launch command starts: its launcher's count, else 1."""
+    for flag in ("--nproc_per_node", "--num_gpus"):
+        if flag in command:
+            return int(command[command.index(flag) + 1])
+    return 1
+
+
 def run(command: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """Run a command from the repo root; on failure the assertion shows the tail of its output."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env}
+    """Run a command from the repo root; on failure the assertion shows the tail of its output. Its processes
+    share the cores (intra-op threads each, at most 4: the tests' models are too small for more)."""
+    threads = max(1, min(4, (os.cpu_count() or 1) // processes_of(command)))
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
+                **env}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
