@@ -92,6 +92,17 @@ def assert_same_run(straight_dir: Path, resumed_dir: Path, resumed_from: int) ->
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def last_logged_step(output_dir: Path) -> int:
+    """The newest step in metrics.jsonl so far (0 before the first); a line still being written is skipped."""
+    path, steps = output_dir / "metrics.jsonl", [0]
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            pass
+    return max(steps)
+
+
 def resumed_step(output: str) -> int:
     line = next(line for line in output.splitlines() if line.startswith("resumed from"))
     return int(line.split(" at step ")[1].split()[0])
@@ -128,23 +139,23 @@ def test_zero2_kill_9_and_resume_is_bitwise_exact(dropout_policy, tiny_reference
 
 
 def test_zero3_kill_and_sigusr1_on_one_rank_resume_exactly(dropout_policy, tiny_reference, small_data, tmp_path):
+    """One interrupted run, twice: killed with kill -9 after checkpoint-4 and resumed; the resumed run stopped by
+    SIGUSR1 to one rank and resumed again; it ends as the straight run did."""
     straight = config_for(tmp_path, "straight", dropout_policy, tiny_reference, small_data, "ds_configs/zero3.json")
     assert_ok(run(deepspeed_launch("train.py", straight)))
 
-    # kill -9 of the whole process group after checkpoint-4 (mostly mid-step), then resume
-    killed = config_for(tmp_path, "killed", dropout_policy, tiny_reference, small_data, "ds_configs/zero3.json")
-    process = start(deepspeed_launch("train.py", killed))
-    wait_for_checkpoint(tmp_path / "killed", 4, process)
+    # kill -9 of the whole process group after checkpoint-4 (mostly mid-step)
+    interrupted = config_for(tmp_path, "interrupted", dropout_policy, tiny_reference, small_data, "ds_configs/zero3.json")
+    process = start(deepspeed_launch("train.py", interrupted))
+    wait_for_checkpoint(tmp_path / "interrupted", 4, process)
     kill_9_everything(process)
-    result = run(deepspeed_launch("train.py", killed, "training.resume_from=auto"))
-    assert_ok(result)
-    assert_same_run(tmp_path / "straight", tmp_path / "killed", resumed_step(result.stdout))
 
-    # SIGUSR1 to ONE rank: every rank finishes the step, a checkpoint is written, exit status 75
-    signalled = config_for(tmp_path, "signalled", dropout_policy, tiny_reference, small_data, "ds_configs/zero3.json")
-    process = start(deepspeed_launch("train.py", signalled, "training.save_steps=100"))
+    # resumed (from step 4, periodic saves off), then SIGUSR1 to ONE rank a few steps on: every rank finishes
+    # the step, a checkpoint is written, exit status 75
+    resume = ("training.resume_from=auto", "training.save_steps=100")
+    process = start(deepspeed_launch("train.py", interrupted, *resume))
     deadline = time.time() + 300
-    while not (tmp_path / "signalled" / "metrics.jsonl").exists() or len(read_metrics(tmp_path / "signalled")[0]) < 3:
+    while last_logged_step(tmp_path / "interrupted") < 7:
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.05)
     workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
@@ -152,15 +163,15 @@ def test_zero3_kill_and_sigusr1_on_one_rank_resume_exactly(dropout_policy, tiny_
     workers[0].send_signal(signal.SIGUSR1)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 75, output[-3000:]
-    stopped = [p for p in (tmp_path / "signalled").glob("checkpoint-*")]
-    assert len(stopped) == 1 and not (tmp_path / "signalled" / "final").exists()
-    stop_step = int(stopped[0].name.split("-")[1])
-    assert 3 <= stop_step < STEPS
-    result = run(deepspeed_launch("train.py", signalled, "training.resume_from=auto", "training.save_steps=100"))
+    assert resumed_step(output) == 4
+    assert not (tmp_path / "interrupted" / "final").exists()
+    *_, stop_step = checkpoints = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "interrupted").glob("checkpoint-*"))
+    assert checkpoints == [4, stop_step] and 7 <= stop_step < STEPS  # the killed run's, and the signal's
+    result = run(deepspeed_launch("train.py", interrupted, *resume))
     assert_ok(result)
     assert resumed_step(result.stdout) == stop_step
-    assert_same_run(tmp_path / "straight", tmp_path / "signalled", stop_step)
-    state = json.loads((tmp_path / "signalled" / "checkpoint-18" / "trainer_state.json").read_text())
+    assert_same_run(tmp_path / "straight", tmp_path / "interrupted", 4)
+    state = json.loads((tmp_path / "interrupted" / "checkpoint-18" / "trainer_state.json").read_text())
     assert state["consumed_pairs"] == STEPS * 16 and state["step"] == STEPS
 
     # DeepSpeed keeps ZeRO-3's optimizer state per sub-group: a run whose sub-groups differ is refused before
@@ -170,8 +181,7 @@ def test_zero3_kill_and_sigusr1_on_one_rank_resume_exactly(dropout_policy, tiny_
     other = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     other["zero_optimization"]["sub_group_size"] = 10**9
     (tmp_path / "zero3_1e9.json").write_text(json.dumps(other))
-    result = run(deepspeed_launch("train.py", signalled, "training.resume_from=auto", "training.save_steps=100",
-                                  f"deepspeed.config={tmp_path / 'zero3_1e9.json'}"))
+    result = run(deepspeed_launch("train.py", interrupted, *resume, f"deepspeed.config={tmp_path / 'zero3_1e9.json'}"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert f'Set "sub_group_size": {layer} under zero_optimization' in result.stderr
     assert "Traceback" not in result.stderr
