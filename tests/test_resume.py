@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from launching import ROOT, assert_ok, deepspeed_launch, python_launch, read_metrics, run, torchrun_launch, write_config
+from dpo_dist.errors import UserError
+from launching import ROOT, assert_ok, deepspeed_launch, read_metrics, run, run_here, torchrun_launch, write_config
 from make_tiny_qwen3 import make_checkpoint
 
 pytestmark = pytest.mark.multirank
@@ -134,8 +135,9 @@ def test_zero2_kill_9_and_resume_is_bitwise_exact(dropout_policy, tiny_reference
     assert kept == sorted({16, 18} | ({best} if best % 4 == 0 else set()))  # newest 2, plus the best when saved
 
     # a checkpoint saved by 2 processes is refused on 1, with how to convert it
-    result = run(python_launch("train.py", killed, "training.resume_from=auto"))
-    assert result.returncode == 2 and "saved by 2 processes" in result.stderr and "ds_to_universal" in result.stderr
+    with pytest.raises(UserError, match="saved by 2 processes") as refusal:
+        run_here("train.py", killed, "training.resume_from=auto")
+    assert "ds_to_universal" in str(refusal.value)
 
 
 def test_zero3_kill_and_sigusr1_on_one_rank_resume_exactly(dropout_policy, tiny_reference, small_data, tmp_path):
