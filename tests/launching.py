@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import json
@@ -75,19 +76,26 @@ def python_launch(script: str, config: Path, *overrides: str) -> list[str]:
     return [sys.executable, f"launch/{script}", "--config", str(config), *overrides]
 
 
-def run_here(script: str, config: Path, *words: str) -> str:
-    """What `python launch/<script> --config config words...` does (a world of one: the script's own argument
-    parsing and main()), in this process; returns what it printed (stdout and stderr together). A fresh interpreter spends ~10 s of a small
-    one-process run on imports and DeepSpeed's first engine, so tests about what a run computes use this; tests
-    about launchers, exit statuses, user-error lines or rank processes run the script (`run`). The one-process
-    group, once made, serves every later run; the environment variables and signal handlers a run sets are put
-    back."""
-    from dpo_dist.cli import parse_args
-    from dpo_dist.config import load_config
-
+@functools.cache
+def _launch_script(script: str):
+    """launch/<script> as a module, loaded once (its top level puts the checkout on sys.path)."""
     spec = importlib.util.spec_from_file_location(f"launch_{Path(script).stem}", ROOT / "launch" / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_here(script: str, config: Path, *words: str) -> str:
+    """What `python launch/<script> --config config words...` does (a world of one: the script's own argument
+    parsing and main()), in this process; returns what it printed (stdout and stderr together). A fresh
+    interpreter spends ~10 s of a small one-process run on imports and DeepSpeed's first engine, so tests about
+    what a run computes use this; tests about launchers, exit statuses, user-error lines or rank processes run
+    the script (`run`). The one-process group, once made, serves every later run; the environment variables and
+    signal handlers a run sets are put back."""
+    from dpo_dist.cli import parse_args
+    from dpo_dist.config import load_config
+
+    module = _launch_script(script)
     args = parse_args(module.__doc__, ["--config", str(config), *words], getattr(module, "FLAGS", ()))
     environment = dict(os.environ)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
