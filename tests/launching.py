@@ -137,3 +137,15 @@ def read_metrics(output_dir: Path) -> tuple[dict[int, dict], list[dict]]:
         else:
             train[record["step"]] = record
     return train, evals
+
+
+def logged_steps(output_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl so far; a line still being written is skipped."""
+    path = output_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except json.JSONDecodeError:
+            pass
+    return steps

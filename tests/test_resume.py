@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dpo_dist.errors import UserError
-from launching import ROOT, assert_ok, deepspeed_launch, read_metrics, run, run_here, torchrun_launch, write_config
+from launching import ROOT, assert_ok, deepspeed_launch, logged_steps, read_metrics, run, run_here, torchrun_launch, write_config
 from make_tiny_qwen3 import make_checkpoint
 
 pytestmark = pytest.mark.multirank
@@ -93,17 +93,6 @@ def assert_same_run(straight_dir: Path, resumed_dir: Path, resumed_from: int) ->
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def last_logged_step(output_dir: Path) -> int:
-    """The newest step in metrics.jsonl so far (0 before the first); a line still being written is skipped."""
-    path, steps = output_dir / "metrics.jsonl", [0]
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            steps.append(json.loads(line).get("step", 0))
-        except json.JSONDecodeError:
-            pass
-    return max(steps)
-
-
 def resumed_step(output: str) -> int:
     line = next(line for line in output.splitlines() if line.startswith("resumed from"))
     return int(line.split(" at step ")[1].split()[0])
@@ -157,7 +146,7 @@ def test_zero3_kill_and_sigusr1_on_one_rank_resume_exactly(dropout_policy, tiny_
     resume = ("training.resume_from=auto", "training.save_steps=100")
     process = start(deepspeed_launch("train.py", interrupted, *resume))
     deadline = time.time() + 300
-    while last_logged_step(tmp_path / "interrupted") < 7:
+    while max(logged_steps(tmp_path / "interrupted"), default=0) < 7:
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.05)
     workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -31,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpo_dist.config import TrainingConfig, load_config
-from launching import ROOT, assert_ok, python_launch, read_metrics, run, torchrun_launch, write_config
+from launching import ROOT, assert_ok, logged_steps, python_launch, read_metrics, run, torchrun_launch, write_config
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 STEPS = 20
@@ -63,18 +62,6 @@ def submit(cluster, script: str, config: Path, *overrides: str, log_dir: Path, *
 
 def job_log(log_dir: Path, job_id: int) -> str:
     return "\n".join(path.read_text(errors="replace") for path in log_dir.glob(f"*-{job_id}.log"))
-
-
-def logged_steps(output_dir: Path) -> list[int]:
-    """Steps in metrics.jsonl so far; a line still being written is skipped."""
-    path = output_dir / "metrics.jsonl"
-    steps = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            pass
-    return steps
 
 
 def wait_for_step(cluster, job_id: int, output_dir: Path, step: int, log_dir: Path) -> None:
