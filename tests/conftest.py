@@ -16,11 +16,26 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist's workers (the README's test command starts one per core) share the cores: each worker's torch
+# gets its share of intra-op threads (read when torch is first imported, which is after this)
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 from make_tiny_qwen3 import make_checkpoint  # noqa: E402
 
 DEMO_TRAIN = ROOT / "examples" / "data" / "demo_train.jsonl"
 DEMO_EVAL = ROOT / "examples" / "data" / "demo_eval.jsonl"
+
+
+# Modules of over a minute on 2 cores (`pytest --durations`), longest first: pytest-xdist's workers take whole
+# modules in collection order, so these start first and the short ones fill in at the end, when a long module
+# left last would keep one worker busy alone.
+LONGEST_MODULES = ("test_planner.py", "test_slurm.py", "test_resume.py", "test_lora.py", "test_multirank.py",
+                   "test_compile.py", "test_model_families.py", "test_precompute.py")
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: position for position, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
