@@ -362,8 +362,8 @@ MEASURED_SHAPE = dict(vocab_size=32768, hidden_size=512, intermediate_size=1536,
 MEASURED_RUNS = [  # (name, max_seq_length, config sections): each is dominated by a different part
     ("full, ZeRO-2, reference model", 512, {}),
     ("full, ZeRO-2, grad checkpointing", 512, {"model": {"gradient_checkpointing": True}}),
-    ("full, ZeRO-2, 2 of 4 layers checkpointed", 1024, {"model": {"gradient_checkpointing": True, "checkpointed_layers": 2}}),
-    ("LoRA r=16, adapter reference", 1024, {"lora": {"r": 16, "alpha": 32}}),
+    ("full, ZeRO-2, 2 of 4 layers checkpointed", 768, {"model": {"gradient_checkpointing": True, "checkpointed_layers": 2}}),
+    ("LoRA r=16, adapter reference", 768, {"lora": {"r": 16, "alpha": 32}}),
 ]  # ZeRO-3 (one process: docs/architecture.md) is measured on 2 ranks, where it shards
 
 

@@ -1,22 +1,21 @@
 """The SLURM scripts (slurm/) on a real two-node cluster started on this machine (tests/slurm_cluster.py):
 2 nodes x 1 CPU process each, gloo across the nodes' own addresses (network-namespace mode).
 
-* A ZeRO-3 training job gives the per-step losses of the same run on one node with 2 processes
-  (torchrun here). Both are world size 2 with the same ranks, data shards and gloo algorithms, so
-  only the transport differs; we allow 1e-6 (float32 reduction order), and measure 0.
+* A ZeRO-3 training job, preempted part-way, gives the per-step losses and final weights of the same
+  run on one node with 2 processes (torchrun here), uninterrupted. Both are world size 2 with the same
+  ranks, data shards and gloo algorithms, so only the transport differs; we allow 1e-6 (float32
+  reduction order), and measure 0.
 * The reference cache written by a 2-node precompute job (through the deepspeed launcher with
   --no_ssh, the second launch path) passes `--verify` and feeds a one-node run, whose losses match
   the online reference to 1e-5 (as in test_multirank: cached log-probs come from other batches).
 * A rank killed mid-run fails the job at once, naming that rank; a rank that hangs (SIGSTOP) fails
   it within the collective timeout (deepspeed.timeout_minutes=0.5).
-* A job sent SIGUSR1 (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@<grace>` does before
-  the time limit) checkpoints, requeues itself, resumes, and ends with the uninterrupted job's
-  per-step losses and weights (to 1e-6).
+  The preemption: SIGUSR1 to the job (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@<grace>`
+  does before the time limit); it checkpoints, requeues itself and resumes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import signal
@@ -29,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_dist.config import TrainingConfig, load_config
+from dpo_dist.config import load_config
 from launching import ROOT, assert_ok, logged_steps, python_launch, read_metrics, run, torchrun_launch, write_config
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
@@ -118,34 +117,11 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_node_run(slurm_cluster, tiny_policy, tiny_reference, workdir):
-    """The ZeRO-3 training job on 2 nodes x 1 process: (output_dir, final job record, log)."""
-    config = make_config(workdir / "two_nodes.yaml", tiny_policy, tiny_reference, workdir / "two_nodes")
-    job_id = submit(slurm_cluster, "slurm/train.sbatch", config, log_dir=workdir)
-    info = slurm_cluster.wait_for_job(job_id, JOB_TIMEOUT)
-    log = job_log(workdir, job_id)
-    assert info["JobState"] == "COMPLETED", f"{info['JobState']} {info['ExitCode']}\n{log[-6000:]}"
-    return workdir / "two_nodes", info, log
-
-
-@pytest.fixture(scope="module")
 def one_node_run(tiny_policy, tiny_reference, workdir):
     """The same run on this machine alone: torchrun, 2 processes."""
     config = make_config(workdir / "one_node.yaml", tiny_policy, tiny_reference, workdir / "one_node")
     assert_ok(run(torchrun_launch("train.py", config)))
     return workdir / "one_node"
-
-
-@pytest.mark.multirank
-def test_two_nodes_give_the_one_node_losses(two_node_run, one_node_run):
-    output_dir, info, log = two_node_run
-    assert (info["NumNodes"], info["NodeList"], info["Restarts"]) == ("2", "n[1-2]", "0"), info
-    assert "2 node(s) x 1 process(es), rendezvous n1:" in log
-    line = next(line for line in log.splitlines() if "policy: rank 0 holds" in line)
-    local, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" parameter")[0].split(" of "))
-    assert local < 0.75 * total, line  # ZeRO-3 really shards the policy across the two nodes
-    worst = assert_same_losses(losses(output_dir), losses(one_node_run), tolerance=1e-6)
-    print(f"largest per-step loss difference, 2 nodes vs 1 node: {worst:.3g}")
 
 
 @pytest.mark.multirank
@@ -205,10 +181,9 @@ def test_a_dead_rank_ends_the_job_in_bounded_time(slurm_cluster, tiny_policy, ti
 
 
 @pytest.mark.multirank
-@pytest.mark.skipif(
-    "resume_from" not in {f.name for f in dataclasses.fields(TrainingConfig)}, reason="needs checkpoint/resume"
-)
-def test_preempted_job_requeues_and_resumes_to_the_same_result(slurm_cluster, tiny_policy, tiny_reference, workdir, two_node_run):
+def test_two_nodes_preempted_give_the_one_node_result(slurm_cluster, tiny_policy, tiny_reference, workdir, one_node_run):
+    """The job on 2 nodes x 1 process, preempted after its first step: requeued, resumed, and at the end the
+    same per-step losses and weights as the uninterrupted run on one node."""
     output_dir = workdir / "preempted"
     config = make_config(workdir / "preempted.yaml", tiny_policy, tiny_reference, output_dir)
     job_id = submit(slurm_cluster, "slurm/train.sbatch", config, log_dir=workdir)
@@ -218,6 +193,11 @@ def test_preempted_job_requeues_and_resumes_to_the_same_result(slurm_cluster, ti
     info = slurm_cluster.wait_for_job(job_id, JOB_TIMEOUT)
     log = job_log(workdir, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-6000:]}"
+    assert (info["NumNodes"], info["NodeList"]) == ("2", "n[1-2]"), info
+    assert "2 node(s) x 1 process(es), rendezvous n1:" in log
+    line = next(line for line in log.splitlines() if "policy: rank 0 holds" in line)
+    local, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" parameter")[0].split(" of "))
+    assert local < 0.75 * total, line  # ZeRO-3 really shards the policy across the two nodes
     assert "dpo-dist: rank 0 on node n1 (node_rank 0) exited 75: preempted, checkpoint written" in log, log[-6000:]
     assert f"requeueing job {job_id}" in log and "(restart 1)" in log
     resumed = [line for line in log.splitlines() if "resumed from" in line]
@@ -226,10 +206,9 @@ def test_preempted_job_requeues_and_resumes_to_the_same_result(slurm_cluster, ti
     assert 1 <= step < STEPS, resumed[0]
     print(f"preempted after step {step} of {STEPS}; requeued and resumed")
 
-    expected_dir = two_node_run[0]
-    worst = assert_same_losses(losses(output_dir), losses(expected_dir), tolerance=1e-6)
-    assert_same_weights(output_dir, expected_dir, tolerance=1e-6)
-    print(f"largest per-step loss difference, preempted vs uninterrupted: {worst:.3g}")
+    worst = assert_same_losses(losses(output_dir), losses(one_node_run), tolerance=1e-6)
+    assert_same_weights(output_dir, one_node_run, tolerance=1e-6)
+    print(f"largest per-step loss difference, 2 nodes preempted vs 1 node: {worst:.3g}")
 
 
 # ---------------------------------------------------------------- without a cluster
