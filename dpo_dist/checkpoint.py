@@ -253,9 +253,9 @@ class Checkpointer:
         if state.world_size != self.dist.world_size:
             raise UserError(
                 f"{path} was saved by {state.world_size} processes and this run has {self.dist.world_size}. Resume "
-                f"on {state.world_size} processes, or convert it with DeepSpeed's universal checkpoint tool "
-                f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {path / ENGINE_TAG} "
-                "--output_folder <dir>) and start a new run from the export (launch/export.py is planned)"
+                f"on {state.world_size} processes, or export its weights (python launch/export.py --checkpoint {path} "
+                "--merge) and start a new run from them: model.sft_model=<the export>, or its merged/ for LoRA (the "
+                "optimizer state and the data position do not carry over)"
             )
         if state.global_batch != fresh.global_batch:
             raise UserError(

@@ -8,15 +8,17 @@ from test_cli_errors import assert_clean_error
 
 
 def test_compiled_layers_train_like_eager(tiny_policy, tmp_path):
-    """LoRA + gradient checkpointing + packing under ZeRO-2 (the 4B recipe's shape): per-step losses and
-    gradient norms of compiled layers equal eager's, with no graph break, and compiled twice in all."""
+    """LoRA + gradient checkpointing + packing + prefix sharing + lean activations under ZeRO-2 (the 4B recipe's
+    shape, with the GPU benchmark's options): per-step losses and gradient norms of compiled layers (with
+    model.lean_activations' autograd functions inside them, attention gathered from the shared prompts inside
+    them) equal eager's, with no graph break, and compiled twice in all."""
     metrics = {}
     for compiled in (False, True):
         out = tmp_path / f"compile-{compiled}"
         config = write_config(tmp_path / f"{compiled}.yaml", tiny_policy, None, out, lora={"r": 8, "alpha": 16},
-                              model={"compile": compiled, "gradient_checkpointing": True},
+                              model={"compile": compiled, "gradient_checkpointing": True, "lean_activations": True},
                               training={"max_steps": 3, "learning_rate": 3e-2, "warmup_ratio": 0.0},
-                              data={"packing": True, "eval_files": []})
+                              data={"packing": True, "prefix_sharing": True, "eval_files": []})
         if compiled:  # in a fresh interpreter, for dynamo's log of this run alone
             result = run(python_launch("train.py", config), TORCH_LOGS="graph_breaks,recompiles")
             assert_ok(result)
