@@ -16,9 +16,13 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# pytest-xdist's workers (the README's test command starts one per core) share the cores: each worker's torch
-# gets its share of intra-op threads (read when torch is first imported, which is after this)
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+
+from launching import thread_share  # noqa: E402
+
+# A pytest-xdist worker's torch gets its share of the cores (read at torch's first import: the next import). Only
+# in the workers: they inherit the environment of the controller, which cannot know its share.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(thread_share(1)))
 
 from make_tiny_qwen3 import make_checkpoint  # noqa: E402
 

@@ -61,12 +61,17 @@ def processes_of(command: list[str]) -> int:
     return 1
 
 
+def thread_share(processes: int) -> int:
+    """Intra-op threads for each of `processes` processes started by one pytest worker: the cores are shared
+    with the processes of the other pytest-xdist workers (the README's test command starts one per core)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // (processes * workers))
+
+
 def run(command: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
     """Run a command from the repo root; on failure the assertion shows the tail of its output. Its processes
-    share the cores with those of the other pytest-xdist workers (intra-op threads each, at most 4: the tests'
-    models are too small for more)."""
-    sharing = processes_of(command) * int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    threads = max(1, min(4, (os.cpu_count() or 1) // sharing))
+    get their share of the cores (intra-op threads each, at most 4: the tests' models are too small for more)."""
+    threads = min(4, thread_share(processes_of(command)))
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
                 **env}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):

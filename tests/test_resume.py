@@ -123,7 +123,7 @@ def test_zero2_kill_9_and_resume_is_bitwise_exact(dropout_policy, tiny_reference
     best = json.loads((tmp_path / "killed" / "checkpoint-18" / "trainer_state.json").read_text())["best_step"]
     assert kept == sorted({16, 18} | ({best} if best % 4 == 0 else set()))  # newest 2, plus the best when saved
 
-    # a checkpoint saved by 2 processes is refused on 1, with how to convert it
+    # a checkpoint saved by 2 processes is refused on 1, with how to start over from its weights
     with pytest.raises(UserError, match="saved by 2 processes") as refusal:
         run_here("train.py", killed, "training.resume_from=auto")
     assert f"launch/export.py --checkpoint {tmp_path / 'killed'}/checkpoint-" in str(refusal.value)
