@@ -146,6 +146,12 @@ def read_metrics(output_dir: Path) -> tuple[dict[int, dict], list[dict]]:
     return train, evals
 
 
+def held_by_rank_0(line: str) -> tuple[int, int]:
+    """(local, total) parameter elements from a run's `<model>: rank 0 holds <local> of <total> parameter ...` line."""
+    local, total = line.split("holds ")[1].split(" parameter")[0].split(" of ")
+    return int(local.replace(",", "")), int(total.replace(",", ""))
+
+
 def logged_steps(output_dir: Path) -> list[int]:
     """Steps in metrics.jsonl so far; a line still being written is skipped."""
     path = output_dir / "metrics.jsonl"

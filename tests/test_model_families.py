@@ -19,7 +19,7 @@ from dpo_dist.tokenization import TokenizeStats, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
 from dpo_dist.lora_ops import _fused_form
 from dpo_dist.models import load_causal_lm, prepare_policy
-from launching import assert_ok, python_launch, read_metrics, run, run_here, torchrun_launch, write_config
+from launching import assert_ok, held_by_rank_0, python_launch, read_metrics, run, run_here, torchrun_launch, write_config
 from make_tiny_qwen3 import make_checkpoint
 from test_logps import make_record, naive_completion_logps
 
@@ -148,7 +148,7 @@ def test_zero3_on_two_ranks_trains_like_one_process(family, policy_dir, referenc
     assert_ok(result)
     for name in ("policy", "reference"):  # ZeRO-3 really shards: rank 0 holds part of each
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"{name}: rank 0 holds"))
-        local, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" parameter")[0].split(" of "))
+        local, total = held_by_rank_0(line)
         assert local < 0.75 * total, line
     (one, _), (two, two_evals) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))

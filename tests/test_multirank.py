@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from launching import (
     assert_ok,
     deepspeed_launch,
+    held_by_rank_0,
     read_metrics,
     run,
     run_here,
@@ -106,7 +107,7 @@ def test_zero3_deepspeed_launcher_two_ranks(tiny_policy, tiny_reference, tmp_pat
     # ZeRO-3 really shards: rank 0 holds part of the policy and part of the reference.
     for name in ("policy", "reference"):
         line = next(l for l in result.stdout.splitlines() if l.startswith(f"{name}: rank 0 holds"))
-        local, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" parameter")[0].split(" of "))
+        local, total = held_by_rank_0(line)
         assert local < 0.75 * total, line
 
     # The ZeRO-3 export loads with plain transformers and scores like the trained policy did (1 process now).

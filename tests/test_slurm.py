@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpo_dist.config import load_config
-from launching import ROOT, assert_ok, logged_steps, python_launch, read_metrics, run, torchrun_launch, write_config
+from launching import ROOT, assert_ok, held_by_rank_0, logged_steps, python_launch, read_metrics, run, torchrun_launch, write_config
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 STEPS = 20
@@ -196,7 +196,7 @@ def test_two_nodes_preempted_give_the_one_node_result(slurm_cluster, tiny_policy
     assert (info["NumNodes"], info["NodeList"]) == ("2", "n[1-2]"), info
     assert "2 node(s) x 1 process(es), rendezvous n1:" in log
     line = next(line for line in log.splitlines() if "policy: rank 0 holds" in line)
-    local, total = (int(x.replace(",", "")) for x in line.split("holds ")[1].split(" parameter")[0].split(" of "))
+    local, total = held_by_rank_0(line)
     assert local < 0.75 * total, line  # ZeRO-3 really shards the policy across the two nodes
     assert "dpo-dist: rank 0 on node n1 (node_rank 0) exited 75: preempted, checkpoint written" in log, log[-6000:]
     assert f"requeueing job {job_id}" in log and "(restart 1)" in log
