@@ -28,6 +28,9 @@
 #              dpo-dist with prefix sharing + Liger; what the trainer's one-process ZeRO-3 note claims, on a GPU
 #   full-precomputed  the full case: TRL, then dpo-dist with prefix sharing + Liger + recompute and the reference's
 #              log-probs precomputed (launch/precompute_ref.py first, its rate reported and spread over 1 and 3 epochs)
+#   full-mem   full-next without its first variant (prefix sharing + Liger, measured by full-fast): TRL, + recompute,
+#              + the first 6 layers checkpointed, + lean + compiled layers (cut by the case's time if it runs long)
+#   liger-tests  tests/test_lean_ops.py -k liger: Liger-Kernel's model against the plain one (CUDA only; skipped in CI)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
 #   ceiling    bench/decoder_ceiling.py: one micro-batch of the 4B LoRA and 1.7B full shapes in plain PyTorch (no
@@ -37,7 +40,7 @@
 #   profile-lora, profile-full   bench/profile_step.py (2 warm-up steps, 1 profiled) on dpo-dist's config of an
 #              earlier lora* / full* case (eager); profile.json (top ops, host syncs) to OUT_DIR
 # all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
-#   bash bench/gpu_suite.sh OUT_DIR CASE...   (a machine without deepspeed/trl/datasets/liger-kernel: their wheels in
+#   bash bench/gpu_suite.sh OUT_DIR CASE[:SECONDS]...   (SECONDS: that case's time limit, else CASE_SECONDS or 270; a machine without deepspeed/trl/datasets/liger-kernel: their wheels in
 #   .whl/, which `python bench/gpu_wheels.py` fills on a machine with a package index)
 # Writes gpu_<case>.json (bench/vs_trl.py's report), <case>.log and logs.tgz (every run's log) to OUT_DIR.
 set -u
@@ -57,7 +60,10 @@ COMMON=(--device cuda --processes 1 --seq-len 2048 --batch-size 2 --grad-accum 4
 FULL=(--preset qwen3-1.7b --ds-config ds_configs/zero3.json)
 LORA=(--preset qwen3-4b --lora-r 16 --ds-config ds_configs/zero2.json --no-packing)
 CKPT=(--variant ckpt:model.gradient_checkpointing=true)
-for case in "$@"; do
+for spec in "$@"; do
+    case=${spec%%:*}
+    seconds=${CASE_SECONDS:-270}
+    [ "$spec" != "$case" ] && seconds=${spec#*:}
     case $case in
         full) args=("${FULL[@]}" "${CKPT[@]}") ;;
         lora) args=("${LORA[@]}" "${CKPT[@]}") ;;
@@ -77,6 +83,15 @@ for case in "$@"; do
                          --variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
                          --variant sharedligerrecomputeckpt6:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true,model.gradient_checkpointing=true,model.checkpointed_layers=6
                          --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+        full-mem) args=("${FULL[@]}" --no-packing --no-defaults
+                        --variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
+                        --variant sharedligerrecomputeckpt6:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true,model.gradient_checkpointing=true,model.checkpointed_layers=6
+                        --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+        liger-tests)
+            # -o addopts= : the project's xdist options, which the machine's pytest-xdist may not know
+            timeout "$seconds" python3 -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_lean_ops.py -k liger 2>&1 \
+                | grep -v -e WARNING | tee "$OUT/$case.log"
+            continue ;;
         full-z2-next) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults
                            --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true) ;;
         full-precomputed) args=("${FULL[@]}" --no-packing --no-defaults
@@ -92,7 +107,7 @@ for case in "$@"; do
         full-lean) args=("${FULL[@]}" --no-packing --variant lean:model.lean_activations=true
                          --variant leanshared:model.lean_activations=true,data.prefix_sharing=true) ;;
         grad-parity)
-            timeout "${CASE_SECONDS:-270}" python3 bench/grad_vs_nograd.py --device cuda --preset qwen3-1.7b 2>&1 \
+            timeout "$seconds" python3 bench/grad_vs_nograd.py --device cuda --preset qwen3-1.7b 2>&1 \
                 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
             continue ;;
         ceiling)
@@ -104,13 +119,16 @@ for case in "$@"; do
             candidates=$([ "$case" = profile-lora ] && echo "lora-ours lora-shared lora-compile lora" || echo "full-ckpt-ours full-lean full-ckpt full")
             config=$(for c in $candidates; do [ -f "$WORK/$c/dpo_dist.yaml" ] && echo "$WORK/$c/dpo_dist.yaml" && break; done)
             [ -n "$config" ] || { echo "$case: run one of $candidates first"; continue; }
-            timeout "${CASE_SECONDS:-270}" python3 bench/profile_step.py --warmup 2 --steps 1 --config "$config" \
+            timeout "$seconds" python3 bench/profile_step.py --warmup 2 --steps 1 --config "$config" \
                 training.output_dir=/tmp/dpo_profile/$case 2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
             cp /tmp/dpo_profile/$case/profile/profile.json "$OUT/$case.json"
             continue ;;
         *) echo "unknown case $case"; exit 2 ;;
     esac
-    timeout "${CASE_SECONDS:-270}" python3 bench/vs_trl.py "${COMMON[@]}" "${args[@]}" --work-dir "$WORK/$case" \
+    timeout "$seconds" python3 bench/vs_trl.py "${COMMON[@]}" "${args[@]}" --work-dir "$WORK/$case" \
         --out "$OUT/gpu_$case.json" 2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
+    # A case cut by its time limit must not leave ranks holding the GPU while the next case measures its memory
+    # (timeout signals the whole group, torchrun passes it on; this is the belt to those braces)
+    pkill -9 -f "bench/(vs_trl|trl_runner)\.py" 2>/dev/null && sleep 2
 done
 tar czf "$OUT/logs.tgz" $(find "$WORK" -name "*.log" -o -name "metrics.jsonl" -o -name "*.yaml" | grep -v /model/) 2>/dev/null
