@@ -30,6 +30,11 @@
 #              log-probs precomputed (launch/precompute_ref.py first, its rate reported and spread over 1 and 3 epochs)
 #   full-mem   full-next without its first variant (prefix sharing + Liger, measured by full-fast): TRL, + recompute,
 #              + the first 6 layers checkpointed, + lean + compiled layers (cut by the case's time if it runs long)
+#   full-compiled  the full case: TRL, then dpo-dist with prefix sharing + lean + compiled layers (all 28 since ZeRO-3 runs
+#              keep torch's F.linear), and the same with the first 10 layers checkpointed (the planner's margin for the
+#              memory goal)
+#   lora-compiled  the lora case: TRL, then dpo-dist with prefix sharing + lean + compiled layers (its compile did not fit
+#              in the ~95 s lora-next had left for it)
 #   liger-tests  tests/test_lean_ops.py -k liger: Liger-Kernel's model against the plain one (CUDA only; skipped in CI)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
@@ -87,6 +92,11 @@ for spec in "$@"; do
                         --variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
                         --variant sharedligerrecomputeckpt6:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true,model.gradient_checkpointing=true,model.checkpointed_layers=6
                         --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+        full-compiled) args=("${FULL[@]}" --no-packing --no-defaults
+                             --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true
+                             --variant sharedleancompileckpt10:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=10) ;;
+        lora-compiled) args=("${LORA[@]}" --no-defaults
+                             --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
         liger-tests)
             # -o addopts= : the project's xdist options, which the machine's pytest-xdist may not know
             timeout "$seconds" python3 -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_lean_ops.py -k liger 2>&1 \
@@ -125,6 +135,7 @@ for spec in "$@"; do
             continue ;;
         *) echo "unknown case $case"; exit 2 ;;
     esac
+    rm -rf "$WORK/$case"  # a case run again on a warm machine: its old output dirs would be refused (another run's)
     timeout "$seconds" python3 bench/vs_trl.py "${COMMON[@]}" "${args[@]}" --work-dir "$WORK/$case" \
         --out "$OUT/gpu_$case.json" 2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
     # A case cut by its time limit must not leave ranks holding the GPU while the next case measures its memory

@@ -299,7 +299,30 @@ def training_ds_config(config: Config, world_size: int) -> tuple[torch.dtype, di
     ds = fill_ds_config(read_ds_config(config.deepspeed.config), config.training, dtype, shape, world_size, config.lora)
     check_compile_fits(config, ds)
     check_fused_lora_fits(config, ds)
+    plain_linear_for_compile(config, ds)
     return dtype, ds
+
+
+def plain_linear_for_compile(config: Config, ds: dict) -> None:
+    """Compiled layers under ZeRO-3 need torch's own F.linear, so turn off DeepSpeed's replacement of it
+    (`zero_optimization.memory_efficient_linear`, on by default), which zero.Init installs for the whole process.
+
+    The replacement is an autograd function whose backward asks each weight for its `ds_id`. Dynamo traces
+    that backward while compiling a layer, and torch 2.11 (not 2.13) guards on the id's value: every one of a
+    model's layers then needed its own graph, and after 8 torch's recompile limit left the rest eager (seen on
+    an H200: 8 of 28 Qwen3-1.7B layers compiled). The replacement is not needed with whole-layer gathering
+    (the only ZeRO-3 mode compile allows): the layer's hooks gather its weights for forward and backward, so
+    torch's linear finds them whole."""
+    if not config.model.compile or zero_stage(ds) != 3:
+        return
+    zero = ds["zero_optimization"]
+    if zero.get("memory_efficient_linear", "auto") is True:
+        raise UserError(
+            f"model.compile=true with zero_optimization.memory_efficient_linear=true in {config.deepspeed.config}: "
+            "DeepSpeed's linear makes compiled layers recompile per layer. Remove the key (dpo-dist turns it off "
+            "for compiled runs) or set it to false, or set model.compile=false"
+        )
+    zero["memory_efficient_linear"] = False
 
 
 def check_fused_lora_fits(config: Config, ds: dict) -> None:
@@ -405,7 +428,9 @@ def reference_ds_config(train_ds: dict, offload: bool) -> dict:
     train_zero = train_ds.get("zero_optimization", {})
     if zero_stage(train_ds) == 3 or offload:
         zero = {"stage": 3}
-        for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "reduce_bucket_size"):
+        # memory_efficient_linear too: each zero.Init with it on replaces F.linear for the whole process
+        for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "reduce_bucket_size",
+                    "memory_efficient_linear"):
             if key in train_zero:
                 zero[key] = train_zero[key]
         if offload:
