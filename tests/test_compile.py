@@ -85,21 +85,26 @@ def test_compile_under_zero3_hooks_is_refused_before_loading(tiny_policy, tmp_pa
     assert_clean_error(run(python_launch("train.py", offloaded)), "reference.offload=true")
 
 
-def test_compile_under_zero3_uses_torch_linear(tiny_policy, tmp_path):
-    """Compiled ZeRO-3 runs turn off DeepSpeed's F.linear replacement for the policy and the reference (each
-    zero.Init with it on installs it process-wide); a JSON that asks for it with model.compile is refused."""
+def test_whole_layer_zero3_uses_torch_linear(tiny_policy, tmp_path):
+    """Whole-layer ZeRO-3 turns off DeepSpeed's F.linear replacement for the policy and the reference (each
+    zero.Init with it on installs it process-wide), eager or compiled; per-submodule gathering keeps DeepSpeed's
+    default; a JSON that asks for it is obeyed eager and refused with model.compile."""
     path = write_config(tmp_path / "c.yaml", tiny_policy, tiny_policy, tmp_path / "out", model={"compile": True},
                         deepspeed={"config": "ds_configs/zero3.json"})
-    _, ds = training_ds_config(load_config(path), world_size=1)
-    assert ds["zero_optimization"]["memory_efficient_linear"] is False
-    assert reference_ds_config(ds, offload=False)["zero_optimization"]["memory_efficient_linear"] is False
-    _, eager = training_ds_config(load_config(path, ["model.compile=false"]), world_size=1)
-    assert "memory_efficient_linear" not in eager["zero_optimization"]  # eager runs keep DeepSpeed's default
+    for overrides in ([], ["model.compile=false"]):
+        _, ds = training_ds_config(load_config(path, overrides), world_size=1)
+        assert ds["zero_optimization"]["memory_efficient_linear"] is False
+        assert reference_ds_config(ds, offload=False)["zero_optimization"]["memory_efficient_linear"] is False
+    per_module = ["model.compile=false", "deepspeed.zero3_whole_layers=false"]
+    assert "memory_efficient_linear" not in training_ds_config(load_config(path, per_module), world_size=1)[1]["zero_optimization"]
     asks = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     asks["zero_optimization"]["memory_efficient_linear"] = True
     (tmp_path / "asks.json").write_text(json.dumps(asks))
+    asked = [f"deepspeed.config={tmp_path / 'asks.json'}"]
+    eager = training_ds_config(load_config(path, asked + ["model.compile=false"]), world_size=1)[1]
+    assert eager["zero_optimization"]["memory_efficient_linear"] is True
     with pytest.raises(UserError, match="model.compile=true with zero_optimization.memory_efficient_linear=true"):
-        training_ds_config(load_config(path, [f"deepspeed.config={tmp_path / 'asks.json'}"]), world_size=1)
+        training_ds_config(load_config(path, asked), world_size=1)
 
 
 def test_flex_attention_training_on_cpu_is_refused(tiny_policy, tmp_path):
