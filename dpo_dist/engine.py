@@ -312,10 +312,10 @@ def plain_linear_under_whole_layers(config: Config, ds: dict) -> None:
     whole-layer gathering the layer's hooks have gathered its weights for forward and backward, so it only
     adds a Python autograd function per projection call and saves nothing (the weights are in the model's
     dtype, no autocast copy to keep). Eager on one CPU process of 28 small layers (bench/RESULTS.md): identical
-    losses, ~30 MB less peak, steps a little faster (within the run-to-run noise). Compiled layers need it off: dynamo
-    traces its backward, which reads each weight's `ds_id`, and torch 2.11 guarded on the id's value, so every
-    layer needed its own graph until the recompile limit left the rest eager (8 of 28 Qwen3-1.7B layers
-    compiled on an H200). Per-submodule gathering keeps DeepSpeed's default."""
+    losses, ~30 MB less peak, speed within the run-to-run noise. Compiled layers need it off: dynamo traces its
+    backward, which reads each weight's `ds_id`, and torch 2.11 guarded on the id's value, so every layer needed
+    its own graph until the recompile limit left the rest eager (8 of 28 Qwen3-1.7B layers compiled on an
+    H200). Per-submodule gathering keeps DeepSpeed's default."""
     if zero_stage(ds) != 3 or not config.deepspeed.zero3_whole_layers:
         return
     zero = ds["zero_optimization"]

@@ -1,14 +1,12 @@
 """model.compile and the attention kernels chosen for speed: same numbers as eager, clean refusals where
 they cannot work."""
 
-import json
-
 import pytest
 
 from dpo_dist.config import load_config
 from dpo_dist.engine import reference_ds_config, training_ds_config
 from dpo_dist.errors import UserError
-from launching import ROOT, assert_ok, python_launch, read_metrics, run, run_here, write_config
+from launching import assert_ok, python_launch, read_metrics, run, run_here, write_config
 from test_cli_errors import assert_clean_error
 
 
@@ -95,12 +93,9 @@ def test_whole_layer_zero3_uses_torch_linear(tiny_policy, tmp_path):
         _, ds = training_ds_config(load_config(path, overrides), world_size=1)
         assert ds["zero_optimization"]["memory_efficient_linear"] is False
         assert reference_ds_config(ds, offload=False)["zero_optimization"]["memory_efficient_linear"] is False
-    per_module = ["model.compile=false", "deepspeed.zero3_whole_layers=false"]
-    assert "memory_efficient_linear" not in training_ds_config(load_config(path, per_module), world_size=1)[1]["zero_optimization"]
-    asks = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    asks["zero_optimization"]["memory_efficient_linear"] = True
-    (tmp_path / "asks.json").write_text(json.dumps(asks))
-    asked = [f"deepspeed.config={tmp_path / 'asks.json'}"]
+    per_module = load_config(path, ["model.compile=false", "deepspeed.zero3_whole_layers=false"])
+    assert "memory_efficient_linear" not in training_ds_config(per_module, world_size=1)[1]["zero_optimization"]
+    asked = ["deepspeed.config=bench/configs/zero3_deepspeed_linear.json"]  # zero3.json + memory_efficient_linear: true
     eager = training_ds_config(load_config(path, asked + ["model.compile=false"]), world_size=1)[1]
     assert eager["zero_optimization"]["memory_efficient_linear"] is True
     with pytest.raises(UserError, match="model.compile=true with zero_optimization.memory_efficient_linear=true"):
