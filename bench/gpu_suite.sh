@@ -65,6 +65,11 @@ COMMON=(--device cuda --processes 1 --seq-len 2048 --batch-size 2 --grad-accum 4
 FULL=(--preset qwen3-1.7b --ds-config ds_configs/zero3.json)
 LORA=(--preset qwen3-4b --lora-r 16 --ds-config ds_configs/zero2.json --no-packing)
 CKPT=(--variant ckpt:model.gradient_checkpointing=true)
+# dpo-dist variants several cases share
+LEAN_COMPILED=(--variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true)
+# the full case's memory goal: prefix sharing + Liger + recompute_elementwise, then also the first 6 layers checkpointed
+FULL_MEMORY=(--variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
+             --variant sharedligerrecomputeckpt6:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true,model.gradient_checkpointing=true,model.checkpointed_layers=6)
 for spec in "$@"; do
     case=${spec%%:*}
     seconds=${CASE_SECONDS:-270}
@@ -79,24 +84,17 @@ for spec in "$@"; do
         lora-compile) args=("${LORA[@]}" --no-trl --variant compile:model.compile=true) ;;
         full-z2) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --variant compile:model.compile=true
                        --variant flexpacked:data.packing=true,model.attn_implementation=flex_attention) ;;
-        lora-fast) args=("${LORA[@]}" --no-defaults
-                         --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+        lora-fast) args=("${LORA[@]}" --no-defaults "${LEAN_COMPILED[@]}") ;;
         lora-next) args=("${LORA[@]}" --no-defaults
                          --variant sharedligerfused:data.prefix_sharing=true,model.liger_kernels=true,lora.fused=true
-                         --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+                         "${LEAN_COMPILED[@]}") ;;
         full-next) args=("${FULL[@]}" --no-packing --no-defaults --variant sharedliger:data.prefix_sharing=true,model.liger_kernels=true
-                         --variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
-                         --variant sharedligerrecomputeckpt6:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true,model.gradient_checkpointing=true,model.checkpointed_layers=6
-                         --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
-        full-mem) args=("${FULL[@]}" --no-packing --no-defaults
-                        --variant sharedligerrecompute:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true
-                        --variant sharedligerrecomputeckpt6:data.prefix_sharing=true,model.liger_kernels=true,model.recompute_elementwise=true,model.gradient_checkpointing=true,model.checkpointed_layers=6
-                        --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+                         "${FULL_MEMORY[@]}" "${LEAN_COMPILED[@]}") ;;
+        full-mem) args=("${FULL[@]}" --no-packing --no-defaults "${FULL_MEMORY[@]}" "${LEAN_COMPILED[@]}") ;;
         full-compiled) args=("${FULL[@]}" --no-packing --no-defaults
-                             --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true
+                             "${LEAN_COMPILED[@]}"
                              --variant sharedleancompileckpt10:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=10) ;;
-        lora-compiled) args=("${LORA[@]}" --no-defaults
-                             --variant sharedleancompile:data.prefix_sharing=true,model.lean_activations=true,model.compile=true) ;;
+        lora-compiled) args=("${LORA[@]}" --no-defaults "${LEAN_COMPILED[@]}") ;;
         liger-tests)
             # -o addopts= : the project's xdist options, which the machine's pytest-xdist may not know
             timeout "$seconds" python3 -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_lean_ops.py -k liger 2>&1 \
