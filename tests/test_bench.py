@@ -27,3 +27,32 @@ def test_vs_trl_runs_both_tools_on_the_same_tokens(tmp_path):
     assert trl["engines"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
     for key in ("tokens_per_second", "step_seconds_median", "peak_memory_mb_max_over_ranks"):
         assert report["ratios_dpo_dist_over_trl"]["dpo_dist"][key] > 0
+
+
+def test_decoder_ceiling_runs_each_cpu_variant_and_scores_alike():
+    """bench/decoder_ceiling.py (the GPU suite's `ceiling` case) at its CPU shape: every variant that needs no GPU
+    runs (a changed SequenceLogps signature once failed them all, each printed as 'cannot run', exit 0), and
+    lean activations, fused LoRA projections and recomputation score the same sequence log-probs as transformers'
+    eager modules in fp32 (the script compares each variant with the first on the same weights and batch)."""
+    variants = ["eager", "lean", "fused", "recompute"]
+    result = run([sys.executable, "bench/decoder_ceiling.py", "--device", "cpu", "--preset", "qwen3-0.6b",
+                  "--lora-r", "4", "--variants", ",".join(variants), "--iters", "1"])
+    assert_ok(result)
+    rows = {}  # variant -> its table row's fields
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0] in variants:
+            rows[fields[0]] = fields
+    assert sorted(rows) == sorted(variants), result.stdout
+    assert rows["eager"][-1] == "(baseline)"
+    for variant in variants[1:]:
+        assert float(rows[variant][-1]) < 1e-3, rows[variant]  # fp32: rounding only
+
+
+def test_decoder_ceiling_exits_nonzero_when_a_variant_cannot_run():
+    """Liger-Kernel's variant needs a GPU: the table says so and the exit status too (the other variants still run)."""
+    result = run([sys.executable, "bench/decoder_ceiling.py", "--device", "cpu", "--preset", "qwen3-0.6b",
+                  "--lora-r", "0", "--variants", "eager,liger", "--iters", "1"])
+    assert result.returncode != 0
+    assert "eager " in result.stdout and "liger     cannot run" in result.stdout
+    assert "1 variant(s) could not run: liger" in result.stderr
