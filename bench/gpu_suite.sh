@@ -42,8 +42,13 @@
 #              engine), per phase, eager / lean activations / Liger-Kernel / compiled layers: what the decoder costs
 #   grad-parity  bench/grad_vs_nograd.py on the 1.7B shape: does a grad-enabled forward score like a no-grad one,
 #              per sdpa backend (why bf16's first loss was 3e-4 off ln 2 on the H200)
+#   ceiling-full  bench/decoder_ceiling.py on the 1.7B full shape, Liger-Kernel and compiled layers only: the decoder's
+#              own MFU with the kernels the full case trains with (compiled was measured for 4B only)
 #   profile-lora, profile-full   bench/profile_step.py (2 warm-up steps, 1 profiled) on dpo-dist's config of an
 #              earlier lora* / full* case (eager); profile.json (top ops, host syncs) to OUT_DIR
+#   profile-full-compiled  bench/profile_step.py (3 warm-up steps, 1 profiled) on the resolved config of full-compiled's
+#              first variant (prefix sharing + lean + compiled layers, ZeRO-3): how busy the device is in a compiled
+#              step ("device busy" against wall time) and the host syncs left, i.e. whether that step waits on the host
 # all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
 #   bash bench/gpu_suite.sh OUT_DIR CASE[:SECONDS]...   (SECONDS: that case's time limit, else CASE_SECONDS or 270; a machine without deepspeed/trl/datasets/liger-kernel: their wheels in
 #   .whl/, which `python bench/gpu_wheels.py` fills on a machine with a package index)
@@ -122,6 +127,17 @@ for spec in "$@"; do
             { timeout 260 python3 bench/decoder_ceiling.py --preset qwen3-4b --lora-r 16 --variants eager,fused,lean,recompute,liger,liger+fused,liger+recompute,compile
               timeout 130 python3 bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0 --variants eager,lean,recompute,liger,liger+recompute
             } 2>&1 | grep -v -e WARNING -e "warn" | tee "$OUT/$case.log"
+            continue ;;
+        ceiling-full)
+            timeout "$seconds" python3 bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0 --variants liger,compile 2>&1 \
+                | grep -v -e WARNING -e "warn" | tee "$OUT/$case.log"
+            continue ;;
+        profile-full-compiled)
+            config=$WORK/full-compiled/dpo_dist_sharedleancompile/config.yaml  # the run's resolved config, variant included
+            [ -f "$config" ] || { echo "$case: run full-compiled first"; continue; }
+            timeout "$seconds" python3 bench/profile_step.py --warmup 3 --steps 1 --config "$config" \
+                training.output_dir=/tmp/dpo_profile/$case 2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
+            cp /tmp/dpo_profile/$case/profile/profile.json "$OUT/$case.json"
             continue ;;
         profile-lora|profile-full)
             candidates=$([ "$case" = profile-lora ] && echo "lora-ours lora-shared lora-compile lora" || echo "full-ckpt-ours full-lean full-ckpt full")
