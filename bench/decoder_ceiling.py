@@ -206,7 +206,8 @@ def main() -> None:
     print(f"{device_name}: {args.preset}, {'LoRA r%d' % args.lora_r if args.lora_r else 'full'}, "
           f"{args.rows} x {args.seq_len} tokens, {flops_per_token / 1e9:.1f} GFLOP/token; "
           f"bf16 GEMM {tokens}x{args.hidden}x{args.intermediate}: {gemm:.0f} TFLOP/s")
-    print(f"{'variant':<9} {'policy fwd':>10} {'backward':>9} {'ref fwd':>8} {'total ms':>9} {'host ms':>8} "
+    width = max(9, *(len(variant) for variant in args.variants.split(",")))  # 'liger+recompute' is 15
+    print(f"{'variant':<{width}} {'policy fwd':>10} {'backward':>9} {'ref fwd':>8} {'total ms':>9} {'host ms':>8} "
           f"{'peak GB':>8} {'MFU':>6} {'of GEMM':>8} {'max |dlogp|':>12}")
     first_logps = None  # the first variant's log-probs: the others are compared with them
     from transformers.models.qwen3 import modeling_qwen3
@@ -218,7 +219,7 @@ def main() -> None:
         try:
             result = run_variant(args, variant)
         except Exception as err:  # a variant that cannot run here (package missing, kernel error): say so, go on
-            print(f"{variant:<9} cannot run: {type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}")
+            print(f"{variant:<{width}} cannot run: {type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}")
             failed.append(variant)
             continue
         finally:
@@ -231,7 +232,7 @@ def main() -> None:
             difference = f"{(result['logps'] - first_logps).abs().max().item():12.3g}"
         total = sum(device.values())
         achieved = flops_per_token * tokens / (total / 1e3) / 1e12
-        print(f"{variant:<9} {device['policy_forward']:10.1f} {device['backward']:9.1f} {device['reference_forward']:8.1f} "
+        print(f"{variant:<{width}} {device['policy_forward']:10.1f} {device['backward']:9.1f} {device['reference_forward']:8.1f} "
               f"{total:9.1f} {sum(host.values()):8.1f} {result['peak_above_weights_gb']:8.1f} "
               f"{achieved / PEAK_TFLOPS:6.3f} {achieved / gemm:8.3f} {difference}")
     print(f"(parameters {counts['parameters'] / 1e9:.2f} B, trainable {counts['trainable'] / 1e6:.1f} M)")
