@@ -114,3 +114,32 @@ def test_compiled_flex_attention_off_a_gpu_is_refused(tiny_policy, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out",
                           model={"attn_implementation": "flex_attention", "compile": True}, data={"prefix_sharing": True})
     assert_clean_error(run(python_launch("precompute_ref.py", config)), "needs a GPU", "model.compile=false")
+
+
+def test_compiled_layers_take_the_models_floats_as_constants(tiny_policy):
+    """A compiled layer gets no float as a graph input: torch would otherwise wrap each float the layer reads (the
+    RMSNorm epsilons, attention's scaling and dropout) in a new 0-d tensor on every call (host work per layer
+    and pass). Counted where torch makes those tensors, on a real checkpoint's layers, at two sequence lengths:
+    none per call, one graph for all layers (the floats are alike in each), and logits equal to eager's."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from dpo_dist.config import ModelConfig
+    from dpo_dist.models import load_causal_lm
+
+    eager = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy)), torch.float32, None).eval()
+    compiled = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), compile=True),
+                              torch.float32, None).eval()
+    made, original = [], torch._as_tensor_fullprec
+    graphs_before = counters["stats"]["unique_graphs"]
+    torch._as_tensor_fullprec = lambda *args, **kwargs: made.append(args) or original(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            for length in (24, 40):
+                input_ids = torch.randint(0, 200, (2, length), generator=torch.Generator().manual_seed(length))
+                torch.testing.assert_close(compiled(input_ids=input_ids).logits, eager(input_ids=input_ids).logits,
+                                           rtol=1e-5, atol=1e-5)
+    finally:
+        torch._as_tensor_fullprec = original
+    assert made == []
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
