@@ -14,13 +14,24 @@ first-step work), then `--steps` steps under torch.profiler (CPU, plus CUDA on a
   lines (outside torch) that made them, so a sync on the hot path can be found and removed;
 and writes `profile.json` (the same numbers) and a Chrome/Perfetto trace `trace.json` under
 `<training.output_dir>/profile/`. Nothing is checkpointed or exported; metrics of the steps are logged as usual.
+
+    python bench/profile_step.py --sample-host 2 --warmup 3 --steps 3 --config X.yaml model.compile=true
+
+`--sample-host MS` answers a different question, where the host's time goes by Python function: instead of
+torch.profiler, a thread reads the main thread's Python stack every MS milliseconds during the steps and the
+report gives each function's share of the samples, inclusive (it or what it called was running) and self (it
+was the innermost frame, or in the C code it called). Compiled code is sampled as it runs: cProfile and other
+profilers that install a profile function make torch.compile's frames run eagerly, so they time other code.
+Writes `host_samples.json` there.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +110,8 @@ def main(config, args) -> int:
     trainer.policy.train()
     run_steps(trainer, next_batches(trainer, args.warmup))
     profiled = next_batches(trainer, args.steps)
+    if args.sample_host:
+        return sample_host(trainer, profiled, args.sample_host / 1e3)
     on_gpu = trainer.dist.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities, with_stack=True, record_shapes=False) as prof:
@@ -116,6 +129,69 @@ def main(config, args) -> int:
         (out / "profile.json").write_text(json.dumps(summary, indent=1))
         prof.export_chrome_trace(str(out / "trace.json"))
         print_summary(summary, out)
+    trainer.cleanup()
+    return 0
+
+
+class StackSampler(threading.Thread):
+    """Records the Python stack of thread `thread_id` every `interval` seconds until `stop` is set: each sample a
+    list of 'path:function' names, innermost first. The sampled thread must release the GIL now and then (torch's
+    ops do; pure Python is preempted every few milliseconds), so a sample can lag by that much."""
+
+    def __init__(self, thread_id: int, interval: float):
+        super().__init__(daemon=True)
+        self.thread_id, self.interval = thread_id, interval
+        self.stop, self.samples = threading.Event(), []
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            frame, stack = sys._current_frames().get(self.thread_id), []
+            while frame is not None:
+                stack.append(f"{short_path(frame.f_code.co_filename)}:{frame.f_code.co_name}")
+                frame = frame.f_back
+            self.samples.append(stack)
+
+
+def short_path(filename: str) -> str:
+    """A library file by its path inside site-packages; this repo's by its path in the repo."""
+    for marker in ("site-packages/", "dist-packages/", f"{Path(__file__).resolve().parent.parent}/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
+
+
+def sample_shares(samples: list[list[str]], top: int = TOP_OPS * 2) -> dict:
+    """The functions on the most sampled stacks (inclusive) and innermost (self), with their share of samples."""
+    inclusive, innermost = collections.Counter(), collections.Counter()
+    for stack in samples:
+        inclusive.update(set(stack))  # a recursive function counts once per sample
+        if stack:
+            innermost[stack[0]] += 1
+    total = max(len(samples), 1)
+    return {"samples": len(samples),
+            "inclusive": [{"function": name, "share": count / total} for name, count in inclusive.most_common(top)],
+            "self": [{"function": name, "share": count / total} for name, count in innermost.most_common(top)]}
+
+
+def sample_host(trainer: Trainer, profiled: list, interval: float) -> int:
+    sampler = StackSampler(threading.get_ident(), interval)
+    sampler.start()
+    began = time.perf_counter()
+    run_steps(trainer, profiled)
+    wall_ms = (time.perf_counter() - began) * 1e3
+    sampler.stop.set()
+    sampler.join()
+    if trainer.dist.is_main:
+        out = Path(trainer.config.training.output_dir) / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"steps": len(profiled), "wall_ms": wall_ms, **sample_shares(sampler.samples)}
+        (out / "host_samples.json").write_text(json.dumps(summary, indent=1))
+        print(f"\n{len(profiled)} sampled step(s): {wall_ms:.0f} ms wall, {summary['samples']} samples of rank 0's host")
+        for kind in ("inclusive", "self"):
+            print(f"{kind} share of the samples:")
+            for row in summary[kind]:
+                print(f"  {row['share']:6.1%}  {row['function']}")
+        print(f"\nwrote {out / 'host_samples.json'}")
     trainer.cleanup()
     return 0
 
@@ -139,5 +215,7 @@ if __name__ == "__main__":
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--warmup", type=int, default=2, help="unprofiled optimizer steps first")
     own.add_argument("--steps", type=int, default=1, help="optimizer steps profiled")
+    own.add_argument("--sample-host", type=float, default=0, metavar="MS",
+                     help="sample the host's Python stack every MS ms instead of running torch.profiler")
     counts, rest = own.parse_known_args()
     run_main(__doc__, lambda config, args: main(config, counts), argv=rest)

@@ -6,7 +6,7 @@ import json
 import math
 import sys
 
-from launching import assert_ok, run
+from launching import assert_ok, run, write_config
 
 
 def test_vs_trl_runs_both_tools_on_the_same_tokens(tmp_path):
@@ -56,3 +56,25 @@ def test_decoder_ceiling_exits_nonzero_when_a_variant_cannot_run():
     assert result.returncode != 0
     assert "eager " in result.stdout and "liger     cannot run" in result.stdout  # names padded to 9
     assert "1 variant(s) could not run: liger" in result.stderr
+
+
+def test_profile_step_reports_ops_and_samples_compiled_layers_as_they_run(tiny_policy, tmp_path):
+    """bench/profile_step.py, both ways, on the tiny model with compiled layers: torch.profiler's report (the ops
+    with the most CPU time) and --sample-host's (Python stacks sampled from
+    a thread). Every sample of the steps lies inside Trainer.train_step, and samples land in the compiled
+    layers' generated code: the layers ran compiled while sampled (under cProfile they would run eagerly)."""
+    config = write_config(tmp_path / "run.yaml", tiny_policy, None, tmp_path / "out", model={"compile": True},
+                          training={"max_steps": 3, "warmup_ratio": 0.0}, data={"eval_files": []})
+    profiled = run([sys.executable, "bench/profile_step.py", "--warmup", "1", "--steps", "1", "--config", str(config)])
+    assert_ok(profiled)
+    report = json.loads((tmp_path / "out/profile/profile.json").read_text())
+    assert report["steps"] == 1 and report["wall_ms"] > 0
+    assert {"aten::mm", "aten::addmm"} & {row["op"] for row in report["top_ops"]}
+    sampled = run([sys.executable, "bench/profile_step.py", "--sample-host", "1", "--warmup", "1", "--steps", "2",
+                   "--config", str(config), f"training.output_dir={tmp_path / 'sampled'}"])
+    assert_ok(sampled)
+    samples = json.loads((tmp_path / "sampled/profile/host_samples.json").read_text())
+    assert samples["steps"] == 2 and samples["samples"] > 20
+    inclusive = {row["function"]: row["share"] for row in samples["inclusive"]}
+    assert inclusive["dpo_dist/trainer.py:train_step"] > 0.97
+    assert any(name.startswith("torch/_inductor/output_code.py") and share > 0.05 for name, share in inclusive.items())
