@@ -107,11 +107,11 @@ def compile_decoder_layers(model: nn.Module) -> None:
     lengths change every batch, and a first static graph would only cost one more compile (measured: 2
     compiles in all, grad and no-grad, instead of 5).
 
-    Python floats are specialized (process-wide, like TorchTitan's and torchtune's compile settings): torch >= 2.6
-    otherwise passes each float a layer reads (four RMSNorm epsilons, attention's scaling and dropout) into the
-    graph as a new 0-d tensor on every call, host work per layer per pass that bought nothing here, since those
-    values are the model's constants, alike in every layer (bench/RESULTS.md: 2 to 6 ms per forward and
-    backward of a 4-layer toy model on CPU, 14-26%).
+    Python floats are specialized (a process-wide dynamo setting; dpo-dist compiles nothing else). By default
+    (torch 2.13) dynamo passes each float a layer reads (four RMSNorm epsilons, attention's scaling and dropout)
+    into the graph as a new 0-d tensor on every call: host work per layer per pass for values that are the
+    model's constants, alike in every layer (bench/RESULTS.md: 2 to 6 ms per forward and backward of a 4-layer
+    toy model on CPU, 14-26%).
     """
     torch._dynamo.config.specialize_float = True
     for layer in model.get_decoder().layers:
