@@ -122,11 +122,13 @@ def test_compiled_layers_take_the_models_floats_as_constants(tiny_policy):
     and pass). Counted where torch makes those tensors, on a real checkpoint's layers, at two sequence lengths:
     none per call, one graph for all layers (the floats are alike in each), and logits equal to eager's."""
     import torch
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
     from dpo_dist.config import ModelConfig
     from dpo_dist.models import load_causal_lm
 
+    torch._dynamo.reset()  # another test's compiled layers in this worker: no cache hit, no recompile limit
     eager = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy)), torch.float32, None).eval()
     compiled = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), compile=True),
                               torch.float32, None).eval()

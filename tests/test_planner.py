@@ -316,6 +316,26 @@ def test_activations_are_what_autograd_saves(tmp_path, overrides, family):
     """The activation term against the bytes autograd saves in the policy's forward (unique storages
     that are not parameters, seen through saved-tensor hooks): any change in transformers' Qwen3 / Qwen2 code
     or in SequenceLogps that saves more or less shows here first. Qwen2.5 has no q/k norms (so saves less)."""
+    assert_plan_is_what_autograd_saves(tmp_path, overrides, family, rel=0.05)
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("qwen3", ["model.compile=true"]),
+    ("qwen3", ["model.compile=true", "model.dtype=bfloat16", "lora.r=8", "data.prefix_sharing=true"]),
+    ("qwen3-moe", ["model.compile=true"])])  # MoE + bf16 + LoRA + prefix sharing: +3.5%, by hand (a minute's compile)
+def test_compiled_layers_are_planned_as_what_they_save(tmp_path, family, overrides):
+    """Compiled layers' saved tensors reach the same hooks (the compiled autograd function saves through them):
+    torch's partitioner keeps about what the lean ops keep, so the plan counts them as lean (eager's count was
+    26-54% high on these shapes, Qwen2.5 too). The MoE layer keeps a little less (the plan 5.2% high in fp32):
+    6% here. Dynamo's caches are reset first: compiled code of the same layer class left by another test in
+    this worker would count against the recompile limit, and a layer past it runs (and saves) eagerly."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    assert_plan_is_what_autograd_saves(tmp_path, overrides, family, rel=0.06)
+
+
+def assert_plan_is_what_autograd_saves(tmp_path, overrides: list[str], family: str, rel: float) -> None:
     shape = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2)
     if family == "qwen3-moe":  # 8 experts of 96 (not a multiple of hidden: a wrong term shows), 2 per token
@@ -352,7 +372,7 @@ def test_activations_are_what_autograd_saves(tmp_path, overrides, family):
     finally:
         RECOMPUTE.recording = False
     planned = activation_bytes(config, ModelShape.from_hf_config(model.config), DTYPE_BYTES[config.model.dtype])
-    assert planned == pytest.approx(sum(saved.values()), rel=0.05)
+    assert planned == pytest.approx(sum(saved.values()), rel=rel)
 
 
 # Qwen3-0.6B's proportions (q heads x head_dim = 2 x hidden, 2 query heads per KV head, MLP 3 x hidden) at
