@@ -390,7 +390,7 @@ def _gathers_attention(config: Config) -> bool:
     return config.data.prefix_sharing and config.model.attn_implementation != "flex_attention"
 
 
-def _keeps_less(config: Config, shape: ModelShape) -> bool:
+def _keeps_less(config: Config) -> bool:
     """model.lean_activations, or Liger's kernels, which keep the same tensors for backward (recompute_elementwise
     implies the lean ops); or compiled layers, whose partitioner keeps about what the lean ops keep (measured
     against autograd's saved bytes, tests/test_planner.py)."""
@@ -407,7 +407,7 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
     # The projections' copies of the two norms' outputs; a MoE layer's second norm feeds a frozen router (with
     # LoRA) and the experts' gather, which keep none; recompute_elementwise rebuilds them in backward
     kept_outputs = 0 if config.model.recompute_elementwise else 1 if shape.experts and config.lora is not None else 2
-    if _keeps_less(config, shape):  # each norm keeps its input as it is and one fp32 scale per row
+    if _keeps_less(config):  # each norm keeps its input as it is and one fp32 scale per row
         head_rows = shape.heads + shape.kv_heads if shape.qk_norm else 0
         norms = h * b * (2 + kept_outputs) + b * qk_normed + FP32 * (2 + head_rows)
     else:
@@ -417,7 +417,7 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
     if shape.experts:  # the lean ops leave the experts as they are
         mlp = _routed_bytes_per_token(shape, b)
     else:  # lean: SiLU's output recomputed; recompute_elementwise: SiLU(gate) x up (down_proj's input) too
-        mlp = (2 if config.model.recompute_elementwise else 3 if _keeps_less(config, shape) else 4) * b * shape.intermediate
+        mlp = (2 if config.model.recompute_elementwise else 3 if _keeps_less(config) else 4) * b * shape.intermediate
     packed_mask = config.data.packing and not config.data.prefix_sharing  # transformers' block-causal mask
     grouped = config.model.attn_implementation in ("flash_attention_2", "flex_attention") or (
         config.model.attn_implementation == "sdpa" and not packed_mask)  # no mask: KV heads as they are
@@ -472,7 +472,7 @@ def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
     }[config.model.attn_implementation]
     one_layer = tokens * _layer_bytes_per_token(config, shape, b) + rows * seq**2 * per_sequence
     one_layer += _merged_expert_bytes(config, shape, b)
-    if _keeps_less(config, shape):  # the final norm keeps its input and a scale; then the gathered states
+    if _keeps_less(config):  # the final norm keeps its input and a scale; then the gathered states
         outside = tokens * (shape.hidden * 2 * b + FP32)
     else:
         outside = tokens * shape.hidden * (FP32 + b + (b if config.lora is None else 0))
