@@ -256,14 +256,18 @@ def length_desensitized_weights(scored_owners: torch.Tensor, num_pairs: int, ld_
     return weights
 
 
-def length_grouped_order(order: list[int], lengths: list[int], group_size: int) -> list[int]:
+def length_grouped_order(order: list[int], lengths: list[int], group_size: int, trained: int) -> list[int]:
     """Within each window of `group_size` indices of a shuffled order, sort by length (longest first),
-    so micro-batches hold similar lengths and padding shrinks; the windows keep the shuffle's mixing."""
+    so micro-batches hold similar lengths and padding shrinks; the windows keep the shuffle's mixing.
+
+    Only the first `trained` indices (the epoch's whole global batches) are grouped; the rest, the pairs the
+    epoch leaves out, stay at the end as the shuffle put them. Sorted into the last window they would be its
+    shortest pairs: the same ones left out every epoch."""
     grouped = []
-    for start in range(0, len(order), group_size):
-        window = order[start : start + group_size]
+    for start in range(0, trained, group_size):
+        window = order[start : min(start + group_size, trained)]
         grouped.extend(sorted(window, key=lambda i: -lengths[i]))
-    return grouped
+    return grouped + order[trained:]
 
 
 def epoch_order(num_examples: int, epoch: int, seed: int, shuffle: bool) -> list[int]:

@@ -375,6 +375,10 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     """Resolve "auto" fields from the run config and the model's shape, and check micro x accumulation x world =
     global batch."""
     ds = copy.deepcopy(raw)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"the DeepSpeed config (deepspeed.config) sets zero_optimization.stage to {stage!r}; ZeRO's "
+                        "stages are 0, 1, 2 and 3")
     micro, accumulation = training.batch_size, training.gradient_accumulation_steps
     _fill(ds, "train_micro_batch_size_per_gpu", micro)
     _fill(ds, "gradient_accumulation_steps", accumulation)

@@ -9,6 +9,7 @@ looked up in the Hugging Face cache / hub; when it cannot be found the error say
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -20,9 +21,25 @@ from dpo_dist.lean_ops import apply_lean_activations, apply_liger_kernels
 from dpo_dist.lora_ops import fuse_lora_layers
 
 
+def _looks_local(name: str) -> bool:
+    """A name meant as a path (a hub id is `org/name`, relative, one slash)."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _missing_model_error(name: str, err: Exception) -> UserError:
-    if Path(name).exists() or name.startswith((".", "/")):
-        return UserError(f"model checkpoint {name}: cannot load it as a Hugging Face model ({err})")
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            return UserError(f"model checkpoint {name} does not exist: give a checkpoint directory (config.json, the "
+                             "weights, the tokenizer files) or a hub name such as Qwen/Qwen3-4B")
+        if (path / "trainer_state.json").is_file() or (path / "engine").is_dir():  # checkpoint.py's layout
+            return UserError(f"model checkpoint {name} is a dpo-dist training checkpoint (DeepSpeed state, not a Hugging "
+                             f"Face model): export it with python launch/export.py --checkpoint {name} and give its "
+                             "hf/ directory, or give the run's output_dir/final")
+        if path.is_dir() and not (path / "config.json").is_file():
+            return UserError(f"model checkpoint {name} has no config.json: give a Hugging Face checkpoint directory "
+                             "(config.json, the weights, the tokenizer files), e.g. what save_pretrained writes")
+        return UserError(f"model checkpoint {name}: cannot load it as a Hugging Face model ({' '.join(str(err).split())})")
     return UserError(
         f"model '{name}' is not a local directory and could not be loaded from the Hugging Face cache or hub "
         f"({type(err).__name__}). Download it where the hub is reachable (huggingface-cli download {name}), "
@@ -30,12 +47,31 @@ def _missing_model_error(name: str, err: Exception) -> UserError:
     )
 
 
+@contextlib.contextmanager
+def _hub_errors_only():
+    """huggingface_hub logs a warning for each of its five retries when the hub cannot be reached (~25 s of
+    them); the error that follows says what to do in one line, so the retries' lines only bury it."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+# The shape keys a config.json must set: transformers fills missing ones with its defaults (32 layers, ...),
+# which would plan and size buckets for another model.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def load_tokenizer(name: str):
     """The policy's tokenizer; a pad token is required for batching (Qwen's is <|endoftext|>)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        with _hub_errors_only():
+            tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise _missing_model_error(name, err) from None
     if tokenizer.pad_token_id is None:
@@ -47,11 +83,22 @@ def load_tokenizer(name: str):
 
 def read_model_config(name: str):
     """The HF config alone (no weights): hidden size for DeepSpeed buckets, shapes for the planner."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     try:
-        return AutoConfig.from_pretrained(name)
+        with _hub_errors_only():
+            raw, _ = PretrainedConfig.get_config_dict(name)
+        if not raw:  # transformers 5 reads a directory without config.json as an empty one
+            raise OSError(f"no config.json in {name}")
     except (OSError, ValueError) as err:
+        raise _missing_model_error(name, err) from None
+    missing = [key for key in SHAPE_KEYS if key not in raw and key not in raw.get("text_config", {})]
+    if missing:
+        raise UserError(f"{name}: config.json does not set {', '.join(missing)}; dpo-dist reads the model's shape from "
+                        "it (transformers' defaults would describe another model). Use the checkpoint's own config.json")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as err:  # a config.json transformers refuses (its validators raise their own types) is the user's file
         raise _missing_model_error(name, err) from None
 
 
@@ -78,9 +125,10 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
 
     with zero3_init_scope(ds_config):
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name, dtype=dtype, attn_implementation=model_config.attn_implementation
-            )
+            with _hub_errors_only():
+                model = AutoModelForCausalLM.from_pretrained(
+                    name, dtype=dtype, attn_implementation=model_config.attn_implementation
+                )
         except (OSError, ValueError) as err:
             raise _missing_model_error(name, err) from None
         except ImportError as err:  # e.g. flash_attention_2 requested without the package

@@ -58,10 +58,12 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   one vocab-wide temporary: logsumexp's in forward; backward turns the saved logits into their gradient in
   place); three with `dpo.use_weighting` (WPO's doubled logits for log sum p^2, again when a checkpointed
   chunk is recomputed in backward). When the lm_head trains (full fine-tuning) its gradient, V H b, exists
-  full-size before any reduction, twice while a further chunk's gradient is added; under ZeRO-3 the lm_head
-  is also gathered whole, V H b.
-- gathered: under ZeRO-3 on more than one rank, the decoder layer running and the next one (prefetched:
-  "auto" stage3_prefetch_bucket_size is one layer) gathered whole, 2 x one layer's parameters x b.
+  full-size before any reduction, twice while a further chunk's gradient is added; where ZeRO-3 gathers
+  (below) the lm_head is also gathered whole, V H b.
+- gathered: under ZeRO-3 on more than one rank, or with parameter offload (the partitions are copied to the
+  device), the decoder layer running and the next one (prefetched: "auto" stage3_prefetch_bucket_size is one
+  layer) gathered whole, 2 x one layer's parameters x b. One rank without offload gathers nothing: its
+  "gathered" parameter is a view of its partition.
 
 Alive in the optimizer step (the "step" phase)
 - gradients (unless held, above) and step: the fp32 copy of the gradient DeepSpeed hands the optimizer, 4 bytes
@@ -253,7 +255,7 @@ def offload_device(ds_config: dict, what: str) -> str:
 
 
 def offloads_parameters(ds_config: dict) -> bool:
-    """ZeRO-3 parameter offload to CPU: the weights live in host memory, none are gathered on the device."""
+    """ZeRO-3 parameter offload to CPU: the weights live in host memory; each layer is copied to the device to run."""
     return offload_device(ds_config, "offload_param") == "cpu"
 
 
@@ -515,7 +517,10 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     head = shape.vocab * shape.hidden * b
     if config.lora is None:  # the lm_head's full-size gradient (twice while a later chunk's is added)
         logits += head * (2 if tokens > chunk else 1)
-    if stage == 3:  # the lm_head gathered whole for the chunks
+    # What ZeRO-3 gathers takes device memory on several ranks, or from offloaded partitions; one rank's gather
+    # with its partition on the device is a view of it (DeepSpeed's NoGatherHandle: `.to` the same device)
+    gathers = stage == 3 and (world_size > 1 or (offload_params and on_gpu))
+    if gathers:  # the lm_head gathered whole for the chunks
         logits += head
     if stage == 2 and not offload_optimizer:  # the busiest rank's; at least N_t / W (W = 1: all of them)
         gradients = zero2_gradient_elements(groups, world_size) * b
@@ -530,8 +535,8 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
         "optimizer": 0.0 if offload_optimizer else shard(trainable * 12, stage >= 1),
         "reference": reference,
         "activations": activation_bytes(config, shape, b),
-        # ZeRO-3 on several ranks: the layer running and the next one, prefetched, gathered whole (one rank gathers nothing)
-        "gathered": 2 * decoder_layer_elements(shape) * b if stage == 3 and world_size > 1 and not offload_params else 0.0,
+        # the layer running and the next one, prefetched, gathered whole
+        "gathered": 2 * decoder_layer_elements(shape) * b if gathers else 0.0,
         "logits": logits,
         "step": 0.0 if offload_optimizer else step_bytes(groups, ds_config, world_size, b),
     }
@@ -705,27 +710,40 @@ def _fewest_checkpointed_layers(config: Config, shape: ModelShape, ds_config: di
     return None
 
 
+def _shipped_ds_config(name: str, config: Config, shape: ModelShape, world_size: int, dtype_name: str) -> dict:
+    """ds_configs/`name` filled for this run as the trainer would fill it: advice that names a shipped file is
+    checked with that file, not with the user's own config edited (which may keep offload or other keys)."""
+    from dpo_dist.engine import fill_ds_config, read_ds_config  # engine imports this module
+
+    return fill_ds_config(read_ds_config(f"ds_configs/{name}"), config.training, getattr(torch, dtype_name), shape,
+                          world_size, config.lora)
+
+
 def _advice(config: Config, shape: ModelShape, ds_config: dict, world_size: int, dtype_name: str, device_bytes: float):
-    """Single changes that would make the run fit, each checked by re-planning."""
+    """Single changes that would make the run fit, each checked by re-planning what the user would run."""
     zero = ds_config.get("zero_optimization", {})
-    layer_sub_groups = {**zero, "stage": 3, "sub_group_size": sub_group_elements(shape, offload_optimizer=False)}
-    zero3 = {**ds_config, "zero_optimization": layer_sub_groups if zero_stage(ds_config) < 3 else {**zero, "stage": 3}}
-    offload = {**zero3, "zero_optimization": {**zero3["zero_optimization"], "offload_optimizer": {"device": "cpu"}}}
-    half_batch = max(1, config.training.batch_size // 2)
+    layer_sub_groups = sub_group_elements(shape, offloads_optimizer(ds_config))
+    zero3 = _shipped_ds_config("zero3.json", config, shape, world_size, dtype_name)
+    offload = _shipped_ds_config("zero3_offload.json", config, shape, world_size, dtype_name)
+    training = config.training
     candidates = []
-    if zero_stage(ds_config) == 3 and zero.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE) > layer_sub_groups["sub_group_size"]:
+    if zero_stage(ds_config) == 3 and zero.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE) > layer_sub_groups:
         candidates.append(('"sub_group_size": "auto" under zero_optimization in the DeepSpeed config (one decoder layer)',
-                           config, {**ds_config, "zero_optimization": layer_sub_groups}, world_size))
+                           config, {**ds_config, "zero_optimization": {**zero, "sub_group_size": layer_sub_groups}}, world_size))
     candidates += [
         ("model.gradient_checkpointing=true", dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=True)), ds_config, world_size),
         ("deepspeed.config=ds_configs/zero3.json", config, zero3, world_size),
         ("reference.mode=precomputed (launch/precompute_ref.py first)", dataclasses.replace(config, reference=dataclasses.replace(config.reference, mode="precomputed")), ds_config, world_size),
         (f"deepspeed.config=ds_configs/zero3_offload.json (then {sum(host_memory(config, shape, offload, world_size, dtype_name).values()) / GIB:.1f} "
          "GiB of host memory per rank)", config, offload, world_size),
-        (f"training.batch_size={half_batch} with twice the gradient_accumulation_steps",
-         dataclasses.replace(config, training=dataclasses.replace(config.training, batch_size=half_batch)), ds_config, world_size),
         ("twice as many GPUs", config, ds_config, 2 * world_size),
     ]
+    if training.batch_size > 1:  # the same pairs per optimizer step in smaller micro-batches
+        halved = dataclasses.replace(training, batch_size=training.batch_size // 2,
+                                     gradient_accumulation_steps=2 * training.gradient_accumulation_steps)
+        candidates.insert(-1, (f"training.batch_size={halved.batch_size} "
+                               f"training.gradient_accumulation_steps={halved.gradient_accumulation_steps}",
+                               dataclasses.replace(config, training=halved), ds_config, world_size))
     fewest = _fewest_checkpointed_layers(config, shape, ds_config, world_size, dtype_name, device_bytes)
     if fewest is not None:
         partial = dataclasses.replace(config.model, gradient_checkpointing=True, checkpointed_layers=fewest)

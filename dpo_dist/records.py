@@ -152,14 +152,21 @@ def validate_sft(raw: Any) -> tuple[dict | None, str | None]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    # Bytes, decoded line by line: one line that is not UTF-8 is that line's error, not the file's
+    with path.open("rb") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            location = f"{path}:{line_number}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield location, None, f"not valid UTF-8 (byte 0x{raw_line[err.start]:02x} at byte {err.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{line_number}", json.loads(line), None
+                yield location, json.loads(line), None
             except json.JSONDecodeError as err:
-                yield f"{path}:{line_number}", None, f"not valid JSON ({err.msg} at column {err.colno})"
+                yield location, None, f"not valid JSON ({err.msg} at column {err.colno})"
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
@@ -194,11 +201,15 @@ def read_records(paths: list[str], skip_invalid: bool, validator=validate) -> tu
         rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _dataset_rows(path)
         for location, raw, parse_error in rows:
             normalised, reason = (None, parse_error) if parse_error else validator(raw)
+            if not reason:
+                try:
+                    uid = record_uid(normalised["prompt"], normalised["chosen"], normalised["rejected"])
+                except UnicodeEncodeError:  # JSON's "\\ud800" escapes parse to a lone surrogate, which is no character
+                    reason = "holds an unpaired UTF-16 surrogate escape (such as \\ud800), which is no character"
             if reason:
                 if not skip_invalid:
                     raise DataError(f"{location}: {reason}. Fix the record, or set data.skip_invalid: true to skip it")
                 skipped[reason.split(" (")[0]] = skipped.get(reason.split(" (")[0], 0) + 1
                 continue
-            uid = record_uid(normalised["prompt"], normalised["chosen"], normalised["rejected"])
             records.append(Record(uid=uid, location=location, **normalised))
     return records, skipped

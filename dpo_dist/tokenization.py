@@ -264,6 +264,12 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
         lines.append(f"{split}: skipped {render_failures} record(s) the chat template could not render cleanly")
     if stats.truncated:
         lines.append(f"{split}: {stats.truncated} pair(s) longer than training.max_seq_length were truncated")
+    if stats.boundary_merges:  # TRL warns of these too; its tokenization is the same
+        lines.append(
+            f"{split}: {stats.boundary_merges} pair(s) whose completion merges with the prompt's last token when "
+            "tokenized together (a prompt ending in a space, a completion continuing the prompt's last word): those "
+            "prompt tokens are scored as part of the completion"
+        )
     if stats.dropped_prompt_too_long:
         lines.append(
             f"{split}: dropped {stats.dropped_prompt_too_long} pair(s) whose prompt alone fills "

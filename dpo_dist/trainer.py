@@ -323,7 +323,8 @@ class Trainer:
             self._order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
             if self.config.data.group_by_length:
                 lengths = self.train_examples.token_counts  # without building every example
-                self._order = data_lib.length_grouped_order(self._order, lengths, 50 * self.global_batch)
+                trained = data_lib.steps_per_epoch(len(self._order), self.global_batch) * self.global_batch
+                self._order = data_lib.length_grouped_order(self._order, lengths, 50 * self.global_batch, trained)
             self._order_epoch = epoch
         order = self._order
         indices = data_lib.rank_step_indices(

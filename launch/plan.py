@@ -11,6 +11,7 @@ Exit status 0 when it fits, 3 when it does not. dtype auto plans bf16. dpo_dist/
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -28,8 +29,35 @@ from dpo_dist.planner import (  # noqa: E402
 EXIT_DOES_NOT_FIT = 3
 
 
+def read_shape(model) -> tuple[ModelShape, str | None]:
+    """The policy's shape, and a note when it comes from model.base_model: a plan is often made before the SFT
+    model it starts from exists, and SFT keeps the base model's shape."""
+    try:
+        return ModelShape.from_hf_config(read_model_config(model.policy_path)), None
+    except UserError as err:
+        if not model.sft_model or not model.base_model:
+            raise
+        shape = ModelShape.from_hf_config(read_model_config(model.base_model))
+        why = "does not exist yet" if not Path(model.sft_model).expanduser().exists() else f"could not be read ({err})"
+        return shape, (f"model.sft_model {model.sft_model} {why}: planned with model.base_model's shape "
+                       f"({model.base_model}), which SFT keeps")
+
+
+def check_positive(args: argparse.Namespace) -> None:
+    for flag in ("nodes", "gpus_per_node", "gpu_mem", "host_mem"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage block would bury the one line that says what is wrong
+        print(f"error: {message} (--help lists the options)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=1)
@@ -38,8 +66,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     try:
+        check_positive(args)
         config = load_config(args.config, args.overrides)
-        shape = ModelShape.from_hf_config(read_model_config(config.model.policy_path))
+        shape, shape_note = read_shape(config.model)
         dtype_name = "bfloat16" if config.model.dtype == "auto" else config.model.dtype
         import torch
 
@@ -54,6 +83,8 @@ def main() -> None:
     active = f" ({(shape.parameters() - shape.idle_expert_elements()) / 1e9:.2f}B active per token)" if shape.experts else ""
     print(f"{config.model.policy_path}: {shape.parameters() / 1e9:.2f}B parameters{active}, {dtype_name}, {world} GPU(s), "
           f"reference {config.reference_mode}, ZeRO-{zero_stage(ds)}")
+    if shape_note:
+        print(f"  note: {shape_note}")
     print(plan.describe())
     note = single_rank_zero3_note(ds, world)
     if note:

@@ -1,5 +1,7 @@
 """Rendering, tokenization, truncation and batching of preference pairs."""
 
+import json
+
 import pytest
 
 from conftest import CHAT_RECORD, MIXED_RECORDS, PLAIN_RECORD
@@ -7,7 +9,7 @@ from dpo_dist import tokenization
 from dpo_dist.data import collate, epoch_order, eval_batches, rank_step_indices, steps_per_epoch
 from dpo_dist.tokenization import TokenizeStats, render_texts, tokenize_record, tokenize_records
 from dpo_dist.examples import ExampleStore, PreferenceExample
-from dpo_dist.records import DataError
+from dpo_dist.records import DataError, validate
 from test_logps import make_record
 
 
@@ -24,6 +26,23 @@ def test_chat_completion_is_the_assistant_turn(tokenizer):
     assert completion == "1 4 9<|im_end|>\n"
     prompt = tokenizer.decode(example.chosen_ids[: example.chosen_prompt_len])
     assert prompt.endswith("<|im_start|>assistant\n") and "Sort ascending: 5 3" in prompt  # multi-turn kept
+
+
+def test_completions_that_merge_with_the_prompt_are_counted_in_the_report(tokenizer, tmp_path):
+    """A prompt ending in a space tokenizes "is " + "42" as "is", " 42": the prompt's last token belongs to the
+    completion's first. Those pairs train (as TRL tokenizes them) and the split's report says how many."""
+    path = tmp_path / "train.jsonl"
+    records = [{"prompt": "The answer is ", "chosen": "42", "rejected": "43"}, PLAIN_RECORD,
+               {"prompt": "Count: 1 2 3", "chosen": " 4", "rejected": "4"}]  # "3" + "4" tokenizes as " 34"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    examples, lines = tokenization._tokenize_split([str(path)], tokenizer, 1024, "keep_start", False, "train", validate)
+    assert len(examples) == 3
+    assert [line for line in lines if "merges" in line] == [
+        "train: 2 pair(s) whose completion merges with the prompt's last token when tokenized together (a prompt "
+        "ending in a space, a completion continuing the prompt's last word): those prompt tokens are scored as part "
+        "of the completion"]
+    prompt_ids = tokenizer("The answer is ")["input_ids"]
+    assert examples[0].chosen_prompt_len == len(prompt_ids) - 1  # the trailing space's token is the completion's
 
 
 def test_template_that_breaks_the_prefix_fails_clearly(tokenizer, tmp_path):

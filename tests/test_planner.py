@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config, Qwen3Mo
 from conftest import write_jsonl
 from dpo_dist.config import LoRAConfig, load_config
 from dpo_dist.data import PreferenceExample, collate, collate_for
-from dpo_dist.engine import training_ds_config
+from dpo_dist.engine import fill_ds_config, read_ds_config, training_ds_config
 from dpo_dist.errors import UserError
 from dpo_dist.lean_ops import RECOMPUTE
 from dpo_dist.logps import SequenceLogps, forward_pair
@@ -182,6 +182,84 @@ def test_check_memory_refuses_with_the_planners_advice(tmp_path):
     assert check_memory(load_config(path), QWEN3_4B, zero2, 8, "bfloat16", None) is None  # a CPU has no device limit
 
 
+QWEN3_8B = ModelShape(vocab=151936, hidden=4096, intermediate=12288, layers=36, heads=32, kv_heads=8, head_dim=128, tied=False)
+QWEN25_72B = ModelShape(vocab=152064, hidden=8192, intermediate=29568, layers=80, heads=64, kv_heads=8, head_dim=128,
+                        tied=False, qk_norm=False, qkv_bias=True)
+
+
+def shipped(name: str, config, shape: ModelShape, world: int) -> dict:
+    return fill_ds_config(read_ds_config(f"ds_configs/{name}"), config.training, torch.bfloat16, shape, world, config.lora)
+
+
+def follow(advice: str, path, overrides: list[str], user_ds: dict, shape: ModelShape, world: int):
+    """The plan of the run a user gets by doing what one line of advice says, read as a user reads it."""
+    if advice.startswith("no single change fits"):
+        return None
+    words = [word for word in advice.split() if "=" in word and not word.startswith("(")]
+    files = [word.split("/")[-1] for word in words if word.startswith("deepspeed.config=")]
+    config = load_config(path, overrides + [word for word in words if not word.startswith("deepspeed.config=")])
+    if advice == "twice as many GPUs":
+        world *= 2
+    ds = shipped(files[0], config, shape, world) if files else user_ds
+    return plan_memory(config, shape, ds, world, "bfloat16", None)
+
+
+ZERO2_OPTIMIZER_OFFLOAD = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+
+
+@pytest.mark.parametrize("shape, world, gpu_mem, ds_name, overrides, expected", [
+    (QWEN3_8B, 8, 45, "zero3.json", ["reference.mode=precomputed"], ["checkpointed_layers=13", "zero3_offload"]),
+    (QWEN3_8B, 8, 42, "zero2.json", ["reference.mode=precomputed", "training.batch_size=4", "model.gradient_checkpointing=true"],
+     ["zero3.json", "zero3_offload", "training.batch_size=2 training.gradient_accumulation_steps=2", "GPUs"]),
+    (QWEN3_8B, 8, 26, "zero3.json", ["model.gradient_checkpointing=true"], ["reference.mode=precomputed", "zero3_offload", "GPUs"]),
+    (QWEN3_4B, 1, 18, "zero2.json", ["lora.r=16", "training.batch_size=8", "model.gradient_checkpointing=true"],
+     ["zero3_offload", "training.batch_size=4 training.gradient_accumulation_steps=2"]),
+    # 72B on 2 GPUs: only parameter offload keeps the weights off the device
+    (QWEN25_72B, 2, 80, "zero3.json", ["reference.mode=precomputed", "model.gradient_checkpointing=true"], ["zero3_offload"]),
+    (QWEN3_8B, 8, 10, "zero3.json", ["model.gradient_checkpointing=true"], ["no single change fits"]),
+    # the user's own ZeRO-2 with optimizer offload: the shipped zero3.json has none, so it is not advised
+    (QWEN3_8B, 8, 45, ZERO2_OPTIMIZER_OFFLOAD, ["reference.mode=precomputed"], ["zero3_offload"]),
+])
+def test_each_piece_of_advice_fits_when_followed_as_written(tmp_path, shape, world, gpu_mem, ds_name, overrides, expected):
+    """Every line of advice is a change a user can make (a config key, a shipped DeepSpeed file, more GPUs), and
+    the run that change gives fits: planned here from the shipped file as the trainer fills it, not from the
+    advice's own reckoning (offload named by file keeps the weights off the device too; a halved micro-batch
+    doubles the accumulation, which holds the gradients). `expected`: words that some advice must contain."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {base_model: x, attn_implementation: flash_attention_2}\ntraining: {max_seq_length: 2048}\n")
+    config = load_config(path, overrides)
+    user_ds = shipped(ds_name, config, shape, world) if isinstance(ds_name, str) else ds_name
+    plan = plan_memory(config, shape, user_ds, world, "bfloat16", gpu_mem * GIB)
+    assert not plan.fits
+    for words in expected:
+        assert any(words in advice for advice in plan.advice), (words, plan.advice)
+    for advice in plan.advice:
+        followed = follow(advice, path, overrides, user_ds, shape, world)
+        assert followed is None or followed.total <= gpu_mem * GIB, (advice, followed.total / GIB)
+    if not isinstance(ds_name, str):
+        assert not any("zero3.json" in advice for advice in plan.advice), plan.advice
+
+
+def test_zero3_gathers_on_the_device_only_where_the_partitions_are_elsewhere(tmp_path):
+    """The layer running and the one prefetched, and the lm_head for the log-prob chunks, take device memory when
+    ZeRO-3 gathers them from other ranks or from host memory (parameter offload, one rank or eight); one rank's
+    own partition on the device is gathered as a view of itself (DeepSpeed's NoGatherHandle)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {base_model: x}\ntraining: {batch_size: 1, max_seq_length: 2048}\n")
+    config = load_config(path)
+    zero3 = {"zero_optimization": {"stage": 3}}
+    layer = sum(QWEN3_8B.layer_matrix_sizes()) + sum(QWEN3_8B.layer_vector_sizes())
+    head = QWEN3_8B.vocab * QWEN3_8B.hidden * 2
+    one_rank = plan_memory(config, QWEN3_8B, zero3, 1, "bfloat16", None).parts
+    assert one_rank["gathered"] == 0
+    for ds, world in ((zero3, 8), (ZERO3_OFFLOAD, 1), (ZERO3_OFFLOAD, 8)):
+        parts = plan_memory(config, QWEN3_8B, ds, world, "bfloat16", None).parts
+        assert parts["gathered"] == 2 * layer * 2, (ds, world)
+        assert parts["logits"] == one_rank["logits"] + head, (ds, world)
+    on_cpu = plan_memory(config, QWEN3_8B, ZERO3_OFFLOAD, 1, "bfloat16", None, on_gpu=False).parts
+    assert on_cpu["gathered"] == 0  # the "host" partitions are on the CPU device already
+
+
 ZERO3_OFFLOAD = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}}
 ZERO2_OFFLOAD = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
 
@@ -301,6 +379,42 @@ def test_plan_command(tiny_policy, tmp_path):
     shape = ModelShape.from_hf_config(read_model_config(str(moe)))
     active = (shape.parameters() - shape.idle_expert_elements()) / 1e9
     assert status == 0 and f"B parameters ({active:.2f}B active per token)" in printed.splitlines()[0]
+
+
+def test_plan_command_refuses_bad_input_in_one_line(tiny_policy, tmp_path, capsys):
+    """Counts that are no counts, a checkpoint path that is not there or has no config.json (or one that leaves the
+    shape to transformers' defaults), a ZeRO stage that does not exist: one `error:` line each, exit 2."""
+    demo = ["--config", str(ROOT / "configs" / "demo.yaml"), f"model.base_model={tiny_policy}"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "checkpoint-40" / "engine").mkdir(parents=True)  # a training checkpoint given as a model
+    (tmp_path / "checkpoint-40" / "trainer_state.json").write_text("{}")
+    (tmp_path / "shapeless").mkdir()
+    shape = json.loads((tiny_policy / "config.json").read_text())
+    del shape["num_hidden_layers"]
+    (tmp_path / "shapeless" / "config.json").write_text(json.dumps(shape))
+    stage5 = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    stage5["zero_optimization"]["stage"] = 5
+    (tmp_path / "zero5.json").write_text(json.dumps(stage5))
+    for words, expected in [
+        (["--nodes", "0"], "error: --nodes must be a positive number, got 0"),
+        (["--gpus-per-node", "-8"], "error: --gpus-per-node must be a positive number, got -8"),
+        (["--gpu-mem", "nan"], "error: --gpu-mem must be a positive number, got nan"),
+        (["--host-mem", "inf"], "error: --host-mem must be a positive number, got inf"),
+        (["--nodes", "1.5"], "error: argument --nodes: invalid int value: '1.5'"),
+        ([f"model.base_model={tmp_path / 'nope'}"], f"error: model checkpoint {tmp_path / 'nope'} does not exist"),
+        ([f"model.base_model={tmp_path / 'empty'}"], f"error: model checkpoint {tmp_path / 'empty'} has no config.json"),
+        ([f"model.base_model={tmp_path / 'shapeless'}"], "config.json does not set num_hidden_layers"),
+        ([f"model.base_model={tmp_path / 'checkpoint-40'}"], "is a dpo-dist training checkpoint (DeepSpeed state, not a "
+         f"Hugging Face model): export it with python launch/export.py --checkpoint {tmp_path / 'checkpoint-40'}"),
+        ([f"deepspeed.config={tmp_path / 'zero5.json'}"], "sets zero_optimization.stage to 5; ZeRO's stages are 0, 1, 2 and 3"),
+    ]:
+        status, printed = plan_here(*demo, *words)
+        problem = capsys.readouterr().err
+        assert status == 2 and printed == "" and problem.count("\n") == 1 and expected in problem, (words, problem)
+    # Before the SFT model exists: the base model's shape, said so
+    status, printed = plan_here(*demo, f"model.sft_model={tmp_path / 'sft-to-come'}")
+    assert status == 0 and (f"note: model.sft_model {tmp_path / 'sft-to-come'} does not exist yet: planned with "
+                            f"model.base_model's shape ({tiny_policy})") in printed
 
 
 @pytest.mark.parametrize("overrides", [[], ["lora.r=8"], ["data.packing=true"], ["model.attn_implementation=eager"],

@@ -57,6 +57,25 @@ def test_skip_invalid_counts_instead_of_failing(tmp_path):
     assert sum(skipped.values()) == 3 and skipped["not valid JSON"] == 2
 
 
+def test_lines_that_are_not_text_are_bad_records_of_their_own(tmp_path):
+    """A line that is not UTF-8, or whose JSON escapes an unpaired surrogate (valid JSON, no character), is
+    refused with its file and line like any bad record, or skipped and counted; the lines around it load."""
+    path = tmp_path / "train.jsonl"
+    good = json.dumps(PLAIN_RECORD).encode()
+    not_utf8 = b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'  # latin-1, as some exports write it
+    surrogate = b'{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}'
+    for line, reason in ((not_utf8, f"{path}:2: not valid UTF-8 (byte 0xe9 at byte 16)"),
+                         (surrogate, f"{path}:2: holds an unpaired UTF-16 surrogate escape")):
+        path.write_bytes(good + b"\n" + line + b"\n" + good + b"\n")
+        with pytest.raises(DataError) as err:
+            read_records([str(path)], skip_invalid=False)
+        assert str(err.value).startswith(reason) and "data.skip_invalid" in str(err.value)
+    path.write_bytes(b"\n".join([good, not_utf8, surrogate, good]) + b"\n")
+    records, skipped = read_records([str(path)], skip_invalid=True)
+    assert [r.location for r in records] == [f"{path}:1", f"{path}:4"]
+    assert skipped == {"not valid UTF-8": 1, "holds an unpaired UTF-16 surrogate escape": 1}
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
         read_records([str(tmp_path / "nope.jsonl")], skip_invalid=False)

@@ -169,7 +169,7 @@ def test_group_by_length_keeps_every_pair_and_cuts_padding():
 
     lengths = [(i * 37) % 101 for i in range(400)]
     order = epoch_order(400, epoch=0, seed=1, shuffle=True)
-    grouped = length_grouped_order(order, lengths, group_size=100)
+    grouped = length_grouped_order(order, lengths, group_size=100, trained=400)
     assert sorted(grouped) == list(range(400)) and set(grouped[:100]) == set(order[:100])
 
     def padding(sequence):  # padded tokens in micro-batches of 4
@@ -177,3 +177,21 @@ def test_group_by_length_keeps_every_pair_and_cuts_padding():
                    for k in range(0, len(sequence), 4))
 
     assert padding(grouped) < 0.3 * padding(order)
+
+
+def test_group_by_length_leaves_out_what_the_shuffle_leaves_out():
+    """The pairs past an epoch's last whole global batch are left out of it: with grouping, the shuffle's tail
+    (a different set each epoch), not the shortest pairs of the last window (the same ones every epoch)."""
+    from dpo_dist.data import epoch_order, length_grouped_order, steps_per_epoch
+
+    lengths = list(range(10))  # pair i has length i
+    global_batch = 4
+    trained = steps_per_epoch(10, global_batch) * global_batch
+    left_out = []
+    for epoch in range(5):
+        order = epoch_order(10, epoch, seed=1, shuffle=True)
+        grouped = length_grouped_order(order, lengths, group_size=50 * global_batch, trained=trained)
+        assert sorted(grouped) == list(range(10)) and grouped[trained:] == order[trained:]
+        assert grouped[:trained] == sorted(order[:trained], key=lambda i: -lengths[i])
+        left_out.append(set(grouped[trained:]))
+    assert len(set(map(frozenset, left_out))) > 1 and set().union(*left_out) != {0, 1}
