@@ -231,11 +231,14 @@ class CachedRow:
 
 def read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):  # a manifest or plan is an object; anything else was damaged
         raise CacheError(
             f"{path}: the {what} is unreadable (truncated or corrupt); rerun launch/precompute_ref.py with --overwrite"
-        ) from None
+        )
+    return value
 
 
 def read_manifest(cache_dir: Path) -> dict:
@@ -304,7 +307,8 @@ def check_coverage(rows: dict[str, CachedRow], completion_lengths, cache_dir: Pa
     if missing:
         raise CacheError(
             f"{missing} of this run's {total} pairs have no row in the reference cache at {cache_dir} "
-            f"(first uid {first_missing}); the data changed since precompute: rerun launch/precompute_ref.py"
+            f"(first uid {first_missing}); the data changed since precompute: rerun launch/precompute_ref.py with "
+            "--overwrite (or set reference.cache_dir to a new directory)"
         )
     if first_changed:
         raise CacheError(first_changed)

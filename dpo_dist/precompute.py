@@ -50,6 +50,8 @@ def unique_examples(config: Config, tokenizer, logger, dist_info: DistInfo) -> E
 def _prepare_plan(config: Config, tokenizer, dtype_text: str, uids: list[str], overwrite: bool) -> dict | str:
     """Rank 0: the plan to work on (new, or the one on disk to resume), or an error message."""
     cache_dir = config.reference_cache_dir
+    if cache_dir.exists() and not cache_dir.is_dir():
+        return f"reference.cache_dir {cache_dir} is a file, not a directory: set reference.cache_dir to a directory"
     try:
         fingerprint = cache_lib.fingerprint(
             config.model.reference_path, tokenizer, config.training.max_seq_length, config.data.truncation_mode,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpo_dist.checkpoint import consolidated_checkpoint_state, export_hf  # noqa: E402
+from dpo_dist.checkpoint import CHECKPOINT_PREFIX, ENGINE_TAG, consolidated_checkpoint_state, export_hf  # noqa: E402
 from dpo_dist.cli import EXIT_USER_ERROR  # noqa: E402
 from dpo_dist.config import load_config  # noqa: E402
 from dpo_dist.engine import DistInfo, resolve_dtype  # noqa: E402
@@ -23,9 +23,24 @@ from dpo_dist.errors import UserError  # noqa: E402
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy  # noqa: E402
 
 
+def check_paths(checkpoint: Path, out: Path, default_out: Path) -> None:
+    """Refuse what export would get wrong or destroy. It writes `out` whole (a temp dir renamed over it), so an
+    --out that holds anything else (a run's output_dir, a model, the checkpoint itself) would be deleted; only
+    the default, <checkpoint>/hf, is replaced by a new export."""
+    if not (checkpoint / "config.yaml").is_file() or not (checkpoint / ENGINE_TAG).is_dir():
+        newest = sorted(checkpoint.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda path: path.stat().st_mtime)
+        hint = f" (this directory holds {newest[-1].name})" if newest else ""
+        raise UserError(f"{checkpoint}: not a dpo-dist checkpoint (no config.yaml and engine/); give "
+                        f"output_dir/checkpoint-<step>{hint}")
+    target, source = out.resolve(), checkpoint.resolve()
+    if target == source or target in source.parents:
+        raise UserError(f"--out {out}: the export would replace the checkpoint it reads; choose another directory")
+    if target != default_out.resolve() and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"--out {out}: exists and is not empty, and export replaces the whole directory; choose a new "
+                        "directory, or remove this one first")
+
+
 def export_checkpoint(checkpoint: Path, out: Path, merge: bool) -> Path:
-    if not (checkpoint / "config.yaml").is_file():
-        raise UserError(f"{checkpoint}: not a dpo-dist checkpoint (no config.yaml); give output_dir/checkpoint-<step>")
     config = load_config(checkpoint / "config.yaml")
     dtype = resolve_dtype(config.model.dtype)
     model = prepare_policy(load_causal_lm(config.model.policy_path, config.model, dtype, None), config.model, config.lora)
@@ -46,8 +61,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: <checkpoint>/hf")
     parser.add_argument("--merge", action="store_true", help="LoRA: also write the merged full model")
     args = parser.parse_args()
+    default_out = args.checkpoint / "hf"
     try:
-        path = export_checkpoint(args.checkpoint, args.out or args.checkpoint / "hf", args.merge)
+        check_paths(args.checkpoint, args.out or default_out, default_out)
+        path = export_checkpoint(args.checkpoint, (args.out or default_out).resolve(), args.merge)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

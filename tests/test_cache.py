@@ -99,6 +99,7 @@ def half_done(c):
     [
         (corrupt_shard, [], "shard-00002.parquet: checksum differs from the manifest"),
         (truncate_manifest, [], "manifest.json: the manifest is unreadable (truncated or corrupt)"),
+        (lambda c: (c / "manifest.json").write_text("[]"), [], "manifest.json: the manifest is unreadable"),  # JSON, no object
         (lambda c: (c / "shard-00001.parquet").unlink(), [], "shard-00001.parquet: shard listed in the manifest is missing"),
         (half_done, [], "is unfinished (5 of 6 shards, no manifest)"),
         (None, ["training.max_seq_length=64"], "training.max_seq_length is 64; the cache was computed with 128"),
@@ -130,8 +131,19 @@ def test_changed_record_is_a_missing_row(cache_run, tmp_path):
     record = json.loads(lines[0])
     record["rejected"][0]["content"] += " 0"
     data.write_text(json.dumps(record) + "\n" + "\n".join(lines[1:20]) + "\n")
-    with pytest.raises(cache_lib.CacheError, match="1 of this run's 84 pairs have no row in the reference cache"):
+    with pytest.raises(cache_lib.CacheError, match="1 of this run's 84 pairs have no row in the reference cache") as err:
         open_cache(config_path, f"data.train_files=[{data}]")
+    assert "rerun launch/precompute_ref.py with --overwrite" in str(err.value)  # without it, precompute refuses
+
+
+def test_precompute_refuses_a_cache_dir_that_is_a_file(tmp_path):
+    from dpo_dist.precompute import _prepare_plan
+
+    (tmp_path / "cache").write_text("")
+    config = load_config(write_config(tmp_path / "c.yaml", "x", None, tmp_path / "out"),
+                         [f"reference.cache_dir={tmp_path / 'cache'}"])
+    assert _prepare_plan(config, None, "float32", [], overwrite=False) == (
+        f"reference.cache_dir {tmp_path / 'cache'} is a file, not a directory: set reference.cache_dir to a directory")
 
 
 def test_weights_hashed_once_then_checked_by_size_and_mtime(cache_run, tiny_reference, monkeypatch):

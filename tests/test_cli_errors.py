@@ -1,6 +1,8 @@
 """User mistakes end with one `error:` line naming the key, file or line, exit status 2, no traceback."""
 
 
+import sys
+
 from conftest import PLAIN_RECORD, write_jsonl
 from launching import python_launch, run, write_config
 
@@ -41,3 +43,44 @@ def test_missing_config_file_and_help(tmp_path):
     assert_clean_error(run(python_launch("train.py", tmp_path / "none.yaml")), "none.yaml does not exist")
     result = run(python_launch("train.py", tmp_path / "x.yaml", "--help"))
     assert result.returncode == 0 and "training.eval_steps" in result.stdout and "reference.offload" in result.stdout
+
+
+def test_export_refuses_paths_it_would_get_wrong_or_destroy(tmp_path):
+    """export.py writes --out whole (a temp dir renamed over it): pointed at a run's output_dir, a model or the
+    checkpoint itself it would delete them. Those, a non-checkpoint --checkpoint (the output_dir, a directory
+    with only a config.yaml) and `--out .` are one error line each, before any weights are read; the default
+    <checkpoint>/hf and a new or empty directory pass."""
+    import pytest
+    import runpy
+
+    from dpo_dist.errors import UserError
+    from launching import ROOT
+
+    check_paths = runpy.run_path(str(ROOT / "launch" / "export.py"))["check_paths"]
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "checkpoint-12"
+    (checkpoint / "engine").mkdir(parents=True)
+    for path in (run_dir / "config.yaml", checkpoint / "config.yaml", run_dir / "metrics.jsonl"):
+        path.write_text("x")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    default = checkpoint / "hf"
+    for given, out, expected in [
+        (run_dir, run_dir / "hf", f"{run_dir}: not a dpo-dist checkpoint (no config.yaml and engine/); give "
+                                  "output_dir/checkpoint-<step> (this directory holds checkpoint-12)"),
+        (checkpoint, checkpoint, "the export would replace the checkpoint it reads"),
+        (checkpoint, run_dir, "the export would replace the checkpoint it reads"),
+        (checkpoint, tmp_path / "model", "exists and is not empty, and export replaces the whole directory"),
+    ]:
+        with pytest.raises(UserError) as err:
+            check_paths(given, out, given / "hf")
+        assert expected in str(err.value), str(err.value)
+    for out in (default, tmp_path / "new", tmp_path / "empty"):
+        check_paths(checkpoint, out, default)
+    default.mkdir()
+    (default / "config.json").write_text("{}")  # an earlier export in the default place is replaced
+    check_paths(checkpoint, default, default)
+    # `--out .` in the run directory, through the script: one line, exit 2
+    result = run(["bash", "-c", f"cd {run_dir} && {sys.executable} {ROOT / 'launch' / 'export.py'} --checkpoint {checkpoint} --out ."])
+    assert_clean_error(result, "--out .: the export would replace the checkpoint it reads")
