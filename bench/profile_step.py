@@ -13,7 +13,11 @@ first-step work), then `--steps` steps under torch.profiler (CPU, plus CUDA on a
   GPU each one waits for the stream, on CPU they are counted where they WOULD wait; each with the Python
   lines (outside torch) that made them, so a sync on the hot path can be found and removed;
 and writes `profile.json` (the same numbers) and a Chrome/Perfetto trace `trace.json` under
-`<training.output_dir>/profile/`. Nothing is checkpointed or exported; metrics of the steps are logged as usual.
+`<training.output_dir>/profile/`. Nothing is checkpointed, exported or logged: the steps' metrics are summed
+as in training but never reduced or written (a logging step's one all-reduce is not in the profile).
+
+Options (before or after --config): --warmup N (unprofiled steps first, default 2, >= 0), --steps N (profiled
+steps, default 1, >= 1), --sample-host MS (see below; > 0).
 
     python bench/profile_step.py --sample-host 2 --warmup 3 --steps 3 --config X.yaml model.compile=true
 
@@ -103,6 +107,9 @@ def sync_sites(prof, steps: int) -> list[dict]:
 
 
 def main(config, args) -> int:
+    if args.warmup < 0 or args.steps < 1 or args.sample_host < 0:
+        raise UserError(f"--warmup must be >= 0, --steps >= 1 and --sample-host > 0 when given; got --warmup {args.warmup}, "
+                        f"--steps {args.steps}, --sample-host {args.sample_host}")
     trainer = Trainer(config, init_distributed(config.deepspeed.timeout_minutes))
     trainer.setup(train=True)
     if trainer.total_steps < args.warmup + args.steps:

@@ -26,7 +26,8 @@ but every log-prob is a softmax over all 151,936 logits, which is what costs mem
 
 How it is measured, the same way for both tools:
 - tokens: the non-padding tokens of chosen + rejected of every micro-batch of every rank
-  (dpo-dist: `num_tokens` in metrics.jsonl; TRL: `attention_mask.sum()` of each micro-batch it trains on).
+  (dpo-dist: the step's growth of `num_tokens` in metrics.jsonl, which counts all trained on so far as TRL's
+  does; TRL: `attention_mask.sum()` of each micro-batch it trains on).
   With `data.prefix_sharing` dpo-dist's decoder runs a shared prompt once, but `num_tokens` still counts it
   in chosen and in rejected, so tokens/s compares the pairs both tools get through per second.
 - step time: wall time of each optimizer step, end of one step to the end of the next (dpo-dist:
@@ -185,7 +186,9 @@ def run_dpo_dist(args, model_dir: Path, data: Path, work: Path, name: str, overr
     ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in range(args.processes)]
     peaks = [max(rank["peak_memory_mb_after_step"]) for rank in ranks]
     stage = json.loads((ROOT / args.ds_config).read_text())["zero_optimization"]["stage"]
-    steady = summarize([r["step_seconds"] for r in train], [r["num_tokens"] for r in train], peaks, args.warmup_steps)
+    trained = [r["num_tokens"] for r in train]  # TRL's num_tokens: trained on so far; a step's are the difference
+    steady = summarize([r["step_seconds"] for r in train], [b - a for a, b in zip([0.0] + trained, trained)], peaks,
+                       args.warmup_steps)
     return {
         "backend": f"DeepSpeed ZeRO-{stage}" + (" " + " ".join(overrides) if overrides else ""),
         "overrides": overrides,
@@ -331,6 +334,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, metrics)")
     parser.add_argument("--out", default="bench/vs_trl.json")
     args = parser.parse_args()
+    for flag in ("processes", "batch_size", "grad_accum", "steps", "seq_len", "layers", "hidden", "vocab_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.warmup_steps < args.steps:  # checked before any run: the numbers leave the warm-up steps out
+        parser.error(f"--warmup-steps {args.warmup_steps} leaves no measured step of --steps {args.steps}")
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        if not name or "=" in name or not overrides:
+            parser.error(f"--variant {spec!r}: give NAME:KEY=VALUE[,KEY=VALUE], e.g. chunk256:model.logps_chunk_tokens=256")
     apply_preset(args)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return args
@@ -354,12 +366,13 @@ def machine_info(args: argparse.Namespace) -> dict:
     return info
 
 
-def add_ratios_and_mfu(results: dict, flops_per_token: float, peak_tflops: float | None) -> dict:
-    """MFU of every run from its tokens/s and ONE formula for both tools; ratios dpo-dist / TRL."""
+def add_ratios_and_mfu(results: dict, flops_per_token: float, peak_tflops: float | None, processes: int) -> dict:
+    """MFU of every run from its tokens/s and ONE formula for both tools (the trainer's: per device, so the
+    run's tokens/s over `processes` devices); ratios dpo-dist / TRL."""
     for r in results.values():
         if "tokens_per_second" in r and peak_tflops:  # hardware MFU: on the tokens each tool's decoder ran on
             r["mfu"] = (r.get("processed_tokens_per_second", r["tokens_per_second"]) * r.get("flops_per_token", flops_per_token)
-                        / (peak_tflops * 1e12))
+                        / processes / (peak_tflops * 1e12))
     trl = results.get("trl", {})
     ratios = {}
     for name in [k for k in results if k != "trl"]:
@@ -412,7 +425,7 @@ def main() -> None:
         except RunFailed as failure:
             results[name] = {"failed": str(failure)}
             print(f"  FAILED: {failure}", flush=True)
-        ratios = add_ratios_and_mfu(results, flops, peak_tflops)
+        ratios = add_ratios_and_mfu(results, flops, peak_tflops, args.processes)
         report = {
             "settings": {
                 **{k: v for k, v in vars(args).items() if k not in ("work_dir", "keep", "out")},
@@ -451,6 +464,9 @@ def main() -> None:
     print(f"wrote {out} ({report['bench_wall_seconds']:.0f} s)")
     if not args.keep and not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
+    failed = [name for name, r in results.items() if "failed" in r]
+    if failed:  # a script or CI reading only the exit status must see it
+        sys.exit(f"failed: {', '.join(failed)} (their errors are above and in {out})")
 
 
 if __name__ == "__main__":

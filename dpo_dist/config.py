@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -287,6 +288,9 @@ class TrainingConfig:
             raise UserError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise UserError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise UserError(f"training.peak_tflops must be a positive number of TFLOP/s (or null: known GPUs by name), "
+                            f"got {self.peak_tflops}")
         if self.eval_steps < 0:
             raise UserError(f"training.eval_steps must be >= 0, got {self.eval_steps}")
         if self.save_steps < 0:

@@ -314,8 +314,9 @@ def eval_batches(examples: Sequence[PreferenceExample], rank: int, world_size: i
         start = round_index * per_round + rank * micro_batch
         chunk = examples[start : start + micro_batch]
         weights = [1.0] * len(chunk) + [0.0] * (micro_batch - len(chunk))
-        chunk = chunk + [examples[0]] * (micro_batch - len(chunk))
-        yield collate_fn(chunk, pad_token_id, weights)
+        batch = collate_fn(chunk + [examples[0]] * (micro_batch - len(chunk)), pad_token_id, weights)
+        batch.num_tokens = sum(example.num_tokens for example in chunk)  # the eval pairs' (the copies ran, count nowhere)
+        yield batch
 
 
 def sft_indices(step: int, micro_step: int, rank: int, world_size: int, accumulation: int,

@@ -357,8 +357,9 @@ class Trainer:
         if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak, on the tokens the decoder ran
             achieved = self.flops_per_token * metrics["num_processed_tokens"] / seconds / self.dist.world_size
             metrics["mfu"] = achieved / (self.peak_tflops * 1e12)
-        self.logger.log(step, metrics)
         self.state.consumed_tokens += int(metrics["num_tokens"])
+        metrics["num_tokens"] = float(self.state.consumed_tokens)  # TRL's num_tokens: trained on so far, not this window
+        self.logger.log(step, metrics)
         clock.reset()
         self._window_first_step = step
         return metrics

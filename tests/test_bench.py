@@ -29,6 +29,30 @@ def test_vs_trl_runs_both_tools_on_the_same_tokens(tmp_path):
         assert report["ratios_dpo_dist_over_trl"]["dpo_dist"][key] > 0
 
 
+def test_vs_trl_refuses_what_it_cannot_measure_before_running_and_reports_mfu_per_device(monkeypatch, capsys):
+    """Counts it cannot measure with, and a --variant without its NAME: (which ran a default run under the whole
+    spec's name): refused before anything is built. MFU is per device, as the trainer logs it: the run's tokens/s
+    over its processes."""
+    import runpy
+
+    import pytest
+
+    from launching import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # its sibling modules, as when run as a script
+    bench = runpy.run_path(str(ROOT / "bench" / "vs_trl.py"))
+    for words, expected in [(["--steps", "2", "--warmup-steps", "2"], "--warmup-steps 2 leaves no measured step"),
+                            (["--processes", "0"], "--processes must be >= 1, got 0"),
+                            (["--variant", "model.logps_chunk_tokens=7"], "give NAME:KEY=VALUE")]:
+        monkeypatch.setattr(sys, "argv", ["vs_trl.py", *words])
+        with pytest.raises(SystemExit) as end:
+            bench["parse_args"]()
+        assert end.value.code == 2 and expected in capsys.readouterr().err
+    results = {"dpo_dist": {"tokens_per_second": 1000.0, "processed_tokens_per_second": 750.0}}
+    bench["add_ratios_and_mfu"](results, 6e9, 10.0, 2)
+    assert results["dpo_dist"]["mfu"] == pytest.approx(750.0 * 6e9 / 2 / 10e12)  # the trainer's formula
+
+
 def test_decoder_ceiling_runs_each_cpu_variant_and_scores_alike():
     """bench/decoder_ceiling.py (the GPU suite's `ceiling` case) at its CPU shape: every variant that needs no GPU
     runs (a changed SequenceLogps signature once failed them all, each printed as 'cannot run', exit 0), and

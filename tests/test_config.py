@@ -55,6 +55,8 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         (SEED_CONFIG, ["model.dtype=float8"], "model.dtype: 'float8' is not one of auto, float32, bfloat16, float16"),
         (SEED_CONFIG, ["model.gradient_checkpointing=maybe"], "expected true or false"),
         (SEED_CONFIG, ["training.batch_size=0"], "training.batch_size must be >= 1"),
+        (SEED_CONFIG, ["training.peak_tflops=-1"], "training.peak_tflops must be a positive number of TFLOP/s"),
+        (SEED_CONFIG, ["training.peak_tflops=0"], "training.peak_tflops must be a positive number of TFLOP/s"),
         (SEED_CONFIG, ["training"], "must look like section.key=value"),
         ("model: {sft_model: x}\ndpo: {beta: -1}\n", [], "dpo.beta must be > 0"),
         ("dpo: {beta: 0.1}\n", [], "model.base_model is required"),

@@ -151,6 +151,9 @@ def test_eval_batches_score_every_pair_once_across_ranks(tokenizer):
     real = [uid for batches in per_rank for b in batches for uid, w in zip(b.uids, b.pair_weight) if w == 1.0]
     assert sorted(real) == sorted(e.uid for e in examples)
     assert sum(float(b.pair_weight.sum()) for batches in per_rank for b in batches) == 7
+    # TRL's token count of the eval pairs: each chosen and rejected sequence in full; the weight-0 copies none
+    tokens = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    assert sum(b.num_tokens for batches in per_rank for b in batches) == tokens
 
 
 def test_sft_indices_mix_at_the_ratio_and_split_across_ranks():

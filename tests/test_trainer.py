@@ -31,6 +31,10 @@ def test_lora_with_gradient_checkpointing_trains_and_exports_an_adapter(tiny_pol
     # 6 steps, 3 warmup: as in HF's Trainer the logged rate is the scheduler's next one, the peak after
     # warmup at step 3 and 0 at the end of the linear decay.
     assert train[3]["learning_rate"] == pytest.approx(1e-3) and train[6]["learning_rate"] == pytest.approx(0.0)
+    # num_tokens as TRL logs it: trained on so far; each window's share is its rate x its time
+    for start, end in ((0, 3), (3, 6)):
+        window = train[end]["tokens_per_second"] * train[end]["step_seconds"] * (end - start)
+        assert train[end]["num_tokens"] - train.get(start, {}).get("num_tokens", 0) == pytest.approx(window, rel=1e-6)
     assert list(out.glob("tensorboard/events.out.tfevents.*"))
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lora"]["r"] == 4 and saved["model"]["ref_model"] == str(tiny_reference)
