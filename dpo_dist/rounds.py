@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from dpo_dist.config import Config
+from dpo_dist.errors import UserError
 
 
 def round_dir(config: Config, index: int) -> Path:
@@ -45,6 +46,15 @@ def round_config(config: Config, index: int) -> Config:
         export=dataclasses.replace(config.export, merge=config.export.merge or config.lora is not None),
         rounds=None,
     )
+
+
+def check_round_files(config: Config) -> None:
+    """Every round's training file, before round 0 trains: a missing last file found only after the earlier
+    rounds had trained would cost their hours, and the data reader's error would name data.train_files."""
+    for index, name in enumerate(config.rounds.train_files):
+        if not Path(name).is_file():
+            raise UserError(f"rounds.train_files[{index}]: {name} does not exist (every round's file is checked "
+                            "before the first round trains)")
 
 
 def round_is_done(config: Config, index: int) -> bool:

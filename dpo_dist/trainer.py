@@ -120,6 +120,8 @@ class Trainer:
             self.logger.truncate_after(self.state.step)  # drop what the interrupted run logged past its checkpoint
             self.logger.info(f"resumed from {resume_path} at step {self.state.step} (epoch {self.state.epoch}, "
                              f"{self.state.epoch_step} steps into it, {self.state.consumed_pairs} pairs consumed)")
+        elif train and self.config.training.resume_from == "auto":  # no checkpoint yet: this run starts over, and
+            self.logger.truncate_after(-1)  # what an attempt killed before its first checkpoint logged goes
         if self.dist.is_main:
             Path(self.config.training.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(self.config, Path(self.config.training.output_dir) / "config.yaml")

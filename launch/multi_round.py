@@ -18,13 +18,14 @@ from dpo_dist.engine import barrier, init_distributed  # noqa: E402
 from dpo_dist.errors import UserError  # noqa: E402
 from dpo_dist.metrics import make_logger  # noqa: E402
 from dpo_dist.precompute import run_precompute  # noqa: E402
-from dpo_dist.rounds import round_config, round_dir, round_is_done  # noqa: E402
+from dpo_dist.rounds import check_round_files, round_config, round_dir, round_is_done  # noqa: E402
 from dpo_dist.trainer import Trainer  # noqa: E402
 
 
 def main(config, args) -> int:
     if config.rounds is None or not config.rounds.train_files:
         raise UserError("rounds.train_files is empty: list one training file per round (rounds: {train_files: [...]})")
+    check_round_files(config)
     dist_info = init_distributed(config.deepspeed.timeout_minutes)
     for index in range(len(config.rounds.train_files)):
         this_round = round_config(config, index)

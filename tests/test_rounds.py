@@ -37,3 +37,19 @@ def test_two_rounds_second_reference_is_first_policy(tiny_policy, tmp_path):
 
     printed = run_here("multi_round.py", config)
     assert "round 0: already done" in printed and "round 1: already done" in printed
+
+
+def test_a_missing_round_file_is_named_before_any_round_trains(tiny_policy, tmp_path):
+    from dpo_dist.config import load_config
+    from dpo_dist.errors import UserError
+    from dpo_dist.rounds import check_round_files
+
+    first = tmp_path / "r0.jsonl"
+    first.write_text("")
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out"),
+                         [f"rounds.train_files=[{first}, {tmp_path / 'nope.jsonl'}]"])
+    with pytest.raises(UserError) as err:
+        check_round_files(config)
+    assert str(err.value).startswith(f"rounds.train_files[1]: {tmp_path / 'nope.jsonl'} does not exist")
+    check_round_files(load_config(write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out"),
+                                  [f"rounds.train_files=[{first}]"]))

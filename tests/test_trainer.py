@@ -199,3 +199,19 @@ def test_group_by_length_leaves_out_what_the_shuffle_leaves_out():
         assert grouped[:trained] == sorted(order[:trained], key=lambda i: -lengths[i])
         left_out.append(set(grouped[trained:]))
     assert len(set(map(frozenset, left_out))) > 1 and set().union(*left_out) != {0, 1}
+
+
+def test_resume_auto_without_a_checkpoint_starts_over_without_the_killed_attempts_records(tiny_policy, tmp_path):
+    """`training.resume_from=auto` (what every SLURM start and multi-round round passes) in an output_dir where an
+    attempt was killed before its first checkpoint: the run starts over, and metrics.jsonl holds its own records
+    only, each step once (the killed attempt's records stayed and doubled steps 0-18 in a review's run)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    killed = [{"step": step, "time": 1.0, "loss": 123.0} for step in range(0, 5)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in killed))
+    config = write_config(tmp_path / "c.yaml", tiny_policy, None, out, data={"eval_files": []},
+                          training={"max_steps": 3, "save_steps": 0, "resume_from": "auto"})
+    run_here("train.py", config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3]
+    assert all(record["loss"] != 123.0 for record in records)
