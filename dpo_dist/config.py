@@ -188,6 +188,8 @@ class DPOConfig:
         if alone and len(self.loss_type) > 1:
             raise UserError(f"dpo.loss_type: {alone[0]} is reference-free and is used alone, not in a list with "
                             f"{', '.join(name for name in self.loss_type if name != alone[0]) or alone[0]}")
+        if self.loss_weights is not None and any(weight <= 0 for weight in self.loss_weights):
+            raise UserError(f"dpo.loss_weights must all be > 0 (a negative weight maximises that loss), got {self.loss_weights}")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise UserError(f"dpo.loss_weights has {len(self.loss_weights)} entries for the {len(self.loss_type)} of "
                             f"dpo.loss_type ({', '.join(self.loss_type)}): give one weight per loss, or none (1.0 each)")
@@ -244,6 +246,10 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise UserError(f"lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise UserError(f"lora.alpha must be > 0 (the adapter's scale is alpha / r), got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.fused and self.dropout > 0:
             raise UserError(f"lora.fused=true with lora.dropout={self.dropout}: the fused projection has no dropout. "
                             "Set lora.dropout=0 or lora.fused=false")
@@ -288,6 +294,19 @@ class TrainingConfig:
             raise UserError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise UserError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise UserError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"training.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_epsilon <= 0:
+            raise UserError(f"training.adam_epsilon must be > 0, got {self.adam_epsilon}")
+        if self.max_grad_norm < 0:
+            raise UserError(f"training.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise UserError(f"training.max_steps must be >= 1, or -1 to run training.num_epochs, got {self.max_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"training.seed must be in [0, 2^32), got {self.seed}")
         if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
             raise UserError(f"training.peak_tflops must be a positive number of TFLOP/s (or null: known GPUs by name), "
                             f"got {self.peak_tflops}")
@@ -331,6 +350,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.sft_ratio < 0 or (self.sft_ratio > 0) != bool(self.sft_files):
             raise UserError("data.sft_files and data.sft_ratio go together: give both (ratio > 0) or neither")
+        if self.sft_loss_weight < 0:
+            raise UserError(f"data.sft_loss_weight must be >= 0, got {self.sft_loss_weight}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +364,10 @@ class DeepSpeedConfig:
         "modules) instead of in hooks on each of its 11 submodules with parameters: far fewer hook calls per step, at the cost "
         "of one whole layer gathered at a time.",
     )
+
+    def __post_init__(self) -> None:
+        if self.timeout_minutes <= 0:
+            raise UserError(f"deepspeed.timeout_minutes must be > 0, got {self.timeout_minutes}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -378,6 +403,14 @@ class ReferenceConfig:
 class ExportConfig:
     merge: bool = _opt(False, "With LoRA: also write the adapter merged into the base weights (a full model).")
     max_shard_size: str = _opt("5GB", "Largest safetensors file of a full-model export (bigger models get an index).")
+
+    def __post_init__(self) -> None:
+        from transformers.utils.hub import convert_file_size_to_int  # what save_pretrained reads it with
+
+        try:
+            convert_file_size_to_int(self.max_shard_size)
+        except ValueError:  # found at load time, not after training when the export needs it
+            raise UserError(f"export.max_shard_size: {self.max_shard_size!r} is not a size; give e.g. 5GB, 500MB or 2GiB") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -473,14 +506,19 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
             return value
         raise UserError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-6 as a string (YAML 1.1 wants a dot)
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-6 as a string (YAML 1.1 wants a dot)
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means nan or inf; they would train to nan weights
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise UserError(f"{key}: expected a string, got {value!r}")

@@ -231,7 +231,7 @@ def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig
     try:
         peft_model = get_peft_model(model, adapter)
     except ValueError as err:
-        raise UserError(f"lora.target_modules: {err}") from None
+        raise UserError(f"lora (target_modules, r, alpha, dropout): PEFT refuses it: {' '.join(str(err).split())}") from None
     if lora.fused:
         fuse_lora_layers(peft_model)
     if model_config.compile:  # one compiled graph for all layers (each compile: ~a minute for a 4B layer on a GPU)
