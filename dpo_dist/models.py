@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpo_dist.checkpoint import ENGINE_TAG, TRAINER_STATE
 from dpo_dist.config import LoRAConfig, ModelConfig
 from dpo_dist.errors import UserError
 from dpo_dist.lean_ops import apply_lean_activations, apply_liger_kernels
@@ -32,7 +33,7 @@ def _missing_model_error(name: str, err: Exception) -> UserError:
         if not path.exists():
             return UserError(f"model checkpoint {name} does not exist: give a checkpoint directory (config.json, the "
                              "weights, the tokenizer files) or a hub name such as Qwen/Qwen3-4B")
-        if (path / "trainer_state.json").is_file() or (path / "engine").is_dir():  # checkpoint.py's layout
+        if (path / TRAINER_STATE).is_file() or (path / ENGINE_TAG).is_dir():  # checkpoint.py's layout
             return UserError(f"model checkpoint {name} is a dpo-dist training checkpoint (DeepSpeed state, not a Hugging "
                              f"Face model): export it with python launch/export.py --checkpoint {name} and give its "
                              "hf/ directory, or give the run's output_dir/final")

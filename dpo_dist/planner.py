@@ -738,7 +738,7 @@ def _advice(config: Config, shape: ModelShape, ds_config: dict, world_size: int,
          "GiB of host memory per rank)", config, offload, world_size),
         ("twice as many GPUs", config, ds_config, 2 * world_size),
     ]
-    if training.batch_size > 1:  # the same pairs per optimizer step in smaller micro-batches
+    if training.batch_size % 2 == 0:  # the same pairs per optimizer step, in micro-batches half the size
         halved = dataclasses.replace(training, batch_size=training.batch_size // 2,
                                      gradient_accumulation_steps=2 * training.gradient_accumulation_steps)
         candidates.insert(-1, (f"training.batch_size={halved.batch_size} "
