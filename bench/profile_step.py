@@ -191,7 +191,10 @@ def sample_host(trainer: Trainer, profiled: list, interval: float) -> int:
     if trainer.dist.is_main:
         out = Path(trainer.config.training.output_dir) / "profile"
         out.mkdir(parents=True, exist_ok=True)
-        summary = {"steps": len(profiled), "wall_ms": wall_ms, **sample_shares(sampler.samples)}
+        # The samples of the steps: the thread's first samples can land before run_steps and its last after it
+        # (a sample waits for the GIL), which are the sampler's own start and stop, not the steps'
+        during = [stack for stack in sampler.samples if any(name.endswith(":run_steps") for name in stack)]
+        summary = {"steps": len(profiled), "wall_ms": wall_ms, **sample_shares(during)}
         (out / "host_samples.json").write_text(json.dumps(summary, indent=1))
         print(f"\n{len(profiled)} sampled step(s): {wall_ms:.0f} ms wall, {summary['samples']} samples of rank 0's host")
         for kind in ("inclusive", "self"):
