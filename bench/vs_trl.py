@@ -339,10 +339,12 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.warmup_steps < args.steps:  # checked before any run: the numbers leave the warm-up steps out
         parser.error(f"--warmup-steps {args.warmup_steps} leaves no measured step of --steps {args.steps}")
+    args.variants = []  # (run name, overrides), parsed once here so a bad spec stops the bench before any run
     for spec in args.variant:
         name, _, overrides = spec.partition(":")
         if not name or "=" in name or not overrides:
             parser.error(f"--variant {spec!r}: give NAME:KEY=VALUE[,KEY=VALUE], e.g. chunk256:model.logps_chunk_tokens=256")
+        args.variants.append((f"dpo_dist_{name}", [o for o in overrides.split(",") if o]))
     apply_preset(args)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return args
@@ -410,9 +412,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = ([] if args.no_trl else [("trl", None)]) + ([] if args.no_defaults else [("dpo_dist", [])])
     runs += [] if args.no_packing else [("dpo_dist_packed", ["data.packing=true"])]
-    for spec in args.variant:
-        name, _, overrides = spec.partition(":")
-        runs.append((f"dpo_dist_{name}", [o for o in overrides.split(",") if o]))
+    runs += args.variants
 
     results: dict = {}
     for name, overrides in runs:
