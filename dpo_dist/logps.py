@@ -33,8 +33,6 @@ class PairLogps:
 
     chosen_logps: torch.Tensor  # sum of log p(token) over the chosen completion
     rejected_logps: torch.Tensor
-    chosen_logits_sum: torch.Tensor  # detached: sum over completion tokens of the mean-over-vocab logit
-    rejected_logits_sum: torch.Tensor
     chosen_tokens: torch.Tensor  # completion token counts
     rejected_tokens: torch.Tensor
     sft_logps: torch.Tensor | None = None  # (S,) for the SFT rows mixed into the batch, if any
@@ -44,21 +42,30 @@ class PairLogps:
     # its tokens of log p(token) - log sum_v p_v^2; detached
     chosen_log_weights: torch.Tensor | None = None
     rejected_log_weights: torch.Tensor | None = None
+    # The policy's per-token metrics (forward_pair's token_metrics), detached sums over completion tokens; None for a
+    # reference, which no metric reads
+    chosen_logits_sum: torch.Tensor | None = None  # of the mean-over-vocab logit (TRL's logits/*)
+    rejected_logits_sum: torch.Tensor | None = None
+    chosen_entropy_sum: torch.Tensor | None = None  # of the next-token distribution's entropy, in nats (TRL's entropy)
+    rejected_entropy_sum: torch.Tensor | None = None
+    chosen_top1_tokens: torch.Tensor | None = None  # chosen tokens that are the argmax (TRL's mean_token_accuracy)
 
 
 class TargetLogProb(torch.autograd.Function):
-    """(n, V) fp32 logits, (n,) targets -> (n,) log softmax(logits)[target], with ONE vocab-wide buffer.
+    """(n, V) fp32 logits, (n,) targets, (n,) logsumexp of the logits -> (n,) log softmax(logits)[target], with ONE
+    vocab-wide buffer.
 
     Autograd's own graph for `gather(logits) - logsumexp(logits)` allocates the softmax, a zero-filled
     gather gradient and their sum in backward: three more (n, V) fp32 buffers on top of the logits.
     Here backward turns the saved logits themselves into the gradient, in place:
     d log p(t) / d logit_v = 1[v = t] - softmax(logits)_v. The logits must not be needed by anything
     else afterwards (true for a fresh `lm_head(h).float()`), and backward may run only once.
+    The normaliser comes in (computed without gradient) so that one pass over the vocabulary can also serve
+    the metrics (`_chunk_token_stats`).
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_normalizer = torch.logsumexp(logits, dim=-1)
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(logits, targets, log_normalizer)
         return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
 
@@ -67,22 +74,45 @@ class TargetLogProb(torch.autograd.Function):
         logits, targets, log_normalizer = ctx.saved_tensors
         grad_logits = logits.sub_(log_normalizer.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -g * softmax
         grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1).to(grad_logits.dtype))  # + g at t
-        return grad_logits, None
+        return grad_logits, None, None
 
 
-def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, probability_weights: bool = False):
-    """(n, H) hidden states and (n,) next tokens -> (n,) log p(target), (n,) mean logit and, with
-    `probability_weights`, (n,) log sum_v p_v^2 (WPO's normaliser; else None), all in fp32."""
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, V), (n, V) -> (n,) sum_v a_v b_v, as n batched dot products: no (n, V) product buffer."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+TOKEN_STATS = 3  # columns of `_chunk_token_stats`' per-token metrics: mean logit, entropy, target is the argmax
+
+
+def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, token_metrics: bool = False,
+                       probability_weights: bool = False):
+    """(n, H) hidden states and (n,) next tokens -> (n,) log p(target) in fp32, with `token_metrics` (n, TOKEN_STATS)
+    per-token metrics (mean-over-vocab logit, entropy in nats, 1.0 where the target is the argmax, first maximum
+    winning a tie as in TRL), and with `probability_weights` (n,) log sum_v p_v^2 (WPO's normaliser); else None.
+    The extras are detached.
+
+    Without extras the normaliser is one fused logsumexp. With them, one exp pass over the vocabulary gives the
+    normaliser, the entropy (logsumexp - E_p[logit]) and sum p^2 alike, and the max that stabilises it gives the
+    argmax. What reads only the extras comes after TargetLogProb: when the chunk's checkpoint recomputes it in
+    backward, non-reentrant checkpointing stops once TargetLogProb has saved its tensors again, so none of it
+    runs twice."""
     logits = lm_head(hidden).float()  # (n, V)
     detached = logits.detach()
-    mean_logits = detached.mean(dim=-1)
-    target_logps = TargetLogProb.apply(logits, targets)
-    log_sum_squares = None
-    if probability_weights:  # log sum_v p_v^2 = logsumexp(2 logits) - 2 logsumexp(logits)
-        # logsumexp(logits) = logit[target] - log p(target): TargetLogProb's, read back without a second vocab pass
-        log_normalizer = detached.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - target_logps.detach()
-        log_sum_squares = torch.logsumexp(2 * detached, dim=-1) - 2 * log_normalizer
-    return target_logps, mean_logits, log_sum_squares
+    if not (token_metrics or probability_weights):
+        return TargetLogProb.apply(logits, targets, torch.logsumexp(detached, dim=-1)), None, None
+    max_logits, argmax = detached.max(dim=-1)
+    scaled_probs = (detached - max_logits.unsqueeze(-1)).exp_()  # p_v x partition, (n, V)
+    partition = scaled_probs.sum(dim=-1)
+    log_normalizer = max_logits + partition.log()
+    target_logps = TargetLogProb.apply(logits, targets, log_normalizer)
+    stats = log_sum_squares = None
+    if token_metrics:
+        entropy = log_normalizer - _rowwise_dot(scaled_probs, detached) / partition
+        stats = torch.stack([detached.mean(dim=-1), entropy, (argmax == targets).float()], dim=-1)
+    if probability_weights:
+        log_sum_squares = _rowwise_dot(scaled_probs, scaled_probs).log() - 2 * partition.log()
+    return target_logps, stats, log_sum_squares
 
 
 CHUNK_BUDGET_BYTES = 128 * 2**20
@@ -140,10 +170,13 @@ class SequenceLogps(nn.Module):
         attention_scatter: torch.Tensor | None = None,
         real_tokens: torch.Tensor | None = None,
         scored_weights: torch.Tensor | None = None,
+        token_metrics: bool = False,
     ):
-        """Returns (logps, logits_sum, token_counts, router_loss, log_weights): one entry per sequence, sums over its
-        completion tokens; with `router_top_k` in grad mode the routers' load-balancing loss over `real_tokens` (the
-        batch's attention_mask), else None; with `probability_weights` WPO's log weight per sequence, else None.
+        """Returns (logps, token_stats, token_counts, router_loss, log_weights): one entry per sequence, sums over its
+        completion tokens; with `token_metrics` (the policy's, for its metrics) a (sequences, TOKEN_STATS) of sums of
+        `_chunk_token_stats`' per-token metrics, else None; with `router_top_k` in grad mode the routers'
+        load-balancing loss over `real_tokens` (the batch's attention_mask), else None; with `probability_weights`
+        WPO's log weight per sequence, else None.
 
         `scored_positions` / `scored_targets` / `scored_owners` say which positions predict a completion
         token, which token, and for which sequence (built with the batch, `data.scoring_layout`). Padded
@@ -152,7 +185,7 @@ class SequenceLogps(nn.Module):
         attention inside each sequence). Prefix-shared batch (`branch` given): one document per pair, attention
         as `prefix_sharing.attention_masks` arranges it, `sequence_index` the documents of a packed row.
         `scored_weights` (LD-DPO, `data.length_desensitized_weights`) weighs each scored token in its sequence's
-        log-prob sum; the logits metric and the counts stay unweighted.
+        log-prob sum; the token metrics and the counts stay unweighted.
         """
         lm_head = self.causal_lm.get_output_embeddings()
         recompute = self.recompute_elementwise and torch.is_grad_enabled()
@@ -165,16 +198,17 @@ class SequenceLogps(nn.Module):
         # Only completion-predicting positions are projected: prompt and padding never reach the lm_head.
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored_positions)  # (N, H)
 
-        token_logps, token_mean_logits, token_aligned = [], [], []
+        token_logps, token_stats, token_aligned = [], [], []
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             chunk = (hidden[start : start + self.chunk_tokens], scored_targets[start : start + self.chunk_tokens],
-                     self.probability_weights)
+                     token_metrics, self.probability_weights)
             if torch.is_grad_enabled() and hidden.requires_grad:
-                logps, mean_logits, log_sum_squares = checkpoint(_chunk_token_stats, lm_head, *chunk, use_reentrant=False)
+                logps, stats, log_sum_squares = checkpoint(_chunk_token_stats, lm_head, *chunk, use_reentrant=False)
             else:
-                logps, mean_logits, log_sum_squares = _chunk_token_stats(lm_head, *chunk)
+                logps, stats, log_sum_squares = _chunk_token_stats(lm_head, *chunk)
             token_logps.append(logps)
-            token_mean_logits.append(mean_logits)
+            if stats is not None:
+                token_stats.append(stats)
             if log_sum_squares is not None:
                 token_aligned.append(logps.detach() - log_sum_squares)
 
@@ -183,15 +217,18 @@ class SequenceLogps(nn.Module):
         if token_logps:
             all_logps = torch.cat(token_logps)
             logps = zeros.index_add(0, scored_owners, all_logps if scored_weights is None else all_logps * scored_weights)
-            logits_sum = zeros.detach().index_add(0, scored_owners, torch.cat(token_mean_logits))
         else:  # no completion tokens at all: keep the graph connected so backward still runs
             logps = zeros + 0.0 * hidden.sum()
-            logits_sum = zeros.detach()
+        stat_sums = None
+        if token_metrics:
+            stat_sums = zeros.new_zeros(num_sequences, TOKEN_STATS)
+            if token_stats:
+                stat_sums = stat_sums.index_add(0, scored_owners, torch.cat(token_stats))
         log_weights = None
         if self.probability_weights:
             aligned = torch.cat(token_aligned) if token_aligned else zeros.new_zeros(0)
             log_weights = zeros.detach().index_add(0, scored_owners, aligned) / counts.clamp(min=1)
-        return logps, logits_sum, counts, router_loss, log_weights
+        return logps, stat_sums, counts, router_loss, log_weights
 
     def _decode(self, input_ids, position_ids, sequence_index, branch, attention_gather, attention_scatter, routed: bool):
         """The decoder's output for the batch's layout (see `forward`): its last hidden states, and with `routed`
@@ -211,24 +248,30 @@ class SequenceLogps(nn.Module):
         return decoder(input_ids=input_ids, attention_mask=causal_only_masks(self.causal_lm.config), use_cache=False, **extra)
 
 
-def forward_pair(model: nn.Module, batch: PairBatch) -> PairLogps:
-    """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected."""
-    logps, logits_sum, tokens, router_loss, log_weights = model(
+def forward_pair(model: nn.Module, batch: PairBatch, token_metrics: bool = False) -> PairLogps:
+    """Run a `SequenceLogps` (or a DeepSpeed engine around one) on a pair batch; split chosen/rejected.
+    `token_metrics`: also the per-token metrics (the policy's; a reference's are never read)."""
+    logps, stat_sums, tokens, router_loss, log_weights = model(
         batch.input_ids, batch.scored_positions, batch.scored_targets, batch.scored_owners, batch.num_sequences,
         batch.position_ids, batch.sequence_index, batch.branch, batch.attention_gather, batch.attention_scatter,
-        batch.attention_mask, batch.scored_weights,
+        batch.attention_mask, batch.scored_weights, token_metrics,
     )
     num_pairs = batch.num_pairs
-    return PairLogps(
-        chosen_logps=logps[:num_pairs],
-        rejected_logps=logps[num_pairs : 2 * num_pairs],
-        chosen_logits_sum=logits_sum[:num_pairs],
-        rejected_logits_sum=logits_sum[num_pairs : 2 * num_pairs],
-        chosen_tokens=tokens[:num_pairs],
-        rejected_tokens=tokens[num_pairs : 2 * num_pairs],
+    chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+    pair = PairLogps(
+        chosen_logps=logps[chosen],
+        rejected_logps=logps[rejected],
+        chosen_tokens=tokens[chosen],
+        rejected_tokens=tokens[rejected],
         sft_logps=logps[2 * num_pairs :] if batch.num_sft else None,
         sft_tokens=tokens[2 * num_pairs :] if batch.num_sft else None,
         router_loss=router_loss,
-        chosen_log_weights=log_weights[:num_pairs] if log_weights is not None else None,
-        rejected_log_weights=log_weights[num_pairs : 2 * num_pairs] if log_weights is not None else None,
+        chosen_log_weights=log_weights[chosen] if log_weights is not None else None,
+        rejected_log_weights=log_weights[rejected] if log_weights is not None else None,
     )
+    if stat_sums is not None:
+        mean_logit, entropy, top1 = stat_sums.unbind(dim=-1)
+        pair.chosen_logits_sum, pair.rejected_logits_sum = mean_logit[chosen], mean_logit[rejected]
+        pair.chosen_entropy_sum, pair.rejected_entropy_sum = entropy[chosen], entropy[rejected]
+        pair.chosen_top1_tokens = top1[chosen]
+    return pair

@@ -4,7 +4,9 @@ Sums stay as device tensors over a logging window; a log step stacks them and ru
 all-reduce, then divides by the global counts. Names and meanings follow TRL's DPOTrainer:
 - per-pair means (over every pair of every rank): loss, rewards/chosen, rewards/rejected,
   rewards/accuracies (chosen reward strictly greater), rewards/margins, logps/chosen, logps/rejected;
-- per-token means: logits/chosen, logits/rejected (the mean-over-vocab logit of completion tokens);
+- per-token means: logits/chosen, logits/rejected (the mean-over-vocab logit of completion tokens), entropy (of
+  the policy's next-token distribution, over chosen and rejected completion tokens), mean_token_accuracy (the
+  share of chosen completion tokens that are the policy's argmax);
 - nll_loss: the per-token NLL of the chosen completion, averaged over pairs (the SFT term).
 Eval padding pairs carry weight 0 and count nowhere.
 """
@@ -35,11 +37,14 @@ _MEAN_OVER = {
     "logps/rejected": "pairs",
     "logits/chosen": "chosen_tokens",
     "logits/rejected": "rejected_tokens",
+    "entropy": "completion_tokens",
+    "mean_token_accuracy": "chosen_tokens",
     "nll_loss": "pairs",
     "sft_nll_loss": "sft_examples",
     "aux_loss": "routed_batches",
 }
-_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "tokens", "processed_tokens", "sft_examples", "routed_batches")
+_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "completion_tokens", "tokens", "processed_tokens", "sft_examples",
+           "routed_batches")
 
 
 def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weight: torch.Tensor, num_tokens: int,
@@ -49,6 +54,8 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
     prefix sharing: a shared prompt runs once); `sft_nll` (S,) per-token NLL of the SFT rows mixed in, if any;
     `router_loss` a MoE policy's load-balancing loss, if trained with it (TRL's aux_loss: a mean over micro-batches)."""
     w = weight.to(loss.losses.dtype)
+    chosen_tokens = (policy.chosen_tokens.to(w.dtype) * w).sum()
+    rejected_tokens = (policy.rejected_tokens.to(w.dtype) * w).sum()
     return {
         "nll_loss": (nll.detach() * w).sum(),
         "loss": (loss.losses.detach() * w).sum(),
@@ -60,9 +67,12 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
         "logps/rejected": (policy.rejected_logps.detach() * w).sum(),
         "logits/chosen": (policy.chosen_logits_sum * w).sum(),
         "logits/rejected": (policy.rejected_logits_sum * w).sum(),
+        "entropy": ((policy.chosen_entropy_sum + policy.rejected_entropy_sum) * w).sum(),
+        "mean_token_accuracy": (policy.chosen_top1_tokens * w).sum(),
         "pairs": w.sum(),
-        "chosen_tokens": (policy.chosen_tokens.to(w.dtype) * w).sum(),
-        "rejected_tokens": (policy.rejected_tokens.to(w.dtype) * w).sum(),
+        "chosen_tokens": chosen_tokens,
+        "rejected_tokens": rejected_tokens,
+        "completion_tokens": chosen_tokens + rejected_tokens,
         "tokens": w.new_full((), float(num_tokens)),  # a fill kernel, no host copy
         "processed_tokens": processed_tokens.to(w.dtype),
         "sft_nll_loss": (sft_nll.detach().sum() if sft_nll is not None else w.new_zeros(())),

@@ -179,13 +179,9 @@ class PrecomputedReference:
         def on_device(values: list, dtype: torch.dtype) -> torch.Tensor:  # built on the host, copied without a stream sync
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-        chosen = on_device([row.ref_chosen_logps for row in cached], torch.float32)
-        zeros = torch.zeros_like(chosen)  # the reference's logits are not part of any metric
         return PairLogps(
-            chosen_logps=chosen,
+            chosen_logps=on_device([row.ref_chosen_logps for row in cached], torch.float32),
             rejected_logps=on_device([row.ref_rejected_logps for row in cached], torch.float32),
-            chosen_logits_sum=zeros,
-            rejected_logits_sum=zeros,
             chosen_tokens=on_device([row.chosen_tokens for row in cached], torch.long),
             rejected_tokens=on_device([row.rejected_tokens for row in cached], torch.long),
         )

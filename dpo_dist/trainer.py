@@ -222,7 +222,7 @@ class Trainer:
         NLL), and what the metrics need."""
         dpo = self.config.dpo
         ref_logps = self.reference.logps(batch.pairs_only()) if self.reference is not None else None
-        policy_logps = forward_pair(self.policy, batch)
+        policy_logps = forward_pair(self.policy, batch, token_metrics=True)
         inputs = PreferenceInputs(
             policy_chosen_logps=policy_logps.chosen_logps,
             policy_rejected_logps=policy_logps.rejected_logps,

@@ -115,13 +115,79 @@ def test_gradients_match_naive(model, batch):
     model.zero_grad()
 
 
-def test_mean_logits_metric(model, batch):
-    """logits_sum is the sum over completion tokens of the mean-over-vocab logit (TRL's logits/* metric)."""
+@pytest.mark.parametrize("chunk_tokens", [3, 4096])
+def test_token_metrics_match_naive_full_softmax(model, batch, chunk_tokens):
+    """TRL's per-token metrics, summed per sequence over completion tokens, against a float64 softmax over the full
+    logits: the mean-over-vocab logit (logits/*), the entropy in nats (entropy) and whether the target is the argmax
+    (mean_token_accuracy, chosen only)."""
     with torch.no_grad():
-        pair = forward_pair(SequenceLogps(model, 3), batch)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-    expected = (logits[:, :-1].mean(-1) * batch.completion_mask[:, 1:]).sum(1)
-    torch.testing.assert_close(torch.cat([pair.chosen_logits_sum, pair.rejected_logits_sum]), expected, atol=1e-5, rtol=0)
+        pair = forward_pair(SequenceLogps(model, chunk_tokens), batch, token_metrics=True)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()[:, :-1]
+    mask = batch.completion_mask[:, 1:].double()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    is_top1 = (logits.argmax(dim=-1) == batch.input_ids[:, 1:]).double()
+    expected_logits = (logits.mean(dim=-1) * mask).sum(dim=1)
+    expected_entropy = (entropy * mask).sum(dim=1)
+    half = batch.num_pairs
+    expected_top1 = (is_top1 * mask).sum(dim=1)[:half]
+    got_logits = torch.cat([pair.chosen_logits_sum, pair.rejected_logits_sum]).double()
+    got_entropy = torch.cat([pair.chosen_entropy_sum, pair.rejected_entropy_sum]).double()
+    torch.testing.assert_close(got_logits, expected_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_entropy, expected_entropy, atol=1e-4, rtol=0)
+    assert pair.chosen_top1_tokens.tolist() == expected_top1.tolist()
+    # a reference's forward computes none of them
+    with torch.no_grad():
+        plain = forward_pair(SequenceLogps(model, chunk_tokens), batch)
+    assert plain.chosen_logits_sum is None and plain.chosen_entropy_sum is None and plain.chosen_top1_tokens is None
+    torch.testing.assert_close(plain.chosen_logps, pair.chosen_logps, atol=1e-6, rtol=0)
+
+
+def test_token_stats_of_hand_made_logits():
+    """`_chunk_token_stats` on logits chosen by hand (an identity lm_head): the target is the argmax in row 0, not in
+    row 1; rows 2 and 3 tie two maxima, and only the first of a tie counts (TRL's argmax rule). Entropy and log p
+    against float64."""
+    from dpo_dist.logps import _chunk_token_stats
+
+    logits = torch.tensor([[4.0, 1.0, 0.0, -2.0], [4.0, 1.0, 0.0, -2.0], [0.5, 3.0, 3.0, 1.0], [0.5, 3.0, 3.0, 1.0]])
+    targets = torch.tensor([0, 1, 2, 1])
+    identity = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(4))
+        logps, stats, log_sum_squares = _chunk_token_stats(identity, logits, targets, token_metrics=True,
+                                                           probability_weights=True)
+    probs = torch.softmax(logits.double(), dim=-1)
+    assert stats[:, 2].tolist() == [1.0, 0.0, 0.0, 1.0]
+    torch.testing.assert_close(stats[:, 0], logits.mean(dim=-1))
+    torch.testing.assert_close(stats[:, 1].double(), -(probs * probs.log()).sum(dim=-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logps.double(), probs.log().gather(-1, targets[:, None]).squeeze(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(log_sum_squares.double(), (probs * probs).sum(dim=-1).log(), atol=1e-6, rtol=0)
+
+
+def test_token_metrics_are_not_recomputed_in_backward(model, batch, monkeypatch):
+    """The metrics come after TargetLogProb in each checkpointed chunk, so backward's recomputation stops before
+    them: the entropy's dot product runs once per chunk in forward and never in backward. The gradients are those
+    of the naive graph."""
+    import dpo_dist.logps as logps_module
+
+    calls = []
+    real_dot = logps_module._rowwise_dot
+    monkeypatch.setattr(logps_module, "_rowwise_dot", lambda a, b: calls.append(a.shape[0]) or real_dot(a, b))
+    model.zero_grad()
+    pair = forward_pair(SequenceLogps(model, chunk_tokens=5), batch, token_metrics=True)
+    scored = int(batch.completion_mask[:, 1:].sum())
+    assert sum(calls) == scored and len(calls) == -(-scored // 5)
+    calls.clear()
+    (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
+    assert calls == []
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    half = batch.num_pairs
+    (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
 
 
 def test_packed_equals_padded(model, tokenizer):
@@ -139,8 +205,10 @@ def test_packed_equals_padded(model, tokenizer):
     padded, packed = collate(examples, tokenizer.pad_token_id, None, sft), collate_packed(examples, tokenizer.pad_token_id, None, sft)
     assert packed.input_ids.shape[0] == 1 and packed.input_ids.shape[1] == int(padded.attention_mask.sum())
     with torch.no_grad():
-        a, b = forward_pair(SequenceLogps(model, 5), padded), forward_pair(SequenceLogps(model, 5), packed)
-    for name in ("chosen_logps", "rejected_logps", "chosen_logits_sum", "sft_logps"):
+        a = forward_pair(SequenceLogps(model, 5), padded, token_metrics=True)
+        b = forward_pair(SequenceLogps(model, 5), packed, token_metrics=True)
+    for name in ("chosen_logps", "rejected_logps", "chosen_logits_sum", "rejected_entropy_sum", "chosen_top1_tokens",
+                 "sft_logps"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=0, msg=name)
     assert torch.equal(a.chosen_tokens, b.chosen_tokens) and torch.equal(a.sft_tokens, b.sft_tokens)
     with torch.no_grad():  # the reference's view drops the SFT sequence in both layouts alike
@@ -155,7 +223,7 @@ def test_padded_forward_and_backward_never_wait_for_the_device(model, batch):
 
     model.zero_grad()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        pair = forward_pair(SequenceLogps(model, 5), batch)
+        pair = forward_pair(SequenceLogps(model, 5), batch, token_metrics=True)
         (pair.chosen_logps.sum() - pair.rejected_logps.sum()).backward()
     model.zero_grad()
     assert host_reads(prof) == []
@@ -191,7 +259,7 @@ def test_target_log_prob_function_against_float64_log_softmax():
 
     fused_input = logits.detach().clone().requires_grad_(True)
     logits_buffer = fused_input * 1.0  # a fresh tensor, as lm_head(h).float() is; the function overwrites it
-    got = TargetLogProb.apply(logits_buffer, targets)
+    got = TargetLogProb.apply(logits_buffer, targets, torch.logsumexp(logits.detach(), dim=-1))
     (got * upstream).sum().backward()
 
     torch.testing.assert_close(got.double(), expected.detach(), atol=1e-5, rtol=1e-6)

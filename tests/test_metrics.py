@@ -10,27 +10,33 @@ from dpo_dist.losses import PreferenceLoss
 from dpo_dist.metrics import MetricWindow, TrainClock, batch_sums, flops_per_token
 
 
-def sums(chosen_rewards, rejected_rewards, weight, chosen_tokens, logits_sum):
+def sums(chosen_rewards, rejected_rewards, weight, chosen_tokens, logits_sum, entropy_sum=None, top1=None):
     n = len(chosen_rewards)
     loss = PreferenceLoss(torch.ones(n), torch.tensor(chosen_rewards), torch.tensor(rejected_rewards))
     policy = PairLogps(
         chosen_logps=torch.full((n,), -2.0), rejected_logps=torch.full((n,), -3.0),
         chosen_logits_sum=torch.tensor(logits_sum), rejected_logits_sum=torch.zeros(n),
         chosen_tokens=torch.tensor(chosen_tokens), rejected_tokens=torch.ones(n, dtype=torch.long),
+        chosen_entropy_sum=torch.tensor(entropy_sum or [0.0] * n), rejected_entropy_sum=torch.full((n,), 0.5),
+        chosen_top1_tokens=torch.tensor(top1 or [0.0] * n),
     )
     return batch_sums(loss, policy, torch.full((n,), 0.5), torch.tensor(weight), 10, torch.tensor(7))
 
 
 def test_weighted_means_over_micro_batches():
     window = MetricWindow()
-    window.add(sums([0.2, 0.0], [0.1, 0.0], [1.0, 1.0], [2, 2], [4.0, 2.0]))
-    window.add(sums([0.0, 9.0], [0.5, 0.0], [1.0, 0.0], [6, 6], [6.0, 99.0]))  # the second pair is eval padding
+    window.add(sums([0.2, 0.0], [0.1, 0.0], [1.0, 1.0], [2, 2], [4.0, 2.0], [3.0, 1.0], [1.0, 2.0]))
+    # the second pair is eval padding
+    window.add(sums([0.0, 9.0], [0.5, 0.0], [1.0, 0.0], [6, 6], [6.0, 99.0], [9.0, 99.0], [3.0, 6.0]))
     means = window.reduce()
     assert means["num_pairs"] == 3 and means["num_tokens"] == 20 and means["num_processed_tokens"] == 14
     assert means["rewards/chosen"] == pytest.approx(0.2 / 3)
     assert means["rewards/accuracies"] == pytest.approx(1 / 3)  # strictly greater: the 0 == 0 tie does not count
     assert means["rewards/margins"] == pytest.approx((0.1 + 0.0 - 0.5) / 3)
     assert means["logits/chosen"] == pytest.approx((4 + 2 + 6) / (2 + 2 + 6))  # per token, not per pair
+    # over chosen AND rejected tokens (each rejected completion: 1 token of entropy 0.5)
+    assert means["entropy"] == pytest.approx((3 + 1 + 9 + 3 * 0.5) / (2 + 2 + 6 + 3))
+    assert means["mean_token_accuracy"] == pytest.approx((1 + 2 + 3) / (2 + 2 + 6))  # over chosen tokens only
     assert means["nll_loss"] == pytest.approx(0.5) and "sft_nll_loss" not in means
 
 

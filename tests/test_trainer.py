@@ -10,7 +10,7 @@ from launching import ROOT, read_metrics, run_here, write_config
 
 TRL_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
     "grad_norm", "learning_rate", "tokens_per_second",
 )
 

@@ -26,7 +26,7 @@ TOLERANCE = 1e-4
 
 # Metrics both tools define the same way (TRL's names). TRL also reports `eval_num_tokens`, but there it
 # is the cumulative number of TRAINING tokens (0 before training), not the eval tokens we count, so it is
-# not compared; entropy / mean_token_accuracy / runtime are TRL-only, num_pairs is ours only.
+# not compared; runtime is TRL-only, num_pairs is ours only.
 REQUIRED = {
     "eval_loss",
     "eval_rewards/chosen",
@@ -37,6 +37,8 @@ REQUIRED = {
     "eval_logps/rejected",
     "eval_logits/chosen",
     "eval_logits/rejected",
+    "eval_entropy",
+    "eval_mean_token_accuracy",
 }
 NOT_COMPARABLE = {"eval_num_tokens"}
 
@@ -56,6 +58,14 @@ def _as_plain(record: dict) -> dict:
 
 
 LONG_NUMBERS = " ".join(str((7 * i) % 100) for i in range(40))
+# The tiny random models (tied embeddings) put their argmax on the current token, so a completion that repeats
+# its tokens makes mean_token_accuracy non-zero: without it both tools would report 0 and agree trivially.
+REPEATS_RECORD = {"prompt": "Say 7:\nAnswer:", "chosen": " 7 7 7 7", "rejected": " 7 8"}
+CHAT_REPEATS_RECORD = {
+    "prompt": [{"role": "user", "content": "Say 7:"}],
+    "chosen": [{"role": "assistant", "content": "7 7 7 7"}],
+    "rejected": [{"role": "assistant", "content": "7 8"}],
+}
 
 
 def plain_records() -> list[dict]:
@@ -97,12 +107,16 @@ def implicit(make_records):
     return records
 
 
+def with_record(make_records, record: dict):
+    return lambda: make_records() + [record]
+
+
 # (records, max_seq_length): the lengths are chosen so that some pairs are truncated (checked below).
 CASES = {
-    "plain": (plain_records, 20),
-    "chat": (chat_records, 40),
-    "plain-implicit": (implicit(plain_records), 20),
-    "chat-implicit": (implicit(chat_records), 40),
+    "plain": (with_record(plain_records, REPEATS_RECORD), 20),
+    "chat": (with_record(chat_records, CHAT_REPEATS_RECORD), 40),
+    "plain-implicit": (implicit(with_record(plain_records, REPEATS_RECORD)), 20),
+    "chat-implicit": (implicit(with_record(chat_records, CHAT_REPEATS_RECORD)), 40),
 }
 
 
@@ -140,8 +154,8 @@ def trl_evaluate(policy_path, reference_path, records: list[dict], max_length: i
         **(losses or {"loss_type": ["sigmoid"]}),
         max_length=max_length,
         truncation_mode="keep_start",
-        # The whole eval set is ONE batch. TRL logs the mean over batches of per-batch means (and its logits/*
-        # metrics are token-weighted within a batch only), while we weight every pair / token of the eval set
+        # The whole eval set is ONE batch. TRL logs the mean over batches of per-batch means (and its logits/*,
+        # entropy and mean_token_accuracy are token-weighted within a batch only), while we weight every pair / token of the eval set
         # equally; with a single TRL batch the two definitions coincide exactly.
         per_device_eval_batch_size=len(records),
         # TRL's config defaults to bf16=True even on CPU. Accelerate then wraps the REFERENCE model's forward
@@ -211,6 +225,7 @@ def test_evaluate_matches_trl(case, tiny_policy, tiny_reference, tmp_path):
     # The reference is really a different model: with reference == policy every reward is exactly 0.
     assert abs(ours["eval_rewards/chosen"]) > 1e-3 and abs(ours["eval_rewards/rejected"]) > 1e-3
     assert abs(ours["eval_loss"] - math.log(2)) > 1e-3
+    assert ours["eval_mean_token_accuracy"] > 0.01 and ours["eval_entropy"] > 0.1  # compared below, and not trivially
 
     diffs = {key: abs(float(ours[key]) - float(trl_metrics[key])) for key in sorted(shared)}
     print(f"\n[{case}] max abs diff vs TRL: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
