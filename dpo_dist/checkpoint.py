@@ -173,6 +173,7 @@ class Checkpointer:
         self.training = training
         self.dist = dist_info
         self.output_dir = Path(training.output_dir)
+        self._replaced: list[Path] | None = None  # the checkpoints of an old run overwrite_output_dir replaces
 
     def should_save(self, step: int, last: bool) -> bool:
         return last or (self.training.save_steps > 0 and step % self.training.save_steps == 0)
@@ -217,7 +218,8 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     def resume_path(self) -> Path | None:
-        """The checkpoint this run continues from, None for a fresh start; refuses to mix two runs."""
+        """The checkpoint this run continues from, None for a fresh start; refuses to mix two runs. An old run
+        that training.overwrite_output_dir replaces is only listed here (`clear_replaced_run` deletes it)."""
         resume_from = self.training.resume_from
         existing = complete_checkpoints(self.output_dir)
         if resume_from is None:
@@ -230,14 +232,7 @@ class Checkpointer:
                     "start over with training.overwrite_output_dir=true (deletes its checkpoints and metrics), "
                     "or choose another training.output_dir"
                 )
-            barrier()  # every rank has listed the directory before rank 0 clears it
-            if self.dist.is_main:
-                for _, path in existing:
-                    shutil.rmtree(path)
-                for name in ("metrics.jsonl", "tensorboard", "final"):
-                    target = self.output_dir / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            barrier()
+            self._replaced = [path for _, path in existing]
             return None
         if resume_from == "auto":
             return existing[-1][1] if existing else None
@@ -245,6 +240,22 @@ class Checkpointer:
         if not (path / TRAINER_STATE).is_file():
             raise UserError(f"training.resume_from: {path} is not a finished checkpoint (no {TRAINER_STATE})")
         return path
+
+    def clear_replaced_run(self) -> None:
+        """Delete the old run that training.overwrite_output_dir replaces (its checkpoints, metrics, TensorBoard
+        events and final/), if `resume_path` found one. Called once the new run has loaded its data and models, so
+        that a config failing on the way leaves the old run as it was. Collective."""
+        if self._replaced is None:
+            return
+        barrier()  # every rank has finished setting up before rank 0 clears the directory
+        if self.dist.is_main:
+            for path in self._replaced:
+                shutil.rmtree(path)
+            for name in ("metrics.jsonl", "tensorboard", "final"):
+                target = self.output_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        barrier()
+        self._replaced = None
 
     def load(self, path: Path, engine, fresh: TrainerState) -> tuple[TrainerState, dict]:
         """Engine state into `engine`; returns the trainer state and this rank's RNG states (set them last).

@@ -280,7 +280,9 @@ class TrainingConfig:
     save_total_limit: int | None = _opt(3, "Keep the newest N checkpoints (null: keep all).")
     keep_best_checkpoint: bool = _opt(False, "Also keep the checkpoint with the lowest eval loss, beyond save_total_limit.")
     resume_from: str | None = _opt(None, "Resume from a checkpoint: auto (the newest complete one in output_dir) or a path.")
-    overwrite_output_dir: bool = _opt(False, "Start fresh in an output_dir that holds another run's checkpoints (deletes them).")
+    overwrite_output_dir: bool = _opt(
+        False, "Start fresh in an output_dir that holds another run's checkpoints (deletes them once this run has loaded "
+        "its data and models).")
     memory_check: bool = _opt(True, "On a GPU, refuse before loading weights a run the memory planner (launch/plan.py) says cannot fit.")
 
     def __post_init__(self) -> None:

@@ -109,7 +109,8 @@ class Trainer:
                 self.logger.info(f"note: {note}")
         self._setup_data(train)
         self.checkpointer = Checkpointer(self.config.training, self.dist)
-        resume_path = self.checkpointer.resume_path() if train else None  # refuse early, before loading models
+        # refuse early, before loading models; an old run overwrite_output_dir replaces goes once they have loaded
+        resume_path = self.checkpointer.resume_path() if train else None
         self._setup_models(train, resume_path)
         sub_group = self.ds_config["zero_optimization"]["sub_group_size"] if zero_stage(self.ds_config) == 3 else None
         self.state = TrainerState(world_size=self.dist.world_size, global_batch=self.global_batch,
@@ -122,6 +123,8 @@ class Trainer:
                              f"{self.state.epoch_step} steps into it, {self.state.consumed_pairs} pairs consumed)")
         elif train and self.config.training.resume_from == "auto":  # no checkpoint yet: this run starts over, and
             self.logger.truncate_after(-1)  # what an attempt killed before its first checkpoint logged goes
+        if train:
+            self.checkpointer.clear_replaced_run()
         if self.dist.is_main:
             Path(self.config.training.output_dir).mkdir(parents=True, exist_ok=True)
             save_config(self.config, Path(self.config.training.output_dir) / "config.yaml")

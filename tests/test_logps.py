@@ -99,12 +99,24 @@ def test_prompt_and_padding_tokens_are_never_counted(model, batch):
     assert (first > 0).all()
 
 
-def test_gradients_match_naive(model, batch):
-    """The checkpointed chunks recompute logits in backward; gradients equal the naive graph's."""
+@pytest.mark.parametrize("token_metrics", [False, True])
+def test_gradients_match_naive(model, batch, token_metrics, monkeypatch):
+    """The checkpointed chunks recompute logits in backward; gradients equal the naive graph's. The token metrics
+    come after TargetLogProb in each chunk, so backward's recomputation stops before them: the entropy's dot
+    product runs once per chunk in forward and never in backward."""
+    import dpo_dist.logps as logps_module
+
+    calls = []
+    real_dot = logps_module._rowwise_dot
+    monkeypatch.setattr(logps_module, "_rowwise_dot", lambda a, b: calls.append(a.shape[0]) or real_dot(a, b))
     scorer = SequenceLogps(model, chunk_tokens=5)
     model.zero_grad()
-    pair = forward_pair(scorer, batch)
+    pair = forward_pair(scorer, batch, token_metrics=token_metrics)
+    scored = int(batch.completion_mask[:, 1:].sum())
+    assert len(calls) == (-(-scored // 5) if token_metrics else 0) and sum(calls) == (scored if token_metrics else 0)
+    calls.clear()
     (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
+    assert calls == []
     chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
@@ -162,32 +174,6 @@ def test_token_stats_of_hand_made_logits():
     torch.testing.assert_close(stats[:, 1].double(), -(probs * probs.log()).sum(dim=-1), atol=1e-6, rtol=0)
     torch.testing.assert_close(logps.double(), probs.log().gather(-1, targets[:, None]).squeeze(-1), atol=1e-6, rtol=0)
     torch.testing.assert_close(log_sum_squares.double(), (probs * probs).sum(dim=-1).log(), atol=1e-6, rtol=0)
-
-
-def test_token_metrics_are_not_recomputed_in_backward(model, batch, monkeypatch):
-    """The metrics come after TargetLogProb in each checkpointed chunk, so backward's recomputation stops before
-    them: the entropy's dot product runs once per chunk in forward and never in backward. The gradients are those
-    of the naive graph."""
-    import dpo_dist.logps as logps_module
-
-    calls = []
-    real_dot = logps_module._rowwise_dot
-    monkeypatch.setattr(logps_module, "_rowwise_dot", lambda a, b: calls.append(a.shape[0]) or real_dot(a, b))
-    model.zero_grad()
-    pair = forward_pair(SequenceLogps(model, chunk_tokens=5), batch, token_metrics=True)
-    scored = int(batch.completion_mask[:, 1:].sum())
-    assert sum(calls) == scored and len(calls) == -(-scored // 5)
-    calls.clear()
-    (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
-    assert calls == []
-    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
-    half = batch.num_pairs
-    (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
-    model.zero_grad()
 
 
 def test_packed_equals_padded(model, tokenizer):

@@ -215,3 +215,34 @@ def test_resume_auto_without_a_checkpoint_starts_over_without_the_killed_attempt
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2, 3]
     assert all(record["loss"] != 123.0 for record in records)
+
+
+def test_overwrite_output_dir_keeps_the_old_run_until_the_new_one_has_loaded(tiny_policy, tmp_path):
+    """training.overwrite_output_dir deletes the old run only once the new one has passed its checks and loaded its
+    models: a config that fails on the way (here a LoRA target the model lacks) leaves the old run as it was; one that
+    loads replaces it."""
+    from dpo_dist.config import load_config
+    from dpo_dist.engine import DistInfo
+    from dpo_dist.errors import UserError
+    from dpo_dist.trainer import Trainer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old_metrics = '{"step": 7, "loss": 0.25}\n'
+    (out / "metrics.jsonl").write_text(old_metrics)
+    (out / "final").mkdir()
+    good = write_config(tmp_path / "good.yaml", tiny_policy, None, out, lora={"r": 4, "alpha": 8},
+                        training={"overwrite_output_dir": True, "max_steps": 1})
+    bad = load_config(good, ["lora.target_modules=[no_such_proj]"])
+    trainer = Trainer(bad, DistInfo(0, 1, 0, torch.device("cpu")))
+    try:
+        with pytest.raises(UserError) as err:
+            trainer.setup(train=True)
+    finally:
+        trainer.cleanup()
+    assert "no_such_proj" in str(err.value)
+    assert (out / "metrics.jsonl").read_text() == old_metrics and (out / "final").is_dir()
+
+    run_here("train.py", good)
+    train, _ = read_metrics(out)
+    assert sorted(train) == [1]  # the old run's step 7 is gone
