@@ -99,21 +99,22 @@ def test_prompt_and_padding_tokens_are_never_counted(model, batch):
     assert (first > 0).all()
 
 
-@pytest.mark.parametrize("token_metrics", [False, True])
-def test_gradients_match_naive(model, batch, token_metrics, monkeypatch):
+@pytest.mark.parametrize("token_metrics, wpo", [(False, False), (True, False), (True, True)])
+def test_gradients_match_naive(model, batch, token_metrics, wpo, monkeypatch):
     """The checkpointed chunks recompute logits in backward; gradients equal the naive graph's. The token metrics
-    come after TargetLogProb in each chunk, so backward's recomputation stops before them: the entropy's dot
-    product runs once per chunk in forward and never in backward."""
+    and WPO's sum p^2 come after TargetLogProb in each chunk, so backward's recomputation stops before them: their
+    dot products run once per chunk in forward and never in backward."""
     import dpo_dist.logps as logps_module
 
     calls = []
     real_dot = logps_module._rowwise_dot
     monkeypatch.setattr(logps_module, "_rowwise_dot", lambda a, b: calls.append(a.shape[0]) or real_dot(a, b))
-    scorer = SequenceLogps(model, chunk_tokens=5)
+    scorer = SequenceLogps(model, chunk_tokens=5, probability_weights=wpo)
     model.zero_grad()
     pair = forward_pair(scorer, batch, token_metrics=token_metrics)
     scored = int(batch.completion_mask[:, 1:].sum())
-    assert len(calls) == (-(-scored // 5) if token_metrics else 0) and sum(calls) == (scored if token_metrics else 0)
+    dots_per_chunk = int(token_metrics) + int(wpo)
+    assert len(calls) == dots_per_chunk * -(-scored // 5) and sum(calls) == dots_per_chunk * scored
     calls.clear()
     (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
     assert calls == []
