@@ -80,7 +80,7 @@ def test_log_probs_and_gradients_equal_the_unshared_ones(tiny_policy, tokenizer,
     assert batch.num_tokens == unshared_tokens and int(batch.attention_mask.sum()) < unshared_tokens
     assert batch.input_ids.shape[0] == (1 if packed else len(examples) + 1)
 
-    pair = forward_pair(SequenceLogps(model, 5), batch)
+    pair = forward_pair(SequenceLogps(model, 5), batch, token_metrics=True)
     naive = naive_logps(reference, examples, tokenizer, sft)
     n = len(examples)
     got = torch.cat([pair.chosen_logps, pair.rejected_logps, pair.sft_logps])
@@ -88,6 +88,11 @@ def test_log_probs_and_gradients_equal_the_unshared_ones(tiny_policy, tokenizer,
     unshared = collate(examples, tokenizer.pad_token_id, None, sft)
     counts = unshared.completion_mask[:, 1:].sum(dim=1)
     assert torch.equal(torch.cat([pair.chosen_tokens, pair.rejected_tokens, pair.sft_tokens]), counts)
+    with torch.no_grad():  # the token metrics too (test_logps checks the padded layout's against float64)
+        padded = forward_pair(SequenceLogps(reference, 5), unshared, token_metrics=True)
+    for name in ("chosen_logits_sum", "rejected_logits_sum", "chosen_entropy_sum", "rejected_entropy_sum",
+                 "chosen_top1_tokens"):
+        torch.testing.assert_close(getattr(pair, name).detach(), getattr(padded, name), atol=1e-4, rtol=0, msg=name)
 
     (got * torch.linspace(1.0, -1.0, 2 * n + 1)).sum().backward()
     (naive * torch.linspace(1.0, -1.0, 2 * n + 1)).sum().backward()
