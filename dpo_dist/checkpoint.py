@@ -251,7 +251,7 @@ class Checkpointer:
         if self.dist.is_main:
             for path in self._replaced:
                 shutil.rmtree(path)
-            for name in ("metrics.jsonl", "tensorboard", "final"):
+            for name in ("metrics.jsonl", "train_results.json", "tensorboard", "final"):
                 target = self.output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         barrier()

@@ -146,6 +146,37 @@ class TrainClock:
         return self._seconds + running
 
 
+class RunTotals:
+    """This invocation's training, for `train_results.json` at the end (the train_* summary HF's Trainer logs
+    when TRL's DPOTrainer finishes): wall time from the first step to the last (evals and checkpoint saves
+    included, as HF counts), the pairs, tokens and steps trained in it, and the mean per-step loss over its
+    logging windows. A resumed run counts from where it resumed (HF divides the whole run's samples by the
+    last invocation's time)."""
+
+    def __init__(self, state) -> None:
+        self._start = time.perf_counter()
+        self._first = (state.step, state.consumed_pairs, state.consumed_tokens)
+        self._loss_sum, self._loss_steps = 0.0, 0
+
+    def add_window(self, loss: float, steps: int) -> None:
+        """A logging window's mean loss over its `steps` steps (every step trains the same number of pairs)."""
+        self._loss_sum += loss * steps
+        self._loss_steps += steps
+
+    def summary(self, state, epoch: float) -> dict[str, float | None]:
+        runtime = time.perf_counter() - self._start
+        step, pairs, tokens = self._first
+        return {
+            "train_runtime": runtime,
+            "train_samples_per_second": (state.consumed_pairs - pairs) / runtime,
+            "train_steps_per_second": (state.step - step) / runtime,
+            "train_tokens_per_second": (state.consumed_tokens - tokens) / runtime,
+            "train_loss": self._loss_sum / self._loss_steps if self._loss_steps else None,
+            "train_steps": state.step - step,
+            "epoch": epoch,
+        }
+
+
 class MetricWindow:
     """Accumulates `batch_sums` over micro-steps; `reduce()` all-reduces once and returns means."""
 
@@ -188,6 +219,9 @@ class NullLogger:
         pass
 
     def truncate_after(self, step: int) -> None:
+        pass
+
+    def write_results(self, name: str, results: dict) -> None:
         pass
 
     def close(self) -> None:
@@ -245,6 +279,14 @@ class RankZeroLogger(NullLogger):
                 if isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(name, value, step)
             self._tensorboard.flush()
+
+    def write_results(self, name: str, results: dict) -> None:
+        """`output_dir/<name>` (a summary such as train_results.json), whole or not at all, and the same as one line."""
+        path = self.output_dir / name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, path)
+        self.info(f"{name}: {json.dumps(results)}")
 
     def progress(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
         from tqdm import tqdm

@@ -38,6 +38,7 @@ from dpo_dist.losses import LOSSES, PreferenceInputs, chosen_nll, combine
 from dpo_dist.metrics import (
     MetricWindow,
     PreemptionFlag,
+    RunTotals,
     TrainClock,
     batch_sums,
     device_peak_tflops,
@@ -277,6 +278,7 @@ class Trainer:
         if self.resume_rng is not None:
             set_rng_state(self.resume_rng)  # last, so nothing between here and the next step draws from it
         window, clock, preemption = MetricWindow(), TrainClock(), PreemptionFlag()
+        self._run_totals = RunTotals(state)
         stop_vote = LaggedVote(self.dist.device)  # a signal may reach only some ranks: all stop together
         self._window_first_step = state.step
         progress = self.logger.progress(total=self.total_steps, initial=state.step)
@@ -288,7 +290,7 @@ class Trainer:
             if sync_steps and state.step % sync_steps == 0:  # TR-DPO: the reference follows the policy
                 self.policy.release_gathered_params()
                 self.reference.follow(self.causal_lm, self.config.reference.mixup_alpha)
-            epoch_progress = state.epoch + state.epoch_step / self.steps_per_epoch  # a finished epoch reads as epoch + 1
+            epoch_progress = self._epoch_progress()
             progress.update(1)
             last = state.step == self.total_steps
             stopping = stop_vote(preemption.requested, wait=last)
@@ -310,11 +312,16 @@ class Trainer:
                 self.logger.info(f"stopped on a signal at step {state.step}; resume with training.resume_from=auto")
                 return "preempted"
         progress.close()
+        self.logger.write_results("train_results.json", self._run_totals.summary(state, self._epoch_progress()))
         self.policy.release_gathered_params()
         export = self.config.export
         export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist, export.merge, export.max_shard_size)
         self.logger.info(f"exported the policy to {Path(training.output_dir) / 'final'}")
         return "completed"
+
+    def _epoch_progress(self) -> float:
+        """Epochs trained, fractional (a finished epoch reads as epoch + 1)."""
+        return self.state.epoch + self.state.epoch_step / self.steps_per_epoch
 
     def _keep_synced_reference(self, checkpoint_dir: Path) -> None:
         """With TR-DPO the reference is part of the run's state: a checkpoint keeps it (in HF layout) to resume from."""
@@ -362,6 +369,7 @@ class Trainer:
         if self.peak_tflops:  # achieved model FLOP/s per device over the device's peak, on the tokens the decoder ran
             achieved = self.flops_per_token * metrics["num_processed_tokens"] / seconds / self.dist.world_size
             metrics["mfu"] = achieved / (self.peak_tflops * 1e12)
+        self._run_totals.add_window(metrics["loss"], step - self._window_first_step)
         self.state.consumed_tokens += int(metrics["num_tokens"])
         metrics["num_tokens"] = float(self.state.consumed_tokens)  # TRL's num_tokens: trained on so far, not this window
         self.logger.log(step, metrics)

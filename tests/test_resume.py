@@ -119,6 +119,9 @@ def test_zero2_kill_9_and_resume_is_bitwise_exact(dropout_policy, tiny_reference
     assert 8 <= step < STEPS and not partial.exists()
     assert "train: tokenized pairs mapped from" in result.stdout  # data.cache_tokenized: the restart did not tokenize
     assert_same_run(tmp_path / "straight", tmp_path / "killed", step)
+    # train_results.json sums up each invocation: the straight run's every step, the resumed one's from its checkpoint
+    for name, steps in (("straight", STEPS), ("killed", STEPS - step)):
+        assert json.loads((tmp_path / name / "train_results.json").read_text())["train_steps"] == steps, name
     kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "killed").glob("checkpoint-*"))
     best = json.loads((tmp_path / "killed" / "checkpoint-18" / "trainer_state.json").read_text())["best_step"]
     assert kept == sorted({16, 18} | ({best} if best % 4 == 0 else set()))  # newest 2, plus the best when saved

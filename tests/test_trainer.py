@@ -36,6 +36,16 @@ def test_lora_with_gradient_checkpointing_trains_and_exports_an_adapter(tiny_pol
         window = train[end]["tokens_per_second"] * train[end]["step_seconds"] * (end - start)
         assert train[end]["num_tokens"] - train.get(start, {}).get("num_tokens", 0) == pytest.approx(window, rel=1e-6)
     assert list(out.glob("tensorboard/events.out.tfevents.*"))
+    # the run's summary, as HF's Trainer ends TRL's runs: the loss over all steps is the windows' step-weighted mean
+    summary = json.loads((out / "train_results.json").read_text())
+    assert summary["train_loss"] == pytest.approx((3 * train[3]["loss"] + 3 * train[6]["loss"]) / 6, rel=1e-12)
+    assert summary["train_steps"] == 6 and summary["epoch"] == train[6]["epoch"]
+    runtime = summary["train_runtime"]
+    steps_seconds = 3 * (train[3]["step_seconds"] + train[6]["step_seconds"])  # the windows' train time, no eval
+    assert steps_seconds <= runtime < steps_seconds + 60
+    assert summary["train_steps_per_second"] * runtime == pytest.approx(6, rel=1e-9)
+    assert summary["train_samples_per_second"] * runtime == pytest.approx(6 * 4, rel=1e-9)  # 4 pairs per step
+    assert summary["train_tokens_per_second"] * runtime == pytest.approx(train[6]["num_tokens"], rel=1e-9)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lora"]["r"] == 4 and saved["model"]["ref_model"] == str(tiny_reference)
 
@@ -230,6 +240,7 @@ def test_overwrite_output_dir_keeps_the_old_run_until_the_new_one_has_loaded(tin
     out.mkdir()
     old_metrics = '{"step": 7, "loss": 0.25}\n'
     (out / "metrics.jsonl").write_text(old_metrics)
+    (out / "train_results.json").write_text('{"train_steps": 7}')
     (out / "final").mkdir()
     good = write_config(tmp_path / "good.yaml", tiny_policy, None, out, lora={"r": 4, "alpha": 8},
                         training={"overwrite_output_dir": True, "max_steps": 1})
@@ -242,7 +253,9 @@ def test_overwrite_output_dir_keeps_the_old_run_until_the_new_one_has_loaded(tin
         trainer.cleanup()
     assert "no_such_proj" in str(err.value)
     assert (out / "metrics.jsonl").read_text() == old_metrics and (out / "final").is_dir()
+    assert json.loads((out / "train_results.json").read_text()) == {"train_steps": 7}
 
     run_here("train.py", good)
     train, _ = read_metrics(out)
     assert sorted(train) == [1]  # the old run's step 7 is gone
+    assert json.loads((out / "train_results.json").read_text())["train_steps"] == 1
