@@ -150,8 +150,7 @@ class RunTotals:
     """This invocation's training, for `train_results.json` at the end (the train_* summary HF's Trainer logs
     when TRL's DPOTrainer finishes): wall time from the first step to the last (evals and checkpoint saves
     included, as HF counts), the pairs, tokens and steps trained in it, and the mean per-step loss over its
-    logging windows. A resumed run counts from where it resumed (HF divides the whole run's samples by the
-    last invocation's time)."""
+    logging windows. A resumed run counts from where it resumed, as transformers 5 does."""
 
     def __init__(self, state) -> None:
         self._start = time.perf_counter()
