@@ -280,12 +280,11 @@ class RankZeroLogger(NullLogger):
             self._tensorboard.flush()
 
     def write_results(self, name: str, results: dict) -> None:
-        """`output_dir/<name>` (a summary such as train_results.json), whole or not at all, and the same as one line."""
+        """`output_dir/<name>` (a summary: train_results.json, eval_results.json), whole or not at all."""
         path = self.output_dir / name
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, path)
-        self.info(f"{name}: {json.dumps(results)}")
 
     def progress(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
         from tqdm import tqdm

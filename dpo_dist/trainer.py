@@ -8,6 +8,7 @@ accumulation boundary. Logging, eval and export are calls around it, not branche
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -312,7 +313,9 @@ class Trainer:
                 self.logger.info(f"stopped on a signal at step {state.step}; resume with training.resume_from=auto")
                 return "preempted"
         progress.close()
-        self.logger.write_results("train_results.json", self._run_totals.summary(state, self._epoch_progress()))
+        summary = self._run_totals.summary(state, self._epoch_progress())
+        self.logger.write_results("train_results.json", summary)
+        self.logger.info(f"train_results.json: {json.dumps(summary)}")
         self.policy.release_gathered_params()
         export = self.config.export
         export_hf(self.causal_lm, self.tokenizer, Path(training.output_dir) / "final", self.dist, export.merge, export.max_shard_size)

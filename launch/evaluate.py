@@ -8,7 +8,6 @@ line of stdout and writes the same object to output_dir/eval_results.json.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,11 +25,8 @@ def main(config, args) -> int:
     trainer = Trainer(config, init_distributed(config.deepspeed.timeout_minutes))
     trainer.setup(train=False)
     metrics = trainer.evaluate()
+    trainer.logger.write_results("eval_results.json", metrics)  # rank 0's logger writes, the others' do nothing
     if trainer.dist.is_main:
-        out = Path(config.training.output_dir) / "eval_results.json"
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, out)
         print(json.dumps(metrics), flush=True)
     trainer.cleanup()
     return 0
