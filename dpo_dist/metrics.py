@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dpo_dist.cache import write_atomic
 from dpo_dist.losses import PreferenceLoss
 from dpo_dist.logps import PairLogps
 
@@ -262,9 +263,7 @@ class RankZeroLogger(NullLogger):
         path = self.output_dir / "metrics.jsonl"
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_atomic(path, "".join(line + "\n" for line in kept).encode())
         self._purge_step = step + 1  # TensorBoard drops events past the checkpoint too
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -281,10 +280,7 @@ class RankZeroLogger(NullLogger):
 
     def write_results(self, name: str, results: dict) -> None:
         """`output_dir/<name>` (a summary: train_results.json, eval_results.json), whole or not at all."""
-        path = self.output_dir / name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, path)
+        write_atomic(self.output_dir / name, json.dumps(results, indent=2).encode())
 
     def progress(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
         from tqdm import tqdm
