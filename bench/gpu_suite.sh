@@ -35,6 +35,8 @@
 #              memory goal)
 #   lora-compiled  the lora case: TRL, then dpo-dist with prefix sharing + lean + compiled layers (its compile did not fit
 #              in the ~95 s lora-next had left for it)
+#   full-z2-compiled  the full case's model and data under ZeRO-2: TRL, then dpo-dist with prefix sharing + lean + compiled
+#              layers (the fourth GPU session ran these two by hand: ZeRO-2 against ZeRO-3 on one GPU, both tools)
 #   liger-tests  tests/test_lean_ops.py -k liger: Liger-Kernel's model against the plain one (CUDA only; skipped in CI)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
@@ -102,6 +104,7 @@ for spec in "$@"; do
                              "${LEAN_COMPILED[@]}"
                              --variant sharedleancompileckpt10:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=10) ;;
         lora-compiled) args=("${LORA[@]}" --no-defaults "${LEAN_COMPILED[@]}") ;;
+        full-z2-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults "${LEAN_COMPILED[@]}") ;;
         liger-tests)
             # -o addopts= : the project's xdist options, which the machine's pytest-xdist may not know
             timeout "$seconds" python3 -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_lean_ops.py -k liger 2>&1 \

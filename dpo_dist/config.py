@@ -62,8 +62,8 @@ class ModelConfig:
     compile: bool = _opt(
         False,
         "torch.compile each decoder layer of the policy and the reference model (fused norms, activations and "
-        "rotary embeddings); the first steps pay the compile time. Under ZeRO-3 only where layers are gathered "
-        "whole (deepspeed.zero3_whole_layers).",
+        "rotary embeddings, rounding bf16 where eager does); the first steps pay the compile time. Under ZeRO-3 "
+        "only where layers are gathered whole (deepspeed.zero3_whole_layers).",
     )
     lean_activations: bool = _opt(
         False,

@@ -559,6 +559,7 @@ class TrainEngine:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.scheduler = scheduler
+        self._step_learning_rate: float | None = None  # the rate the last optimizer step trained with
 
     def __call__(self, *args):
         return self.engine(*args)
@@ -573,6 +574,8 @@ class TrainEngine:
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
 
     def step(self) -> None:
+        # Read before the call: at the accumulation boundary the call steps the scheduler on to the next step's rate
+        self._step_learning_rate = self.scheduler.get_last_lr()[0]
         self.engine.step()  # optimizer + scheduler step only at the accumulation boundary
 
     def grad_norm(self) -> float:
@@ -580,7 +583,11 @@ class TrainEngine:
         return float(norm) if norm is not None else float("nan")
 
     def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        """The rate the last optimizer step trained with, which transformers 5's Trainer (so TRL) logs for a step;
+        before any step, the first step's."""
+        if self._step_learning_rate is None:
+            return self.scheduler.get_last_lr()[0]
+        return self._step_learning_rate
 
     def save_state(self, directory: Path, tag: str) -> None:
         """Model, optimizer, scheduler and ZeRO partitions (collective; every rank writes its part)."""

@@ -28,9 +28,9 @@ def test_lora_with_gradient_checkpointing_trains_and_exports_an_adapter(tiny_pol
     assert sorted(train) == [3, 6]
     for name in TRL_NAMES:
         assert name in train[6], name
-    # 6 steps, 3 warmup: as in HF's Trainer the logged rate is the scheduler's next one, the peak after
-    # warmup at step 3 and 0 at the end of the linear decay.
-    assert train[3]["learning_rate"] == pytest.approx(1e-3) and train[6]["learning_rate"] == pytest.approx(0.0)
+    # 6 steps, 3 of them warmup (1/4, 2/4, 3/4 of the peak), then the linear decay (1, 2/3, 1/3): as transformers 5's
+    # Trainer (so TRL) logs it, a step's rate is the one it trained with, not the scheduler's next one
+    assert train[3]["learning_rate"] == pytest.approx(0.75e-3) and train[6]["learning_rate"] == pytest.approx(1e-3 / 3)
     # num_tokens as TRL logs it: trained on so far; each window's share is its rate x its time
     for start, end in ((0, 3), (3, 6)):
         window = train[end]["tokens_per_second"] * train[end]["step_seconds"] * (end - start)
