@@ -162,7 +162,10 @@ def test_compiled_bf16_layers_round_like_eager(tiny_policy):
     from dpo_dist.models import load_causal_lm, prepare_policy
     from dpo_dist.reference import AdapterSwitch
 
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()  # another test's compiled layers in this worker: no cache hit, no recompile limit
+    graphs_before = counters["stats"]["unique_graphs"]
     lora = LoRAConfig(r=8, alpha=16)
     input_ids = torch.randint(0, 200, (4, 64), generator=torch.Generator().manual_seed(0))
 
@@ -195,6 +198,7 @@ def test_compiled_bf16_layers_round_like_eager(tiny_policy):
         if compiled:  # the grad and no-grad graphs round alike
             torch.testing.assert_close(policy, policy_without_grad, rtol=0, atol=1e-4)
         gains[compiled] = policy - reference
+    assert counters["stats"]["unique_graphs"] - graphs_before >= 2  # the compiled model ran graphs (grad and no-grad)
     # with eager's rounding the gains matched eager's to 0.0022 (they are not bit-identical: inductor's kernels sum in
     # another order)
     torch.testing.assert_close(gains[True], gains[False], rtol=0, atol=0.005)
