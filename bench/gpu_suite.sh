@@ -53,6 +53,8 @@
 #              step ("device busy" against wall time) and the host syncs left, i.e. whether that step waits on the host
 #   sample-full-compiled  the same config under profile_step.py --sample-host 2 (3 warm-up steps, 2 sampled): the
 #              host's time by Python function in a compiled ZeRO-3 step (DeepSpeed's hooks, compiled layers, ours)
+#   profile-full-z2-compiled, sample-full-z2-compiled  the same two on full-z2-compiled's dpo-dist run (ZeRO-2, no
+#              per-layer hooks): where a compiled step's time goes once the hooks are gone (the MFU gap left)
 # all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
 #   bash bench/gpu_suite.sh OUT_DIR CASE[:SECONDS]...   (SECONDS: that case's time limit, else CASE_SECONDS or 270; a machine without deepspeed/trl/datasets/liger-kernel: their wheels in
 #   .whl/, which `python bench/gpu_wheels.py` fills on a machine with a package index)
@@ -137,11 +139,12 @@ for spec in "$@"; do
             timeout "$seconds" python3 bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0 --variants liger,compile 2>&1 \
                 | grep -v -e WARNING -e "warn" | tee "$OUT/$case.log"
             continue ;;
-        profile-full-compiled|sample-full-compiled)
-            config=$WORK/full-compiled/dpo_dist_sharedleancompile/config.yaml  # the run's resolved config, variant included
-            [ -f "$config" ] || { echo "$case: run full-compiled first"; continue; }
+        profile-full-compiled|sample-full-compiled|profile-full-z2-compiled|sample-full-z2-compiled)
+            source_case=${case#*-}  # full-compiled or full-z2-compiled
+            config=$WORK/$source_case/dpo_dist_sharedleancompile/config.yaml  # the run's resolved config, variant included
+            [ -f "$config" ] || { echo "$case: run $source_case first"; continue; }
             how=(--steps 1) report=profile.json
-            [ "$case" = sample-full-compiled ] && how=(--steps 2 --sample-host 2) report=host_samples.json
+            [ "${case%%-*}" = sample ] && how=(--steps 2 --sample-host 2) report=host_samples.json
             timeout "$seconds" python3 bench/profile_step.py --warmup 3 "${how[@]}" --config "$config" \
                 training.output_dir=/tmp/dpo_profile/$case 2>&1 | grep -v -e WARNING -e "it/s]" | tee "$OUT/$case.log"
             cp /tmp/dpo_profile/$case/profile/$report "$OUT/$case.json"

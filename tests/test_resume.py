@@ -85,6 +85,9 @@ def assert_same_run(straight_dir: Path, resumed_dir: Path, resumed_from: int) ->
     straight, _ = read_metrics(straight_dir)
     resumed, _ = read_metrics(resumed_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))  # every step logged once: none lost, none repeated
+    # At accumulation 2 each step logs the rate it trained with (transformers 5 / TRL), not the next one: linear
+    # decay from the peak over 18 steps, no warmup
+    assert [straight[step]["learning_rate"] for step in (1, 2, STEPS)] == pytest.approx([1e-3, 1e-3 * 17 / 18, 1e-3 / 18])
     for step in range(resumed_from + 1, STEPS + 1):
         for key in ("loss", "rewards/margins", "grad_norm", "learning_rate"):
             assert resumed[step][key] == straight[step][key], (step, key)  # bitwise
