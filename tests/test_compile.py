@@ -157,12 +157,11 @@ def test_compiled_bf16_layers_round_like_eager(tiny_policy):
     (bench/RESULTS.md)."""
     import torch
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     from dpo_dist.config import LoRAConfig, ModelConfig
     from dpo_dist.models import load_causal_lm, prepare_policy
     from dpo_dist.reference import AdapterSwitch
-
-    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # another test's compiled layers in this worker: no cache hit, no recompile limit
     graphs_before = counters["stats"]["unique_graphs"]
