@@ -173,18 +173,20 @@ def test_compiled_bf16_layers_round_like_eager(tiny_policy):
         token_logps = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
         return token_logps[:, 32:].sum(-1)
 
+    def lora_b(model) -> list:
+        return [param for name, param in model.named_parameters() if "lora_B" in name]
+
     models = {}
     for compiled in (False, True):
         config = ModelConfig(base_model=str(tiny_policy), compile=compiled)
         torch.manual_seed(0)  # the same adapter A in both
         models[compiled] = prepare_policy(load_causal_lm(str(tiny_policy), config, torch.bfloat16, None), config, lora)
-    eager_b = [p for name, p in models[False].named_parameters() if "lora_B" in name]
     completion_logps(models[False]).sum().backward()  # PEFT's B starts at 0: Adam's first step is lr x sign(grad)
-    steps = [1e-6 * torch.sign(p.grad) for p in eager_b]
+    steps = [1e-6 * torch.sign(param.grad) for param in lora_b(models[False])]
     assert sum(int(step.count_nonzero()) for step in steps) > 0
     for model in models.values():
         with torch.no_grad():
-            for param, step in zip((p for name, p in model.named_parameters() if "lora_B" in name), steps):
+            for param, step in zip(lora_b(model), steps, strict=True):
                 param.copy_(step)
 
     gains = {}
