@@ -37,6 +37,8 @@
 #              in the ~95 s lora-next had left for it)
 #   full-z2-compiled  the full case's model and data under ZeRO-2: TRL, then dpo-dist with prefix sharing + lean + compiled
 #              layers (the fourth GPU session ran these two by hand: ZeRO-2 against ZeRO-3 on one GPU, both tools)
+#   full-z2-metrics  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers with TRL's
+#              per-token metrics (the default) and without them (training.token_metrics=false): what they cost a GPU step
 #   liger-tests  tests/test_lean_ops.py -k liger: Liger-Kernel's model against the plain one (CUDA only; skipped in CI)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
@@ -107,6 +109,9 @@ for spec in "$@"; do
                              --variant sharedleancompileckpt10:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=10) ;;
         lora-compiled) args=("${LORA[@]}" --no-defaults "${LEAN_COMPILED[@]}") ;;
         full-z2-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults "${LEAN_COMPILED[@]}") ;;
+        full-z2-metrics) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
+                               "${LEAN_COMPILED[@]}"
+                               --variant sharedleancompilenometrics:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,training.token_metrics=false) ;;
         liger-tests)
             # -o addopts= : the project's xdist options, which the machine's pytest-xdist may not know
             timeout "$seconds" python3 -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_lean_ops.py -k liger 2>&1 \

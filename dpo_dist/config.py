@@ -276,6 +276,9 @@ class TrainingConfig:
     logging_steps: int = _opt(10, "Log train metrics every N optimizer steps.")
     eval_steps: int = _opt(0, "Evaluate every N optimizer steps (0: only before and after training).")
     peak_tflops: float | None = _opt(None, "Peak TFLOP/s of one device for the mfu metric (default: known GPUs by name).")
+    token_metrics: bool = _opt(
+        True, "Log TRL's per-token metrics (logits/chosen, logits/rejected, entropy, mean_token_accuracy), train and eval; "
+        "false leaves them out and spares each lm_head chunk the passes over the vocabulary that only they need.")
     save_steps: int = _opt(500, "Write output_dir/checkpoint-<step>/ every N optimizer steps (and at the end; 0: only at the end).")
     save_total_limit: int | None = _opt(3, "Keep the newest N checkpoints (null: keep all).")
     keep_best_checkpoint: bool = _opt(False, "Also keep the checkpoint with the lowest eval loss, beyond save_total_limit.")

@@ -77,6 +77,26 @@ class TargetLogProb(torch.autograd.Function):
         return grad_logits, None, None
 
 
+def _log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """(n, V) -> (n,) logsumexp: where nothing else needs a pass over the vocabulary."""
+    return torch.logsumexp(logits, dim=-1)
+
+
+class _CheckpointedChunk:
+    """`_chunk_token_stats` for one checkpointed chunk. The first call is the forward and computes the extras asked
+    for; a later call can only be the checkpoint's recomputation in backward, which needs nothing but what
+    TargetLogProb saves, so it takes the plain normaliser: no argmax, and no exp pass kept for the extras. The two
+    normalisers are bit-identical, and so the gradients (`bench/logps_chunk.py` checks both and times the three
+    settings)."""
+
+    def __init__(self, token_metrics: bool, probability_weights: bool):
+        self.extras = (token_metrics, probability_weights)
+
+    def __call__(self, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
+        extras, self.extras = self.extras, (False, False)
+        return _chunk_token_stats(lm_head, hidden, targets, *extras)
+
+
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(n, V), (n, V) -> (n,) sum_v a_v b_v, as n batched dot products: no (n, V) product buffer."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
@@ -100,7 +120,7 @@ def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.
     logits = lm_head(hidden).float()  # (n, V)
     detached = logits.detach()
     if not (token_metrics or probability_weights):
-        return TargetLogProb.apply(logits, targets, torch.logsumexp(detached, dim=-1)), None, None
+        return TargetLogProb.apply(logits, targets, _log_normalizer(detached)), None, None
     max_logits, argmax = detached.max(dim=-1)
     scaled_probs = (detached - max_logits.unsqueeze(-1)).exp_()  # p_v x partition, (n, V)
     partition = scaled_probs.sum(dim=-1)
@@ -200,12 +220,12 @@ class SequenceLogps(nn.Module):
 
         token_logps, token_stats, token_aligned = [], [], []
         for start in range(0, hidden.shape[0], self.chunk_tokens):
-            chunk = (hidden[start : start + self.chunk_tokens], scored_targets[start : start + self.chunk_tokens],
-                     token_metrics, self.probability_weights)
+            chunk = (hidden[start : start + self.chunk_tokens], scored_targets[start : start + self.chunk_tokens])
             if torch.is_grad_enabled() and hidden.requires_grad:
-                logps, stats, log_sum_squares = checkpoint(_chunk_token_stats, lm_head, *chunk, use_reentrant=False)
+                logps, stats, log_sum_squares = checkpoint(_CheckpointedChunk(token_metrics, self.probability_weights),
+                                                           lm_head, *chunk, use_reentrant=False)
             else:
-                logps, stats, log_sum_squares = _chunk_token_stats(lm_head, *chunk)
+                logps, stats, log_sum_squares = _chunk_token_stats(lm_head, *chunk, token_metrics, self.probability_weights)
             token_logps.append(logps)
             if stats is not None:
                 token_stats.append(stats)

@@ -6,7 +6,7 @@ all-reduce, then divides by the global counts. Names and meanings follow TRL's D
   rewards/accuracies (chosen reward strictly greater), rewards/margins, logps/chosen, logps/rejected;
 - per-token means: logits/chosen, logits/rejected (the mean-over-vocab logit of completion tokens), entropy (of
   the policy's next-token distribution, over chosen and rejected completion tokens), mean_token_accuracy (the
-  share of chosen completion tokens that are the policy's argmax);
+  share of chosen completion tokens that are the policy's argmax); absent with training.token_metrics false;
 - nll_loss: the per-token NLL of the chosen completion, averaged over pairs (the SFT term).
 Eval padding pairs carry weight 0 and count nowhere.
 """
@@ -57,7 +57,7 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
     w = weight.to(loss.losses.dtype)
     chosen_tokens = (policy.chosen_tokens.to(w.dtype) * w).sum()
     rejected_tokens = (policy.rejected_tokens.to(w.dtype) * w).sum()
-    return {
+    sums = {
         "nll_loss": (nll.detach() * w).sum(),
         "loss": (loss.losses.detach() * w).sum(),
         "rewards/chosen": (loss.chosen_rewards * w).sum(),
@@ -66,10 +66,6 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
         "rewards/margins": ((loss.chosen_rewards - loss.rejected_rewards) * w).sum(),
         "logps/chosen": (policy.chosen_logps.detach() * w).sum(),
         "logps/rejected": (policy.rejected_logps.detach() * w).sum(),
-        "logits/chosen": (policy.chosen_logits_sum * w).sum(),
-        "logits/rejected": (policy.rejected_logits_sum * w).sum(),
-        "entropy": ((policy.chosen_entropy_sum + policy.rejected_entropy_sum) * w).sum(),
-        "mean_token_accuracy": (policy.chosen_top1_tokens * w).sum(),
         "pairs": w.sum(),
         "chosen_tokens": chosen_tokens,
         "rejected_tokens": rejected_tokens,
@@ -81,6 +77,12 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
         "aux_loss": router_loss.detach().float() if router_loss is not None else w.new_zeros(()),
         "routed_batches": w.new_full((), 1.0 if router_loss is not None else 0.0),
     }
+    if policy.chosen_logits_sum is not None:  # the policy's forward computed them (training.token_metrics)
+        sums["logits/chosen"] = (policy.chosen_logits_sum * w).sum()
+        sums["logits/rejected"] = (policy.rejected_logits_sum * w).sum()
+        sums["entropy"] = ((policy.chosen_entropy_sum + policy.rejected_entropy_sum) * w).sum()
+        sums["mean_token_accuracy"] = (policy.chosen_top1_tokens * w).sum()
+    return sums
 
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity); `training.peak_tflops` overrides.
@@ -189,13 +191,14 @@ class MetricWindow:
 
     def reduce(self) -> dict[str, float]:
         """Global means over all ranks since the last reduce (collective: every rank calls it)."""
-        names = list(_MEAN_OVER) + list(_COUNTS)
+        # Every rank holds the same names: which ones follows the config (training.token_metrics)
+        names = [name for name in (*_MEAN_OVER, *_COUNTS) if name in self._sums]
         local = torch.stack([self._sums[name].double() for name in names])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(local, op=dist.ReduceOp.SUM)
         totals = dict(zip(names, local.tolist()))
         self._sums = {}
-        means = {name: totals[name] / max(totals[count], 1.0) for name, count in _MEAN_OVER.items()}
+        means = {name: totals[name] / max(totals[count], 1.0) for name, count in _MEAN_OVER.items() if name in totals}
         if not totals["sft_examples"]:
             del means["sft_nll_loss"]  # no SFT data in this window: nothing to report
         if not totals["routed_batches"]:

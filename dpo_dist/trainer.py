@@ -227,7 +227,7 @@ class Trainer:
         NLL), and what the metrics need."""
         dpo = self.config.dpo
         ref_logps = self.reference.logps(batch.pairs_only()) if self.reference is not None else None
-        policy_logps = forward_pair(self.policy, batch, token_metrics=True)
+        policy_logps = forward_pair(self.policy, batch, token_metrics=self.config.training.token_metrics)
         inputs = PreferenceInputs(
             policy_chosen_logps=policy_logps.chosen_logps,
             policy_rejected_logps=policy_logps.rejected_logps,

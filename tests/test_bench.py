@@ -75,6 +75,18 @@ def test_decoder_ceiling_runs_each_cpu_variant_and_scores_alike():
         assert float(rows[variant][-1]) < 1e-3, rows[variant]  # fp32: rounding only
 
 
+def test_logps_chunk_times_each_setting_and_finds_their_gradients_alike():
+    """bench/logps_chunk.py at a small vocabulary: all three settings run and report, and their gradients are
+    bit-identical (the script exits non-zero otherwise: the recompute's plain logsumexp must equal the metrics' exp
+    pass normaliser exactly, or the chunk's gradient would change with training.token_metrics)."""
+    result = run([sys.executable, "bench/logps_chunk.py", "--vocab", "3000", "--hidden", "16", "--tokens", "40",
+                  "--iters", "2"])
+    assert_ok(result)
+    reported = [line.split()[0] for line in result.stdout.splitlines() if line.endswith("%")]
+    assert reported == ["recompute-as-forward", "metrics", "no-metrics"], result.stdout
+    assert "gradients bit-identical across settings" in result.stdout
+
+
 def test_profile_step_reports_ops_and_samples_compiled_layers_as_they_run(tiny_policy, tmp_path):
     """bench/profile_step.py, both ways, on the tiny model with compiled layers: torch.profiler's report (the ops
     with the most CPU time) and --sample-host's (Python stacks sampled from a thread). Every sample of the steps

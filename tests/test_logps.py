@@ -103,21 +103,26 @@ def test_prompt_and_padding_tokens_are_never_counted(model, batch):
 def test_gradients_match_naive(model, batch, token_metrics, wpo, monkeypatch):
     """The checkpointed chunks recompute logits in backward; gradients equal the naive graph's. The token metrics
     and WPO's sum p^2 come after TargetLogProb in each chunk, so backward's recomputation stops before them: their
-    dot products run once per chunk in forward and never in backward."""
+    dot products run once per chunk in forward and never in backward. The recomputation takes the plain normaliser
+    (logsumexp) whatever the forward took: once per chunk in backward."""
     import dpo_dist.logps as logps_module
 
-    calls = []
-    real_dot = logps_module._rowwise_dot
+    calls, normalizers = [], []
+    real_dot, real_normalizer = logps_module._rowwise_dot, logps_module._log_normalizer
     monkeypatch.setattr(logps_module, "_rowwise_dot", lambda a, b: calls.append(a.shape[0]) or real_dot(a, b))
+    monkeypatch.setattr(logps_module, "_log_normalizer", lambda x: normalizers.append(x.shape[0]) or real_normalizer(x))
     scorer = SequenceLogps(model, chunk_tokens=5, probability_weights=wpo)
     model.zero_grad()
     pair = forward_pair(scorer, batch, token_metrics=token_metrics)
     scored = int(batch.completion_mask[:, 1:].sum())
+    chunks = -(-scored // 5)
     dots_per_chunk = int(token_metrics) + int(wpo)
-    assert len(calls) == dots_per_chunk * -(-scored // 5) and sum(calls) == dots_per_chunk * scored
+    assert len(calls) == dots_per_chunk * chunks and sum(calls) == dots_per_chunk * scored
+    assert len(normalizers) == (0 if token_metrics or wpo else chunks)
     calls.clear()
+    normalizers.clear()
     (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
-    assert calls == []
+    assert calls == [] and len(normalizers) == chunks and sum(normalizers) == scored
     chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)

@@ -15,11 +15,13 @@ def sums(chosen_rewards, rejected_rewards, weight, chosen_tokens, logits_sum, en
     loss = PreferenceLoss(torch.ones(n), torch.tensor(chosen_rewards), torch.tensor(rejected_rewards))
     policy = PairLogps(
         chosen_logps=torch.full((n,), -2.0), rejected_logps=torch.full((n,), -3.0),
-        chosen_logits_sum=torch.tensor(logits_sum), rejected_logits_sum=torch.zeros(n),
         chosen_tokens=torch.tensor(chosen_tokens), rejected_tokens=torch.ones(n, dtype=torch.long),
-        chosen_entropy_sum=torch.tensor(entropy_sum or [0.0] * n), rejected_entropy_sum=torch.full((n,), 0.5),
-        chosen_top1_tokens=torch.tensor(top1 or [0.0] * n),
     )
+    if logits_sum is not None:  # else as with training.token_metrics false: the forward computed none
+        policy.chosen_logits_sum, policy.rejected_logits_sum = torch.tensor(logits_sum), torch.zeros(n)
+        policy.chosen_entropy_sum = torch.tensor(entropy_sum or [0.0] * n)
+        policy.rejected_entropy_sum = torch.full((n,), 0.5)
+        policy.chosen_top1_tokens = torch.tensor(top1 or [0.0] * n)
     return batch_sums(loss, policy, torch.full((n,), 0.5), torch.tensor(weight), 10, torch.tensor(7))
 
 
@@ -38,6 +40,22 @@ def test_weighted_means_over_micro_batches():
     assert means["entropy"] == pytest.approx((3 + 1 + 9 + 3 * 0.5) / (2 + 2 + 6 + 3))
     assert means["mean_token_accuracy"] == pytest.approx((1 + 2 + 3) / (2 + 2 + 6))  # over chosen tokens only
     assert means["nll_loss"] == pytest.approx(0.5) and "sft_nll_loss" not in means
+
+
+def test_a_window_without_token_metrics_reports_the_rest_alike():
+    """training.token_metrics false: the policy's PairLogps carry no per-token sums; the window leaves those four
+    metrics out and every other mean is what it is with them."""
+    token_metric_names = {"logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
+    with_metrics, without = MetricWindow(), MetricWindow()
+    for chosen, rejected, weight in (([0.2, 0.0], [0.1, 0.0], [1.0, 1.0]), ([0.0, 9.0], [0.5, 0.0], [1.0, 0.0])):
+        with_metrics.add(sums(chosen, rejected, weight, [2, 6], [4.0, 2.0]))
+        batch = sums(chosen, rejected, weight, [2, 6], None)
+        assert not token_metric_names & set(batch)
+        without.add(batch)
+    expected, means = with_metrics.reduce(), without.reduce()
+    assert set(expected) - set(means) == token_metric_names
+    assert means == {name: value for name, value in expected.items() if name in means}
+    assert means["rewards/margins"] == pytest.approx((0.1 + 0.0 - 0.5) / 3)
 
 
 def test_flops_per_token():

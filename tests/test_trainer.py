@@ -61,20 +61,33 @@ def test_lora_with_gradient_checkpointing_trains_and_exports_an_adapter(tiny_pol
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
 
-def test_offloaded_reference_gives_the_same_losses(tiny_policy, tiny_reference, tmp_path):
-    """reference.offload puts the reference under ZeRO-3 parameter offload (CPU); the numbers must not move."""
-    losses = {}
-    for offload in (False, True):
-        out = tmp_path / f"offload-{offload}"
-        config = write_config(
-            tmp_path / f"{offload}.yaml", tiny_policy, tiny_reference, out,
-            training={"max_steps": 4}, reference={"offload": offload}, data={"eval_files": []},
-        )
+def test_offloaded_reference_and_no_token_metrics_give_the_same_losses(tiny_policy, tiny_reference, tmp_path):
+    """reference.offload puts the reference under ZeRO-3 parameter offload (CPU), training.token_metrics false skips
+    the per-token metrics' passes over the vocabulary; neither may move a number, and the second leaves exactly those
+    four metrics out of the train and eval records."""
+    token_metric_names = {"logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
+    runs = {}
+    for name, changes in (("baseline", {}), ("offload", {"reference": {"offload": True}}),
+                          ("no-token-metrics", {"training": {"max_steps": 4, "token_metrics": False}})):
+        out = tmp_path / name
+        changes = {"training": {"max_steps": 4}, **changes}
+        config = write_config(tmp_path / f"{name}.yaml", tiny_policy, tiny_reference, out, **changes)
         run_here("train.py", config)
-        train, _ = read_metrics(out)
-        losses[offload] = [train[step]["loss"] for step in sorted(train)]
-    assert len(losses[True]) == 4
-    assert losses[True] == pytest.approx(losses[False], abs=1e-6)
+        runs[name] = read_metrics(out)
+    baseline_train, baseline_evals = runs["baseline"]
+    assert sorted(baseline_train) == [1, 2, 3, 4] and len(baseline_evals) == 2
+    for name in ("offload", "no-token-metrics"):
+        train, evals = runs[name]
+        for step, record in baseline_train.items():
+            for metric in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+                assert train[step][metric] == pytest.approx(record[metric], abs=1e-6), (name, step, metric)
+        assert [e["eval_loss"] for e in evals] == pytest.approx([e["eval_loss"] for e in baseline_evals], abs=1e-6)
+    for record in (*baseline_train.values(), *runs["offload"][0].values()):
+        assert token_metric_names <= set(record)
+    dropped = set(baseline_train[4]) - set(runs["no-token-metrics"][0][4])
+    assert dropped == token_metric_names
+    eval_dropped = set(baseline_evals[-1]) - set(runs["no-token-metrics"][1][-1])
+    assert eval_dropped == {f"eval_{name}" for name in token_metric_names}
 
 
 @pytest.mark.parametrize("loss_type", ["orpo", "simpo"])
