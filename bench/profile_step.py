@@ -67,7 +67,7 @@ def next_batches(trainer: Trainer, count: int) -> list:
 
 def run_steps(trainer: Trainer, steps: list) -> None:
     for micro_batches in steps:
-        trainer.train_step(micro_batches, MetricWindow())
+        trainer.train_step(micro_batches, MetricWindow(trainer.config.training.token_metrics))
 
 
 def is_python_frame(name: str) -> bool:

@@ -85,9 +85,10 @@ def _log_normalizer(logits: torch.Tensor) -> torch.Tensor:
 class _CheckpointedChunk:
     """`_chunk_token_stats` for one checkpointed chunk. The first call is the forward and computes the extras asked
     for; a later call can only be the checkpoint's recomputation in backward, which needs nothing but what
-    TargetLogProb saves, so it takes the plain normaliser: no argmax, and no exp pass kept for the extras. The two
-    normalisers are bit-identical, and so the gradients (`bench/logps_chunk.py` checks both and times the three
-    settings)."""
+    TargetLogProb saves, so it takes the plain normaliser: no argmax, and no exp pass kept for the extras. ATen
+    computes logsumexp by the same steps (amax, exp, sum, log, + max), so for finite logits the two normalisers,
+    and the gradients, agree bit for bit (checked on CPU by `bench/logps_chunk.py`, which also times the settings);
+    only the recompute's normaliser reaches the gradient in any case."""
 
     def __init__(self, token_metrics: bool, probability_weights: bool):
         self.extras = (token_metrics, probability_weights)

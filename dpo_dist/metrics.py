@@ -44,6 +44,8 @@ _MEAN_OVER = {
     "sft_nll_loss": "sft_examples",
     "aux_loss": "routed_batches",
 }
+# The policy's per-token metrics, logged with training.token_metrics (the default)
+TOKEN_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
 _COUNTS = ("pairs", "chosen_tokens", "rejected_tokens", "completion_tokens", "tokens", "processed_tokens", "sft_examples",
            "routed_batches")
 
@@ -77,7 +79,7 @@ def batch_sums(loss: PreferenceLoss, policy: PairLogps, nll: torch.Tensor, weigh
         "aux_loss": router_loss.detach().float() if router_loss is not None else w.new_zeros(()),
         "routed_batches": w.new_full((), 1.0 if router_loss is not None else 0.0),
     }
-    if policy.chosen_logits_sum is not None:  # the policy's forward computed them (training.token_metrics)
+    if policy.chosen_logits_sum is not None:  # the policy's forward computed TOKEN_METRICS (training.token_metrics)
         sums["logits/chosen"] = (policy.chosen_logits_sum * w).sum()
         sums["logits/rejected"] = (policy.rejected_logits_sum * w).sum()
         sums["entropy"] = ((policy.chosen_entropy_sum + policy.rejected_entropy_sum) * w).sum()
@@ -180,10 +182,13 @@ class RunTotals:
 
 
 class MetricWindow:
-    """Accumulates `batch_sums` over micro-steps; `reduce()` all-reduces once and returns means."""
+    """Accumulates `batch_sums` over micro-steps; `reduce()` all-reduces once and returns means. `token_metrics`:
+    whether the sums carry TOKEN_METRICS (training.token_metrics). The names reduced follow it, not the sums at
+    hand, so every rank stacks the same names in the same order, and a missing sum fails loudly."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_metrics: bool = True) -> None:
         self._sums: dict[str, torch.Tensor] = {}
+        self._names = [name for name in (*_MEAN_OVER, *_COUNTS) if token_metrics or name not in TOKEN_METRICS]
 
     def add(self, sums: dict[str, torch.Tensor]) -> None:
         for name, value in sums.items():
@@ -191,8 +196,7 @@ class MetricWindow:
 
     def reduce(self) -> dict[str, float]:
         """Global means over all ranks since the last reduce (collective: every rank calls it)."""
-        # Every rank holds the same names: which ones follows the config (training.token_metrics)
-        names = [name for name in (*_MEAN_OVER, *_COUNTS) if name in self._sums]
+        names = self._names
         local = torch.stack([self._sums[name].double() for name in names])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(local, op=dist.ReduceOp.SUM)

@@ -278,7 +278,7 @@ class Trainer:
             self.maybe_evaluate(step=0)
         if self.resume_rng is not None:
             set_rng_state(self.resume_rng)  # last, so nothing between here and the next step draws from it
-        window, clock, preemption = MetricWindow(), TrainClock(), PreemptionFlag()
+        window, clock, preemption = MetricWindow(self.config.training.token_metrics), TrainClock(), PreemptionFlag()
         self._run_totals = RunTotals(state)
         stop_vote = LaggedVote(self.dist.device)  # a signal may reach only some ranks: all stop together
         self._window_first_step = state.step
@@ -398,7 +398,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Metrics of the policy vs the reference on every eval pair exactly once, averaged over all ranks."""
         self.policy.eval()
-        window = MetricWindow()
+        window = MetricWindow(self.config.training.token_metrics)
         batches = data_lib.eval_batches(
             self.eval_examples, self.dist.rank, self.dist.world_size,
             self.config.training.micro_eval_batch_size, self.tokenizer.pad_token_id, self.collate,

@@ -77,8 +77,8 @@ def test_decoder_ceiling_runs_each_cpu_variant_and_scores_alike():
 
 def test_logps_chunk_times_each_setting_and_finds_their_gradients_alike():
     """bench/logps_chunk.py at a small vocabulary: all three settings run and report, and their gradients are
-    bit-identical (the script exits non-zero otherwise: the recompute's plain logsumexp must equal the metrics' exp
-    pass normaliser exactly, or the chunk's gradient would change with training.token_metrics)."""
+    bit-identical (the script exits non-zero otherwise): the normaliser the recompute now takes, torch.logsumexp,
+    gives the same bits as the exp pass the forward takes with the metrics, so the change moves no gradient."""
     result = run([sys.executable, "bench/logps_chunk.py", "--vocab", "3000", "--hidden", "16", "--tokens", "40",
                   "--iters", "2"])
     assert_ok(result)

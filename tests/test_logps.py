@@ -99,7 +99,7 @@ def test_prompt_and_padding_tokens_are_never_counted(model, batch):
     assert (first > 0).all()
 
 
-@pytest.mark.parametrize("token_metrics, wpo", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("token_metrics, wpo", [(False, False), (True, False), (False, True), (True, True)])
 def test_gradients_match_naive(model, batch, token_metrics, wpo, monkeypatch):
     """The checkpointed chunks recompute logits in backward; gradients equal the naive graph's. The token metrics
     and WPO's sum p^2 come after TargetLogProb in each chunk, so backward's recomputation stops before them: their

@@ -7,7 +7,7 @@ import torch
 
 from dpo_dist.logps import PairLogps
 from dpo_dist.losses import PreferenceLoss
-from dpo_dist.metrics import MetricWindow, TrainClock, batch_sums, flops_per_token
+from dpo_dist.metrics import TOKEN_METRICS, MetricWindow, TrainClock, batch_sums, flops_per_token
 
 
 def sums(chosen_rewards, rejected_rewards, weight, chosen_tokens, logits_sum, entropy_sum=None, top1=None):
@@ -46,16 +46,22 @@ def test_a_window_without_token_metrics_reports_the_rest_alike():
     """training.token_metrics false: the policy's PairLogps carry no per-token sums; the window leaves those four
     metrics out and every other mean is what it is with them."""
     token_metric_names = {"logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
-    with_metrics, without = MetricWindow(), MetricWindow()
+    assert set(TOKEN_METRICS) == token_metric_names
+    with_metrics, without, expecting_them = MetricWindow(), MetricWindow(token_metrics=False), MetricWindow()
     for chosen, rejected, weight in (([0.2, 0.0], [0.1, 0.0], [1.0, 1.0]), ([0.0, 9.0], [0.5, 0.0], [1.0, 0.0])):
         with_metrics.add(sums(chosen, rejected, weight, [2, 6], [4.0, 2.0]))
         batch = sums(chosen, rejected, weight, [2, 6], None)
         assert not token_metric_names & set(batch)
         without.add(batch)
+        expecting_them.add(batch)
     expected, means = with_metrics.reduce(), without.reduce()
     assert set(expected) - set(means) == token_metric_names
     assert means == {name: value for name, value in expected.items() if name in means}
     assert means["rewards/margins"] == pytest.approx((0.1 + 0.0 - 0.5) / 3)
+    # the names reduced follow the window's setting, not the sums at hand: a rank missing one fails, never shortens
+    # the one all-reduce's tensor (which the other ranks would not)
+    with pytest.raises(KeyError, match="logits/chosen"):
+        expecting_them.reduce()
 
 
 def test_flops_per_token():
