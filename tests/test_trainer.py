@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from dpo_dist.metrics import TOKEN_METRICS
 from launching import ROOT, read_metrics, run_here, write_config
 
 TRL_NAMES = (
@@ -65,13 +66,13 @@ def test_offloaded_reference_and_no_token_metrics_give_the_same_losses(tiny_poli
     """reference.offload puts the reference under ZeRO-3 parameter offload (CPU), training.token_metrics false skips
     the per-token metrics' passes over the vocabulary; neither may move a number, and the second leaves exactly those
     four metrics out of the train and eval records."""
-    token_metric_names = {"logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
+    token_metric_names = set(TOKEN_METRICS)
     runs = {}
-    for name, changes in (("baseline", {}), ("offload", {"reference": {"offload": True}}),
-                          ("no-token-metrics", {"training": {"max_steps": 4, "token_metrics": False}})):
+    for name, offload, token_metrics in (("baseline", False, True), ("offload", True, True),
+                                         ("no-token-metrics", False, False)):
         out = tmp_path / name
-        changes = {"training": {"max_steps": 4}, **changes}
-        config = write_config(tmp_path / f"{name}.yaml", tiny_policy, tiny_reference, out, **changes)
+        config = write_config(tmp_path / f"{name}.yaml", tiny_policy, tiny_reference, out,
+                              training={"max_steps": 4, "token_metrics": token_metrics}, reference={"offload": offload})
         run_here("train.py", config)
         runs[name] = read_metrics(out)
     baseline_train, baseline_evals = runs["baseline"]
