@@ -56,9 +56,12 @@ def _write_merged(peft_model: nn.Module, state: dict[str, torch.Tensor], out_dir
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from dpo_dist.models import model_lookup_options  # models.py imports this module
+
     base_path = peft_model.peft_config["default"].base_model_name_or_path
     dtype = next(iter(state.values())).dtype
-    copy = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype), peft_model.peft_config["default"])
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, **model_lookup_options(base_path))
+    copy = get_peft_model(base, peft_model.peft_config["default"])
     missing, unexpected = copy.load_state_dict(state, strict=False)
     if unexpected or any("lora_" in key for key in missing):
         raise RuntimeError(f"merged export: state does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -4,11 +4,15 @@ Under ZeRO-3 a model is created inside DeepSpeed's `zero.Init` (transformers doe
 `HfDeepSpeedConfig` for a stage-3 config is alive), so each rank only ever holds its shard and a
 model larger than one device never materialises whole. A name that is not a local directory is
 looked up in the Hugging Face cache / hub; when it cannot be found the error says so plainly.
+When the hub cannot be reached (an air-gapped node without HF_HUB_OFFLINE), a hub name is read from the cache
+alone: huggingface_hub would otherwise retry each of a model's files with backoff, minutes before a cached
+model loads or the error comes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -41,11 +45,45 @@ def _missing_model_error(name: str, err: Exception) -> UserError:
             return UserError(f"model checkpoint {name} has no config.json: give a Hugging Face checkpoint directory "
                              "(config.json, the weights, the tokenizer files), e.g. what save_pretrained writes")
         return UserError(f"model checkpoint {name}: cannot load it as a Hugging Face model ({' '.join(str(err).split())})")
+    unreachable = _hub_unreachable()
+    where = (f"the hub cannot be reached ({unreachable}) and the Hugging Face cache does not hold it"
+             if unreachable else f"could not be loaded from the Hugging Face cache or hub ({type(err).__name__})")
     return UserError(
-        f"model '{name}' is not a local directory and could not be loaded from the Hugging Face cache or hub "
-        f"({type(err).__name__}). Download it where the hub is reachable (huggingface-cli download {name}), "
-        "point HF_HOME at a cache that holds it, or give a local checkpoint directory"
+        f"model '{name}' is not a local directory and {where}. Download it where the hub is reachable "
+        f"(huggingface-cli download {name}), point HF_HOME at a cache that holds it, or give a local checkpoint directory"
     )
+
+
+@functools.cache
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub does not answer, or None when it does (or offline mode is set, where
+    huggingface_hub never asks it). One request per process, with huggingface_hub's own session (its proxies)
+    and its metadata timeout (HF_HUB_ETAG_TIMEOUT): any HTTP answer counts as reachable."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as err:  # a refused or timed-out connection, an unknown host, a proxy or TLS failure
+        return f"{constants.ENDPOINT} did not answer: {' '.join(str(err).split()) or type(err).__name__}"
+    return None
+
+
+def _lookup_options(name: str) -> dict:
+    """from_pretrained's options for `name`: the cache alone for a hub name while the hub cannot be reached (what
+    huggingface_hub falls back to after its retries), nothing otherwise."""
+    if _looks_local(name) or _hub_unreachable() is None:
+        return {}
+    return {"local_files_only": True}
+
+
+def model_lookup_options(name: str) -> dict:
+    """`_lookup_options` for AutoModelForCausalLM, whose look-up of a PEFT adapter config in the repo does not
+    take `local_files_only` from its caller (transformers 5.24) and would still retry the hub."""
+    options = _lookup_options(name)
+    return {**options, "adapter_kwargs": dict(options)} if options else {}
 
 
 @contextlib.contextmanager
@@ -72,7 +110,7 @@ def load_tokenizer(name: str):
 
     try:
         with _hub_errors_only():
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = AutoTokenizer.from_pretrained(name, **_lookup_options(name))
     except (OSError, ValueError) as err:
         raise _missing_model_error(name, err) from None
     if tokenizer.pad_token_id is None:
@@ -88,7 +126,7 @@ def read_model_config(name: str):
 
     try:
         with _hub_errors_only():
-            raw, _ = PretrainedConfig.get_config_dict(name)
+            raw, _ = PretrainedConfig.get_config_dict(name, **_lookup_options(name))
         if not raw:  # transformers 5 reads a directory without config.json as an empty one
             raise OSError(f"no config.json in {name}")
     except (OSError, ValueError) as err:
@@ -98,7 +136,7 @@ def read_model_config(name: str):
         raise UserError(f"{name}: config.json does not set {', '.join(missing)}; dpo-dist reads the model's shape from "
                         "it (transformers' defaults would describe another model). Use the checkpoint's own config.json")
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, **_lookup_options(name))
     except Exception as err:  # a config.json transformers refuses (its validators raise their own types) is the user's file
         raise _missing_model_error(name, err) from None
 
@@ -128,7 +166,8 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
         try:
             with _hub_errors_only():
                 model = AutoModelForCausalLM.from_pretrained(
-                    name, dtype=dtype, attn_implementation=model_config.attn_implementation
+                    name, dtype=dtype, attn_implementation=model_config.attn_implementation,
+                    **model_lookup_options(name),
                 )
         except (OSError, ValueError) as err:
             raise _missing_model_error(name, err) from None

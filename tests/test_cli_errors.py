@@ -27,10 +27,16 @@ def test_bad_data_line(tiny_policy, tmp_path):
     assert_clean_error(run(python_launch("train.py", config)), f"{data}:2:", "missing key(s) 'rejected'")
 
 
-def test_unreachable_hub_model_says_what_to_do(tmp_path):
+def test_uncached_hub_model_says_what_to_do(tmp_path):
+    """Offline mode (HF_HUB_OFFLINE, as the suite runs), and a hub that refuses connections (port 9 of this host)
+    without it: one error line each, the second naming the hub that did not answer."""
     config = write_config(tmp_path / "c.yaml", "Qwen/Qwen3-4B", None, tmp_path / "out")
-    result = run(python_launch("train.py", config), HF_HOME=str(tmp_path / "empty_hf_home"))
+    empty_cache = str(tmp_path / "empty_hf_home")
+    result = run(python_launch("train.py", config), HF_HOME=empty_cache)
     assert_clean_error(result, "model 'Qwen/Qwen3-4B' is not a local directory", "HF_HOME")
+    result = run(python_launch("train.py", config), HF_HOME=empty_cache, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
+    assert_clean_error(result, "model 'Qwen/Qwen3-4B' is not a local directory", "http://127.0.0.1:9 did not answer",
+                       "the Hugging Face cache does not hold it", "HF_HOME")
 
 
 def test_global_batch_larger_than_the_data(tiny_policy, tmp_path):
