@@ -144,7 +144,14 @@ def test_zero2_torchrun_two_ranks(tiny_policy, tiny_reference, tmp_path, single_
     config = write_config(tmp_path / "c.yaml", tiny_policy, tiny_reference, tmp_path / "run", training={"max_steps": STEPS})
     assert_ok(run(torchrun_launch("train.py", config)))
     check_two_rank_run(tmp_path / "run", single_process_run)
+    # Again with the cached reference, and without the per-token metrics (training.token_metrics: the two ranks
+    # all-reduce the shorter list of sums their config names): the same losses, the four metrics gone.
     result = run(torchrun_launch("train.py", config, "reference.mode=precomputed", f"reference.cache_dir={precomputed_cache}",
-                                 f"training.output_dir={tmp_path / 'cached'}"))
+                                 f"training.output_dir={tmp_path / 'cached'}", "training.token_metrics=false"))
     assert_ok(result)
     check_precomputed_matches_online(tmp_path / "run", tmp_path / "cached", result.stdout)
+    (online, online_evals), (cached, cached_evals) = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "cached")
+    token_metrics = {"logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
+    assert token_metrics <= online[STEPS].keys() and not token_metrics & cached[STEPS].keys()
+    assert {f"eval_{name}" for name in token_metrics} <= online_evals[-1].keys()
+    assert not {f"eval_{name}" for name in token_metrics} & cached_evals[-1].keys()
