@@ -84,7 +84,10 @@ def export_hf(causal_lm: nn.Module, tokenizer, out_dir: str | os.PathLike, dist_
         shutil.rmtree(tmp_dir, ignore_errors=True)
         is_peft = hasattr(causal_lm, "peft_config")
         if is_peft:
-            causal_lm.save_pretrained(tmp_dir, state_dict=state)
+            from dpo_dist.models import hub_offline_while_unreachable  # models.py imports this module
+
+            with hub_offline_while_unreachable(causal_lm.peft_config["default"].base_model_name_or_path or ""):
+                causal_lm.save_pretrained(tmp_dir, state_dict=state)
             if merge:
                 _write_merged(causal_lm, state, tmp_dir / "merged", max_shard_size)
                 tokenizer.save_pretrained(tmp_dir / "merged")

@@ -5,8 +5,9 @@ Under ZeRO-3 a model is created inside DeepSpeed's `zero.Init` (transformers doe
 model larger than one device never materialises whole. A name that is not a local directory is
 looked up in the Hugging Face cache / hub; when it cannot be found the error says so plainly.
 When the hub cannot be reached (an air-gapped node without HF_HUB_OFFLINE), a hub name is read from the cache
-alone: huggingface_hub would otherwise retry each of a model's files with backoff, minutes before a cached
-model loads or the error comes.
+alone: huggingface_hub would otherwise try the hub for every file (five times, with backoff, for the optional
+ones the cache does not hold; revision look-ups without a timeout), minutes before a cached model loads or the
+error comes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -57,18 +59,27 @@ def _missing_model_error(name: str, err: Exception) -> UserError:
 @functools.cache
 def _hub_unreachable() -> str | None:
     """Why the Hugging Face hub does not answer, or None when it does (or offline mode is set, where
-    huggingface_hub never asks it). One request per process, with huggingface_hub's own session (its proxies)
-    and its metadata timeout (HF_HUB_ETAG_TIMEOUT): any HTTP answer counts as reachable."""
+    huggingface_hub never asks it). Asked once per process, with huggingface_hub's own session (its proxies) and its
+    metadata timeout (HF_HUB_ETAG_TIMEOUT), a second time if the first try fails (a passing stall); any HTTP answer,
+    a redirect or an error status included, counts as reachable."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
     if constants.HF_HUB_OFFLINE:
         return None
-    try:
-        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as err:  # a refused or timed-out connection, an unknown host, a proxy or TLS failure
-        return f"{constants.ENDPOINT} did not answer: {' '.join(str(err).split()) or type(err).__name__}"
-    return None
+    session = get_session()
+    # httpx (huggingface_hub >= 1) follows redirects unless told not to; requests' head() does not by default
+    no_redirects = {"follow_redirects": False} if hasattr(session, "follow_redirects") else {}
+    failure = None
+    for _ in range(2):
+        try:
+            session.head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT, **no_redirects)
+            return None
+        except Exception as err:  # a refused or timed-out connection, an unknown host, a proxy or TLS failure
+            if getattr(err, "response", None) is not None:  # a session hook raised on the status: the hub answered
+                return None
+            failure = err
+    return f"{constants.ENDPOINT} did not answer: {' '.join(str(failure).split()) or type(failure).__name__}"
 
 
 def _lookup_options(name: str) -> dict:
@@ -80,10 +91,33 @@ def _lookup_options(name: str) -> dict:
 
 
 def model_lookup_options(name: str) -> dict:
-    """`_lookup_options` for AutoModelForCausalLM, whose look-up of a PEFT adapter config in the repo does not
-    take `local_files_only` from its caller (transformers 5.24) and would still retry the hub."""
+    """`_lookup_options` for AutoModelForCausalLM. transformers 5's look-up of a PEFT adapter config in the repo does
+    not take `local_files_only` from its caller (5.24) and would still retry the hub; transformers 4 passes it on
+    itself (and would refuse it twice)."""
+    import transformers
+
     options = _lookup_options(name)
-    return {**options, "adapter_kwargs": dict(options)} if options else {}
+    if options and int(transformers.__version__.split(".")[0]) >= 5:
+        return {**options, "adapter_kwargs": dict(options)}
+    return options
+
+
+@contextlib.contextmanager
+def hub_offline_while_unreachable(name: str):
+    """HF_HUB_OFFLINE=1 in the environment while a hub name cannot be reached: for peft's adapter save, which asks
+    the hub whether the base model's config exists (to detect a resized vocabulary) unless that variable is set."""
+    if not _lookup_options(name):
+        yield
+        return
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 @contextlib.contextmanager

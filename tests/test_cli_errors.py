@@ -34,7 +34,8 @@ def test_uncached_hub_model_says_what_to_do(tmp_path):
     empty_cache = str(tmp_path / "empty_hf_home")
     result = run(python_launch("train.py", config), HF_HOME=empty_cache)
     assert_clean_error(result, "model 'Qwen/Qwen3-4B' is not a local directory", "HF_HOME")
-    result = run(python_launch("train.py", config), HF_HOME=empty_cache, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
+    result = run(python_launch("train.py", config), HF_HOME=empty_cache, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9",
+                 NO_PROXY="*", no_proxy="*")  # a proxy from the environment would answer for port 9
     assert_clean_error(result, "model 'Qwen/Qwen3-4B' is not a local directory", "http://127.0.0.1:9 did not answer",
                        "the Hugging Face cache does not hold it", "HF_HOME")
 

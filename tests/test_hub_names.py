@@ -1,6 +1,7 @@
 """A model given by hub name (`org/name`) while the hub cannot be reached and HF_HUB_OFFLINE is not set (an
-air-gapped node): read from the Hugging Face cache after one probe of the hub, without huggingface_hub's retries
-(five per file, with backoff: about two minutes for a cached model's config, tokenizer and weights)."""
+air-gapped node): read from the Hugging Face cache after one probe of the hub, without huggingface_hub's tries
+(five, with backoff, for each optional file the cache lacks: about two minutes for a cached model's config,
+tokenizer and weights where the hub's host name does not resolve, more than ten behind a firewall that drops)."""
 
 import json
 import socket
@@ -14,15 +15,20 @@ from launching import ROOT
 
 LOAD_BY_NAME = """
 import json, sys, torch
-from dpo_dist.config import ModelConfig
-from dpo_dist.models import load_causal_lm, load_tokenizer, read_model_config
+from dpo_dist.checkpoint import export_hf
+from dpo_dist.config import LoRAConfig, ModelConfig
+from dpo_dist.engine import DistInfo
+from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
 name = "Qwen/Qwen3-4B"
 config = read_model_config(name)
 tokenizer = load_tokenizer(name)
 model = load_causal_lm(name, ModelConfig(base_model=name), torch.float32, None)
+weights = {key: value.sum().item() for key, value in model.state_dict().items()}
+# A LoRA policy's export: peft's adapter save and the merged copy, both of which look at the base model by name.
+policy = prepare_policy(model, ModelConfig(base_model=name), LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+export_hf(policy, tokenizer, sys.argv[1], DistInfo(0, 1, 0, torch.device("cpu")), merge=True)
 print()
-json.dump({"layers": config.num_hidden_layers, "vocab": len(tokenizer),
-           "weights": {key: value.sum().item() for key, value in model.state_dict().items()}}, sys.stdout)
+json.dump({"layers": config.num_hidden_layers, "weights": weights}, sys.stdout)
 """
 
 
@@ -71,14 +77,14 @@ def cache_under_hub_name(checkpoint, hf_home, repo="Qwen/Qwen3-4B", commit="0123
     (repo_dir / "refs" / "main").write_text(commit)
 
 
-def test_a_cached_hub_model_loads_by_name_after_one_probe_of_a_silent_hub(tiny_policy, tmp_path):
+def test_a_cached_hub_model_loads_and_exports_by_name_after_one_probe_of_a_silent_hub(tiny_policy, tmp_path):
     hf_home = tmp_path / "hf_home"
     cache_under_hub_name(tiny_policy, hf_home)
     hub = SilentHub()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(hf_home), "HF_ENDPOINT": hub.endpoint,
            "HF_HUB_ETAG_TIMEOUT": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
-        result = subprocess.run([sys.executable, "-c", LOAD_BY_NAME], cwd=ROOT, env=env, capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-c", LOAD_BY_NAME, str(tmp_path / "export")], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=180)  # without the probe, the look-ups' retries ran past 600 s
         requests = list(hub.requests)
     finally:
@@ -88,7 +94,10 @@ def test_a_cached_hub_model_loads_by_name_after_one_probe_of_a_silent_hub(tiny_p
     saved = load_file(tiny_policy / "model.safetensors")  # the checkpoint as written (lm_head tied: not in it)
     assert loaded["layers"] == json.loads((tiny_policy / "config.json").read_text())["num_hidden_layers"]
     assert {key: loaded["weights"][key] for key in saved} == {key: value.sum().item() for key, value in saved.items()}
-    # The probe, and no look-up of the model's files (each of which huggingface_hub would try five times).
+    assert (tmp_path / "export" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "export" / "merged" / "model.safetensors").is_file()
+    # The probe, and no look-up of the model's files: huggingface_hub tries the hub for each (five times for those the
+    # cache lacks), peft's adapter save asks whether the base's config.json exists.
     # huggingface_hub 2.4 also sends requests of its own (GET /api/agent-harnesses, once): not a look-up.
-    assert requests.count("HEAD / HTTP/1.1") == 1, requests
+    assert requests.count("HEAD / HTTP/1.1") == 2, requests  # the probe's two tries, each timed out
     assert not [request for request in requests if "Qwen3-4B" in request], requests
