@@ -11,6 +11,10 @@ so the same pair has the same id in every run, on every rank, and in the referen
 Formats: `.jsonl` is parsed here line by line (so errors give the line); `.json` and `.parquet`
 go through `datasets` (errors give the row); a directory is a dataset saved with
 `datasets.Dataset.save_to_disk`.
+
+Several ranks read a split together (tokenization.py): `count_rows` gives each file's rows (a JSONL file's
+lines, blank ones included; a dataset's rows) and `read_records` with a `RowBlock` parses and checks only the
+block's rows, so no rank parses or holds every record.
 """
 
 from __future__ import annotations
@@ -151,10 +155,57 @@ def validate_sft(raw: Any) -> tuple[dict | None, str | None]:
     return validate({"prompt": raw["prompt"], "chosen": raw["completion"], "rejected": raw["completion"]})
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows [first, end) of the files' rows taken in file order; `file_rows` is `count_rows`' answer for them."""
+
+    first: int
+    end: int
+    file_rows: tuple[int, ...]
+
+    def in_file(self, index: int) -> tuple[int, int]:
+        """[first, end) of file `index`'s own rows that the block holds (first == end: none)."""
+        offset, count = sum(self.file_rows[:index]), self.file_rows[index]
+        return min(max(self.first - offset, 0), count), min(max(self.end - offset, 0), count)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: data file does not exist (check data.train_files / data.eval_files)")
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix == ".jsonl"
+
+
+def count_rows(paths: list[str]) -> list[int]:
+    """Each file's rows, as `read_records` numbers them: a JSONL file's lines (what iterating it yields; blank lines
+    count and are skipped when read), a dataset's rows. Counting reads the bytes, parsing nothing."""
+    counts = []
+    for name in paths:
+        path = Path(name)
+        _check_exists(path)
+        if not _is_jsonl(path):
+            counts.append(len(_load_dataset(path)))
+            continue
+        lines, last = 0, b"\n"
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+        counts.append(lines + (last != b"\n"))  # a last line without its newline is a line
+    return counts
+
+
+def _jsonl_rows(path: Path, first: int = 0, end: int | None = None) -> Iterator[tuple[str, Any, str | None]]:
+    """Lines [first, end) (0-based; all by default), each as (location, parsed record, parse error)."""
     # Bytes, decoded line by line: one line that is not UTF-8 is that line's error, not the file's
     with path.open("rb") as handle:
         for line_number, raw_line in enumerate(handle, start=1):
+            if line_number <= first:
+                continue  # another rank's row: not decoded or parsed
+            if end is not None and line_number > end:
+                return
             location = f"{path}:{line_number}"
             try:
                 line = raw_line.decode("utf-8")
@@ -169,7 +220,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
                 yield location, None, f"not valid JSON ({err.msg} at column {err.colno})"
 
 
-def _dataset_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+def _load_dataset(path: Path):
     import datasets  # imported here: slow to import and only needed for these formats
 
     try:
@@ -182,23 +233,36 @@ def _dataset_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
         raise DataError(f"{path}: cannot read as a {path.suffix or 'saved'} dataset: {err}") from None
     if isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{path}: holds several splits ({', '.join(dataset)}); point at one split's directory")
-    for row, item in enumerate(dataset):
+    return dataset
+
+
+def _dataset_rows(path: Path, first: int = 0, end: int | None = None) -> Iterator[tuple[str, Any, str | None]]:
+    """Rows [first, end) (all by default), each as (location, record, None)."""
+    dataset = _load_dataset(path)
+    end = len(dataset) if end is None else end
+    if (first, end) != (0, len(dataset)):
+        dataset = dataset.select(range(first, end))
+    for row, item in enumerate(dataset, start=first):
         yield f"{path}:row {row}", item, None
 
 
-def read_records(paths: list[str], skip_invalid: bool, validator=validate) -> tuple[list[Record], dict[str, int]]:
-    """All valid records from `paths`, in file order, and the count of skipped ones by reason.
+def read_records(paths: list[str], skip_invalid: bool, validator=validate,
+                 block: RowBlock | None = None) -> tuple[list[Record], dict[str, int]]:
+    """All valid records from `paths` (only the rows of `block`, when given), in file order, and the count of
+    skipped ones by reason.
 
     Without `skip_invalid` the first bad record raises `DataError` naming its file and line.
     `validator` is `validate` for preference pairs, `validate_sft` for SFT records.
     """
     records: list[Record] = []
     skipped: dict[str, int] = {}
-    for name in paths:
+    for index, name in enumerate(paths):
         path = Path(name)
-        if not path.exists():
-            raise DataError(f"{path}: data file does not exist (check data.train_files / data.eval_files)")
-        rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _dataset_rows(path)
+        _check_exists(path)  # every file, in or out of the block: every rank names the same missing one
+        first, end = block.in_file(index) if block else (0, None)
+        if block and first == end:
+            continue
+        rows = _jsonl_rows(path, first, end) if _is_jsonl(path) else _dataset_rows(path, first, end)
         for location, raw, parse_error in rows:
             normalised, reason = (None, parse_error) if parse_error else validator(raw)
             if not reason:

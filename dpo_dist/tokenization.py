@@ -35,7 +35,7 @@ import numpy as np
 from dpo_dist import prefix_sharing, split_cache
 from dpo_dist.errors import UserError
 from dpo_dist.examples import ExampleStore, PreferenceExample
-from dpo_dist.records import DataError, Record, read_records, validate
+from dpo_dist.records import DataError, Record, RowBlock, count_rows, read_records, validate
 
 # Records rendered and encoded together: one tokenizer call per side for this many records (a fast tokenizer
 # encodes a batch on all its threads; one text per call runs on one) while the texts held stay small.
@@ -251,12 +251,20 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
                     split: str, validator, shards: TokenizeShards | None = None) -> tuple[ExampleStore, list[str]]:
     """The split's pairs and the lines that report what was skipped, cut or dropped."""
 
-    def tokenize_block() -> tuple[ExampleStore, TokenizeStats, int, dict[str, int]]:
-        records, skipped = read_records(files, skip_invalid, validator)  # every rank reads all: the same skips
-        first, end = shards.block(len(records)) if shards else (0, len(records))
-        return *tokenize_records(records[first:end], tokenizer, max_seq_length, truncation_mode, skip_invalid), skipped
+    def read_block() -> tuple[list[Record], dict[str, int]]:
+        if shards is None:
+            return read_records(files, skip_invalid, validator)
+        file_rows = count_rows(files)
+        return read_records(files, skip_invalid, validator, RowBlock(*shards.block(sum(file_rows)), tuple(file_rows)))
 
-    examples, stats, render_failures, skipped = tokenize_block() if shards is None else _tokenize_together(tokenize_block, shards)
+    def tokenize(records: list[Record]) -> tuple[ExampleStore, TokenizeStats, int]:
+        return tokenize_records(records, tokenizer, max_seq_length, truncation_mode, skip_invalid)
+
+    if shards is None:
+        records, skipped = read_block()
+        examples, stats, render_failures = tokenize(records)
+    else:
+        examples, stats, render_failures, skipped = _tokenize_together(read_block, tokenize, shards)
     lines = [f"{split}: {len(examples)} pairs from {len(files)} file(s)"]
     for reason, count in skipped.items():
         lines.append(f"{split}: skipped {count} invalid record(s): {reason}")
@@ -278,34 +286,56 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
     return examples, lines
 
 
-def _tokenize_together(tokenize_block: Callable[[], tuple], shards: TokenizeShards):
-    """Every rank's block, joined in rank order (= file order). A bad record raises the same `DataError` on every
-    rank: the first in file order, which is the lowest rank's (a block raises at its first bad record), as one
-    process would. A bug on one rank still takes part in the exchange before it raises, so the others stop
-    with it instead of waiting for its block until the collective timeout."""
+@dataclass(frozen=True)
+class _BlockError:
+    """A rank's block stopped at a bad record: `stage` 0 while reading it, 1 while tokenizing it."""
+
+    stage: int
+    error: DataError
+
+
+def _tokenize_together(read_block: Callable[[], tuple], tokenize: Callable[[list[Record]], tuple], shards: TokenizeShards):
+    """Every rank's block, read and tokenized, joined in rank order (= file order). A bad record raises the same
+    `DataError` on every rank, the one a process reading and tokenizing alone would raise: the first record that
+    cannot be read, in file order, which is the lowest rank's that met one (a block stops at its first), else the
+    first that cannot be tokenized (the records are read before any is tokenized); only a dataset file that cannot
+    be opened at all is named before the bad records of the files ahead of it (every rank counts every file's
+    rows first). A bug on one rank still takes
+    part in the exchange before it raises, so the others stop with it instead of waiting for its block until the
+    collective timeout."""
     bug, block = None, None
     try:
-        block, stats, render_failures, skipped = tokenize_block()
-        outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
-    except DataError as err:
-        outcome = err
+        try:
+            records, skipped = read_block()
+        except DataError as err:
+            outcome = _BlockError(0, err)
+        else:
+            try:
+                block, stats, render_failures = tokenize(records)
+                outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
+            except DataError as err:
+                outcome = _BlockError(1, err)
+            del records  # the block's texts, before the joined arrays are allocated
     except Exception as err:
         outcome, bug = f"{type(err).__name__}: {err}", err
     headers = shards.gather(outcome)
     if bug is not None:
         raise bug
     for rank, header in enumerate(headers):
-        if isinstance(header, DataError):
-            raise header
         if isinstance(header, str):
-            raise RuntimeError(f"rank {rank} failed while tokenizing its block of the records ({header}); its own "
+            raise RuntimeError(f"rank {rank} failed while reading or tokenizing its block of the records ({header}); its own "
                                "output has the traceback")
+    failed = [header for header in headers if isinstance(header, _BlockError)]
+    if failed:
+        raise min(failed, key=lambda header: header.stage).error  # min: the lowest rank's of the earliest stage
     examples = _join_blocks(block, headers, shards)
-    stats, render_failures = TokenizeStats(), 0
-    for _, _, block_stats, block_failures, _ in headers:
+    stats, render_failures, skipped = TokenizeStats(), 0, {}
+    for _, _, block_stats, block_failures, block_skipped in headers:
         stats.add(block_stats)
         render_failures += block_failures
-    return examples, stats, render_failures, headers[0][4]  # every rank read all records: the same skip counts
+        for reason, count in block_skipped.items():  # in rank order = the file order of each reason's first skip
+            skipped[reason] = skipped.get(reason, 0) + count
+    return examples, stats, render_failures, skipped
 
 
 def _join_blocks(block: ExampleStore, headers: list[tuple], shards: TokenizeShards) -> ExampleStore:

@@ -143,3 +143,36 @@ def test_json_and_parquet_through_datasets(tmp_path):
         records, _ = read_records([str(tmp_path / name)], False)
         assert [r.chosen for r in records] == [" 2 7", " 2 7 !"], name
         assert records[1].location == f"{tmp_path / name}:row 1"
+
+
+def test_row_blocks_read_each_row_once_in_file_order(tmp_path):
+    """What several ranks reading a split together rely on: `count_rows` numbers rows as reading does (a blank line
+    is a row, a last line without its newline is one), and the blocks of any split of the rows, read one after
+    the other, give exactly what reading everything gives, with the same locations and the same skips."""
+    import datasets
+
+    from dpo_dist.records import RowBlock, count_rows
+
+    rows = [PLAIN_RECORD | {"chosen": f" 2 7{' 1' * i}"} for i in range(8)]
+    jsonl = write_jsonl(tmp_path / "a.jsonl", rows[:3] + ["", '{"prompt": "x"', rows[3]])
+    no_newline = tmp_path / "b.jsonl"
+    no_newline.write_text(json.dumps(rows[4]) + "\n" + json.dumps(rows[5]))
+    datasets.Dataset.from_list(rows[6:]).to_parquet(str(tmp_path / "c.parquet"))
+    files = [str(jsonl), str(no_newline), str(tmp_path / "c.parquet")]
+    counts = count_rows(files)
+    assert counts == [6, 2, 2]
+    whole, skipped = read_records(files, skip_invalid=True)
+    assert [r.chosen for r in whole] == [r["chosen"] for r in rows] and skipped == {"not valid JSON": 1}
+    total = sum(counts)
+    for parts in (2, 3, 4, 10):
+        read, skips = [], {}
+        for part in range(parts):
+            block = RowBlock(total * part // parts, total * (part + 1) // parts, tuple(counts))
+            block_records, block_skipped = read_records(files, True, block=block)
+            read += block_records
+            for reason, count in block_skipped.items():
+                skips[reason] = skips.get(reason, 0) + count
+        assert [(r.uid, r.location) for r in read] == [(r.uid, r.location) for r in whole], parts
+        assert skips == skipped, parts
+    with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
+        count_rows(files + [str(tmp_path / "nope.jsonl")])

@@ -42,7 +42,8 @@ for case in json.loads((work / "cases.json").read_text()):
     root = case["roots"][info.rank]
     os.chdir(case.get("cwd", [str(work), str(work)])[info.rank])  # a relative data path: each "node" its own copy
     try:
-        store = tokenization.load_examples([case["data"]], tokenizer, 40, "keep_start", case["skip_invalid"], logger, "train",
+        files = case["data"] if isinstance(case["data"], list) else [case["data"]]
+        store = tokenization.load_examples(files, tokenizer, 40, "keep_start", case["skip_invalid"], logger, "train",
                                        validate, Path(root) if root else None, info.is_main, shards)
         results[case["name"]] = {{"pairs": [dataclasses.astuple(e) for e in store], "lines": logger.lines}}
     except Exception as err:
@@ -72,7 +73,8 @@ def alone(case):
 
     logger = Lines()
     try:
-        store = tokenization.load_examples([case["data"]], AutoTokenizer.from_pretrained(case["tokenizer"]), 40, "keep_start",
+        files = case["data"] if isinstance(case["data"], list) else [case["data"]]
+        store = tokenization.load_examples(files, AutoTokenizer.from_pretrained(case["tokenizer"]), 40, "keep_start",
                                        case["skip_invalid"], logger, "train", validate)
     except UserError as err:
         return f"{type(err).__name__}: {err}"
@@ -90,6 +92,17 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
     good = str(write_jsonl(tmp_path / "good.jsonl", records(9, chat_at={2, 7})))
     late = str(write_jsonl(tmp_path / "late.jsonl", records(9, chat_at={6})))  # rows 4-8 are rank 1's block
     both = str(write_jsonl(tmp_path / "both.jsonl", records(9, chat_at={1, 6})))
+    # Rows that cannot be read: each rank parses only its block of rows, yet the error is one process's (a record
+    # that cannot be read, in rank 1's block, before one that cannot be rendered, in rank 0's) and the skip
+    # counts are the sum of the blocks'.
+    unreadable = records(9, chat_at={1})
+    unreadable[7] = "not json"
+    mixed = str(write_jsonl(tmp_path / "mixed.jsonl", unreadable))
+    unreadable[2] = {"prompt": "x", "chosen": " y"}
+    skippable = str(write_jsonl(tmp_path / "skippable.jsonl", unreadable))
+    # Two files, the blocks' boundary inside the first, a blank line that counts as a row and is skipped
+    (tmp_path / "first.jsonl").write_text(write_jsonl(tmp_path / "first.jsonl", records(9)[:7]).read_text() + "\n")
+    two_files = [str(tmp_path / "first.jsonl"), str(write_jsonl(tmp_path / "second.jsonl", records(9)[7:]))]
     shared, node1 = str(tmp_path / "shared"), str(tmp_path / "node1")
     for node, chat_at in [("a", {2, 7}), ("a_copy", {2, 7}), ("b", {6})]:  # each "node"'s own train.jsonl
         (tmp_path / node).mkdir()
@@ -106,6 +119,11 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
          "skip_invalid": False},
         {"name": "skipped_in_both_blocks", "data": both, "tokenizer": str(tmp_path / "broken_tokenizer"), "roots": [None, None],
          "skip_invalid": True},
+        {"name": "unreadable_after_unrenderable", "data": mixed, "tokenizer": str(tmp_path / "broken_tokenizer"),
+         "roots": [None, None], "skip_invalid": False},
+        {"name": "unreadable_skipped", "data": skippable, "tokenizer": str(tmp_path / "broken_tokenizer"), "roots": [None, None],
+         "skip_invalid": True},
+        {"name": "two_files", "data": two_files, "tokenizer": str(tiny_policy), "roots": [None, None], "skip_invalid": False},
         {"name": "bug_on_rank1", "data": good, "tokenizer": str(tiny_policy), "roots": [None, None], "skip_invalid": False,
          "bug_on_rank": 1},
         # each "node" has its own copy of train.jsonl: alike, they work as one file; different, every rank refuses
@@ -144,10 +162,22 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
         assert rank["bad_in_rank1_block"] == {"error": late_error, "lines": []}
         assert rank["bad_in_both_blocks"] == {"error": first_error, "lines": []}
         assert rank["skipped_in_both_blocks"] == {"pairs": skipped_pairs, "lines": skipped_lines + [together]}
+    unreadable_error = alone(cases[6])
+    assert "mixed.jsonl:8: not valid JSON" in unreadable_error
+    unreadable_pairs, unreadable_lines = alone(cases[7])
+    assert "train: skipped 1 invalid record(s): not valid JSON" in unreadable_lines
+    assert "train: skipped 1 invalid record(s): missing key(s) 'rejected'" in unreadable_lines
+    assert "train: skipped 1 record(s) the chat template could not render cleanly" in unreadable_lines
+    two_files_pairs, two_files_lines = alone(cases[8])
+    assert len(two_files_pairs) == 9 and "train: 9 pairs from 2 file(s)" in two_files_lines
+    for rank in ranks:
+        assert rank["unreadable_after_unrenderable"] == {"error": unreadable_error, "lines": []}
+        assert rank["unreadable_skipped"] == {"pairs": unreadable_pairs, "lines": unreadable_lines + [together]}
+        assert rank["two_files"] == {"pairs": two_files_pairs, "lines": two_files_lines + [together]}
     assert ranks[1]["bug_on_rank1"]["error"] == "ValueError: a bug in this rank's tokenizing"
     assert ranks[0]["bug_on_rank1"]["error"] == (
-        "RuntimeError: rank 1 failed while tokenizing its block of the records (ValueError: a bug in this rank's "
-        "tokenizing); its own output has the traceback"
+        "RuntimeError: rank 1 failed while reading or tokenizing its block of the records (ValueError: a bug in this "
+        "rank's tokenizing); its own output has the traceback"
     )
     host = socket.gethostname()
     refusal = (f"UserError: train: rank 1 on {host} does not read what rank 0 on {host} reads: the contents of train.jsonl "
