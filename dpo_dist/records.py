@@ -13,8 +13,8 @@ go through `datasets` (errors give the row); a directory is a dataset saved with
 `datasets.Dataset.save_to_disk`.
 
 Several ranks read a split together (tokenization.py): `count_rows` gives each file's rows (a JSONL file's
-lines, blank ones included; a dataset's rows) and `read_records` with a `RowBlock` parses and checks only the
-block's rows, so no rank parses or holds every record.
+lines, blank ones included, counted without parsing; a dataset's rows) and `read_records` with a `RowBlock`
+parses and checks only the block's rows, so no rank parses or holds every JSONL record.
 """
 
 from __future__ import annotations
@@ -172,29 +172,39 @@ class RowBlock:
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: data file does not exist (check data.train_files / data.eval_files)")
+    if _is_jsonl(path) and not path.is_file():
+        raise DataError(f"{path}: is not a file; a .jsonl path must be a JSONL file (check data.train_files / data.eval_files)")
 
 
 def _is_jsonl(path: Path) -> bool:
     return path.suffix == ".jsonl"
 
 
-def count_rows(paths: list[str]) -> list[int]:
+JSONL_COUNT_CHUNK = 1 << 24  # bytes read at a time while counting a JSONL file's lines
+
+
+def count_rows(paths: list[str]) -> tuple[list[int], DataError | None]:
     """Each file's rows, as `read_records` numbers them: a JSONL file's lines (what iterating it yields; blank lines
-    count and are skipped when read), a dataset's rows. Counting reads the bytes, parsing nothing."""
+    count and are skipped when read), counted from its bytes without parsing; a dataset's rows (`datasets` loads
+    it). Stops at the first file that cannot be opened: the counts of the files before it, and its error, which a
+    process reading alone would raise only after reading those files' rows."""
     counts = []
     for name in paths:
         path = Path(name)
-        _check_exists(path)
-        if not _is_jsonl(path):
-            counts.append(len(_load_dataset(path)))
-            continue
-        lines, last = 0, b"\n"
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                lines += chunk.count(b"\n")
-                last = chunk[-1:]
+        try:
+            _check_exists(path)
+            if not _is_jsonl(path):
+                counts.append(len(_load_dataset(path)))
+                continue
+            lines, last = 0, b"\n"
+            with path.open("rb") as handle:
+                while chunk := handle.read(JSONL_COUNT_CHUNK):
+                    lines += chunk.count(b"\n")
+                    last = chunk[-1:]
+        except DataError as err:
+            return counts, err
         counts.append(lines + (last != b"\n"))  # a last line without its newline is a line
-    return counts
+    return counts, None
 
 
 def _jsonl_rows(path: Path, first: int = 0, end: int | None = None) -> Iterator[tuple[str, Any, str | None]]:

@@ -254,8 +254,12 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
     def read_block() -> tuple[list[Record], dict[str, int]]:
         if shards is None:
             return read_records(files, skip_invalid, validator)
-        file_rows = count_rows(files)
-        return read_records(files, skip_invalid, validator, RowBlock(*shards.block(sum(file_rows)), tuple(file_rows)))
+        file_rows, unopened = count_rows(files)
+        block = RowBlock(*shards.block(sum(file_rows)), tuple(file_rows))
+        records, skipped = read_records(files[: len(file_rows)], skip_invalid, validator, block)
+        if unopened is not None:  # after every counted row, as reading alone would meet it
+            raise _BlockError(1, unopened)
+        return records, skipped
 
     def tokenize(records: list[Record]) -> tuple[ExampleStore, TokenizeStats, int]:
         return tokenize_records(records, tokenizer, max_seq_length, truncation_mode, skip_invalid)
@@ -286,27 +290,30 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
     return examples, lines
 
 
-@dataclass(frozen=True)
-class _BlockError:
-    """A rank's block stopped at a bad record: `stage` 0 while reading it, 1 while tokenizing it."""
+class _BlockError(Exception):
+    """What stopped a rank's block, by the order a process alone would meet it in: `stage` 0, a record of the block
+    that cannot be read; 1, a data file that cannot be opened (after every counted row: every rank sees it);
+    2, a record of the block that cannot be tokenized (all records are read before any is tokenized)."""
 
-    stage: int
-    error: DataError
+    def __init__(self, stage: int, error: DataError):
+        super().__init__(stage, error)
+        self.stage, self.error = stage, error
 
 
 def _tokenize_together(read_block: Callable[[], tuple], tokenize: Callable[[list[Record]], tuple], shards: TokenizeShards):
     """Every rank's block, read and tokenized, joined in rank order (= file order). A bad record raises the same
     `DataError` on every rank, the one a process reading and tokenizing alone would raise: the first record that
     cannot be read, in file order, which is the lowest rank's that met one (a block stops at its first), else the
-    first that cannot be tokenized (the records are read before any is tokenized); only a dataset file that cannot
-    be opened at all is named before the bad records of the files ahead of it (every rank counts every file's
-    rows first). A bug on one rank still takes
+    first data file that cannot be opened, else the first record that cannot be tokenized (`_BlockError`'s
+    stages). A bug on one rank still takes
     part in the exchange before it raises, so the others stop with it instead of waiting for its block until the
     collective timeout."""
     bug, block = None, None
     try:
         try:
             records, skipped = read_block()
+        except _BlockError as err:
+            outcome = err
         except DataError as err:
             outcome = _BlockError(0, err)
         else:
@@ -314,7 +321,7 @@ def _tokenize_together(read_block: Callable[[], tuple], tokenize: Callable[[list
                 block, stats, render_failures = tokenize(records)
                 outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
             except DataError as err:
-                outcome = _BlockError(1, err)
+                outcome = _BlockError(2, err)
             del records  # the block's texts, before the joined arrays are allocated
     except Exception as err:
         outcome, bug = f"{type(err).__name__}: {err}", err

@@ -159,8 +159,8 @@ def test_row_blocks_read_each_row_once_in_file_order(tmp_path):
     no_newline.write_text(json.dumps(rows[4]) + "\n" + json.dumps(rows[5]))
     datasets.Dataset.from_list(rows[6:]).to_parquet(str(tmp_path / "c.parquet"))
     files = [str(jsonl), str(no_newline), str(tmp_path / "c.parquet")]
-    counts = count_rows(files)
-    assert counts == [6, 2, 2]
+    counts, unopened = count_rows(files)
+    assert counts == [6, 2, 2] and unopened is None
     whole, skipped = read_records(files, skip_invalid=True)
     assert [r.chosen for r in whole] == [r["chosen"] for r in rows] and skipped == {"not valid JSON": 1}
     total = sum(counts)
@@ -173,6 +173,24 @@ def test_row_blocks_read_each_row_once_in_file_order(tmp_path):
             for reason, count in block_skipped.items():
                 skips[reason] = skips.get(reason, 0) + count
         assert [(r.uid, r.location) for r in read] == [(r.uid, r.location) for r in whole], parts
-        assert skips == skipped, parts
-    with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
-        count_rows(files + [str(tmp_path / "nope.jsonl")])
+        assert list(skips.items()) == list(skipped.items()), parts  # the reasons in file order too
+    # The first file that cannot be opened ends the count: the rows before it, and its error
+    counts, unopened = count_rows([str(jsonl), str(tmp_path / "nope.jsonl"), str(no_newline)])
+    assert counts == [6] and "nope.jsonl: data file does not exist" in str(unopened)
+    (tmp_path / "dir.jsonl").mkdir()
+    counts, unopened = count_rows([str(tmp_path / "dir.jsonl")])
+    assert counts == [] and "dir.jsonl: is not a file" in str(unopened)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\n\n", b"a", b"a\n", b"a\r\nb\r\n", b"a\rb\n", b"abcdefgh\nij",
+                                     b"abcdefg\n", b"abcdefgh", b"abc\ndefgh\n\nijklmnopq\nr"])
+def test_count_rows_counts_the_lines_reading_yields(tmp_path, monkeypatch, content):
+    """Across the counting's read boundaries too (8-byte reads here): a line is what iterating the file yields."""
+    from dpo_dist import records
+
+    monkeypatch.setattr(records, "JSONL_COUNT_CHUNK", 8)
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    with path.open("rb") as handle:
+        lines = sum(1 for _ in handle)
+    assert records.count_rows([str(path)]) == ([lines], None)

@@ -100,6 +100,9 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
     mixed = str(write_jsonl(tmp_path / "mixed.jsonl", unreadable))
     unreadable[2] = {"prompt": "x", "chosen": " y"}
     skippable = str(write_jsonl(tmp_path / "skippable.jsonl", unreadable))
+    unreadable[2] = "not json either"
+    twice = str(write_jsonl(tmp_path / "twice.jsonl", unreadable))  # an unreadable row in each block
+    missing = str(tmp_path / "missing.jsonl")
     # Two files, the blocks' boundary inside the first, a blank line that counts as a row and is skipped
     (tmp_path / "first.jsonl").write_text(write_jsonl(tmp_path / "first.jsonl", records(9)[:7]).read_text() + "\n")
     two_files = [str(tmp_path / "first.jsonl"), str(write_jsonl(tmp_path / "second.jsonl", records(9)[7:]))]
@@ -124,6 +127,16 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
         {"name": "unreadable_skipped", "data": skippable, "tokenizer": str(tmp_path / "broken_tokenizer"), "roots": [None, None],
          "skip_invalid": True},
         {"name": "two_files", "data": two_files, "tokenizer": str(tiny_policy), "roots": [None, None], "skip_invalid": False},
+        {"name": "unreadable_in_both_blocks", "data": twice, "tokenizer": str(tiny_policy), "roots": [None, None],
+         "skip_invalid": False},
+        # a file that cannot be opened comes after the rows of the files before it (rank 1's unreadable one here)
+        {"name": "missing_after_unreadable", "data": [mixed, missing], "tokenizer": str(tmp_path / "broken_tokenizer"),
+         "roots": [None, None], "skip_invalid": False},
+        {"name": "missing_after_unrenderable", "data": [late, missing], "tokenizer": str(tmp_path / "broken_tokenizer"),
+         "roots": [None, None], "skip_invalid": False},
+        # one row for two ranks: rank 0's block is empty
+        {"name": "one_row", "data": str(write_jsonl(tmp_path / "one.jsonl", records(1))), "tokenizer": str(tiny_policy),
+         "roots": [None, None], "skip_invalid": False},
         {"name": "bug_on_rank1", "data": good, "tokenizer": str(tiny_policy), "roots": [None, None], "skip_invalid": False,
          "bug_on_rank": 1},
         # each "node" has its own copy of train.jsonl: alike, they work as one file; different, every rank refuses
@@ -170,7 +183,18 @@ def test_ranks_tokenize_a_block_each_and_end_with_what_one_process_gets(tiny_pol
     assert "train: skipped 1 record(s) the chat template could not render cleanly" in unreadable_lines
     two_files_pairs, two_files_lines = alone(cases[8])
     assert len(two_files_pairs) == 9 and "train: 9 pairs from 2 file(s)" in two_files_lines
+    twice_error = alone(cases[9])
+    assert "twice.jsonl:3: not valid JSON" in twice_error
+    assert alone(cases[10]) == unreadable_error
+    missing_error = alone(cases[11])
+    assert "missing.jsonl: data file does not exist" in missing_error
+    one_row = alone(cases[12])
+    assert len(one_row[0]) == 1
     for rank in ranks:
+        assert rank["unreadable_in_both_blocks"] == {"error": twice_error, "lines": []}
+        assert rank["missing_after_unreadable"] == {"error": unreadable_error, "lines": []}
+        assert rank["missing_after_unrenderable"] == {"error": missing_error, "lines": []}
+        assert rank["one_row"] == {"pairs": one_row[0], "lines": one_row[1] + [together]}
         assert rank["unreadable_after_unrenderable"] == {"error": unreadable_error, "lines": []}
         assert rank["unreadable_skipped"] == {"pairs": unreadable_pairs, "lines": unreadable_lines + [together]}
         assert rank["two_files"] == {"pairs": two_files_pairs, "lines": two_files_lines + [together]}
