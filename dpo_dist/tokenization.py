@@ -154,19 +154,21 @@ def _encode_rendered(tokenizer, rendered: list[tuple[Record, tuple[str, str, str
 def tokenize_records(records: list[Record], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool):
     """All records -> an `ExampleStore`, plus stats. A record that cannot render fails (or is skipped and counted).
 
-    The same result as `tokenize_record` on each record in turn, in the same order; the texts are encoded
-    ENCODE_BATCH_RECORDS records at a time."""
+    The same result as `tokenize_record` on each record in turn, in the same order, the same first error
+    included; the texts are encoded ENCODE_BATCH_RECORDS records at a time."""
     stats = TokenizeStats()
     examples = ExampleStore()
     render_failures = 0
     for first in range(0, len(records), ENCODE_BATCH_RECORDS):
         rendered: list[tuple[Record, tuple[str, str, str]]] = []
+        render_error = None
         for record in records[first : first + ENCODE_BATCH_RECORDS]:
             try:
                 rendered.append((record, render_texts(record, tokenizer)))
-            except DataError:
+            except DataError as err:
                 if not skip_invalid:
-                    raise
+                    render_error = err  # raised once the records rendered before it had their say (their errors come first)
+                    break
                 render_failures += 1
         for (record, _), (prompt_ids, chosen_ids, rejected_ids) in zip(rendered, _encode_rendered(tokenizer, rendered)):
             try:
@@ -178,6 +180,8 @@ def tokenize_records(records: list[Record], tokenizer, max_seq_length: int, trun
                 continue
             if example is not None:
                 examples.append(example)
+        if render_error is not None:
+            raise render_error
     return examples, stats, render_failures
 
 

@@ -78,6 +78,32 @@ def test_batched_tokenization_equals_one_text_at_a_time_in_file_order(tokenizer,
     assert stats.truncated > 0 and {r.conversational for r in records} == {True, False}
 
 
+def test_the_first_bad_record_of_a_batch_is_the_one_reported(tokenizer):
+    """Rendering a batch's records runs before their encoded ids are checked; an unrenderable record must still not
+    be reported ahead of an earlier record whose completion renders to no tokens (one process and the ranks' blocks,
+    whose batches start elsewhere, report the same record: the first in file order)."""
+    odd = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    # An assistant turn saying "nothing" renders as its bare header, which the generation prompt also ends with (no
+    # completion tokens); a conversation opened by a system message gets a generation prompt its render lacks.
+    odd.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content != 'nothing' %}{{ m.content }}<|im_end|>\n"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if messages[0].role == 'system' %}<think>{% endif %}{% endif %}"
+    )
+    user = [{"role": "user", "content": "Sort: 3 1"}]
+    empty = make_record({"prompt": user, "chosen": [{"role": "assistant", "content": "nothing"}],
+                         "rejected": [{"role": "assistant", "content": "1 3"}]}, "test:1")
+    unrenderable = make_record({"prompt": [{"role": "system", "content": "Be brief."}] + user,
+                                "chosen": [{"role": "assistant", "content": "1 3"}],
+                                "rejected": [{"role": "assistant", "content": "3 1"}]}, "test:2")
+    with pytest.raises(DataError, match="test:2: the chat template renders the prompt"):
+        tokenize_records([unrenderable], odd, 64, "keep_start", skip_invalid=False)
+    with pytest.raises(DataError, match="test:1: a completion renders to no tokens"):
+        tokenize_records([empty, unrenderable], odd, 64, "keep_start", skip_invalid=False)
+    store, _, failures = tokenize_records([empty, unrenderable], odd, 64, "keep_start", skip_invalid=True)
+    assert len(store) == 0 and failures == 2
+
+
 def test_example_store_holds_four_bytes_a_token_and_gives_back_the_pairs():
     """Qwen's vocabulary puts ids far above Python's small-int cache; the store keeps them as int32 and returns
     each pair as it went in, by index, negative index and slice; lengths come without building pairs."""
