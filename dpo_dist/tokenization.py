@@ -309,9 +309,8 @@ def _tokenize_together(read_block: Callable[[], tuple], tokenize: Callable[[list
     `DataError` on every rank, the one a process reading and tokenizing alone would raise: the first record that
     cannot be read, in file order, which is the lowest rank's that met one (a block stops at its first), else the
     first data file that cannot be opened, else the first record that cannot be tokenized (`_BlockError`'s
-    stages). A bug on one rank still takes
-    part in the exchange before it raises, so the others stop with it instead of waiting for its block until the
-    collective timeout."""
+    stages). A bug on one rank still takes part in the exchange before it raises, so the others stop with it
+    instead of waiting for its block until the collective timeout."""
     bug, block = None, None
     try:
         try:
