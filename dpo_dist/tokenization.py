@@ -256,11 +256,13 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
     """The split's pairs and the lines that report what was skipped, cut or dropped."""
 
     def read_block() -> tuple[list[Record], dict[str, int]]:
-        if shards is None:
-            return read_records(files, skip_invalid, validator)
+        """This rank's block of the rows (several ranks); what stops it, as a `_BlockError`."""
         file_rows, unopened = count_rows(files)
         block = RowBlock(*shards.block(sum(file_rows)), tuple(file_rows))
-        records, skipped = read_records(files[: len(file_rows)], skip_invalid, validator, block)
+        try:
+            records, skipped = read_records(files[: len(file_rows)], skip_invalid, validator, block)
+        except DataError as err:
+            raise _BlockError(0, err) from None
         if unopened is not None:  # after every counted row, as reading alone would meet it
             raise _BlockError(1, unopened)
         return records, skipped
@@ -269,7 +271,7 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
         return tokenize_records(records, tokenizer, max_seq_length, truncation_mode, skip_invalid)
 
     if shards is None:
-        records, skipped = read_block()
+        records, skipped = read_records(files, skip_invalid, validator)
         examples, stats, render_failures = tokenize(records)
     else:
         examples, stats, render_failures, skipped = _tokenize_together(read_block, tokenize, shards)
@@ -305,7 +307,8 @@ class _BlockError(Exception):
 
 
 def _tokenize_together(read_block: Callable[[], tuple], tokenize: Callable[[list[Record]], tuple], shards: TokenizeShards):
-    """Every rank's block, read and tokenized, joined in rank order (= file order). A bad record raises the same
+    """Every rank's block, read (`read_block` raises what stops it as `_BlockError` stage 0 or 1) and tokenized,
+    joined in rank order (= file order). A bad record raises the same
     `DataError` on every rank, the one a process reading and tokenizing alone would raise: the first record that
     cannot be read, in file order, which is the lowest rank's that met one (a block stops at its first), else the
     first data file that cannot be opened, else the first record that cannot be tokenized (`_BlockError`'s
@@ -313,19 +316,15 @@ def _tokenize_together(read_block: Callable[[], tuple], tokenize: Callable[[list
     instead of waiting for its block until the collective timeout."""
     bug, block = None, None
     try:
+        records, skipped = read_block()
         try:
-            records, skipped = read_block()
-        except _BlockError as err:
-            outcome = err
+            block, stats, render_failures = tokenize(records)
         except DataError as err:
-            outcome = _BlockError(0, err)
-        else:
-            try:
-                block, stats, render_failures = tokenize(records)
-                outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
-            except DataError as err:
-                outcome = _BlockError(2, err)
-            del records  # the block's texts, before the joined arrays are allocated
+            raise _BlockError(2, err) from None
+        del records  # the block's texts, before the joined arrays are allocated
+        outcome = (block.uids, len(block.arrays()[0]), stats, render_failures, skipped)
+    except _BlockError as err:
+        outcome = err
     except Exception as err:
         outcome, bug = f"{type(err).__name__}: {err}", err
     headers = shards.gather(outcome)
