@@ -90,7 +90,7 @@ def build_model(args, variant: str):
 
     from dpo_dist.config import LoRAConfig, ModelConfig
     from dpo_dist.lean_ops import apply_lean_activations, apply_liger_kernels
-    from dpo_dist.models import compile_decoder_layers, prepare_policy
+    from dpo_dist.models import EAGER_ROUNDING, compile_decoder_layers, prepare_policy
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
     from make_tiny_qwen3 import build_tokenizer
@@ -112,9 +112,10 @@ def build_model(args, variant: str):
     elif parts & {"lean", "recompute"}:
         apply_lean_activations(model)
     if "compile" in parts:
-        compile_decoder_layers(model)
+        # nodet (bench/compile_parity.py): inductor's deterministic mode off, as before 2026-11-28
+        compile_decoder_layers(model, dict(EAGER_ROUNDING) if "nodet" in parts else None)
     lora = LoRAConfig(r=args.lora_r, fused="fused" in parts) if args.lora_r else None
-    return prepare_policy(model, ModelConfig(base_model="random"), lora).train()
+    return prepare_policy(model, ModelConfig(base_model="random", compile="compile" in parts), lora).train()
 
 
 def gemm_tflops(args) -> float:

@@ -35,10 +35,13 @@
 #              memory goal)
 #   lora-compiled  the lora case: TRL, then dpo-dist with prefix sharing + lean + compiled layers (its compile did not fit
 #              in the ~95 s lora-next had left for it)
+#   lora-compiled-ours  lora-compiled without TRL (whose first loss is ln 2 exactly; its speed: lora-compiled)
 #   full-z2-compiled  the full case's model and data under ZeRO-2: TRL, then dpo-dist with prefix sharing + lean + compiled
 #              layers (the fourth GPU session ran these two by hand: ZeRO-2 against ZeRO-3 on one GPU, both tools)
 #   full-z2-metrics  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers with TRL's
 #              per-token metrics (the default) and without them (training.token_metrics=false): what they cost a GPU step
+#   compile-parity  bench/compile_parity.py on the 4B LoRA shape: do the policy's and the reference's forwards score alike,
+#              eager, compiled, and compiled without inductor's deterministic mode (~3 min)
 #   liger-tests  tests/test_lean_ops.py -k liger: Liger-Kernel's model against the plain one (CUDA only; skipped in CI)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
@@ -108,10 +111,15 @@ for spec in "$@"; do
                              "${LEAN_COMPILED[@]}"
                              --variant sharedleancompileckpt10:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=10) ;;
         lora-compiled) args=("${LORA[@]}" --no-defaults "${LEAN_COMPILED[@]}") ;;
+        lora-compiled-ours) args=("${LORA[@]}" --no-defaults --no-trl "${LEAN_COMPILED[@]}") ;;
         full-z2-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults "${LEAN_COMPILED[@]}") ;;
         full-z2-metrics) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
                                "${LEAN_COMPILED[@]}"
                                --variant sharedleancompilenometrics:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,training.token_metrics=false) ;;
+        compile-parity)
+            timeout "$seconds" python3 bench/compile_parity.py --device cuda --preset qwen3-4b --lora-r 16 \
+                --variants eager,lean+compile,lean+compile+nodet 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
+            continue ;;
         liger-tests)
             # -o addopts= : the project's xdist options, which the machine's pytest-xdist may not know
             timeout "$seconds" python3 -m pytest -o addopts= -p no:cacheprovider -q -rs tests/test_lean_ops.py -k liger 2>&1 \

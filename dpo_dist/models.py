@@ -217,15 +217,33 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
     return model
 
 
-# Inductor rounds a fused kernel's bf16 intermediates to bf16 where eager does. By default it keeps them in fp32,
-# and then the policy's graph (grad, adapter on) and the reference's (no grad, adapter off) round in different
-# places: on an H200 a compiled 4B LoRA run's loss fell from 0.68 to 0.02 in one step at lr 1e-6 where TRL's stayed
-# near ln 2 (bench/RESULTS.md). With eager's rounding the compiled layers compute what eager bf16 computes
-# (tests/test_compile.py).
+# DPO's reward is the policy's log-prob minus the reference's, and at the first step they are the same model: the
+# policy's compiled graph (grad, adapter on) and the reference's (no grad, adapter off; or a separate model) must
+# compute the same numbers. In bf16 a last-bit difference anywhere in a layer is passed on by every later rounding,
+# and a sequence's log-prob (a sum over ~1,000 tokens) moves by about a nat. Two inductor options, per compile:
+# - emulate_precision_casts: round a fused kernel's bf16 intermediates where eager does. By default inductor keeps
+#   them in fp32, so the graphs round in different places: on an H200 a compiled 4B LoRA run's loss fell from 0.68
+#   to 0.02 in one step at lr 1e-6 where TRL's stayed near ln 2.
+# - deterministic: pick each reduction kernel's block size and warps by inductor's rule instead of timing them on
+#   the device. The block sets the order RMSNorm sums its squares in, and timing picks per graph, by noise: with
+#   the casts alone the same H200 run began at loss 0.7315, its per-sequence log-probs up to 1.4 nats apart between
+#   the two graphs (bench/compile_parity.py); with both, within 0.016 (run-to-run noise: 0.009) and loss ln 2 +
+#   4e-5, at no cost in speed (bench/RESULTS.md). CPU kernels are not timed, so there it changes nothing.
 EAGER_ROUNDING = {"emulate_precision_casts": True}
 
 
-def compile_decoder_layers(model: nn.Module) -> None:
+def inductor_options() -> dict:
+    """The options each decoder layer compiles with: EAGER_ROUNDING and, where this torch has it, inductor's
+    deterministic mode (torch 2.11 on the H200 and 2.13 here do)."""
+    import torch._inductor.config as inductor_config
+
+    options = dict(EAGER_ROUNDING)
+    if hasattr(inductor_config, "deterministic"):
+        options["deterministic"] = True
+    return options
+
+
+def compile_decoder_layers(model: nn.Module, options: dict | None = None) -> None:
     """Compile each decoder layer's forward in place, as torchtune and TorchTitan do, not the whole model.
 
     The log-prob step around the decoder selects a data-dependent number of positions (a new shape every
@@ -242,10 +260,13 @@ def compile_decoder_layers(model: nn.Module) -> None:
     into the graph as a new 0-d tensor on every call: host work per layer per pass for values that are the
     model's constants, alike in every layer (bench/RESULTS.md: 2 to 6 ms per forward and backward of a 4-layer
     toy model on CPU, 14-26%).
+
+    `options`: inductor's, `inductor_options()` unless given (bench/compile_parity.py compares without
+    deterministic mode).
     """
     torch._dynamo.config.specialize_float = True
     for layer in model.get_decoder().layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True, options=EAGER_ROUNDING)
+        layer.forward = torch.compile(layer.forward, dynamic=True, options=options or inductor_options())
 
 
 def _requires_grad_only_with_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,37 @@ def test_compiled_layers_take_the_models_floats_as_constants(tiny_policy):
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
 
 
+def test_layers_compile_with_eager_rounding_and_untimed_reductions(tiny_policy):
+    """Each decoder layer compiles with inductor's emulate_precision_casts and its deterministic mode, per compile
+    (the process's own inductor settings stay as they were). Deterministic mode is what makes the policy's and the
+    reference's graphs sum alike on a GPU, where inductor otherwise times each reduction kernel's block sizes and
+    keeps the fastest, per graph: on an H200 a compiled 4B LoRA run then began at loss 0.7315 where TRL's began at
+    ln 2 (bench/RESULTS.md). A CPU's kernels are not timed, so the fault cannot show here: this reads inductor's
+    settings at the point where it compiles each of the layer's graphs."""
+    import torch
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from dpo_dist.config import ModelConfig
+    from dpo_dist.models import load_causal_lm
+
+    torch._dynamo.reset()  # another test's compiled layers in this worker: no cache hit
+    model = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), compile=True), torch.float32, None)
+    settings = []
+
+    def record(graph) -> None:  # an inductor pass: runs inside each graph's compile, under its options
+        settings.append((inductor_config.emulate_precision_casts, inductor_config.deterministic))
+
+    input_ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with inductor_config.patch(post_grad_custom_pre_pass=record, fx_graph_cache=False):
+        model(input_ids=input_ids).logits.sum().backward()  # grad graph
+        with torch.no_grad():
+            model(input_ids=input_ids)  # no-grad graph
+    assert len(settings) >= 2
+    assert set(settings) == {(True, True)}
+    assert (inductor_config.emulate_precision_casts, inductor_config.deterministic) == (False, False)
+
+
 def test_compiled_bf16_layers_round_like_eager(tiny_policy):
     """In bf16 a compiled layer rounds where eager rounds, so a compiled policy (grad, adapter on) and its compiled
     reference (no grad, adapter off) differ by what the adapter changes, as eager ones do. Inductor's default keeps
