@@ -6,7 +6,8 @@
 
 Runs `Trainer.setup()` and `--warmup` optimizer steps unprofiled (compilation, the allocator, DeepSpeed's
 first-step work), then `--steps` steps under torch.profiler (CPU, plus CUDA on a GPU) and prints:
-- the ops with the most self time (device time on a GPU, CPU time otherwise) and their share of the total;
+- on a GPU the kernels with the most device time and how long the device was busy (the union of the kernels'
+  intervals), on CPU the ops with the most self CPU time; each with its share of the total;
 - host syncs per step: `aten::_local_scalar_dense` (every `.item()`, `bool(tensor)`, `float(tensor)` of a
   device tensor) and `aten::nonzero` (boolean-mask selection: only the device knows the result's size)
   calls, and on a GPU cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls; on a
@@ -76,17 +77,47 @@ def is_python_frame(name: str) -> bool:
 
 
 def top_ops(prof, on_gpu: bool) -> tuple[list[dict], float]:
-    """The ops (not Python frames) with the most self time: device time on a GPU, else CPU time; and the
-    total of that time over all ops in ms (on a GPU: how long the device was busy)."""
-    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    averages = [event for event in prof.key_averages() if getattr(event, key) > 0 and not is_python_frame(event.key)]
-    total = sum(getattr(event, key) for event in averages) or 1
-    averages.sort(key=lambda event: getattr(event, key), reverse=True)
+    """CPU: the ops (not Python frames) with the most self CPU time, and the total of that time in ms. GPU: the
+    kernels with the most device time, and how long the device was busy (`kernel_summary`).
+
+    Not the ops' self device time on a GPU: torch's table lists each kernel twice, as itself and as the self device
+    time of the op that launched it (aten::mm and its GEMM kernel, an inductor graph's call and its Triton
+    kernels), so summing the table doubles the busy time (the fourth and fifth GPU sessions' "41%" and "101%" busy
+    were that; bench/RESULTS.md)."""
+    if on_gpu:
+        from torch.autograd import DeviceType
+
+        kernels = [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
+                   if event.device_type != DeviceType.CPU]
+        return kernel_summary(kernels)
+    averages = [event for event in prof.key_averages() if event.self_cpu_time_total > 0 and not is_python_frame(event.key)]
+    total = sum(event.self_cpu_time_total for event in averages) or 1
+    averages.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
     rows = [
-        {"op": event.key, "calls": event.count, "self_ms": getattr(event, key) / 1e3, "share": getattr(event, key) / total}
+        {"op": event.key, "calls": event.count, "self_ms": event.self_cpu_time_total / 1e3,
+         "share": event.self_cpu_time_total / total}
         for event in averages[:TOP_OPS]
     ]
     return rows, total / 1e3
+
+
+def kernel_summary(kernels: list[tuple[str, float, float]]) -> tuple[list[dict], float]:
+    """(name, start us, end us) of each kernel -> the names with the most time (calls, ms, share of all kernels'
+    time) and the busy time in ms: the union of the kernels' intervals (kernels on two streams can overlap)."""
+    per_name: dict[str, list] = {}
+    for name, start, end in kernels:
+        calls_and_us = per_name.setdefault(name, [0, 0.0])
+        calls_and_us[0] += 1
+        calls_and_us[1] += end - start
+    total = sum(us for _, us in per_name.values()) or 1
+    ranked = sorted(per_name.items(), key=lambda item: item[1][1], reverse=True)
+    rows = [{"op": name, "calls": calls, "self_ms": us / 1e3, "share": us / total} for name, (calls, us) in ranked[:TOP_OPS]]
+    busy_us, covered_until = 0.0, float("-inf")
+    for _, start, end in sorted(kernels, key=lambda kernel: kernel[1]):
+        if end > covered_until:
+            busy_us += end - max(start, covered_until)
+            covered_until = end
+    return rows, busy_us / 1e3
 
 
 def sync_sites(prof, steps: int) -> list[dict]:
@@ -210,7 +241,7 @@ def print_summary(summary: dict, out: Path) -> None:
     unit = "device" if summary["device"].startswith("cuda") else "CPU"
     print(f"\n{summary['steps']} profiled step(s): {summary['wall_ms']:.0f} ms wall (profiler overhead included), "
           f"{unit} busy {summary['busy_ms']:.0f} ms ({summary['busy_ms'] / summary['wall_ms']:.0%})")
-    print(f"top ops by self {unit} time, rank 0:")
+    print(f"top {'kernels by device' if unit == 'device' else 'ops by self CPU'} time, rank 0:")
     for row in summary["top_ops"]:
         print(f"  {row['share']:6.1%} {row['self_ms']:10.1f} ms {row['calls']:7d}x  {row['op']}")
     print("\nhost syncs per step, by call site:" if summary["syncs"] else "\nhost syncs per step: none")

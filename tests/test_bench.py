@@ -107,3 +107,22 @@ def test_profile_step_reports_ops_and_samples_compiled_layers_as_they_run(tiny_p
     inclusive = {row["function"]: row["share"] for row in samples["inclusive"]}
     assert inclusive["dpo_dist/trainer.py:train_step"] > 0.97
     assert any(name.startswith("torch/_inductor/output_code.py") and share > 0.05 for name, share in inclusive.items())
+
+
+def test_profile_step_counts_each_kernel_once_and_overlaps_once():
+    """On a GPU the device's busy time is the union of the kernels' intervals, each kernel counted once: torch's
+    op table also lists every kernel as the self device time of the op that launched it, and summing that table
+    had doubled the busy time the GPU sessions reported. Two streams' overlapping kernels count once."""
+    sys.path.insert(0, "bench")
+    try:
+        from profile_step import kernel_summary
+    finally:
+        sys.path.remove("bench")
+    kernels = [("gemm", 0.0, 400.0), ("gemm", 1000.0, 1400.0), ("norm", 1400.0, 1500.0),
+               ("copy", 1450.0, 1600.0),  # another stream, overlapping the norm by 50 us
+               ("norm", 3000.0, 3100.0)]
+    rows, busy_ms = kernel_summary(kernels)
+    assert math.isclose(busy_ms, (400 + 400 + 100 + 100 + 100) / 1e3)
+    assert [(row["op"], row["calls"]) for row in rows] == [("gemm", 2), ("norm", 2), ("copy", 1)]
+    assert math.isclose(rows[0]["self_ms"], 0.8) and math.isclose(rows[0]["share"], 800 / 1150)
+
