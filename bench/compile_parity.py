@@ -23,8 +23,8 @@ compiled without inductor's deterministic mode, as before 2026-11-28.
 
 Prints per variant, layout and mode: the largest |log-prob - policy's| of a chosen and of a rejected sequence,
 the mean (rejected - chosen) of those differences (a bias a first loss sees) and the first loss it gives at
-beta 0.1 (ln 2 = 0.693147 when the mode matches the policy). The compiled variants' `eager` column: the largest
-difference from the eager variant's policy log-probs.
+beta 0.1 (ln 2 = 0.693147 when the mode matches the policy). The `eager` column, when `eager` is the first
+variant: each later variant's policy log-probs' largest difference from the eager variant's.
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ def mode_logps(model, scorer, batch, mode: str):
     else:
         switch = contextlib.nullcontext()
     model.train(mode in ("policy", "no_grad"))
-    with torch.set_grad_enabled(grad), switch:
-        pair = forward_pair(scorer, batch)
-    model.train()
+    try:
+        with torch.set_grad_enabled(grad), switch:
+            pair = forward_pair(scorer, batch)
+    finally:
+        model.train()
     return pair.chosen_logps.detach().double().cpu(), pair.rejected_logps.detach().double().cpu()
 
 
@@ -110,7 +112,7 @@ def main() -> None:
     from dpo_dist.data import collate, collate_shared_prefix
     from dpo_dist.logps import SequenceLogps
 
-    torch._dynamo.config.recompile_limit = 64  # five modes x two layouts of one layer graph each
+    torch._dynamo.config.recompile_limit = 64  # four modes x two layouts of one layer graph each
     args = parse_args()
     pairs = random_pairs(args)
     layouts = {"padded": collate, "shared": collate_shared_prefix}
@@ -137,6 +139,7 @@ def main() -> None:
                       f"{rejected_gain.abs().max().item():15.4g} {(rejected_gain - chosen_gain).mean().item():13.4g} "
                       f"{first_loss(chosen_gain, rejected_gain):10.6f} {vs_eager}")
         del model, scorer
+        torch._dynamo.reset()  # the next variant compiles afresh
         if args.device == "cuda":
             torch.cuda.empty_cache()
 

@@ -115,6 +115,8 @@ def build_model(args, variant: str):
         # nodet (bench/compile_parity.py): inductor's deterministic mode off, as before 2026-11-28
         compile_decoder_layers(model, dict(EAGER_ROUNDING) if "nodet" in parts else None)
     lora = LoRAConfig(r=args.lora_r, fused="fused" in parts) if args.lora_r else None
+    # compile as the trainer does (since 2026-11-28): with it prepare_policy marks the embeddings' output as requiring
+    # grad, so a compiled LoRA policy's layer 0 runs the same graph as the others (earlier compiled timings: without)
     return prepare_policy(model, ModelConfig(base_model="random", compile="compile" in parts), lora).train()
 
 

@@ -87,8 +87,10 @@ def top_ops(prof, on_gpu: bool) -> tuple[list[dict], float]:
     if on_gpu:
         from torch.autograd import DeviceType
 
+        # not the device-side spans of record_function regions (an inductor graph's call, ProfilerStep): they run
+        # from a region's first kernel to its last, gaps included, and torch's own table leaves them out too
         kernels = [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
-                   if event.device_type != DeviceType.CPU]
+                   if event.device_type != DeviceType.CPU and not getattr(event, "is_user_annotation", False)]
         return kernel_summary(kernels)
     averages = [event for event in prof.key_averages() if event.self_cpu_time_total > 0 and not is_python_frame(event.key)]
     total = sum(event.self_cpu_time_total for event in averages) or 1

@@ -225,10 +225,12 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
 #   them in fp32, so the graphs round in different places: on an H200 a compiled 4B LoRA run's loss fell from 0.68
 #   to 0.02 in one step at lr 1e-6 where TRL's stayed near ln 2.
 # - deterministic: pick each reduction kernel's block size and warps by inductor's rule instead of timing them on
-#   the device. The block sets the order RMSNorm sums its squares in, and timing picks per graph, by noise: with
-#   the casts alone the same H200 run began at loss 0.7315, its per-sequence log-probs up to 1.4 nats apart between
-#   the two graphs (bench/compile_parity.py); with both, within 0.016 (run-to-run noise: 0.009) and loss ln 2 +
-#   4e-5, at no cost in speed (bench/RESULTS.md). CPU kernels are not timed, so there it changes nothing.
+#   the device (it also turns off a few other timing-based choices). The block sets the order RMSNorm sums its
+#   squares in, and timing picks per graph, by noise: with the casts alone the same H200 run began at loss 0.7315,
+#   the policy's and reference's per-sequence log-probs up to 2.4 nats apart (bench/compile_parity.py); with both,
+#   within 0.016 (run-to-run noise: 0.009) and loss ln 2 + 3.7e-5, no slower in one run each (bench/RESULTS.md).
+#   Observed, not guaranteed: the rule picks by each kernel's sizes and features, which a differently fused kernel
+#   can change. On CPU no kernel is timed; the CPU compile tests pass unchanged with it.
 EAGER_ROUNDING = {"emulate_precision_casts": True}
 
 
@@ -266,7 +268,7 @@ def compile_decoder_layers(model: nn.Module, options: dict | None = None) -> Non
     """
     torch._dynamo.config.specialize_float = True
     for layer in model.get_decoder().layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True, options=options or inductor_options())
+        layer.forward = torch.compile(layer.forward, dynamic=True, options=inductor_options() if options is None else options)
 
 
 def _requires_grad_only_with_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:

@@ -161,8 +161,11 @@ def test_layers_compile_with_eager_rounding_and_untimed_reductions(tiny_policy):
     from dpo_dist.config import ModelConfig
     from dpo_dist.models import load_causal_lm
 
+    if not hasattr(inductor_config, "deterministic"):
+        pytest.skip("this torch's inductor has no deterministic mode (the layers compile without it)")
     torch._dynamo.reset()  # another test's compiled layers in this worker: no cache hit
     model = load_causal_lm(str(tiny_policy), ModelConfig(base_model=str(tiny_policy), compile=True), torch.float32, None)
+    process_settings = (inductor_config.emulate_precision_casts, inductor_config.deterministic)
     settings = []
 
     def record(graph) -> None:  # an inductor pass: runs inside each graph's compile, under its options
@@ -173,9 +176,9 @@ def test_layers_compile_with_eager_rounding_and_untimed_reductions(tiny_policy):
         model(input_ids=input_ids).logits.sum().backward()  # grad graph
         with torch.no_grad():
             model(input_ids=input_ids)  # no-grad graph
-    assert len(settings) >= 2
+    assert len(settings) >= 3  # the grad graph's forward and backward, the no-grad graph
     assert set(settings) == {(True, True)}
-    assert (inductor_config.emulate_precision_casts, inductor_config.deterministic) == (False, False)
+    assert (inductor_config.emulate_precision_casts, inductor_config.deterministic) == process_settings
 
 
 def test_compiled_bf16_layers_round_like_eager(tiny_policy):
