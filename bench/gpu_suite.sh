@@ -39,8 +39,10 @@
 #   full-z2-compiled  the full case's model and data under ZeRO-2: TRL, then dpo-dist with prefix sharing + lean + compiled
 #              layers (the fourth GPU session ran these two by hand: ZeRO-2 against ZeRO-3 on one GPU, both tools)
 #   full-z2-overlap  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers under zero2.json
-#              (overlap_comm on) and under bench/configs/zero2_no_overlap.json: on one process there is nothing to overlap,
-#              and DeepSpeed's overlap_comm synchronizes the device at the end of every backward (stage_1_and_2.py)
+#              (overlap_comm on), bench/configs/zero2_no_overlap.json and bench/configs/zero1.json: on one process there
+#              is nothing to overlap or partition, DeepSpeed's overlap_comm synchronizes the device at the end of every
+#              backward, and ZeRO-2 reduces bucket by bucket in every backward where ZeRO-1 adds each gradient into
+#              its fp32 accumulator and reduces once per step (stage_1_and_2.py: process_gradients)
 #   full-z2-metrics  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers with TRL's
 #              per-token metrics (the default) and without them (training.token_metrics=false): what they cost a GPU step
 #   compile-parity  bench/compile_parity.py on the 4B LoRA shape: do the policy's and the reference's forwards score alike,
@@ -118,7 +120,8 @@ for spec in "$@"; do
         full-z2-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults "${LEAN_COMPILED[@]}") ;;
         full-z2-overlap) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
                                "${LEAN_COMPILED[@]}"
-                               --variant sharedleancompilenooverlap:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=bench/configs/zero2_no_overlap.json) ;;
+                               --variant sharedleancompilenooverlap:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=bench/configs/zero2_no_overlap.json
+                               --variant sharedleancompilezero1:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=bench/configs/zero1.json) ;;
         full-z2-metrics) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
                                "${LEAN_COMPILED[@]}"
                                --variant sharedleancompilenometrics:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,training.token_metrics=false) ;;
