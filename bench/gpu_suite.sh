@@ -41,8 +41,9 @@
 #   full-z2-overlap  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers under zero2.json
 #              (overlap_comm on), bench/configs/zero2_no_overlap.json and bench/configs/zero1.json: on one process there
 #              is nothing to overlap or partition, DeepSpeed's overlap_comm synchronizes the device at the end of every
-#              backward, and ZeRO-2 reduces bucket by bucket in every backward where ZeRO-1 adds each gradient into
-#              its fp32 accumulator and reduces once per step (stage_1_and_2.py: process_gradients)
+#              backward, and ZeRO-2 copies every backward's gradients through its reduce buckets into accumulation
+#              tensors where ZeRO-1 lets autograd accumulate them in .grad and reduces once per step
+#              (stage_1_and_2.py: process_gradients, independent_gradient_partition_epilogue)
 #   full-z2-metrics  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers with TRL's
 #              per-token metrics (the default) and without them (training.token_metrics=false): what they cost a GPU step
 #   compile-parity  bench/compile_parity.py on the 4B LoRA shape: do the policy's and the reference's forwards score alike,
