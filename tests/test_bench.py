@@ -75,6 +75,21 @@ def test_decoder_ceiling_runs_each_cpu_variant_and_scores_alike():
         assert float(rows[variant][-1]) < 1e-3, rows[variant]  # fp32: rounding only
 
 
+def test_compile_parity_scores_every_forward_mode_of_an_eager_model_alike():
+    """bench/compile_parity.py (the GPU suite's `compile-parity` case) on CPU, eager only (its compiled variants take
+    minutes here): every forward mode, with the adapter switched off both ways (the trainer's switch without grad,
+    PEFT's with it), in both layouts, scores what the policy scores in bf16 on CPU, so each row's first loss is
+    ln 2."""
+    result = run([sys.executable, "bench/compile_parity.py", "--variants", "eager", "--seq-len", "64"])
+    assert_ok(result)
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("eager ")]
+    assert [(row[1], row[2]) for row in rows] == [(layout, mode) for layout in ("padded", "shared")
+                                                  for mode in ("policy", "reference", "no_grad", "ref_grad")]
+    for row in rows:
+        assert float(row[3]) == float(row[4]) == 0.0, row
+        assert float(row[6]) == round(math.log(2), 6), row
+
+
 def test_logps_chunk_times_each_setting_and_finds_their_gradients_alike():
     """bench/logps_chunk.py at a small vocabulary: all three settings run and report, and their gradients are
     bit-identical (the script exits non-zero otherwise): the normaliser the recompute now takes, torch.logsumexp,
