@@ -267,8 +267,9 @@ def compile_decoder_layers(model: nn.Module, options: dict | None = None) -> Non
     deterministic mode).
     """
     torch._dynamo.config.specialize_float = True
+    options = inductor_options() if options is None else options
     for layer in model.get_decoder().layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True, options=inductor_options() if options is None else options)
+        layer.forward = torch.compile(layer.forward, dynamic=True, options=options)
 
 
 def _requires_grad_only_with_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
