@@ -124,7 +124,7 @@ def main() -> None:
     eager_policy = {}
     for variant in args.variants.split(","):
         model = build_model(args, variant).to(args.device)
-        scorer = SequenceLogps(model)
+        scorer = SequenceLogps(model, compiled_head="compile" in variant.split("+"))  # as training builds it
         for layout, batch in batches.items():
             policy_chosen, policy_rejected = mode_logps(model, scorer, batch, "policy")
             if variant == "eager":

@@ -151,7 +151,8 @@ def run_variant(args, variant: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model = build_model(args, variant)
     weights = torch.cuda.memory_allocated() if on_gpu else 0
-    scorer = SequenceLogps(model, recompute_elementwise="recompute" in variant.split("+"))
+    parts = variant.split("+")
+    scorer = SequenceLogps(model, recompute_elementwise="recompute" in parts, compiled_head="compile" in parts)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, 5000, (args.rows, args.seq_len), generator=generator).to(args.device)
     half = args.seq_len // 2  # the benchmark's pairs: prompt and completion about half each

@@ -48,6 +48,9 @@
 #              per-token metrics (the default) and without them (training.token_metrics=false): what they cost a GPU step
 #   compile-parity  bench/compile_parity.py on the 4B LoRA shape: do the policy's and the reference's forwards score alike,
 #              eager, compiled, and compiled without inductor's deterministic mode (~3 min)
+#   head       bench/logps_chunk.py on the GPU, bf16, hidden 2048 (the 1.7B model's): one lm_head chunk's forward +
+#              backward, eager against model.compile's head (compiled_head.py), at the trainer's chunk (220 tokens)
+#              and at 880 tokens; time and peak memory per setting (~1 min with the compiles)
 #   liger-tests  tests/test_lean_ops.py -k liger: Liger-Kernel's model against the plain one (CUDA only; skipped in CI)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
@@ -129,6 +132,11 @@ for spec in "$@"; do
         compile-parity)
             timeout "$seconds" python3 bench/compile_parity.py --device cuda --preset qwen3-4b --lora-r 16 \
                 --variants eager,lean+compile,lean+compile+nodet 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
+            continue ;;
+        head)
+            { timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 30
+              timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 30 --tokens 880
+            } 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
             continue ;;
         liger-tests)
             # -o addopts= : the project's xdist options, which the machine's pytest-xdist may not know

@@ -2,15 +2,19 @@
 
     python bench/logps_chunk.py                      # vocabulary 151,936, 220 tokens (the default chunk), one thread
     python bench/logps_chunk.py --iters 3 --vocab 4096 --tokens 64
+    python bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 50   # a GPU: adds peak memory
 
 `SequenceLogps` runs the lm_head over chunks of completion positions, each checkpointed, so backward recomputes
 the chunk's logits. Per setting, interleaved, the median wall time of `--iters` runs of one chunk:
 - `recompute-as-forward`: the checkpoint recomputes exactly what the forward ran (`_chunk_token_stats` with the
   per-token metrics: argmax, an exp pass over the vocabulary), as before `_CheckpointedChunk`;
 - `metrics`: with the metrics, the recompute taking the plain logsumexp (`_CheckpointedChunk`, the default);
-- `no-metrics`: `training.token_metrics: false`.
+- `no-metrics`: `training.token_metrics: false`;
+- `compiled-metrics`, `compiled-no-metrics`: the same with `model.compile`'s head (`compiled_head.py`: the
+  vocabulary-wide math in three compiled kernels, logits kept in the model's dtype), compiled in the warm-up.
 Then the normaliser alone on one chunk's logits (the metrics' max + exp + sum against `torch.logsumexp`). Exits
-non-zero if a setting's gradients differ from `recompute-as-forward`'s (they are meant to be bit-identical).
+non-zero if an eager setting's gradients differ from `recompute-as-forward`'s (they are meant to be bit-identical)
+or a compiled one's by more than rounding (relative norm of the difference: 1e-5 in fp32, 1e-2 in bf16).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dpo_dist, also when not installed
 
+from dpo_dist import compiled_head  # noqa: E402
 from dpo_dist.logps import _CheckpointedChunk, _chunk_token_stats, default_chunk_tokens  # noqa: E402
 
 
@@ -37,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None, help="tokens in the chunk (default: the trainer's chunk)")
     parser.add_argument("--iters", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     return parser.parse_args()
 
 
@@ -45,37 +52,56 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     tokens = args.tokens or default_chunk_tokens(args.vocab)
-    lm_head = nn.Linear(args.hidden, args.vocab, bias=False)
-    hidden = torch.randn(tokens, args.hidden, requires_grad=True)
-    targets = torch.randint(0, args.vocab, (tokens,))
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    on_gpu = device.type == "cuda"
+    lm_head = nn.Linear(args.hidden, args.vocab, bias=False).to(device, dtype)
+    hidden = torch.randn(tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, args.vocab, (tokens,), device=device)
+
+    def chunk(head, token_metrics: bool):
+        return lambda: checkpoint(_CheckpointedChunk(head, token_metrics, False), lm_head, hidden, targets,
+                                  use_reentrant=False)
+
     settings = {
         "recompute-as-forward": lambda: checkpoint(_chunk_token_stats, lm_head, hidden, targets, True, False,
                                                    use_reentrant=False),
-        "metrics": lambda: checkpoint(_CheckpointedChunk(True, False), lm_head, hidden, targets, use_reentrant=False),
-        "no-metrics": lambda: checkpoint(_CheckpointedChunk(False, False), lm_head, hidden, targets, use_reentrant=False),
+        "metrics": chunk(_chunk_token_stats, True),
+        "no-metrics": chunk(_chunk_token_stats, False),
+        "compiled-metrics": chunk(compiled_head.chunk_token_stats, True),
+        "compiled-no-metrics": chunk(compiled_head.chunk_token_stats, False),
     }
 
-    def run(setting: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def run(setting: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+        """(ms, peak MB above what was allocated before, hidden's gradient, the lm_head's)."""
         lm_head.zero_grad()
         hidden.grad = None
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if on_gpu else 0
         start = time.perf_counter()
         logps, _, _ = settings[setting]()
         logps.sum().backward()
-        return (time.perf_counter() - start) * 1e3, hidden.grad.clone(), lm_head.weight.grad.clone()
+        if on_gpu:
+            torch.cuda.synchronize()
+        elapsed = (time.perf_counter() - start) * 1e3
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if on_gpu else float("nan")
+        return elapsed, peak, hidden.grad.clone(), lm_head.weight.grad.clone()
 
-    first = {setting: run(setting) for setting in settings}  # warm-up, and the gradients to compare
+    first = {setting: run(setting) for setting in settings}  # warm-up (and compile), and the gradients to compare
     times = {setting: [] for setting in settings}
     for _ in range(args.iters):
         for setting in settings:
             times[setting].append(run(setting)[0])
-    print(f"one chunk: {tokens} tokens x vocabulary {args.vocab:,}, hidden {args.hidden}, {args.threads} thread(s), "
-          f"median of {args.iters} interleaved runs")
+    print(f"one chunk: {tokens} tokens x vocabulary {args.vocab:,}, hidden {args.hidden}, {args.dtype} on {device}, "
+          f"{args.threads} thread(s), median of {args.iters} interleaved runs")
     baseline = statistics.median(times["recompute-as-forward"])
     for setting, runs in times.items():
         median = statistics.median(runs)
-        print(f"  {setting:22s} {median:9.1f} ms  {median / baseline - 1:+.1%}")
+        memory = f"  peak +{first[setting][1]:,.0f} MB" if on_gpu else ""
+        print(f"  {setting:22s} {median:9.2f} ms  {median / baseline - 1:+.1%}{memory}")
 
-    logits = torch.randn(tokens, args.vocab)
+    logits = torch.randn(tokens, args.vocab, device=device)
 
     def metrics_normalizer():
         max_logits, _ = logits.max(dim=-1)
@@ -92,11 +118,19 @@ def main() -> None:
         print(f"  normaliser, {name:16s} {statistics.median(runs):9.1f} ms")
 
     reference = first["recompute-as-forward"]
-    differ = [setting for setting, (_, hidden_grad, weight_grad) in first.items()
-              if not (torch.equal(hidden_grad, reference[1]) and torch.equal(weight_grad, reference[2]))]
-    print("gradients bit-identical across settings" if not differ else f"gradients DIFFER: {', '.join(differ)}")
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    differ = []
+    for setting, (_, _, hidden_grad, weight_grad) in first.items():
+        if setting.startswith("compiled"):
+            errors = [((got.float() - want.float()).norm() / want.float().norm()).item()
+                      for got, want in ((hidden_grad, reference[2]), (weight_grad, reference[3]))]
+            print(f"  {setting}: gradients' relative difference from eager {max(errors):.2e}")
+            if max(errors) > tolerance:
+                differ.append(setting)
+        elif not (torch.equal(hidden_grad, reference[2]) and torch.equal(weight_grad, reference[3])):
+            differ.append(setting)
+    print("gradients alike across settings" if not differ else f"gradients DIFFER: {', '.join(differ)}")
     sys.exit(1 if differ else 0)
-
 
 if __name__ == "__main__":
     main()

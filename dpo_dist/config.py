@@ -63,7 +63,8 @@ class ModelConfig:
         False,
         "torch.compile each decoder layer of the policy and the reference model (fused norms, activations and "
         "rotary embeddings, rounding bf16 where eager does, reductions tuned by rule rather than timing so the "
-        "policy's and the reference's graphs agree); the first steps pay the compile time. Under ZeRO-3 "
+        "policy's and the reference's graphs agree), and the log-prob head's vocabulary-wide math (three fused "
+        "kernels per chunk, logits kept in the model's dtype); the first steps pay the compile time. Under ZeRO-3 "
         "only where layers are gathered whole (deepspeed.zero3_whole_layers).",
     )
     lean_activations: bool = _opt(

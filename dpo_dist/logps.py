@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpo_dist import compiled_head as compiled_head_lib
 from dpo_dist import prefix_sharing
 from dpo_dist.data import PairBatch
 from dpo_dist.lean_ops import RECOMPUTE
@@ -90,12 +91,13 @@ class _CheckpointedChunk:
     and the gradients, agree bit for bit (checked on CPU by `bench/logps_chunk.py`, which also times the settings);
     only the recompute's normaliser reaches the gradient in any case."""
 
-    def __init__(self, token_metrics: bool, probability_weights: bool):
+    def __init__(self, head, token_metrics: bool, probability_weights: bool):
+        self.head = head  # _chunk_token_stats, or compiled_head.chunk_token_stats
         self.extras = (token_metrics, probability_weights)
 
     def __call__(self, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
         extras, self.extras = self.extras, (False, False)
-        return _chunk_token_stats(lm_head, hidden, targets, *extras)
+        return self.head(lm_head, hidden, targets, *extras)
 
 
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -166,8 +168,10 @@ class SequenceLogps(nn.Module):
     """Wraps a causal LM; `forward` maps a concatenated pair batch to per-sequence sums."""
 
     def __init__(self, causal_lm: nn.Module, chunk_tokens: int | None = None, recompute_elementwise: bool = False,
-                 router_top_k: int = 0, probability_weights: bool = False):
+                 router_top_k: int = 0, probability_weights: bool = False, compiled_head: bool = False):
         super().__init__()
+        # model.compile: the head's vocabulary-wide math in compiled kernels (compiled_head.py), else eager ops
+        self.head = compiled_head_lib.chunk_token_stats if compiled_head else _chunk_token_stats
         # WPO (dpo.use_weighting): also each sequence's mean over its tokens of log p(token) - log sum_v p_v^2
         self.probability_weights = probability_weights
         self.causal_lm = causal_lm
@@ -223,10 +227,11 @@ class SequenceLogps(nn.Module):
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             chunk = (hidden[start : start + self.chunk_tokens], scored_targets[start : start + self.chunk_tokens])
             if torch.is_grad_enabled() and hidden.requires_grad:
-                logps, stats, log_sum_squares = checkpoint(_CheckpointedChunk(token_metrics, self.probability_weights),
-                                                           lm_head, *chunk, use_reentrant=False)
+                logps, stats, log_sum_squares = checkpoint(
+                    _CheckpointedChunk(self.head, token_metrics, self.probability_weights), lm_head, *chunk,
+                    use_reentrant=False)
             else:
-                logps, stats, log_sum_squares = _chunk_token_stats(lm_head, *chunk, token_metrics, self.probability_weights)
+                logps, stats, log_sum_squares = self.head(lm_head, *chunk, token_metrics, self.probability_weights)
             token_logps.append(logps)
             if stats is not None:
                 token_stats.append(stats)

@@ -170,7 +170,7 @@ class Trainer:
         self.causal_lm = policy
         scorer = SequenceLogps(policy, config.model.logps_chunk_tokens, config.model.recompute_elementwise,
                                router_top_k=self.shape.experts_per_token if self.router_aux_coef else 0,
-                               probability_weights=config.dpo.use_weighting)
+                               probability_weights=config.dpo.use_weighting, compiled_head=config.model.compile)
         if train:
             self.policy = TrainEngine(scorer, self.ds_config, config.training, max(self.total_steps, 1),
                                       config.deepspeed.zero3_whole_layers)

@@ -10,6 +10,13 @@ from launching import assert_ok, python_launch, read_metrics, run, run_here, wri
 from test_cli_errors import assert_clean_error
 
 
+def assert_head_never_recompiled(log: str) -> None:
+    """The log-prob head's compiled functions (compiled_head.py) kept one graph each through every batch, chunk,
+    grad mode (policy, reference, recompute) and evaluation."""
+    for function in ("log_normalizer", "token_metric_stats", "softmax_gradient_"):
+        assert f"Recompiling function {function} " not in log
+
+
 def test_compiled_layers_train_like_eager(tiny_policy, tmp_path):
     """LoRA + gradient checkpointing + packing + prefix sharing + lean activations under ZeRO-2 (the 4B recipe's
     shape, with the GPU benchmark's options): per-step losses and gradient norms of compiled layers (with
@@ -28,7 +35,8 @@ def test_compiled_layers_train_like_eager(tiny_policy, tmp_path):
             assert "Graph break" not in result.stderr and "recompile_limit" not in result.stderr
             # Two graphs of the one layer: the adapter-off reference without grad, the policy with grad (layer 0's
             # input is made to require grad like the others'; else a third graph for it)
-            assert result.stderr.count("Recompiling function") == 1
+            assert result.stderr.count("Recompiling function forward") == 1
+            assert_head_never_recompiled(result.stderr)
         else:
             run_here("train.py", config)
         train, _ = read_metrics(out)
@@ -58,9 +66,11 @@ def test_compiled_layers_under_zero3_train_like_eager(tiny_policy, tiny_referenc
             assert "Graph break" not in result.stderr
             # Three graphs of the one layer: the frozen reference's, the policy's without grad (evaluation) and with
             # grad; 28 layers of a GPU run need no more
-            assert result.stderr.count("Recompiling function") == 2
+            assert result.stderr.count("Recompiling function forward") == 2
+            assert_head_never_recompiled(result.stderr)
             assert "[__guards]" in result.stderr  # the guards were logged ...
             assert ".ds_id" not in result.stderr and ".ds_status" not in result.stderr  # ... and none is DeepSpeed's
+            assert "compiled_head.py" in result.stderr  # the head's functions were compiled too
             printed = result.stdout + result.stderr
         else:
             printed = run_here("train.py", config)

@@ -57,9 +57,10 @@ def batch(examples, tokenizer):
     return collate(examples, tokenizer.pad_token_id)
 
 
+@pytest.mark.parametrize("compiled_head", [False, True])
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 4096])
-def test_matches_naive_full_softmax(model, batch, chunk_tokens):
-    scorer = SequenceLogps(model, chunk_tokens=chunk_tokens)
+def test_matches_naive_full_softmax(model, batch, chunk_tokens, compiled_head):
+    scorer = SequenceLogps(model, chunk_tokens=chunk_tokens, compiled_head=compiled_head)
     with torch.no_grad():
         pair = forward_pair(scorer, batch)
         expected = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
@@ -70,10 +71,11 @@ def test_matches_naive_full_softmax(model, batch, chunk_tokens):
     assert torch.equal(counts, batch.completion_mask[:, 1:].sum(dim=1))
 
 
+@pytest.mark.parametrize("compiled_head", [False, True])
 @pytest.mark.parametrize("chunk_tokens", [3, 4096])
-def test_wpo_log_weights_match_naive_full_softmax(model, batch, chunk_tokens):
+def test_wpo_log_weights_match_naive_full_softmax(model, batch, chunk_tokens, compiled_head):
     """WPO's per-sequence log weight: the mean over completion tokens of log p(token) - log sum_v p_v^2."""
-    scorer = SequenceLogps(model, chunk_tokens=chunk_tokens, probability_weights=True)
+    scorer = SequenceLogps(model, chunk_tokens=chunk_tokens, probability_weights=True, compiled_head=compiled_head)
     with torch.no_grad():
         pair = forward_pair(scorer, batch)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()[:, :-1]
@@ -133,13 +135,14 @@ def test_gradients_match_naive(model, batch, token_metrics, wpo, monkeypatch):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("compiled_head", [False, True])
 @pytest.mark.parametrize("chunk_tokens", [3, 4096])
-def test_token_metrics_match_naive_full_softmax(model, batch, chunk_tokens):
+def test_token_metrics_match_naive_full_softmax(model, batch, chunk_tokens, compiled_head):
     """TRL's per-token metrics, summed per sequence over completion tokens, against a float64 softmax over the full
     logits: the mean-over-vocab logit (logits/*), the entropy in nats (entropy) and whether the target is the argmax
     (mean_token_accuracy, chosen only)."""
     with torch.no_grad():
-        pair = forward_pair(SequenceLogps(model, chunk_tokens), batch, token_metrics=True)
+        pair = forward_pair(SequenceLogps(model, chunk_tokens, compiled_head=compiled_head), batch, token_metrics=True)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()[:, :-1]
     mask = batch.completion_mask[:, 1:].double()
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -156,24 +159,26 @@ def test_token_metrics_match_naive_full_softmax(model, batch, chunk_tokens):
     assert pair.chosen_top1_tokens.tolist() == expected_top1.tolist()
     # a reference's forward computes none of them
     with torch.no_grad():
-        plain = forward_pair(SequenceLogps(model, chunk_tokens), batch)
+        plain = forward_pair(SequenceLogps(model, chunk_tokens, compiled_head=compiled_head), batch)
     assert plain.chosen_logits_sum is None and plain.chosen_entropy_sum is None and plain.chosen_top1_tokens is None
     torch.testing.assert_close(plain.chosen_logps, pair.chosen_logps, atol=1e-6, rtol=0)
 
 
-def test_token_stats_of_hand_made_logits():
-    """`_chunk_token_stats` on logits chosen by hand (an identity lm_head): the target is the argmax in row 0, not in
-    row 1; rows 2 and 3 tie two maxima, and only the first of a tie counts (TRL's argmax rule). Entropy and log p
-    against float64."""
+@pytest.mark.parametrize("compiled_head", [False, True])
+def test_token_stats_of_hand_made_logits(compiled_head):
+    """`_chunk_token_stats` (and its compiled twin) on logits chosen by hand (an identity lm_head): the target is the
+    argmax in row 0, not in row 1; rows 2 and 3 tie two maxima, and only the first of a tie counts (TRL's argmax
+    rule). Entropy and log p against float64."""
+    from dpo_dist import compiled_head as compiled_head_lib
     from dpo_dist.logps import _chunk_token_stats
 
+    head = compiled_head_lib.chunk_token_stats if compiled_head else _chunk_token_stats
     logits = torch.tensor([[4.0, 1.0, 0.0, -2.0], [4.0, 1.0, 0.0, -2.0], [0.5, 3.0, 3.0, 1.0], [0.5, 3.0, 3.0, 1.0]])
     targets = torch.tensor([0, 1, 2, 1])
     identity = torch.nn.Linear(4, 4, bias=False)
     with torch.no_grad():
         identity.weight.copy_(torch.eye(4))
-        logps, stats, log_sum_squares = _chunk_token_stats(identity, logits, targets, token_metrics=True,
-                                                           probability_weights=True)
+        logps, stats, log_sum_squares = head(identity, logits, targets, token_metrics=True, probability_weights=True)
     probs = torch.softmax(logits.double(), dim=-1)
     assert stats[:, 2].tolist() == [1.0, 0.0, 0.0, 1.0]
     torch.testing.assert_close(stats[:, 0], logits.mean(dim=-1))
@@ -304,3 +309,84 @@ def test_ld_alpha_sums_match_trls_shared_and_tail_split(model, tokenizer, layout
     torch.testing.assert_close(reference_view.rejected_logps, expected[pairs:], atol=1e-5, rtol=0)
     torch.testing.assert_close(got.sft_logps, token_logps[2 * pairs :].sum(dim=1), atol=1e-5, rtol=0)
     assert torch.equal(torch.cat([got.chosen_tokens, got.rejected_tokens]), lengths[: 2 * pairs])
+
+
+def test_compiled_head_gradients_match_naive(model, batch):
+    """model.compile's head (compiled_head.py: its own backward, one kernel over the saved logits) gives the naive
+    graph's gradients, with every extra computed in forward and chunks of 1 token (a graph of its own) and of 5."""
+    for chunk_tokens in (1, 5):
+        model.zero_grad()
+        pair = forward_pair(SequenceLogps(model, chunk_tokens, probability_weights=True, compiled_head=True), batch,
+                            token_metrics=True)
+        (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
+        compiled = {name: param.grad.clone() for name, param in model.named_parameters()}
+        model.zero_grad()
+        naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        half = batch.num_pairs
+        (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(compiled[name], param.grad, atol=1e-5, rtol=1e-4, msg=f"{chunk_tokens}: {name}")
+    model.zero_grad()
+
+
+def test_compiled_head_in_bf16_scores_policy_and_reference_alike(tiny_policy, batch):
+    """A bf16 model: the compiled head's log-probs are the eager head's (which projects to fp32 first) up to fp32
+    summation order, its gradients the eager head's up to bf16 rounding, and the policy's forward (grad, metrics)
+    and a reference's (no grad, no metrics) give bit-identical log-probs, as the eager head's do."""
+    bf16_model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.bfloat16).eval()
+    scored = {}
+    for compiled_head in (False, True):
+        scorer = SequenceLogps(bf16_model, chunk_tokens=5, compiled_head=compiled_head)
+        bf16_model.zero_grad()
+        policy = forward_pair(scorer, batch, token_metrics=True)
+        (policy.chosen_logps.sum() - policy.rejected_logps.sum()).backward()
+        grads = {name: param.grad.float() for name, param in bf16_model.named_parameters()}
+        with torch.no_grad():
+            reference = forward_pair(scorer, batch)
+        assert torch.equal(policy.chosen_logps.detach(), reference.chosen_logps), compiled_head
+        assert torch.equal(policy.rejected_logps.detach(), reference.rejected_logps), compiled_head
+        scored[compiled_head] = (torch.cat([reference.chosen_logps, reference.rejected_logps]), grads)
+    (eager_logps, eager_grads), (logps, grads) = scored[False], scored[True]
+    torch.testing.assert_close(logps, eager_logps, atol=1e-4, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=2e-2, rtol=2e-2, msg=name)
+
+
+def test_compiled_head_allocates_no_fp32_logits():
+    """A bf16 head over a 20,000-token vocabulary, forward and backward: the eager head allocates (n, V) fp32
+    buffers (the projection's fp32 copy), the compiled one nothing of that size: its logits stay bf16."""
+    from dpo_dist import compiled_head as compiled_head_lib
+    from dpo_dist.logps import _chunk_token_stats
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden_size, vocab = 24, 16, 20_000
+    lm_head = torch.nn.Linear(hidden_size, vocab, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(tokens, hidden_size, generator=generator).to(torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    fp32_logits = tokens * vocab * 4
+    largest = {}
+    for head in (_chunk_token_stats, compiled_head_lib.chunk_token_stats):
+        head(lm_head, hidden, targets, True, True)[0].sum().backward()  # compile outside the profile
+        with torch.profiler.profile(profile_memory=True) as prof:
+            logps, stats, log_sum_squares = head(lm_head, hidden, targets, True, True)
+            logps.sum().backward()
+        largest[head] = max(event.cpu_memory_usage for event in prof.events())
+    assert largest[_chunk_token_stats] >= fp32_logits > largest[compiled_head_lib.chunk_token_stats]
+    assert largest[compiled_head_lib.chunk_token_stats] >= fp32_logits // 2  # the bf16 logits themselves
+
+
+def test_compiled_head_compiles_once_for_every_chunk_size(model, batch):
+    """Dynamic in the token count: after chunks of 1 token (a size dynamo specializes) and of 2, scoring with chunks
+    of 3, 5, 7 and 11 tokens (last chunks of other sizes again) adds no graph."""
+    from torch._dynamo.utils import counters
+
+    def score(chunk_tokens):
+        with torch.no_grad():
+            forward_pair(SequenceLogps(model, chunk_tokens, compiled_head=True), batch, token_metrics=True)
+
+    score(1)
+    score(2)
+    graphs = counters["stats"]["unique_graphs"]
+    for chunk_tokens in (3, 5, 7, 11):
+        score(chunk_tokens)
+    assert counters["stats"]["unique_graphs"] == graphs
