@@ -11,7 +11,9 @@ Attention must give every token exactly what it sees in its own unshared sequenc
   (right-padded rows, chosen i, rejected B + i, SFT 2B + k), runs the model's own kernel on them
   as on any padded batch (causal, no mask, KV heads grouped), and scatters each document token's
   output back from its sequence (a shared token from chosen's row). Attention does the unshared
-  work; the projections, norms and MLP do the shared work.
+  work; the projections, norms and MLP do the shared work. In a compiled layer both moves are
+  `GatherRows`, whose backward gathers as well (`backward_sources`), where index_select's own
+  scatter-adds with atomics.
 - block mask (flex_attention): one document-grid attention with a BlockMask from `allowed` (causal,
   same document, never the other branch), so masked blocks are skipped and the shared prompt's
   attention is done once too.
@@ -106,7 +108,7 @@ class SharedLayout:
     scored_positions: torch.Tensor  # flat indices into the (rows, T) grid
     scored_targets: torch.Tensor
     scored_owners: torch.Tensor
-    attention_gather: torch.Tensor  # (S, L) flat grid index of each token of each unshared sequence (pads: its first)
+    attention_gather: torch.Tensor  # (S, L) flat grid index of each token of each unshared sequence (pads: its first's)
     attention_scatter: torch.Tensor  # (rows * T,) flat (S, L) index each grid cell takes its attention output from
 
 
@@ -128,7 +130,9 @@ def place_documents(documents: list[SharedDocument], pad_token_id: int, packed: 
         row, column = (0, start) if packed else (index, 0)
         first = row * width + column  # the document's first cell
         for sequence, offsets in doc.sequences:
-            gather[sequence].fill_(first)  # its padding repeats a real token: finite, and never attended (causal)
+            # Its padding repeats its own first token: finite, never attended (causal), and told from a real token by
+            # that alone (`backward_sources`)
+            gather[sequence].fill_(first + offsets[0])
             gather[sequence, : len(offsets)] = first + torch.tensor(offsets, dtype=torch.long)
         for offset, (sequence, position) in enumerate(doc.output_from):
             scatter[first + offset] = sequence * sequence_length + position
@@ -171,6 +175,71 @@ class SharedAttention:
     gather: torch.Tensor  # (S, L), see SharedLayout
     scatter: torch.Tensor  # (rows * T,)
     mask: torch.Tensor | None  # for the unshared rows: causal (+ window) where the kernel needs it spelled out
+    gather_sources: torch.Tensor | None = None  # (rows * T, 2), see backward_sources
+    scatter_sources: torch.Tensor | None = None  # (S * L, 1)
+
+
+def backward_sources(gather: torch.Tensor, scatter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the gradient of each side of the attention's gather and scatter comes from, as rows to gather (-1:
+    none), so that backward gathers instead of scatter-adding.
+
+    - A grid cell's gradient through the gather is the sum over the sequence cells that read it: at most two, since
+      a shared token sits in chosen's and rejected's sequence, any other token in one. Padding cells of a sequence
+      (they repeat its first token, `place_documents`) are left out: they are never attended (causal, right-padded)
+      and their outputs are never read, so their gradient is exactly zero. (rows * T, 2).
+    - A sequence cell's gradient through the scatter comes from the one grid cell that reads its output, if any:
+      rejected's shared tokens and the padding are read by none, and padding grid cells (which read sequence cell 0)
+      never reach anything scored, so their gradient is zero too. (S * L, 1).
+
+    Device ops only, once per forward (no host read); min and max make the choice of the two readers deterministic."""
+    num_sequences, length = gather.shape
+    cells, slots = scatter.numel(), gather.numel()
+    slot_ids = torch.arange(slots, device=gather.device)
+    padding = torch.zeros_like(gather, dtype=torch.bool)
+    padding[:, 1:] = gather[:, 1:] == gather[:, :1]
+    reads = torch.where(padding, cells, gather).reshape(-1)  # padding reads a spare cell past the grid
+    first = torch.full((cells + 1,), slots, device=gather.device).scatter_reduce_(0, reads, slot_ids, "amin")[:cells]
+    last = torch.full((cells + 1,), -1, device=gather.device).scatter_reduce_(0, reads, slot_ids, "amax")[:cells]
+    first = torch.where(first == slots, -1, first)
+    last = torch.where(last == first, -1, last)
+    flat_gather = gather.reshape(-1)
+    taken = scatter.index_select(0, flat_gather) == slot_ids  # the cell holding this token reads its output here
+    return torch.stack([first, last], dim=1), torch.where(taken, flat_gather, -1).unsqueeze(1)
+
+
+def _rows_or_zero(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """states[rows], with zero where rows is -1."""
+    picked = states.index_select(0, rows.clamp(min=0))
+    keep = (rows >= 0).view(-1, *([1] * (states.dim() - 1)))
+    return torch.where(keep, picked, torch.zeros((), dtype=states.dtype, device=states.device))
+
+
+class GatherRows(torch.autograd.Function):
+    """`states.index_select(0, index)` whose backward gathers each source row's gradient from its (at most k)
+    readers, `sources` (rows of states, k), instead of scatter-adding it. A scatter-add is an atomic add per
+    element on a GPU (bf16 ones on an H200), a kernel inductor cannot fuse; this is a gather it fuses into one
+    kernel. The same sum, exactly: at most two nonzero terms, and zeros add nothing."""
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, index: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(sources)
+        return states.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (sources,) = ctx.saved_tensors
+        total = _rows_or_zero(grad, sources[:, 0])
+        for column in range(1, sources.shape[1]):
+            total = total + _rows_or_zero(grad, sources[:, column])
+        return total, None, None
+
+
+def _select_rows(states: torch.Tensor, index: torch.Tensor, sources: torch.Tensor | None) -> torch.Tensor:
+    """Compiled (inside a compiled layer), the gathering backward; eager, index_select's own (one scatter-add
+    kernel, fewer than the gathers' several unfused ones)."""
+    if sources is not None and torch.compiler.is_compiling():
+        return GatherRows.apply(states, index, sources)
+    return states.index_select(0, index)
 
 
 ATTENTION_PREFIX = "dpo_dist_prefix_sharing_"
@@ -203,13 +272,14 @@ def gathered_attention(module, query, key, value, attention_mask, *, base: str, 
     def unshared(states: torch.Tensor) -> torch.Tensor:  # (rows, heads, T, D) -> (S, heads, L, D)
         heads, dim = states.shape[1], states.shape[3]
         cells = states.transpose(1, 2).reshape(rows * width, heads, dim)
-        return cells.index_select(0, layout.gather.reshape(-1)).view(num_sequences, length, heads, dim).transpose(1, 2)
+        picked = _select_rows(cells, layout.gather.reshape(-1), layout.gather_sources)
+        return picked.view(num_sequences, length, heads, dim).transpose(1, 2)
 
     for name in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(name, None)  # they describe the document grid; flash-attention would read them as packing
     output, _ = kernel(module, unshared(query), unshared(key), unshared(value), layout.mask, **kwargs)
     heads, dim = output.shape[2], output.shape[3]
-    cells = output.reshape(num_sequences * length, heads, dim).index_select(0, layout.scatter)
+    cells = _select_rows(output.reshape(num_sequences * length, heads, dim), layout.scatter, layout.scatter_sources)
     return cells.view(rows, width, heads, dim), None
 
 
@@ -263,7 +333,9 @@ def attention_masks(causal_lm, branch: torch.Tensor, documents: torch.Tensor | N
         use_gathered_attention(hf_config)
         base = base_implementation(hf_config._attn_implementation)
         dtype = causal_lm.get_input_embeddings().weight.dtype
-        masks = {layer_type: SharedAttention(gather, scatter, _unshared_mask(base, window, gather.shape[1], dtype, gather.device))
+        sources = backward_sources(gather, scatter)
+        masks = {layer_type: SharedAttention(gather, scatter, _unshared_mask(base, window, gather.shape[1], dtype, gather.device),
+                                             *sources)
                  for layer_type, window in windows.items()}
     return masks if layer_types else _one_mask_for_all_layers(masks[None])
 

@@ -42,6 +42,12 @@ def test_pair_document_layout_by_hand():
     got = prefix_sharing.allowed(layout.branch, None, layout.position_ids, None, torch.zeros(1, 1, 1, dtype=torch.long),
                                  offsets[None, :, None], offsets[None, None, :])[0]
     assert torch.equal(got, expected)
+    # Backward by gathering: grid cells 0-2 are read by chosen's and rejected's sequence cells (0-2 and 6-8), the
+    # others by one, chosen's padding (5) by none; sequence cells 0-4 and 9-11 are read back by one grid cell each,
+    # rejected's shared ones (6-8) and chosen's padding by none
+    gather_sources, scatter_sources = prefix_sharing.backward_sources(layout.attention_gather, layout.attention_scatter)
+    assert gather_sources.tolist() == [[0, 6], [1, 7], [2, 8], [3, -1], [4, -1], [9, -1], [10, -1], [11, -1]]
+    assert scatter_sources.squeeze(1).tolist() == [0, 1, 2, 3, 4, -1, -1, -1, -1, 5, 6, 7]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,31 @@ def test_log_probs_and_gradients_equal_the_unshared_ones(tiny_policy, tokenizer,
     (naive * torch.linspace(1.0, -1.0, 2 * n + 1)).sum().backward()
     for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(param.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gathering_backward_gives_the_scatter_adds_gradients_bit_for_bit(tiny_policy, tokenizer, examples, sft, packed,
+                                                                          dtype, monkeypatch):
+    """Compiled layers run the attention's gather and scatter through GatherRows, whose backward gathers each row's
+    gradient from its (at most two) readers, leaving out padding whose gradient is zero. Forced on eagerly here:
+    every parameter's gradient equals index_select's scatter-add backward exactly, in fp32 and bf16, padded and
+    packed, with a pair that shares no token at all (the keep_end one: its rejected sequence's padding repeats a
+    token past chosen's), padded sequences and an SFT document."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=dtype, attn_implementation="sdpa")
+    batch = collate_shared_prefix(examples, tokenizer.pad_token_id, None, sft, packed=packed)
+    gradients = {}
+    for gathering in (False, True):
+        if gathering:
+            monkeypatch.setattr(prefix_sharing, "_select_rows", lambda states, index, sources: prefix_sharing.GatherRows.apply(states, index, sources))
+        model.zero_grad()
+        pair = forward_pair(SequenceLogps(model, 5), batch)
+        weights = torch.linspace(1.0, -1.0, batch.num_sequences)
+        (torch.cat([pair.chosen_logps, pair.rejected_logps, pair.sft_logps]) * weights).sum().backward()
+        gradients[gathering] = {name: param.grad.clone() for name, param in model.named_parameters()}
+    for name, grad in gradients[True].items():
+        assert torch.equal(grad, gradients[False][name]), name
+    assert any(grad.abs().sum() > 0 for grad in gradients[True].values())
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -212,3 +243,37 @@ def test_shared_forward_and_backward_never_wait_for_the_device(tiny_policy, toke
         pair = forward_pair(SequenceLogps(model, 5), batch)
         (pair.chosen_logps.sum() - pair.rejected_logps.sum()).backward()
     assert host_reads(prof) == []
+
+
+def test_compiled_gather_backward_gathers_and_scatters_nothing():
+    """Inside a compiled graph `_select_rows` takes GatherRows: the backward graph AOTAutograd hands the compiler
+    gathers rows and has no scatter-add (what index_select's own backward is, atomic adds on a GPU). Its gradient
+    is index_select's, on the hand-made layout's attention gather with gradient only where real tokens read."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    doc = prefix_sharing.pair_document([1, 2, 3, 4, 5], 2, [1, 2, 3, 7, 8, 9], 2, chosen_owner=0, rejected_owner=1)
+    layout = prefix_sharing.place_documents([doc], pad_token_id=0, packed=False)
+    gather_sources, _ = prefix_sharing.backward_sources(layout.attention_gather, layout.attention_scatter)
+    index = layout.attention_gather.reshape(-1)
+    backward_ops = []
+
+    def keep_backward(graph, example_inputs):
+        backward_ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph
+
+    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=keep_backward)
+    generator = torch.Generator().manual_seed(0)
+    cells = torch.randn(8, 2, 3, generator=generator)
+    upstream = torch.randn(12, 2, 3, generator=generator)
+    upstream[5] = 0.0  # chosen's padding: never attended, so no gradient reaches it in a real layer
+
+    def select(states, selected):
+        return (selected(states) * upstream).sum()
+
+    compiled_states = cells.clone().requires_grad_(True)
+    torch.compile(select, backend=backend, fullgraph=True)(
+        compiled_states, lambda states: prefix_sharing._select_rows(states, index, gather_sources)).backward()
+    eager_states = cells.clone().requires_grad_(True)
+    select(eager_states, lambda states: states.index_select(0, index)).backward()
+    assert torch.equal(compiled_states.grad, eager_states.grad)
+    assert backward_ops and not [op for op in backward_ops if "scatter" in op or "index_add" in op or "index_put" in op], backward_ops
