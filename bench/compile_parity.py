@@ -23,8 +23,8 @@ compiled without inductor's deterministic mode, as before 2026-11-28.
 
 Prints per variant, layout and mode: the largest |log-prob - policy's| of a chosen and of a rejected sequence,
 the mean (rejected - chosen) of those differences (a bias a first loss sees) and the first loss it gives at
-beta 0.1 (ln 2 = 0.693147 when the mode matches the policy). The `eager` column, when `eager` is the first
-variant: each later variant's policy log-probs' largest difference from the eager variant's.
+beta 0.1 (ln 2 = 0.693147 when the mode matches the policy). The `eager` column, when `eager` is among the
+variants (it runs first): each other variant's policy log-probs' largest difference from the eager variant's.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def main() -> None:
     print(f"{'variant':<14} {'layout':<7} {'mode':<10} {'max|d chosen|':>13} {'max|d rejected|':>15} "
           f"{'mean(dr - dc)':>13} {'first loss':>10} {'eager':>9}")
     eager_policy = {}
-    for variant in args.variants.split(","):
+    for variant in sorted(args.variants.split(","), key=lambda name: name != "eager"):  # eager first: the last column
         model = build_model(args, variant).to(args.device)
         scorer = SequenceLogps(model, compiled_head="compile" in variant.split("+"))  # as training builds it
         for layout, batch in batches.items():

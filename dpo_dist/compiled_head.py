@@ -3,8 +3,9 @@
 Each chunk of the head (`logps._chunk_token_stats`) passes over a (n, 151,936) logits buffer several times. In
 eager PyTorch every op is a pass of its own, in fp32: the bf16 matmul output's fp32 copy, the max, the exp, the
 sum, the mean, the entropy's row-wise dot, and in backward the recompute's logsumexp and the softmax gradient's
-sub, exp and mul. On an H200 those kernels took ~15% of a compiled 1.7B ZeRO-2 step's kernel time, each far
-below the memory bandwidth (the entropy's dot: 37 ms for ~20 GB; bench/RESULTS.md, fifth GPU session).
+sub, exp and mul. On an H200 two of them alone, the entropy's dot (37 ms for ~20 GB: a ninth of the bandwidth)
+and the softmax gradient's sub and exp (42 ms), were ~8.5% of a compiled 1.7B ZeRO-2 step's kernel time
+(bench/RESULTS.md, fifth GPU session).
 Compiled, the same math is three kernels, each reading the logits once in the model's dtype:
 
 - `log_normalizer`: the logsumexp (the only one that reaches the gradient);
