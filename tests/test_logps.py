@@ -32,6 +32,19 @@ def naive_completion_logps(model, input_ids, attention_mask, completion_mask):
     return (token_logps * completion_mask[:, 1:]).sum(dim=1)
 
 
+def assert_gradients_match_naive(model, batch) -> None:
+    """The model's gradients (of chosen's log-probs minus half of rejected's, just computed) against the naive
+    graph's; leaves the gradients zeroed."""
+    computed = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    half = batch.num_pairs
+    (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(computed[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
+
+
 @pytest.fixture(scope="module")
 def model(tiny_policy):
     torch.manual_seed(0)
@@ -125,14 +138,7 @@ def test_gradients_match_naive(model, batch, token_metrics, wpo, monkeypatch):
     normalizers.clear()
     (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
     assert calls == [] and len(normalizers) == chunks and sum(normalizers) == scored
-    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
-    half = batch.num_pairs
-    (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
-    model.zero_grad()
+    assert_gradients_match_naive(model, batch)
 
 
 @pytest.mark.parametrize("compiled_head", [False, True])
@@ -319,14 +325,7 @@ def test_compiled_head_gradients_match_naive(model, batch):
         pair = forward_pair(SequenceLogps(model, chunk_tokens, probability_weights=True, compiled_head=True), batch,
                             token_metrics=True)
         (pair.chosen_logps.sum() - 0.5 * pair.rejected_logps.sum()).backward()
-        compiled = {name: param.grad.clone() for name, param in model.named_parameters()}
-        model.zero_grad()
-        naive = naive_completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
-        half = batch.num_pairs
-        (naive[:half].sum() - 0.5 * naive[half:].sum()).backward()
-        for name, param in model.named_parameters():
-            torch.testing.assert_close(compiled[name], param.grad, atol=1e-5, rtol=1e-4, msg=f"{chunk_tokens}: {name}")
-    model.zero_grad()
+        assert_gradients_match_naive(model, batch)
 
 
 def test_compiled_head_in_bf16_scores_policy_and_reference_alike(tiny_policy, batch):
