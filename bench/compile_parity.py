@@ -16,7 +16,8 @@ One random Qwen3-shaped model per variant (the same weights for every variant), 
     no_grad     train, no grad, adapter on
     ref_grad    eval, grad, adapter off           (the reference through a grad-mode graph)
 (train and eval differ only in a flag: dropout is 0). Variants as in bench/decoder_ceiling.py, plus `nodet`:
-compiled without inductor's deterministic mode, as before 2026-11-28.
+compiled layers without inductor's deterministic mode, as before 2026-11-28 (the compiled log-prob head,
+`dpo_dist/compiled_head.py`, compiles once per process, in deterministic mode, for every compiled variant).
 
     python bench/compile_parity.py --device cuda --preset qwen3-4b --lora-r 16 --variants eager,lean+compile,lean+compile+nodet
     python bench/compile_parity.py --variants eager,lean+compile                      # tiny, CPU (~5 min)

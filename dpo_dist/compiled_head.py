@@ -15,9 +15,11 @@ Compiled, the same math is three kernels, each reading the logits once in the mo
 
 No fp32 copy of the logits is made, so a bf16 chunk holds half the memory of the eager head's. The policy, its
 recompute and the reference all take the normaliser from the same compiled graph, so a policy and a reference
-that produce the same logits get the same log-probs, bit for bit. Pure functions of tensors, compiled with the
-decoder layers' inductor options (deterministic reductions), dynamic in the number of tokens: one graph each
-for every chunk size (`compiled`).
+that produce the same logits get the same log-probs, bit for bit (a chunk of exactly one token has a graph of its
+own, whose sums may round differently in the last bit: where the policy's and the reference's chunks are cut
+differently, e.g. with SFT rows mixed in, such a token can differ by an fp32 ulp). Pure functions of tensors,
+compiled with the decoder layers' inductor options (deterministic reductions), dynamic in the number of tokens:
+one graph each for every chunk size of two or more (`compiled`).
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ def compiled(function):
     """`function` compiled once per process: static in the vocabulary, dynamic in the token count (dim 0 of every
     tensor argument). Under `dynamic=True` dynamo would make the vocabulary size symbolic too. A dynamic dim also
     makes the tensor's storage offset symbolic, and dynamo specializes offsets 0 and 1 like sizes: callers pass
-    fresh tensors. Call it without grad: grad mode is part of what a graph is specialized on, and the forward and
-    backward calls share their graphs. Each function compiles one graph per logits dtype, and one more for a
+    fresh tensors. Call it without grad: grad mode is part of what a graph is specialized on, and the policy's
+    forward, its recompute in backward and the reference's forward all call `log_normalizer`. Each function compiles one graph per logits dtype, and one more for a
     chunk of exactly 1 token (dynamo specializes sizes 0 and 1): within dynamo's limit of 8 per function, past
     which it would run the function eagerly, unfused."""
     graph = torch.compile(function, dynamic=False, options=inductor_options())

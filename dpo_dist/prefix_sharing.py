@@ -28,6 +28,7 @@ layout and its gather/scatter indices are built on the host, like the rest of a 
 
 from __future__ import annotations
 
+import collections
 import functools
 import sys
 from dataclasses import dataclass
@@ -129,6 +130,9 @@ def place_documents(documents: list[SharedDocument], pad_token_id: int, packed: 
     for index, doc in enumerate(documents):
         row, column = (0, start) if packed else (index, 0)
         first = row * width + column  # the document's first cell
+        readers = collections.Counter(offset for _, offsets in doc.sequences for offset in offsets)
+        if max(readers.values()) > 2:  # backward_sources keeps two readers per cell
+            raise RuntimeError(f"a document token is in {max(readers.values())} sequences; prefix sharing allows 2")
         for sequence, offsets in doc.sequences:
             # Its padding repeats its own first token: finite, never attended (causal), and told from a real token by
             # that alone (`backward_sources`)
@@ -191,7 +195,8 @@ def backward_sources(gather: torch.Tensor, scatter: torch.Tensor) -> tuple[torch
       rejected's shared tokens and the padding are read by none, and padding grid cells (which read sequence cell 0)
       never reach anything scored, so their gradient is zero too. (S * L, 1).
 
-    Device ops only, once per forward (no host read); min and max make the choice of the two readers deterministic."""
+    Device ops only, once per forward with grad (no host read); min and max make the choice of the two readers
+    deterministic. `place_documents` checks that no cell has more than two."""
     num_sequences, length = gather.shape
     cells, slots = scatter.numel(), gather.numel()
     slot_ids = torch.arange(slots, device=gather.device)
@@ -333,7 +338,7 @@ def attention_masks(causal_lm, branch: torch.Tensor, documents: torch.Tensor | N
         use_gathered_attention(hf_config)
         base = base_implementation(hf_config._attn_implementation)
         dtype = causal_lm.get_input_embeddings().weight.dtype
-        sources = backward_sources(gather, scatter)
+        sources = backward_sources(gather, scatter) if torch.is_grad_enabled() else (None, None)  # backward's only
         masks = {layer_type: SharedAttention(gather, scatter, _unshared_mask(base, window, gather.shape[1], dtype, gather.device),
                                              *sources)
                  for layer_type, window in windows.items()}

@@ -50,6 +50,17 @@ def test_pair_document_layout_by_hand():
     assert scatter_sources.squeeze(1).tolist() == [0, 1, 2, 3, 4, -1, -1, -1, -1, 5, 6, 7]
 
 
+def test_a_token_read_by_three_sequences_is_refused():
+    """backward_sources keeps two readers per grid cell (what pair documents have): a document whose first token
+    three sequences contain is refused where it is placed, not trained with a gradient missing a term."""
+    doc = prefix_sharing.SharedDocument(
+        token_ids=[1, 2, 3, 4], position_ids=[0, 1, 1, 1], branch=[0, 1, 2, 2], completion=[0, 1, 1, 1],
+        scored=[(0, 2, 0)], sequences=[(0, [0, 1]), (1, [0, 2]), (2, [0, 3])],
+        output_from=[(0, 0), (0, 1), (1, 1), (2, 1)])
+    with pytest.raises(RuntimeError, match="in 3 sequences"):
+        prefix_sharing.place_documents([doc], pad_token_id=0, packed=False)
+
+
 @pytest.fixture(scope="module")
 def examples(tokenizer):
     """Chat and plain pairs of different lengths, a truncated one, a keep_end one whose prompt is cut away
