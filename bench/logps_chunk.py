@@ -113,6 +113,8 @@ def main() -> None:
         for name, fn in normalizers.items():
             start = time.perf_counter()
             fn()
+            if on_gpu:
+                torch.cuda.synchronize()
             normalizer_times[name].append((time.perf_counter() - start) * 1e3)
     for name, runs in normalizer_times.items():
         print(f"  normaliser, {name:16s} {statistics.median(runs):9.1f} ms")
