@@ -28,8 +28,8 @@ layout and its gather/scatter indices are built on the host, like the rest of a 
 
 from __future__ import annotations
 
-import collections
 import functools
+import itertools
 import sys
 from dataclasses import dataclass
 
@@ -65,35 +65,49 @@ def _scored_offsets(prompt_len: int, length: int) -> range:
     return range(max(prompt_len, 1) - 1, length - 1)
 
 
+def _flags(length: int, first_set: int) -> list[int]:
+    """[0] * first_set + [1] * (length - first_set), clipped to `length`."""
+    first_set = min(max(first_set, 0), length)
+    return [0] * first_set + [1] * (length - first_set)
+
+
+def _scored_entries(offsets: range, ids: list[int], scored: range, owner: int) -> list[tuple[int, int, int]]:
+    """(document offset, target, owner) for each scored position of a sequence whose tokens sit at `offsets`."""
+    return list(zip(offsets[scored.start : scored.stop], ids[scored.start + 1 : scored.stop + 1], itertools.repeat(owner)))
+
+
+# The builders below make their lists with range, zip and repeat rather than per-token Python expressions: a
+# micro-batch of 2 pairs x 2,048 tokens is built on the host between optimizer steps, while the device waits.
 def pair_document(chosen_ids: list[int], chosen_prompt_len: int, rejected_ids: list[int], rejected_prompt_len: int,
                   chosen_owner: int, rejected_owner: int) -> SharedDocument:
     """Chosen and rejected of one pair as one document: shared prefix, chosen's rest, rejected's rest."""
     shared = common_prefix_length(chosen_ids, rejected_ids)
-    own_chosen, own_rejected = len(chosen_ids) - shared, len(rejected_ids) - shared
-    position_ids = list(range(len(chosen_ids))) + list(range(shared, len(rejected_ids)))
+    chosen_len, rejected_len = len(chosen_ids), len(rejected_ids)
+    own_chosen, own_rejected = chosen_len - shared, rejected_len - shared
+    position_ids = list(range(chosen_len)) + list(range(shared, rejected_len))
     branch = [SHARED] * shared + [CHOSEN] * own_chosen + [REJECTED] * own_rejected
-    completion = [int(p >= chosen_prompt_len or p >= rejected_prompt_len) for p in range(shared)]
-    completion += [int(p >= chosen_prompt_len) for p in range(shared, len(chosen_ids))]
-    completion += [int(p >= rejected_prompt_len) for p in range(shared, len(rejected_ids))]
-
-    def rejected_offset(position: int) -> int:  # where rejected's token at `position` sits in the document
-        return position if position < shared else len(chosen_ids) + position - shared
-
-    scored = [(t, chosen_ids[t + 1], chosen_owner) for t in _scored_offsets(chosen_prompt_len, len(chosen_ids))]
-    scored += [(rejected_offset(t), rejected_ids[t + 1], rejected_owner)
-               for t in _scored_offsets(rejected_prompt_len, len(rejected_ids))]
-    sequences = [(chosen_owner, list(range(len(chosen_ids)))),
-                 (rejected_owner, [rejected_offset(p) for p in range(len(rejected_ids))])]
-    output_from = [(chosen_owner, p) for p in range(len(chosen_ids))] + [(rejected_owner, p) for p in range(shared, len(rejected_ids))]
+    # a shared token is a completion token if it is one in either sequence
+    completion = _flags(shared, min(chosen_prompt_len, rejected_prompt_len))
+    completion += _flags(own_chosen, chosen_prompt_len - shared)
+    completion += _flags(own_rejected, rejected_prompt_len - shared)
+    chosen_offsets = range(chosen_len)
+    # where rejected's token at each position sits in the document: the shared prefix, then its own after chosen's
+    rejected_offsets = list(range(shared)) + list(range(chosen_len, chosen_len + own_rejected))
+    scored = _scored_entries(chosen_offsets, chosen_ids, _scored_offsets(chosen_prompt_len, chosen_len), chosen_owner)
+    scored += _scored_entries(rejected_offsets, rejected_ids, _scored_offsets(rejected_prompt_len, rejected_len),
+                              rejected_owner)
+    sequences = [(chosen_owner, list(chosen_offsets)), (rejected_owner, rejected_offsets)]
+    output_from = list(zip(itertools.repeat(chosen_owner), range(chosen_len)))
+    output_from += list(zip(itertools.repeat(rejected_owner), range(shared, rejected_len)))
     return SharedDocument(chosen_ids + rejected_ids[shared:], position_ids, branch, completion, scored, sequences, output_from)
 
 
 def single_document(ids: list[int], prompt_len: int, owner: int) -> SharedDocument:
     """An SFT example: one sequence, all of it on the shared branch (it has no other)."""
-    return SharedDocument(list(ids), list(range(len(ids))), [SHARED] * len(ids),
-                          [int(p >= prompt_len) for p in range(len(ids))],
-                          [(t, ids[t + 1], owner) for t in _scored_offsets(prompt_len, len(ids))],
-                          [(owner, list(range(len(ids))))], [(owner, p) for p in range(len(ids))])
+    offsets = range(len(ids))
+    return SharedDocument(list(ids), list(offsets), [SHARED] * len(ids), _flags(len(ids), prompt_len),
+                          _scored_entries(offsets, ids, _scored_offsets(prompt_len, len(ids)), owner),
+                          [(owner, list(offsets))], list(zip(itertools.repeat(owner), offsets)))
 
 
 @dataclass
@@ -121,7 +135,7 @@ def place_documents(documents: list[SharedDocument], pad_token_id: int, packed: 
             for name in ("input_ids", "attention_mask", "completion_mask", "position_ids", "branch")}
     grid["input_ids"].fill_(pad_token_id)
     document_index = torch.full((rows, width), -1, dtype=torch.long) if packed else None
-    positions, targets, owners = [], [], []
+    scored = []
     num_sequences = sum(len(doc.sequences) for doc in documents)
     sequence_length = max(len(offsets) for doc in documents for _, offsets in doc.sequences)
     gather = torch.zeros((num_sequences, sequence_length), dtype=torch.long)
@@ -130,16 +144,18 @@ def place_documents(documents: list[SharedDocument], pad_token_id: int, packed: 
     for index, doc in enumerate(documents):
         row, column = (0, start) if packed else (index, 0)
         first = row * width + column  # the document's first cell
-        readers = collections.Counter(offset for _, offsets in doc.sequences for offset in offsets)
-        if max(readers.values()) > 2:  # backward_sources keeps two readers per cell
-            raise RuntimeError(f"a document token is in {max(readers.values())} sequences; prefix sharing allows 2")
+        readers = torch.zeros(len(doc.token_ids), dtype=torch.long)
         for sequence, offsets in doc.sequences:
+            offsets = torch.tensor(offsets, dtype=torch.long)
+            readers[offsets] += 1  # offsets within a sequence are distinct
             # Its padding repeats its own first token: finite, never attended (causal), and told from a real token by
             # that alone (`backward_sources`)
-            gather[sequence].fill_(first + offsets[0])
-            gather[sequence, : len(offsets)] = first + torch.tensor(offsets, dtype=torch.long)
-        for offset, (sequence, position) in enumerate(doc.output_from):
-            scatter[first + offset] = sequence * sequence_length + position
+            gather[sequence].fill_(first + int(offsets[0]))
+            gather[sequence, : len(offsets)] = first + offsets
+        if int(readers.max()) > 2:  # backward_sources keeps two readers per cell
+            raise RuntimeError(f"a document token is in {int(readers.max())} sequences; prefix sharing allows 2")
+        output_from = torch.tensor(doc.output_from, dtype=torch.long)  # (tokens, 2): sequence, position
+        scatter[first : first + len(doc.token_ids)] = output_from[:, 0] * sequence_length + output_from[:, 1]
         span = slice(column, column + len(doc.token_ids))
         grid["input_ids"][row, span] = torch.tensor(doc.token_ids, dtype=torch.long)
         grid["attention_mask"][row, span] = 1
@@ -148,14 +164,12 @@ def place_documents(documents: list[SharedDocument], pad_token_id: int, packed: 
         grid["branch"][row, span] = torch.tensor(doc.branch, dtype=torch.long)
         if packed:
             document_index[row, span] = index
-        for offset, target, owner in doc.scored:
-            positions.append(first + offset)
-            targets.append(target)
-            owners.append(owner)
+        scored.append(torch.tensor(doc.scored, dtype=torch.long).reshape(-1, 3))  # offset, target, owner
+        scored[-1][:, 0] += first
         start += len(doc.token_ids)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return SharedLayout(**grid, documents=document_index, scored_positions=as_tensor(positions),
-                        scored_targets=as_tensor(targets), scored_owners=as_tensor(owners),
+    positions, targets, owners = torch.cat(scored).unbind(dim=1)
+    return SharedLayout(**grid, documents=document_index, scored_positions=positions.contiguous(),
+                        scored_targets=targets.contiguous(), scored_owners=owners.contiguous(),
                         attention_gather=gather, attention_scatter=scatter)
 
 

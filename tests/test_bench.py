@@ -90,6 +90,14 @@ def test_compile_parity_scores_every_forward_mode_of_an_eager_model_alike():
         assert float(row[6]) == round(math.log(2), 6), row
 
 
+def test_collate_times_every_layout():
+    """bench/collate.py on a small micro-batch: a time and a ratio to the padded layout for each of the four."""
+    result = run([sys.executable, "bench/collate.py", "--seq-len", "64", "--iters", "2"])
+    assert_ok(result)
+    reported = [line.split("  ")[1].strip() for line in result.stdout.splitlines() if line.endswith("x padded")]
+    assert reported == ["padded", "packed", "prefix-shared", "prefix-shared packed"], result.stdout
+
+
 def test_logps_chunk_times_each_setting_and_finds_their_gradients_alike():
     """bench/logps_chunk.py at a small vocabulary: all five settings run and report, the eager ones' gradients are
     bit-identical (the script exits non-zero otherwise): the normaliser the recompute now takes, torch.logsumexp,
