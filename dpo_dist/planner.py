@@ -57,7 +57,8 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
 - logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x V in fp32, twice (the logits and
   one vocab-wide temporary: the exp pass that serves the normaliser, the metrics and WPO's sum p^2 alike,
   in forward and again when a checkpointed chunk is recomputed in backward; backward turns the saved logits
-  into their gradient in place). When the lm_head trains (full fine-tuning) its gradient, V H b, exists
+  into their gradient in place). With model.compile (compiled_head.py) once, in the model's dtype: the
+  fused kernels read the logits without an fp32 copy or a temporary. When the lm_head trains (full fine-tuning) its gradient, V H b, exists
   full-size before any reduction, twice while a further chunk's gradient is added; where ZeRO-3 gathers
   (below) the lm_head is also gathered whole, V H b.
 - gathered: under ZeRO-3 on more than one rank, or with parameter offload (the partitions are copied to the
@@ -512,8 +513,10 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     rows, seq = _micro_batch(config)
     tokens = rows * seq
     chunk = min(config.model.logps_chunk_tokens or default_chunk_tokens(shape.vocab), tokens)
-    # The logits and one vocab-wide temporary (logps._chunk_token_stats' exp pass, WPO's sum p^2 included)
-    logits = 2 * chunk * shape.vocab * FP32
+    if config.model.compile:  # compiled_head.py: the logits in the model's dtype, the fused kernels keep no temporary
+        logits = chunk * shape.vocab * b
+    else:  # the fp32 logits and one vocab-wide temporary (logps._chunk_token_stats' exp pass, WPO's sum p^2 included)
+        logits = 2 * chunk * shape.vocab * FP32
     head = shape.vocab * shape.hidden * b
     if config.lora is None:  # the lm_head's full-size gradient (twice while a later chunk's is added)
         logits += head * (2 if tokens > chunk else 1)
