@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ def _flags(length: int, first_set: int) -> list[int]:
     return [0] * first_set + [1] * (length - first_set)
 
 
-def _scored_entries(offsets: range, ids: list[int], scored: range, owner: int) -> list[tuple[int, int, int]]:
+def _scored_entries(offsets: Sequence[int], ids: list[int], scored: range, owner: int) -> list[tuple[int, int, int]]:
     """(document offset, target, owner) for each scored position of a sequence whose tokens sit at `offsets`."""
     return list(zip(offsets[scored.start : scored.stop], ids[scored.start + 1 : scored.stop + 1], itertools.repeat(owner)))
 
