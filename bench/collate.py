@@ -3,8 +3,9 @@
     python bench/collate.py                        # 2 pairs x 2,048 tokens (half prompt), as the GPU cases
     python bench/collate.py --pairs 4 --seq-len 4096
 
-The trainer collates a step's micro-batches on the host before the step (`Trainer._micro_batches`); until the
-first is built the device has nothing to run. Per layout, the median of `--iters` builds of the same micro-batch
+The trainer collates each micro-batch on the host when the step reaches it (`Trainer._micro_batches`): the first
+of a step while the device has nothing to run, the others while it runs the one before, unless something between
+them waits for the device. Per layout, the median of `--iters` builds of the same micro-batch
 of random token ids (prompt and each completion half of `--seq-len`, the completions differing from their first
 token), in ms, and its ratio to the padded layout's (`collate`, which only pads and stacks).
 """

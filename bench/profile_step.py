@@ -61,7 +61,7 @@ def next_batches(trainer: Trainer, count: int) -> list:
     builds them (same order); built before profiling, so host-side collation is not taken for a sync."""
     state, steps = trainer.state, []
     for _ in range(count):
-        steps.append(trainer._micro_batches(state.epoch, state.epoch_step))
+        steps.append(list(trainer._micro_batches(state.epoch, state.epoch_step)))
         state.advance(trainer.steps_per_epoch)
     return steps
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +250,7 @@ class Trainer:
             loss.losses = loss.losses + self.router_aux_coef * policy_logps.router_loss
         return loss, policy_logps, nll
 
-    def train_step(self, micro_batches: list[data_lib.PairBatch], window: MetricWindow) -> None:
+    def train_step(self, micro_batches: Iterable[data_lib.PairBatch], window: MetricWindow) -> None:
         """One optimizer step over this rank's micro-batches."""
         for batch in micro_batches:
             batch = batch.to(self.dist.device)
@@ -332,7 +333,10 @@ class Trainer:
             self.reference.release_gathered_params()
             export_hf(self.reference.model, self.tokenizer, checkpoint_dir / SYNCED_REFERENCE, self.dist)
 
-    def _micro_batches(self, epoch: int, epoch_step: int) -> list[data_lib.PairBatch]:
+    def _micro_batches(self, epoch: int, epoch_step: int) -> Iterator[data_lib.PairBatch]:
+        """This rank's micro-batches of the step at (epoch, epoch_step), each collated when it is reached: what goes
+        in is chosen now; collating micro-batch k + 1 then overlaps micro-batch k's device work wherever nothing
+        between them waits for the device (DeepSpeed's ZeRO-2 with overlap_comm synchronizes after each backward)."""
         training = self.config.training
         if self._order_epoch != epoch:
             self._order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)
@@ -345,17 +349,18 @@ class Trainer:
         indices = data_lib.rank_step_indices(
             order, epoch_step, self.dist.rank, self.dist.world_size, training.batch_size, training.gradient_accumulation_steps
         )
-        batches = []
+        contents = []
         for micro_step, chunk in enumerate(indices):
-            sft = []
+            sft_positions = []
             if self.sft_examples:
                 sft_positions = data_lib.sft_indices(
                     self.state.step, micro_step, self.dist.rank, self.dist.world_size, training.gradient_accumulation_steps,
                     training.batch_size, self.config.data.sft_ratio, len(self.sft_examples), training.seed,
                 )
-                sft = [self.sft_examples[i] for i in sft_positions]
-            batches.append(self.collate([self.train_examples[i] for i in chunk], self.tokenizer.pad_token_id, None, sft))
-        return batches
+            contents.append((chunk, sft_positions))
+        return (self.collate([self.train_examples[i] for i in chunk], self.tokenizer.pad_token_id, None,
+                             [self.sft_examples[i] for i in sft_positions])
+                for chunk, sft_positions in contents)
 
     def _log_window(self, window: MetricWindow, clock: TrainClock, step: int, epoch: float) -> dict[str, float]:
         """Reduce the window's sums (one all-reduce), add the step-level numbers, log, restart the window."""
