@@ -69,9 +69,9 @@ def compiled(function):
     tensor argument). Under `dynamic=True` dynamo would make the vocabulary size symbolic too. A dynamic dim also
     makes the tensor's storage offset symbolic, and dynamo specializes offsets 0 and 1 like sizes: callers pass
     fresh tensors. Call it without grad: grad mode is part of what a graph is specialized on, and the policy's
-    forward, its recompute in backward and the reference's forward all call `log_normalizer`. Each function compiles one graph per logits dtype, and one more for a
-    chunk of exactly 1 token (dynamo specializes sizes 0 and 1): within dynamo's limit of 8 per function, past
-    which it would run the function eagerly, unfused."""
+    forward, its recompute in backward and the reference's forward all call `log_normalizer`. Each function
+    compiles one graph per logits dtype, and one more for a chunk of exactly 1 token (dynamo specializes sizes 0
+    and 1): within dynamo's limit of 8 per function, past which it would run the function eagerly, unfused."""
     graph = torch.compile(function, dynamic=False, options=inductor_options())
 
     @functools.wraps(function)

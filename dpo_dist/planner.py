@@ -58,9 +58,9 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   one vocab-wide temporary: the exp pass that serves the normaliser, the metrics and WPO's sum p^2 alike,
   in forward and again when a checkpointed chunk is recomputed in backward; backward turns the saved logits
   into their gradient in place). With model.compile (compiled_head.py) once, in the model's dtype: the
-  fused kernels read the logits without an fp32 copy or a temporary. When the lm_head trains (full fine-tuning) its gradient, V H b, exists
-  full-size before any reduction, twice while a further chunk's gradient is added; where ZeRO-3 gathers
-  (below) the lm_head is also gathered whole, V H b.
+  fused kernels read the logits without an fp32 copy or a temporary. When the lm_head trains (full
+  fine-tuning) its gradient, V H b, exists full-size before any reduction, twice while a further chunk's
+  gradient is added; where ZeRO-3 gathers (below) the lm_head is also gathered whole, V H b.
 - gathered: under ZeRO-3 on more than one rank, or with parameter offload (the partitions are copied to the
   device), the decoder layer running and the next one (prefetched: "auto" stage3_prefetch_bucket_size is one
   layer) gathered whole, 2 x one layer's parameters x b. One rank without offload gathers nothing: its

@@ -74,7 +74,8 @@ def _flags(length: int, first_set: int) -> list[int]:
 
 def _scored_entries(offsets: Sequence[int], ids: list[int], scored: range, owner: int) -> list[tuple[int, int, int]]:
     """(document offset, target, owner) for each scored position of a sequence whose tokens sit at `offsets`."""
-    return list(zip(offsets[scored.start : scored.stop], ids[scored.start + 1 : scored.stop + 1], itertools.repeat(owner)))
+    targets = ids[scored.start + 1 : scored.stop + 1]
+    return list(zip(offsets[scored.start : scored.stop], targets, itertools.repeat(owner)))
 
 
 # The builders below make their lists with range, zip and repeat rather than per-token Python expressions: a
@@ -354,9 +355,10 @@ def attention_masks(causal_lm, branch: torch.Tensor, documents: torch.Tensor | N
         base = base_implementation(hf_config._attn_implementation)
         dtype = causal_lm.get_input_embeddings().weight.dtype
         sources = backward_sources(gather, scatter) if torch.is_grad_enabled() else (None, None)  # backward's only
-        masks = {layer_type: SharedAttention(gather, scatter, _unshared_mask(base, window, gather.shape[1], dtype, gather.device),
-                                             *sources)
-                 for layer_type, window in windows.items()}
+        masks = {}
+        for layer_type, window in windows.items():
+            mask = _unshared_mask(base, window, gather.shape[1], dtype, gather.device)
+            masks[layer_type] = SharedAttention(gather, scatter, mask, *sources)
     return masks if layer_types else _one_mask_for_all_layers(masks[None])
 
 

@@ -91,8 +91,8 @@ def build_model_reference(config: Config, dtype: torch.dtype, train_ds_config: d
     path = path or config.model.reference_path
     ref_ds = reference_ds_config(train_ds_config, config.reference.offload)
     model = load_causal_lm(path, config.model, dtype, ref_ds)
-    scorer = build_inference_engine(SequenceLogps(model, config.model.logps_chunk_tokens, compiled_head=config.model.compile), ref_ds, device,
-                                    config.deepspeed.zero3_whole_layers)
+    scorer = SequenceLogps(model, config.model.logps_chunk_tokens, compiled_head=config.model.compile)
+    scorer = build_inference_engine(scorer, ref_ds, device, config.deepspeed.zero3_whole_layers)
     # No engine broadcasts a whole (ZeRO 0-2) reference: without this each rank would score its own node's copy
     stale_copies = agree_with_main(model, f"reference model {path}", device)
     if stale_copies:

@@ -107,7 +107,8 @@ def test_logps_chunk_times_each_setting_and_finds_their_gradients_alike():
                   "--iters", "2"])
     assert_ok(result)
     reported = [line.split()[0] for line in result.stdout.splitlines() if line.endswith("%")]
-    assert reported == ["recompute-as-forward", "metrics", "no-metrics", "compiled-metrics", "compiled-no-metrics"], result.stdout
+    settings = ["recompute-as-forward", "metrics", "no-metrics", "compiled-metrics", "compiled-no-metrics"]
+    assert reported == settings, result.stdout
     assert "gradients alike across settings" in result.stdout
 
 
