@@ -213,7 +213,6 @@ def backward_sources(gather: torch.Tensor, scatter: torch.Tensor) -> tuple[torch
 
     Device ops only, once per forward with grad (no host read); min and max make the choice of the two readers
     deterministic. `place_documents` checks that no cell has more than two."""
-    num_sequences, length = gather.shape
     cells, slots = scatter.numel(), gather.numel()
     slot_ids = torch.arange(slots, device=gather.device)
     padding = torch.zeros_like(gather, dtype=torch.bool)
