@@ -88,8 +88,9 @@ class ModelConfig:
     )
     logps_chunk_tokens: int | None = _opt(
         None,
-        "Completion tokens per chunk when computing log-probs; bounds the [chunk, vocab] fp32 logits in memory. "
-        "Default: as many as fit 128 MiB of fp32 logits (220 tokens for Qwen's 151,936 vocabulary).",
+        "Completion tokens per chunk when computing log-probs; bounds the [chunk, vocab] logits in memory. "
+        "Default: as many as fit 256 MiB of the chunk's vocabulary-wide buffers: 220 tokens for Qwen's 151,936 "
+        "vocabulary (fp32 logits and a temporary), 883 with model.compile in bf16 (the logits alone, in bf16).",
     )
 
     def __post_init__(self) -> None:

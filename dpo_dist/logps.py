@@ -138,14 +138,20 @@ def _chunk_token_stats(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.
     return target_logps, stats, log_sum_squares
 
 
-CHUNK_BUDGET_BYTES = 128 * 2**20
+CHUNK_BUDGET_BYTES = 256 * 2**20  # a chunk's vocabulary-wide buffers together
+EAGER_BYTES_PER_LOGIT = 8  # the eager head's fp32 logits and its fp32 exp pass (or softmax gradient) beside them
 
 
-def default_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk so one fp32 [chunk, vocab] buffer is ~128 MiB. Measured on the CPU proxy
-    (vocab 151,936, 1,006 completion tokens per rank): one 1,024-token chunk peaked at 0.99x TRL's
-    memory, 256-token chunks at 0.55x, for 8% of the speed (bench/RESULTS.md)."""
-    return max(1, CHUNK_BUDGET_BYTES // (4 * vocab_size))
+def default_chunk_tokens(vocab_size: int, bytes_per_logit: int = EAGER_BYTES_PER_LOGIT) -> int:
+    """Tokens per chunk so that the chunk's vocabulary-wide buffers, `bytes_per_logit` per (token, vocabulary entry),
+    take ~256 MiB. The eager head holds fp32 logits and an fp32 temporary (8 bytes: 220 tokens at Qwen's 151,936);
+    the compiled head (`model.compile`, compiled_head.py) only the logits in the model's dtype (2 bytes in bf16: 883
+    tokens in the same memory). Chunks bound memory, but each costs the host ~1.4-2 ms of Python (checkpoint,
+    autograd function, kernel launches; measured on CPU with a tiny vocabulary), about what a GPU spends on one
+    220-token chunk's arithmetic: fewer, larger chunks where memory allows. Measured on the CPU proxy (vocab
+    151,936, 1,006 completion tokens per rank, eager): one 1,024-token chunk peaked at 0.99x TRL's memory,
+    256-token chunks at 0.55x, for 8% of the speed (bench/RESULTS.md)."""
+    return max(1, CHUNK_BUDGET_BYTES // (bytes_per_logit * vocab_size))
 
 
 def causal_only_masks(hf_config) -> dict | None:
@@ -175,7 +181,9 @@ class SequenceLogps(nn.Module):
         # WPO (dpo.use_weighting): also each sequence's mean over its tokens of log p(token) - log sum_v p_v^2
         self.probability_weights = probability_weights
         self.causal_lm = causal_lm
-        self.chunk_tokens = chunk_tokens or default_chunk_tokens(causal_lm.config.vocab_size)
+        # The compiled head keeps a chunk's logits in the lm_head's dtype and nothing beside them
+        bytes_per_logit = causal_lm.get_output_embeddings().weight.element_size() if compiled_head else EAGER_BYTES_PER_LOGIT
+        self.chunk_tokens = chunk_tokens or default_chunk_tokens(causal_lm.config.vocab_size, bytes_per_logit)
         self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute
         # A MoE policy trained with dpo.router_aux_loss_coef: its routers' logits (k experts per token) give the
         # load-balancing loss in grad mode

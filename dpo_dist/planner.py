@@ -54,11 +54,12 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   full sets (the peak at the start of backward: the first K are recomputed after the rest are freed).
   Compiled layers (model.compile) are counted as the lean ops: torch's partitioner keeps about the same bytes
   (within 6% of autograd's saved bytes on Qwen3, Qwen2.5 and Qwen3-MoE, fp32 and bf16, LoRA or not).
-- logits: one chunk of `logps_chunk_tokens` (default: 128 MiB worth) x V in fp32, twice (the logits and
+- logits: one chunk of `logps_chunk_tokens` x V in fp32, twice (the logits and
   one vocab-wide temporary: the exp pass that serves the normaliser, the metrics and WPO's sum p^2 alike,
   in forward and again when a checkpointed chunk is recomputed in backward; backward turns the saved logits
   into their gradient in place). With model.compile (compiled_head.py) once, in the model's dtype: the
-  fused kernels read the logits without an fp32 copy or a temporary. When the lm_head trains (full
+  fused kernels read the logits without an fp32 copy or a temporary. The default chunk fills 256 MiB with
+  these buffers (Qwen's vocabulary: 220 tokens eager, 883 compiled in bf16). When the lm_head trains (full
   fine-tuning) its gradient, V H b, exists full-size before any reduction, twice while a further chunk's
   gradient is added; where ZeRO-3 gathers (below) the lm_head is also gathered whole, V H b.
 - gathered: under ZeRO-3 on more than one rank, or with parameter offload (the partitions are copied to the
@@ -508,11 +509,12 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     reference = 0.0
     if config.reference_mode == "model" and not config.reference.offload:
         reference = shard(n * b, stage == 3)
-    from dpo_dist.logps import default_chunk_tokens
+    from dpo_dist.logps import EAGER_BYTES_PER_LOGIT, default_chunk_tokens
 
     rows, seq = _micro_batch(config)
     tokens = rows * seq
-    chunk = min(config.model.logps_chunk_tokens or default_chunk_tokens(shape.vocab), tokens)
+    default_chunk = default_chunk_tokens(shape.vocab, b if config.model.compile else EAGER_BYTES_PER_LOGIT)
+    chunk = min(config.model.logps_chunk_tokens or default_chunk, tokens)
     if config.model.compile:  # compiled_head.py: the logits in the model's dtype, the fused kernels keep no temporary
         logits = chunk * shape.vocab * b
     else:  # the fp32 logits and one vocab-wide temporary (logps._chunk_token_stats' exp pass, WPO's sum p^2 included)

@@ -351,6 +351,21 @@ def test_compiled_head_in_bf16_scores_policy_and_reference_alike(tiny_policy, ba
         torch.testing.assert_close(grad, eager_grads[name], atol=2e-2, rtol=2e-2, msg=name)
 
 
+def test_default_chunk_fills_one_budget_whatever_the_head_holds(tiny_policy):
+    """The default chunk: as many tokens as fit 256 MiB of the head's vocabulary-wide buffers, 8 bytes per logit
+    for the eager head (fp32 logits and an fp32 temporary, whatever the model's dtype), the lm_head's dtype alone for
+    the compiled head. Qwen's vocabulary: 220 eager, 883 compiled in bf16 (what launch/plan.py counts)."""
+    from dpo_dist.logps import default_chunk_tokens
+
+    assert (default_chunk_tokens(151936), default_chunk_tokens(151936, 2)) == (220, 883)
+    for dtype, compiled_head, bytes_per_logit in ((torch.float32, False, 8), (torch.bfloat16, False, 8),
+                                                   (torch.float32, True, 4), (torch.bfloat16, True, 2)):
+        causal_lm = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=dtype)
+        scorer = SequenceLogps(causal_lm, compiled_head=compiled_head)
+        assert scorer.chunk_tokens == 256 * 2**20 // (bytes_per_logit * causal_lm.config.vocab_size), (dtype, compiled_head)
+        assert SequenceLogps(causal_lm, chunk_tokens=7, compiled_head=compiled_head).chunk_tokens == 7
+
+
 def test_compiled_head_allocates_no_fp32_logits():
     """A bf16 head over a 20,000-token vocabulary, forward and backward: the eager head allocates (n, V) fp32
     buffers (the projection's fp32 copy), the compiled one nothing of that size: its logits stay bf16."""

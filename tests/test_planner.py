@@ -143,13 +143,19 @@ def test_each_part_moves_with_its_setting(tmp_path):
     lora = plan_memory(dataclasses.replace(config, lora=LoRAConfig()), shape, zero2, 8, "bfloat16", 80 * GIB)
     assert lora.parts["reference"] == 0 and lora.parts["optimizer"] < 0.01 * base.parts["optimizer"]
     # The log-prob chunk: 220 tokens of fp32 logits and a vocab-wide temporary; compiled (compiled_head.py), the
-    # bf16 logits alone. The lm_head's full-size gradient (twice: a later chunk's is added to it) either way.
+    # bf16 logits alone, and by default 883 tokens of them (the same 256 MiB budget). The lm_head's full-size
+    # gradient (twice: a later chunk's is added to it) either way.
     head_gradient = 2 * shape.vocab * shape.hidden * 2
     assert lora.parts["logits"] == 2 * 220 * shape.vocab * 4
     assert base.parts["logits"] == 2 * 220 * shape.vocab * 4 + head_gradient
     compiled = plan_memory(dataclasses.replace(config, model=dataclasses.replace(config.model, compile=True)), shape,
                            zero2, 8, "bfloat16", 80 * GIB)
-    assert compiled.parts["logits"] == 220 * shape.vocab * 2 + head_gradient
+    assert compiled.parts["logits"] == 883 * shape.vocab * 2 + head_gradient
+    assert 2 * 220 * shape.vocab * 4 <= 883 * shape.vocab * 2 <= 256 * 2**20  # both defaults within the budget
+    compiled_fixed = plan_memory(dataclasses.replace(config, model=dataclasses.replace(config.model, compile=True,
+                                                                                        logps_chunk_tokens=220)),
+                                 shape, zero2, 8, "bfloat16", 80 * GIB)
+    assert compiled_fixed.parts["logits"] == 220 * shape.vocab * 2 + head_gradient
     # 8 x 40 GiB: 47 GiB of activations do not fit; checkpointing them (re-planned) does
     small = plan_memory(config, shape, zero2, 8, "bfloat16", 40 * GIB)
     assert not small.fits and "model.gradient_checkpointing=true" in small.advice
