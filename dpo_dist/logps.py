@@ -26,6 +26,7 @@ from dpo_dist import prefix_sharing
 from dpo_dist.data import PairBatch
 from dpo_dist.lean_ops import RECOMPUTE
 from dpo_dist.losses import router_balance_loss
+from dpo_dist.models import has_compiled_layers
 
 
 @dataclass
@@ -271,7 +272,7 @@ class SequenceLogps(nn.Module):
         extra = {"output_router_logits": True} if routed else {}
         if branch is not None:
             masks = prefix_sharing.attention_masks(self.causal_lm, branch, sequence_index, position_ids,
-                                                   attention_gather, attention_scatter)
+                                                   attention_gather, attention_scatter, has_compiled_layers(self.causal_lm))
             return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False, **extra)
         if position_ids is not None:
             return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)

@@ -268,8 +268,17 @@ def compile_decoder_layers(model: nn.Module, options: dict | None = None) -> Non
     """
     torch._dynamo.config.specialize_float = True
     options = inductor_options() if options is None else options
-    for layer in model.get_decoder().layers:
+    decoder = model.get_decoder()
+    for layer in decoder.layers:
         layer.forward = torch.compile(layer.forward, dynamic=True, options=options)
+    setattr(decoder, COMPILED_LAYERS, True)
+
+
+COMPILED_LAYERS = "dpo_dist_compiled_layers"  # set on a decoder whose layers compile_decoder_layers compiled
+
+
+def has_compiled_layers(causal_lm: nn.Module) -> bool:
+    return getattr(causal_lm.get_decoder(), COMPILED_LAYERS, False)
 
 
 def _requires_grad_only_with_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:

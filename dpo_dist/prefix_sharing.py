@@ -336,10 +336,12 @@ def _unshared_mask(base: str, window: int | None, length: int, dtype: torch.dtyp
 
 
 def attention_masks(causal_lm, branch: torch.Tensor, documents: torch.Tensor | None, position_ids: torch.Tensor,
-                    gather: torch.Tensor, scatter: torch.Tensor):
+                    gather: torch.Tensor, scatter: torch.Tensor, compiled_layers: bool = False):
     """The decoder's per-layer-type "masks" (transformers takes such a dict as-is): BlockMasks for flex_attention,
     else `SharedAttention`s for the gathering wrapper (switched on here, on the first prefix-shared batch). A
-    decoder with one mask for all its layers (no layer_types: Qwen3-MoE) gets that one mask instead."""
+    decoder with one mask for all its layers (no layer_types: Qwen3-MoE) gets that one mask instead.
+    `compiled_layers`: the decoder's layers are compiled (`models.compile_decoder_layers`), so with grad their
+    attention backward gathers (`GatherRows`) from `backward_sources`; eager layers never read those."""
     hf_config = causal_lm.config
     layer_types = getattr(hf_config, "layer_types", None)
     if layer_types:
@@ -353,7 +355,8 @@ def attention_masks(causal_lm, branch: torch.Tensor, documents: torch.Tensor | N
         use_gathered_attention(hf_config)
         base = base_implementation(hf_config._attn_implementation)
         dtype = causal_lm.get_input_embeddings().weight.dtype
-        sources = backward_sources(gather, scatter) if torch.is_grad_enabled() else (None, None)  # backward's only
+        with_sources = compiled_layers and torch.is_grad_enabled()  # what only a compiled backward reads
+        sources = backward_sources(gather, scatter) if with_sources else (None, None)
         masks = {}
         for layer_type, window in windows.items():
             mask = _unshared_mask(base, window, gather.shape[1], dtype, gather.device)

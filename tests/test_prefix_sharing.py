@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import MIXED_RECORDS, PLAIN_RECORD
-from dpo_dist import prefix_sharing
+from dpo_dist import logps, prefix_sharing
 from dpo_dist.data import collate, collate_shared_prefix
 from dpo_dist.tokenization import TokenizeStats, tokenize_record
 from dpo_dist.logps import SequenceLogps, forward_pair
@@ -130,8 +130,9 @@ def test_gathering_backward_gives_the_scatter_adds_gradients_bit_for_bit(tiny_po
     batch = collate_shared_prefix(examples, tokenizer.pad_token_id, None, sft, packed=packed)
     gradients = {}
     for gathering in (False, True):
-        if gathering:
+        if gathering:  # as a compiled layer would, with the sources built for compiled layers
             monkeypatch.setattr(prefix_sharing, "_select_rows", prefix_sharing.GatherRows.apply)
+            monkeypatch.setattr(logps, "has_compiled_layers", lambda causal_lm: True)
         model.zero_grad()
         pair = forward_pair(SequenceLogps(model, 5), batch)
         weights = torch.linspace(1.0, -1.0, batch.num_sequences)
@@ -289,3 +290,22 @@ def test_compiled_gather_backward_gathers_and_scatters_nothing():
     assert torch.equal(compiled_states.grad, eager_states.grad)
     scattering = [op for op in backward_ops if any(word in op for word in ("scatter", "index_add", "index_put"))]
     assert backward_ops and not scattering, backward_ops
+
+
+def test_backward_sources_are_built_only_for_compiled_layers_with_grad(tiny_policy, tokenizer, examples):
+    """Only a compiled layer's attention backward reads `backward_sources` (`_select_rows`), so the masks carry them
+    only there, in grad mode: eager layers and no-grad forwards (a reference, evaluation) spend no kernels on them.
+    `SequenceLogps` learns which from the decoder, marked by `compile_decoder_layers`."""
+    from dpo_dist.models import compile_decoder_layers, has_compiled_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    batch = collate_shared_prefix(examples, tokenizer.pad_token_id)
+    layout = (batch.branch, batch.sequence_index, batch.position_ids, batch.attention_gather, batch.attention_scatter)
+    for compiled_layers, grad, built in ((False, True, False), (True, False, False), (True, True, True)):
+        with torch.set_grad_enabled(grad):
+            masks = prefix_sharing.attention_masks(model, *layout, compiled_layers=compiled_layers)
+        assert masks and all((mask.gather_sources is not None) == built for mask in masks.values())
+        assert all((mask.scatter_sources is not None) == built for mask in masks.values())
+    assert not has_compiled_layers(model)
+    compile_decoder_layers(model)
+    assert has_compiled_layers(model)
