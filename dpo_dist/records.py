@@ -135,8 +135,7 @@ def validate(raw: Any) -> tuple[dict | None, str | None]:
         for name, value in (("chosen", chosen), ("rejected", rejected)):
             if not isinstance(value, str):
                 return None, f"'{name}' must be a string when 'prompt' is a string"
-            if not value:
-                return None, f"'{name}' is empty"
+            # An empty completion is kept, as TRL keeps it: with the EOS appended it is the answer "stop here"
     else:
         return None, "'prompt' must be a string or a list of chat messages"
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None

@@ -20,6 +20,15 @@ def test_plain_completion_gets_eos_once(tokenizer):
     assert render_texts(already, tokenizer)[1].count(tokenizer.eos_token) == 1
 
 
+def test_an_empty_plain_completion_is_the_eos_alone(tokenizer):
+    """TRL appends the EOS to "" as to any plain completion and trains on it: so does dpo-dist (the pair still
+    compares two answers, one of which stops at once)."""
+    record = make_record(PLAIN_RECORD | {"rejected": ""})
+    example = tokenize_record(record, tokenizer, 1024, "keep_start", TokenizeStats())
+    assert example.rejected_ids[example.rejected_prompt_len :] == [tokenizer.eos_token_id]
+    assert example.rejected_ids[: example.rejected_prompt_len] == example.chosen_ids[: example.chosen_prompt_len]
+
+
 def test_chat_completion_is_the_assistant_turn(tokenizer):
     example = tokenize_record(make_record(CHAT_RECORD), tokenizer, 1024, "keep_start", TokenizeStats())
     completion = tokenizer.decode(example.chosen_ids[example.chosen_prompt_len :])

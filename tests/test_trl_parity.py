@@ -77,6 +77,8 @@ def plain_records() -> list[dict]:
         {"prompt": "Sort ascending: 13 2\nAnswer: 2 1", "chosen": "3", "rejected": "3 2"},
         # The prompt alone is longer than max_length: both tools drop this pair.
         {"prompt": f"Sort ascending: {LONG_NUMBERS}\nAnswer:", "chosen": " 0 7", "rejected": " 7 0"},
+        # An empty completion: both tools score the EOS alone.
+        {"prompt": "Sort ascending: 4 2\nAnswer:", "chosen": " 2 4", "rejected": ""},
     ]
     return records
 
@@ -306,4 +308,4 @@ def test_ld_alpha_matches_trl(tiny_policy, tiny_reference, tmp_path):
         assert ours[key] == pytest.approx(trl_metrics[key], abs=TOLERANCE), key
     plain, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl-plain")
     assert abs(ours["eval_logps/rejected"] - plain["eval_logps/rejected"]) > 0.1
-    assert abs(ours["eval_loss"] - plain["eval_loss"]) > 1e-3
+    assert abs(ours["eval_loss"] - plain["eval_loss"]) > 2 * TOLERANCE  # 3.8e-4: the pairs' shifts partly cancel
