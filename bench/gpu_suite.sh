@@ -48,9 +48,10 @@
 #              per-token metrics (the default) and without them (training.token_metrics=false): what they cost a GPU step
 #   compile-parity  bench/compile_parity.py on the 4B LoRA shape: do the policy's and the reference's forwards score alike,
 #              eager, compiled, and compiled without inductor's deterministic mode (~3 min)
-#   head       bench/logps_chunk.py on the GPU, bf16, hidden 2048 (the 1.7B model's): one lm_head chunk's forward +
-#              backward, eager against model.compile's head (compiled_head.py), at the trainer's chunk (220 tokens)
-#              and at 880 tokens; time and peak memory per setting (~1 min with the compiles)
+#   head       bench/logps_chunk.py on the GPU, bf16, hidden 2048 (the 1.7B model's): the lm_head's forward +
+#              backward over one micro-batch's 4,096 completion tokens, eager against model.compile's head
+#              (compiled_head.py), in the eager default's chunks (220 tokens) and the compiled default's (883);
+#              time and peak memory per setting (~1 min with the compiles)
 #   liger-tests  tests/test_lean_ops.py -k liger: Liger-Kernel's model against the plain one (CUDA only; skipped in CI)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
@@ -134,8 +135,8 @@ for spec in "$@"; do
                 --variants eager,lean+compile,lean+compile+nodet 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
             continue ;;
         head)
-            { timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 30
-              timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 30 --tokens 880
+            { timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096
+              timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 --tokens 883
             } 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
             continue ;;
         liger-tests)

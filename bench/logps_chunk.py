@@ -3,9 +3,14 @@
     python bench/logps_chunk.py                      # vocabulary 151,936, 220 tokens (the default chunk), one thread
     python bench/logps_chunk.py --iters 3 --vocab 4096 --tokens 64
     python bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 50   # a GPU: adds peak memory
+    python bench/logps_chunk.py --total-tokens 4096 --tokens 883   # a micro-batch's head, in chunks of 883
+
+Each chunk also costs the host ~1.4-2 ms (the checkpoint, the autograd functions, the launches), about what an H200
+spends on a 220-token chunk's arithmetic: `--total-tokens` times a micro-batch's completion tokens chunk by chunk,
+so that chunk sizes can be compared by what a step pays for them.
 
 `SequenceLogps` runs the lm_head over chunks of completion positions, each checkpointed, so backward recomputes
-the chunk's logits. Per setting, interleaved, the median wall time of `--iters` runs of one chunk:
+the chunk's logits. Per setting, interleaved, the median wall time of `--iters` runs of one chunk (or of `--total-tokens`):
 - `recompute-as-forward`: the checkpoint recomputes exactly what the forward ran (`_chunk_token_stats` with the
   per-token metrics: argmax, an exp pass over the vocabulary), as before `_CheckpointedChunk`;
 - `metrics`: with the metrics, the recompute taking the plain logsumexp (`_CheckpointedChunk`, the default);
@@ -39,7 +44,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=None, help="tokens in the chunk (default: the trainer's chunk)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens in the chunk (default: the eager head's default chunk, 220 at Qwen's vocabulary)")
+    parser.add_argument("--total-tokens", type=int, default=None,
+                        help="time the head over this many tokens in chunks of --tokens, as SequenceLogps runs a "
+                             "micro-batch (default: one chunk)")
     parser.add_argument("--iters", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -55,16 +64,25 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"
     lm_head = nn.Linear(args.hidden, args.vocab, bias=False).to(device, dtype)
-    hidden = torch.randn(tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
-    targets = torch.randint(0, args.vocab, (tokens,), device=device)
+    total = args.total_tokens or tokens
+    hidden = torch.randn(total, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, args.vocab, (total,), device=device)
+
+    def over_chunks(one_chunk):
+        """The head over all `total` tokens, chunk after chunk, the log-probs concatenated (as SequenceLogps)."""
+        def run_all():
+            logps = [one_chunk(hidden[start : start + tokens], targets[start : start + tokens])[0]
+                     for start in range(0, total, tokens)]
+            return torch.cat(logps), None, None
+        return run_all
 
     def chunk(head, token_metrics: bool):
-        return lambda: checkpoint(_CheckpointedChunk(head, token_metrics, False), lm_head, hidden, targets,
-                                  use_reentrant=False)
+        return over_chunks(lambda part, part_targets: checkpoint(_CheckpointedChunk(head, token_metrics, False), lm_head,
+                                                                 part, part_targets, use_reentrant=False))
 
     settings = {
-        "recompute-as-forward": lambda: checkpoint(_chunk_token_stats, lm_head, hidden, targets, True, False,
-                                                   use_reentrant=False),
+        "recompute-as-forward": over_chunks(lambda part, part_targets: checkpoint(
+            _chunk_token_stats, lm_head, part, part_targets, True, False, use_reentrant=False)),
         "metrics": chunk(_chunk_token_stats, True),
         "no-metrics": chunk(_chunk_token_stats, False),
         "compiled-metrics": chunk(compiled_head.chunk_token_stats, True),
@@ -93,7 +111,8 @@ def main() -> None:
     for _ in range(args.iters):
         for setting in settings:
             times[setting].append(run(setting)[0])
-    print(f"one chunk: {tokens} tokens x vocabulary {args.vocab:,}, hidden {args.hidden}, {args.dtype} on {device}, "
+    what = f"{total} tokens in {-(-total // tokens)} chunks of {tokens}" if args.total_tokens else f"one chunk: {tokens} tokens"
+    print(f"{what} x vocabulary {args.vocab:,}, hidden {args.hidden}, {args.dtype} on {device}, "
           f"{args.threads} thread(s), median of {args.iters} interleaved runs")
     baseline = statistics.median(times["recompute-as-forward"])
     for setting, runs in times.items():
