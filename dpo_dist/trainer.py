@@ -252,7 +252,9 @@ class Trainer:
 
     def train_step(self, micro_batches: Iterable[data_lib.PairBatch], window: MetricWindow) -> None:
         """One optimizer step over this rank's micro-batches."""
-        for batch in micro_batches:
+        upcoming = iter(micro_batches)
+        batch = next(upcoming, None)
+        while batch is not None:
             batch = batch.to(self.dist.device)
             loss, policy_logps, nll = self._pair_loss(batch)
             # Mean over this micro-batch; DeepSpeed averages over ranks and accumulation steps.
@@ -261,10 +263,15 @@ class Trainer:
             if batch.num_sft:  # SFT rows mixed in against forgetting: their per-token NLL
                 sft_nll = -policy_logps.sft_logps / policy_logps.sft_tokens.clamp(min=1)
                 objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
+            # The next micro-batch is collated here, while the device works through this one's queued forward:
+            # after the backward, DeepSpeed's ZeRO-2 with overlap_comm waits for the device, which would then idle
+            # through the collation
+            following = next(upcoming, None)
             self.policy.backward(objective)
             self.policy.step()
             window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens, batch.attention_mask.sum(),
                                   sft_nll, policy_logps.router_loss))
+            batch = following
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> str:
@@ -335,8 +342,8 @@ class Trainer:
 
     def _micro_batches(self, epoch: int, epoch_step: int) -> Iterator[data_lib.PairBatch]:
         """This rank's micro-batches of the step at (epoch, epoch_step), each collated when it is reached: what goes
-        in is chosen now; collating micro-batch k + 1 then overlaps micro-batch k's device work wherever nothing
-        between them waits for the device (DeepSpeed's ZeRO-2 with overlap_comm synchronizes after each backward)."""
+        in is chosen now; `train_step` collates micro-batch k + 1 once k's forward is queued, so that it overlaps
+        the device's work on k (after k's backward DeepSpeed's ZeRO-2 with overlap_comm waits for the device)."""
         training = self.config.training
         if self._order_epoch != epoch:
             self._order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)

@@ -273,3 +273,45 @@ def test_overwrite_output_dir_keeps_the_old_run_until_the_new_one_has_loaded(tin
     train, _ = read_metrics(out)
     assert sorted(train) == [1]  # the old run's step 7 is gone
     assert json.loads((out / "train_results.json").read_text())["train_steps"] == 1
+
+
+def test_a_micro_batch_is_collated_while_the_previous_ones_forward_is_queued(tiny_policy, tiny_reference, tmp_path,
+                                                                              monkeypatch):
+    """train_step collates micro-batch k + 1 after k's forward and loss are queued and before k's backward (after
+    which ZeRO-2 with overlap_comm waits for the device): each step's first one before anything, the others one
+    backward behind. Observed on a real run (3 accumulation steps, 2 optimizer steps) through its collate and its
+    engine's backward, inside train_step (evaluation collates too)."""
+    from dpo_dist import data as data_lib
+    from dpo_dist.engine import TrainEngine
+    from dpo_dist.trainer import Trainer
+
+    events = []
+
+    def recording(name, function):
+        def record_and_call(*args, **kwargs):
+            events.append(name)
+            return function(*args, **kwargs)
+        return record_and_call
+
+    collate_for = data_lib.collate_for
+    monkeypatch.setattr(data_lib, "collate_for", lambda *args: recording("collate", collate_for(*args)))
+    monkeypatch.setattr(TrainEngine, "backward", recording("backward", TrainEngine.backward))
+    train_step = Trainer.train_step
+
+    def recorded_train_step(self, micro_batches, window):
+        events.append("step")
+        train_step(self, micro_batches, window)
+        events.append("end")
+
+    monkeypatch.setattr(Trainer, "train_step", recorded_train_step)
+    config = write_config(tmp_path / "c.yaml", tiny_policy, tiny_reference, tmp_path / "out",
+                          training={"max_steps": 2, "gradient_accumulation_steps": 3, "batch_size": 1})
+    run_here("train.py", config)
+    inside, in_step = [], False
+    for event in events:
+        in_step = in_step or event == "step"
+        if in_step:
+            inside.append(event)
+        in_step = in_step and event != "end"
+    step = ["step", "collate", "collate", "backward", "collate", "backward", "backward", "end"]
+    assert inside == step + step, events
