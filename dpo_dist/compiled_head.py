@@ -13,7 +13,9 @@ Compiled, the same math is three kernels, each reading the logits once in the mo
   (`log_sum_squares`) from another where asked for;
 - `softmax_gradient_`: d log p(t) / d logit, written over the logits in place, in their dtype.
 
-No fp32 copy of the logits is made, so a bf16 chunk holds half the memory of the eager head's. The policy, its
+No fp32 copy of the logits is made and no vocabulary-wide temporary: a bf16 chunk holds 2 bytes per logit against
+the eager head's 8 (fp32 logits and an fp32 exp pass), so the default chunk (`logps.default_chunk_tokens`) is 4x
+as many tokens in the same memory. The policy, its
 recompute and the reference all take the normaliser from the same compiled graph, so a policy and a reference
 that produce the same logits get the same log-probs, bit for bit (a chunk of exactly one token has a graph of its
 own, whose sums may round differently in the last bit: where the policy's and the reference's chunks are cut

@@ -5,7 +5,8 @@ log-softmax over them doubles it. Instead the decoder runs once, the hidden stat
 that predict completion tokens are gathered (prompt and padding are never projected), and the
 lm_head + logsumexp run over chunks of `chunk_tokens` of them. With gradients on, each chunk is
 checkpointed: only its hidden states are kept and its logits are recomputed in backward, so peak
-logits memory is one chunk, `chunk_tokens x vocab x 4` bytes, in forward and backward alike.
+logits memory is one chunk's vocabulary-wide buffers (`default_chunk_tokens`: fp32 logits and a temporary
+eager, the logits alone in the model's dtype compiled), in forward and backward alike.
 
 `SequenceLogps` is an `nn.Module` around the causal LM so that DeepSpeed sees one root module
 (its ZeRO-3 hooks gather the lm_head on every chunk call, including the recomputation). Chosen and
@@ -182,9 +183,10 @@ class SequenceLogps(nn.Module):
         # WPO (dpo.use_weighting): also each sequence's mean over its tokens of log p(token) - log sum_v p_v^2
         self.probability_weights = probability_weights
         self.causal_lm = causal_lm
-        # The compiled head keeps a chunk's logits in the lm_head's dtype and nothing beside them
-        bytes_per_logit = causal_lm.get_output_embeddings().weight.element_size() if compiled_head else EAGER_BYTES_PER_LOGIT
-        self.chunk_tokens = chunk_tokens or default_chunk_tokens(causal_lm.config.vocab_size, bytes_per_logit)
+        if not chunk_tokens:  # the compiled head keeps a chunk's logits in the lm_head's dtype and nothing beside them
+            bytes_per_logit = causal_lm.get_output_embeddings().weight.element_size() if compiled_head else EAGER_BYTES_PER_LOGIT
+            chunk_tokens = default_chunk_tokens(causal_lm.config.vocab_size, bytes_per_logit)
+        self.chunk_tokens = chunk_tokens
         self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute
         # A MoE policy trained with dpo.router_aux_loss_coef: its routers' logits (k experts per token) give the
         # load-balancing loss in grad mode

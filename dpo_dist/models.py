@@ -92,8 +92,10 @@ def _lookup_options(name: str) -> dict:
 
 def model_lookup_options(name: str) -> dict:
     """`_lookup_options` for AutoModelForCausalLM. transformers 5's look-up of a PEFT adapter config in the repo does
-    not take `local_files_only` from its caller (5.24) and would still retry the hub; transformers 4 passes it on
-    itself (and would refuse it twice)."""
+    not take `local_files_only` from its caller (5.24) and would still retry the hub. transformers 4's auto class
+    does not pass it either (4.57.1: adapter_config.json is asked for, with retries, before the load goes on from
+    the cache), but its model class passes it besides `adapter_kwargs` and would refuse it there twice: on 4.x
+    HF_HUB_OFFLINE=1 is the way (README)."""
     import transformers
 
     options = _lookup_options(name)

@@ -123,6 +123,9 @@ def example_from_ids(record: Record, prompt_ids: list[int], chosen_ids: list[int
     stats.boundary_merges += prompt_len < len(prompt_ids)
     if len(chosen_ids) == prompt_len or len(rejected_ids) == prompt_len:
         raise DataError(f"{record.location}: a completion renders to no tokens")
+    if prompt_len == 0 and min(len(chosen_ids), len(rejected_ids)) == 1:  # e.g. an empty prompt and answer: the EOS
+        raise DataError(f"{record.location}: the prompt renders to no tokens and a completion to one, which then has "
+                        "no token before it to be predicted from (its log-prob would be an empty sum): give a prompt")
     stats.truncated += max(len(chosen_ids), len(rejected_ids)) > max_seq_length
     chosen_ids, chosen_prompt_len = _truncate(chosen_ids, prompt_len, max_seq_length, truncation_mode)
     rejected_ids, rejected_prompt_len = _truncate(rejected_ids, prompt_len, max_seq_length, truncation_mode)

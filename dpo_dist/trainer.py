@@ -341,8 +341,8 @@ class Trainer:
             export_hf(self.reference.model, self.tokenizer, checkpoint_dir / SYNCED_REFERENCE, self.dist)
 
     def _micro_batches(self, epoch: int, epoch_step: int) -> Iterator[data_lib.PairBatch]:
-        """This rank's micro-batches of the step at (epoch, epoch_step), each collated when it is reached: what goes
-        in is chosen now; `train_step` collates micro-batch k + 1 once k's forward is queued, so that it overlaps
+        """This rank's micro-batches of the step at (epoch, epoch_step), each collated when it is asked for: what
+        goes in is chosen now; `train_step` asks for micro-batch k + 1 once k's forward is queued, so that it overlaps
         the device's work on k (after k's backward DeepSpeed's ZeRO-2 with overlap_comm waits for the device)."""
         training = self.config.training
         if self._order_epoch != epoch:

@@ -9,7 +9,7 @@ from dpo_dist import tokenization
 from dpo_dist.data import collate, epoch_order, eval_batches, rank_step_indices, steps_per_epoch
 from dpo_dist.tokenization import TokenizeStats, render_texts, tokenize_record, tokenize_records
 from dpo_dist.examples import ExampleStore, PreferenceExample
-from dpo_dist.records import DataError, validate
+from dpo_dist.records import DataError, validate, validate_sft
 from test_logps import make_record
 
 
@@ -27,6 +27,12 @@ def test_an_empty_plain_completion_is_the_eos_alone(tokenizer):
     example = tokenize_record(record, tokenizer, 1024, "keep_start", TokenizeStats())
     assert example.rejected_ids[example.rejected_prompt_len :] == [tokenizer.eos_token_id]
     assert example.rejected_ids[: example.rejected_prompt_len] == example.chosen_ids[: example.chosen_prompt_len]
+    sft, reason = validate_sft({"prompt": "q", "completion": ""})  # SFT records too: the EOS alone is learned
+    assert reason is None and sft["chosen"] == sft["rejected"] == ""
+    # With an empty prompt too (Qwen's tokenizer adds no BOS) nothing precedes the EOS: no token could be scored
+    with pytest.raises(DataError, match="test:1: the prompt renders to no tokens and a completion to one"):
+        tokenize_record(make_record({"prompt": "", "chosen": "", "rejected": " 1"}), tokenizer, 1024, "keep_start",
+                        TokenizeStats())
 
 
 def test_chat_completion_is_the_assistant_turn(tokenizer):
