@@ -54,13 +54,12 @@ def _write_merged(peft_model: nn.Module, state: dict[str, torch.Tensor], out_dir
     the policy's starting checkpoint, with the gathered state (base + adapter) loaded into it.
     """
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    from dpo_dist.models import model_lookup_options  # models.py imports this module
+    from dpo_dist.models import causal_lm_from_pretrained  # models.py imports this module
 
     base_path = peft_model.peft_config["default"].base_model_name_or_path
     dtype = next(iter(state.values())).dtype
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, **model_lookup_options(base_path))
+    base = causal_lm_from_pretrained(base_path, dtype=dtype)
     copy = get_peft_model(base, peft_model.peft_config["default"])
     missing, unexpected = copy.load_state_dict(state, strict=False)
     if unexpected or any("lora_" in key for key in missing):

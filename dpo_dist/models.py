@@ -90,18 +90,24 @@ def _lookup_options(name: str) -> dict:
     return {"local_files_only": True}
 
 
-def model_lookup_options(name: str) -> dict:
-    """`_lookup_options` for AutoModelForCausalLM. transformers 5's look-up of a PEFT adapter config in the repo does
-    not take `local_files_only` from its caller (5.24) and would still retry the hub. transformers 4's auto class
-    does not pass it either (4.57.1: adapter_config.json is asked for, with retries, before the load goes on from
-    the cache), but its model class passes it besides `adapter_kwargs` and would refuse it there twice: on 4.x
-    HF_HUB_OFFLINE=1 is the way (README)."""
+def causal_lm_from_pretrained(name: str, **kwargs) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(name, **kwargs)` with `_lookup_options`: while the hub cannot be
+    reached, no look-up of the hub is left. The auto class's look-up of a PEFT adapter config in the repo takes no
+    `local_files_only` from its caller (transformers 4.57.1 and 5.24) and would retry the hub for
+    adapter_config.json. transformers 5 takes it in `adapter_kwargs`; transformers 4's model class passes its own
+    beside those (it would get it twice), so there the model class is called directly: its look-up takes it."""
     import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     options = _lookup_options(name)
-    if options and int(transformers.__version__.split(".")[0]) >= 5:
-        return {**options, "adapter_kwargs": dict(options)}
-    return options
+    if not options:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs, **options, adapter_kwargs=dict(options))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(name, **options))]
+    return model_class.from_pretrained(name, **kwargs, **options)
 
 
 @contextlib.contextmanager
@@ -196,15 +202,10 @@ def zero3_init_scope(ds_config: dict | None):
 
 def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_config: dict | None) -> nn.Module:
     """An `AutoModelForCausalLM` from `name`, partitioned at creation when `ds_config` is ZeRO-3."""
-    from transformers import AutoModelForCausalLM
-
     with zero3_init_scope(ds_config):
         try:
             with _hub_errors_only():
-                model = AutoModelForCausalLM.from_pretrained(
-                    name, dtype=dtype, attn_implementation=model_config.attn_implementation,
-                    **model_lookup_options(name),
-                )
+                model = causal_lm_from_pretrained(name, dtype=dtype, attn_implementation=model_config.attn_implementation)
         except (OSError, ValueError) as err:
             raise _missing_model_error(name, err) from None
         except ImportError as err:  # e.g. flash_attention_2 requested without the package
