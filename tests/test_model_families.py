@@ -2,13 +2,15 @@
 - Qwen2.5 (transformers' Qwen2ForCausalLM): q/k/v projections with biases, no q/k norms, untied output
   embedding (as Qwen2.5-7B and larger), no head_dim in config.json;
 - Qwen3-MoE (Qwen3MoeForCausalLM, as Qwen3-30B-A3B): every layer's MLP is routed experts (3-d weights, a
-  router), and the decoder builds one attention mask for all layers (no layer_types).
+  router; transformers 4 holds them as one MLP per expert), and the decoder builds one attention mask for all
+  layers (no layer_types).
 The paths that touch the model's modules give the numbers an independent computation gives, as
 tests/test_logps.py, test_lora_ops.py, test_lean_ops.py and test_multirank.py check them for Qwen3; the
 planner's counts for these families are in tests/test_planner.py."""
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,15 +26,21 @@ from make_tiny_qwen3 import make_checkpoint
 from test_logps import make_record, naive_completion_logps
 
 STEPS = 6
+# transformers 5 holds a MoE layer's 8 experts as 3-d weights (gate_up, down), transformers 4 as 8 MLPs of 3 Linears
+FUSED_EXPERTS = int(transformers.__version__.split(".")[0]) >= 5
 # Per family: the class of its causal LM, parameters only it has (their gradients are checked, and training
-# must move them), and the LoRA layers lora.fused makes (7 projections, or a MoE layer's 4 attention ones: PEFT
-# adapts the experts' 3-d weights itself) and the adapter tensors, A and B (2 layers).
+# must move them), and the LoRA layers lora.fused makes (7 projections; a MoE layer's 4 attention ones, where PEFT
+# adapts the experts' 3-d weights itself, or those and its experts' 8 x 3 Linears) and the adapter tensors, A and B
+# (2 layers).
 CAUSAL_LM = {"qwen2.5": "Qwen2ForCausalLM", "qwen3-moe": "Qwen3MoeForCausalLM"}
+EXPERT_PARAMETERS = (["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"] if FUSED_EXPERTS
+                     else ["model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.7.down_proj.weight"])
 OWN_PARAMETERS = {"qwen2.5": ["model.layers.0.self_attn.q_proj.bias", "lm_head.weight"],
-                  "qwen3-moe": ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
-                                "model.layers.0.mlp.gate.weight", "lm_head.weight"]}
-FUSED_LAYERS = {"qwen2.5": 2 * 7, "qwen3-moe": 2 * 4}
-ADAPTER_TENSORS = {"qwen2.5": 2 * 7 * 2, "qwen3-moe": 2 * (4 + 2) * 2}  # MoE: gate_up and down, one adapter each
+                  "qwen3-moe": [*EXPERT_PARAMETERS, "model.layers.0.mlp.gate.weight", "lm_head.weight"]}
+MOE_LORA_LAYERS = 4 if FUSED_EXPERTS else 4 + 8 * 3
+FUSED_LAYERS = {"qwen2.5": 2 * 7, "qwen3-moe": 2 * MOE_LORA_LAYERS}
+# MoE under transformers 5: gate_up and down, one adapter each beside the fused attention's
+ADAPTER_TENSORS = {"qwen2.5": 2 * 7 * 2, "qwen3-moe": 2 * (MOE_LORA_LAYERS + 2 * FUSED_EXPERTS) * 2}
 
 
 @pytest.fixture(scope="module", params=sorted(CAUSAL_LM))
@@ -74,10 +82,16 @@ def test_the_checkpoints_are_shaped_as_their_family(family, policy_dir):
         assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.model_type == "qwen2"
         assert all(getattr(layer.self_attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj"))
         assert layer.self_attn.o_proj.bias is None and not hasattr(layer.self_attn, "q_norm")
-        assert type(AutoTokenizer.from_pretrained(policy_dir)).__name__ == "Qwen2Tokenizer"
+        # transformers 5 picks the model type's class for the generic tokenizer the script saves; 4 keeps the generic
+        tokenizer_class = "Qwen2Tokenizer" if FUSED_EXPERTS else "PreTrainedTokenizerFast"
+        assert type(AutoTokenizer.from_pretrained(policy_dir)).__name__ == tokenizer_class
     else:
         assert type(model).__name__ == "Qwen3MoeForCausalLM" and not getattr(model.config, "layer_types", None)
-        assert layer.mlp.experts.gate_up_proj.shape == (8, 64, 64) and layer.mlp.gate.weight.shape == (8, 64)
+        assert layer.mlp.gate.weight.shape == (8, 64)
+        if FUSED_EXPERTS:
+            assert layer.mlp.experts.gate_up_proj.shape == (8, 64, 64)
+        else:
+            assert len(layer.mlp.experts) == 8 and layer.mlp.experts[0].gate_proj.weight.shape == (32, 64)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed", "prefix-shared"])
