@@ -10,7 +10,8 @@ spends on a 220-token chunk's arithmetic: `--total-tokens` times a micro-batch's
 so that chunk sizes can be compared by what a step pays for them.
 
 `SequenceLogps` runs the lm_head over chunks of completion positions, each checkpointed, so backward recomputes
-the chunk's logits. Per setting, interleaved, the median wall time of `--iters` runs of one chunk (or of `--total-tokens`):
+the chunk's logits. Per setting, interleaved, the median wall time of `--iters` runs of one chunk (or of
+`--total-tokens`):
 - `recompute-as-forward`: the checkpoint recomputes exactly what the forward ran (`_chunk_token_stats` with the
   per-token metrics: argmax, an exp pass over the vocabulary), as before `_CheckpointedChunk`;
 - `metrics`: with the metrics, the recompute taking the plain logsumexp (`_CheckpointedChunk`, the default);
@@ -77,8 +78,10 @@ def main() -> None:
         return run_all
 
     def chunk(head, token_metrics: bool):
-        return over_chunks(lambda part, part_targets: checkpoint(_CheckpointedChunk(head, token_metrics, False), lm_head,
-                                                                 part, part_targets, use_reentrant=False))
+        def one_chunk(part, part_targets):
+            return checkpoint(_CheckpointedChunk(head, token_metrics, False), lm_head, part, part_targets,
+                              use_reentrant=False)
+        return over_chunks(one_chunk)
 
     settings = {
         "recompute-as-forward": over_chunks(lambda part, part_targets: checkpoint(
@@ -111,7 +114,9 @@ def main() -> None:
     for _ in range(args.iters):
         for setting in settings:
             times[setting].append(run(setting)[0])
-    what = f"{total} tokens in {-(-total // tokens)} chunks of {tokens}" if args.total_tokens else f"one chunk: {tokens} tokens"
+    what = f"one chunk: {tokens} tokens"
+    if args.total_tokens:
+        what = f"{total} tokens in {-(-total // tokens)} chunks of {tokens}"
     print(f"{what} x vocabulary {args.vocab:,}, hidden {args.hidden}, {args.dtype} on {device}, "
           f"{args.threads} thread(s), median of {args.iters} interleaved runs")
     baseline = statistics.median(times["recompute-as-forward"])

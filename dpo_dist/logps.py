@@ -184,7 +184,9 @@ class SequenceLogps(nn.Module):
         self.probability_weights = probability_weights
         self.causal_lm = causal_lm
         if not chunk_tokens:  # the compiled head keeps a chunk's logits in the lm_head's dtype and nothing beside them
-            bytes_per_logit = causal_lm.get_output_embeddings().weight.element_size() if compiled_head else EAGER_BYTES_PER_LOGIT
+            bytes_per_logit = EAGER_BYTES_PER_LOGIT
+            if compiled_head:
+                bytes_per_logit = causal_lm.get_output_embeddings().weight.element_size()
             chunk_tokens = default_chunk_tokens(causal_lm.config.vocab_size, bytes_per_logit)
         self.chunk_tokens = chunk_tokens
         self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute
@@ -273,8 +275,8 @@ class SequenceLogps(nn.Module):
         decoder = self.causal_lm.get_decoder()
         extra = {"output_router_logits": True} if routed else {}
         if branch is not None:
-            masks = prefix_sharing.attention_masks(self.causal_lm, branch, sequence_index, position_ids,
-                                                   attention_gather, attention_scatter, has_compiled_layers(self.causal_lm))
+            masks = prefix_sharing.attention_masks(self.causal_lm, branch, sequence_index, position_ids, attention_gather,
+                                                   attention_scatter, has_compiled_layers(self.causal_lm))
             return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False, **extra)
         if position_ids is not None:
             return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)

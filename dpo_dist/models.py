@@ -205,7 +205,8 @@ def load_causal_lm(name: str, model_config: ModelConfig, dtype: torch.dtype, ds_
     with zero3_init_scope(ds_config):
         try:
             with _hub_errors_only():
-                model = causal_lm_from_pretrained(name, dtype=dtype, attn_implementation=model_config.attn_implementation)
+                model = causal_lm_from_pretrained(name, dtype=dtype,
+                                                  attn_implementation=model_config.attn_implementation)
         except (OSError, ValueError) as err:
             raise _missing_model_error(name, err) from None
         except ImportError as err:  # e.g. flash_attention_2 requested without the package
@@ -248,6 +249,13 @@ def inductor_options() -> dict:
     return options
 
 
+COMPILED_LAYERS = "dpo_dist_compiled_layers"  # set on a decoder whose layers compile_decoder_layers compiled
+
+
+def has_compiled_layers(causal_lm: nn.Module) -> bool:
+    return getattr(causal_lm.get_decoder(), COMPILED_LAYERS, False)
+
+
 def compile_decoder_layers(model: nn.Module, options: dict | None = None) -> None:
     """Compile each decoder layer's forward in place, as torchtune and TorchTitan do, not the whole model.
 
@@ -276,12 +284,6 @@ def compile_decoder_layers(model: nn.Module, options: dict | None = None) -> Non
         layer.forward = torch.compile(layer.forward, dynamic=True, options=options)
     setattr(decoder, COMPILED_LAYERS, True)
 
-
-COMPILED_LAYERS = "dpo_dist_compiled_layers"  # set on a decoder whose layers compile_decoder_layers compiled
-
-
-def has_compiled_layers(causal_lm: nn.Module) -> bool:
-    return getattr(causal_lm.get_decoder(), COMPILED_LAYERS, False)
 
 
 def _requires_grad_only_with_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:

@@ -362,7 +362,8 @@ def test_default_chunk_fills_one_budget_whatever_the_head_holds(tiny_policy):
                                                    (torch.float32, True, 4), (torch.bfloat16, True, 2)):
         causal_lm = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=dtype)
         scorer = SequenceLogps(causal_lm, compiled_head=compiled_head)
-        assert scorer.chunk_tokens == 256 * 2**20 // (bytes_per_logit * causal_lm.config.vocab_size), (dtype, compiled_head)
+        expected = 256 * 2**20 // (bytes_per_logit * causal_lm.config.vocab_size)
+        assert scorer.chunk_tokens == expected, (dtype, compiled_head)
         assert SequenceLogps(causal_lm, chunk_tokens=7, compiled_head=compiled_head).chunk_tokens == 7
 
 

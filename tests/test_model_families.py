@@ -33,8 +33,9 @@ FUSED_EXPERTS = int(transformers.__version__.split(".")[0]) >= 5
 # adapts the experts' 3-d weights itself, or those and its experts' 8 x 3 Linears) and the adapter tensors, A and B
 # (2 layers).
 CAUSAL_LM = {"qwen2.5": "Qwen2ForCausalLM", "qwen3-moe": "Qwen3MoeForCausalLM"}
-EXPERT_PARAMETERS = (["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"] if FUSED_EXPERTS
-                     else ["model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.7.down_proj.weight"])
+EXPERT_PARAMETERS = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+if not FUSED_EXPERTS:
+    EXPERT_PARAMETERS = ["model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.7.down_proj.weight"]
 OWN_PARAMETERS = {"qwen2.5": ["model.layers.0.self_attn.q_proj.bias", "lm_head.weight"],
                   "qwen3-moe": [*EXPERT_PARAMETERS, "model.layers.0.mlp.gate.weight", "lm_head.weight"]}
 MOE_LORA_LAYERS = 4 if FUSED_EXPERTS else 4 + 8 * 3
