@@ -22,6 +22,17 @@ import numpy as np
 _FILES = (("tokens.i32", "i", np.int32), ("starts.i64", "q", np.int64), ("shape.i32", "i", np.int32))
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids two sequences share: where a completion starts (tokenization) and where a pair's
+    chosen and rejected sequences part (prefix sharing)."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 @dataclass(frozen=True)
 class PreferenceExample:
     """One tokenized pair: each side is prompt + completion ids after truncation."""

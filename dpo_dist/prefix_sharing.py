@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpo_dist.examples import common_prefix_length
+
 SHARED, CHOSEN, REJECTED = 0, 1, 2
 
 
@@ -50,15 +52,6 @@ class SharedDocument:
     scored: list[tuple[int, int, int]]  # (offset in this document, target token id, owning sequence)
     sequences: list[tuple[int, list[int]]]  # (sequence, the offsets of its tokens in this document, in order)
     output_from: list[tuple[int, int]]  # per token: (sequence, position) whose attention output it takes
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
 
 
 def _scored_offsets(prompt_len: int, length: int) -> range:

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo_dist import prefix_sharing, split_cache
+from dpo_dist import split_cache
 from dpo_dist.errors import UserError
-from dpo_dist.examples import ExampleStore, PreferenceExample
+from dpo_dist.examples import ExampleStore, PreferenceExample, common_prefix_length
 from dpo_dist.records import DataError, Record, RowBlock, count_rows, read_records, validate
 
 # Records rendered and encoded together: one tokenizer call per side for this many records (a fast tokenizer
@@ -118,7 +118,7 @@ def example_from_ids(record: Record, prompt_ids: list[int], chosen_ids: list[int
                      max_seq_length: int, truncation_mode: str, stats: TokenizeStats) -> PreferenceExample | None:
     """One record's encoded prompt, prompt + chosen and prompt + rejected -> `PreferenceExample`, or None when
     truncation leaves no completion token."""
-    prompt_len = min(prefix_sharing.common_prefix_length(prompt_ids, chosen_ids), prefix_sharing.common_prefix_length(prompt_ids, rejected_ids))
+    prompt_len = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
     stats.total += 1
     stats.boundary_merges += prompt_len < len(prompt_ids)
     if len(chosen_ids) == prompt_len or len(rejected_ids) == prompt_len:
