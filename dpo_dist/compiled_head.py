@@ -39,18 +39,24 @@ def log_normalizer(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1)
 
 
+def _probabilities(logits: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
+    """(n, V) logits of any float dtype and their (n,) normaliser -> (n, V) softmax in fp32 (fused into the caller's
+    kernel when compiled)."""
+    return (logits.float() - log_normalizer.unsqueeze(-1)).exp()
+
+
 def token_metric_stats(logits: torch.Tensor, targets: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
     """(n, V) logits, (n,) targets and their normaliser -> the (n, 3) per-token metrics of `logps._chunk_token_stats`:
     mean logit, entropy in nats, 1.0 where the target is the first maximum."""
     logits = logits.float()
-    probs = (logits - log_normalizer.unsqueeze(-1)).exp()
+    probs = _probabilities(logits, log_normalizer)
     entropy = log_normalizer - (probs * logits).sum(dim=-1)
     return torch.stack([logits.mean(dim=-1), entropy, (logits.argmax(dim=-1) == targets).float()], dim=-1)
 
 
 def log_sum_squares(logits: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
     """(n, V) logits and their normaliser -> (n,) log sum_v p_v^2 (WPO's)."""
-    probs = (logits.float() - log_normalizer.unsqueeze(-1)).exp()
+    probs = _probabilities(logits, log_normalizer)
     return (probs * probs).sum(dim=-1).log()
 
 
@@ -59,7 +65,7 @@ def softmax_gradient_(logits: torch.Tensor, targets: torch.Tensor, log_normalize
     """Overwrite (n, V) logits with grad * d log softmax(logits)[target] / d logits = grad * (1[v = t] - p_v),
     computed in fp32 and stored in the logits' dtype (as autograd's cast back through `.float()` would)."""
     upstream = grad.unsqueeze(-1)
-    gradient = -(logits.float() - log_normalizer.unsqueeze(-1)).exp() * upstream
+    gradient = -_probabilities(logits, log_normalizer) * upstream
     vocab = torch.arange(logits.shape[-1], device=logits.device)
     gradient = torch.where(vocab == targets.unsqueeze(-1), gradient + upstream, gradient)
     logits.copy_(gradient)

@@ -148,8 +148,8 @@ def default_chunk_tokens(vocab_size: int, bytes_per_logit: int = EAGER_BYTES_PER
     """Tokens per chunk so that the chunk's vocabulary-wide buffers, `bytes_per_logit` per (token, vocabulary entry),
     take ~256 MiB. The eager head holds fp32 logits and an fp32 temporary (8 bytes: 220 tokens at Qwen's 151,936);
     the compiled head (`model.compile`, compiled_head.py) only the logits in the model's dtype (2 bytes in bf16: 883
-    tokens in the same memory). Chunks bound memory, but each costs the host ~1.4-2 ms of Python (checkpoint,
-    autograd function, kernel launches; measured on CPU with a tiny vocabulary), about what a GPU spends on one
+    tokens in the same memory). Chunks bound memory, but each costs the host ~1-2 ms of Python (checkpoint,
+    autograd function, kernel launches; measured on CPU with a tiny vocabulary, bench/RESULTS.md), about what a GPU spends on one
     220-token chunk's arithmetic: fewer, larger chunks where memory allows. Measured on the CPU proxy (vocab
     151,936, 1,006 completion tokens per rank, eager): one 1,024-token chunk peaked at 0.99x TRL's memory,
     256-token chunks at 0.55x, for 8% of the speed (bench/RESULTS.md)."""

@@ -285,7 +285,6 @@ def compile_decoder_layers(model: nn.Module, options: dict | None = None) -> Non
     setattr(decoder, COMPILED_LAYERS, True)
 
 
-
 def _requires_grad_only_with_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     return output.requires_grad_(True) if torch.is_grad_enabled() else output.detach()
 
