@@ -3,11 +3,12 @@
     python bench/collate.py                        # 2 pairs x 2,048 tokens (half prompt), as the GPU cases
     python bench/collate.py --pairs 4 --seq-len 4096
 
-The trainer collates each micro-batch on the host when the step reaches it (`Trainer._micro_batches`): the first
-of a step while the device has nothing to run, the others while it runs the one before, unless something between
-them waits for the device. Per layout, the median of `--iters` builds of the same micro-batch
-of random token ids (prompt and each completion half of `--seq-len`, the completions differing from their first
-token), in ms, and its ratio to the padded layout's (`collate`, which only pads and stacks).
+The trainer collates each micro-batch on the host (`Trainer._micro_batches`): the first of a step when the step
+starts, while the device has nothing to run; each later one once the micro-batch before it has queued its forward
+and loss, before its backward (`Trainer.train_step`), so while the device runs them. Per layout, the median of
+`--iters` builds of the same micro-batch of random token ids (prompt and each completion half of `--seq-len`, the
+completions differing from their first token), in ms, and its ratio to the padded layout's (`collate`, which only
+pads and stacks).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ STACK_DEPTH = 4  # Python frames (outside torch) kept per sync site
 
 def next_batches(trainer: Trainer, count: int) -> list:
     """The micro-batches of the next `count` optimizer steps, built on the host exactly as Trainer.train
-    builds them (same order); built before profiling, so host-side collation is not taken for a sync."""
+    builds them (same order); built before profiling, so host-side collation is not taken for a sync (the
+    profiled steps therefore leave out collation's host time, which training spends during the forwards)."""
     state, steps = trainer.state, []
     for _ in range(count):
         steps.append(list(trainer._micro_batches(state.epoch, state.epoch_step)))

@@ -296,6 +296,8 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_length < 2:  # a scored token is predicted from the one before it, in the same sequence
+            raise UserError("training.max_seq_length must be >= 2: a sequence of one token has no token to score")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise UserError(f"training.eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if not 0.0 <= self.warmup_ratio < 1.0:

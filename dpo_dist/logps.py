@@ -156,6 +156,14 @@ def default_chunk_tokens(vocab_size: int, bytes_per_logit: int = EAGER_BYTES_PER
     return max(1, CHUNK_BUDGET_BYTES // (bytes_per_logit * vocab_size))
 
 
+def head_bytes_per_logit(compiled_head: bool, model_dtype_bytes: int) -> int:
+    """What a chunk's vocabulary-wide buffers hold per (token, vocabulary entry): the compiled head only its logits
+    in the model's dtype, the eager head fp32 logits and an fp32 temporary. One rule for `SequenceLogps` and the
+    memory planner, so that the planner counts the chunk a run will take (the planner passes the model's dtype,
+    the run its lm_head weight's: the same for Qwen, whose checkpoints keep no module in fp32)."""
+    return model_dtype_bytes if compiled_head else EAGER_BYTES_PER_LOGIT
+
+
 def causal_only_masks(hf_config) -> dict | None:
     """The decoder's per-layer-type masks for rows that need nothing beyond causality, or None to let it build them.
 
@@ -183,10 +191,8 @@ class SequenceLogps(nn.Module):
         # WPO (dpo.use_weighting): also each sequence's mean over its tokens of log p(token) - log sum_v p_v^2
         self.probability_weights = probability_weights
         self.causal_lm = causal_lm
-        if not chunk_tokens:  # the compiled head keeps a chunk's logits in the lm_head's dtype and nothing beside them
-            bytes_per_logit = EAGER_BYTES_PER_LOGIT
-            if compiled_head:
-                bytes_per_logit = causal_lm.get_output_embeddings().weight.element_size()
+        if not chunk_tokens:
+            bytes_per_logit = head_bytes_per_logit(compiled_head, causal_lm.get_output_embeddings().weight.element_size())
             chunk_tokens = default_chunk_tokens(causal_lm.config.vocab_size, bytes_per_logit)
         self.chunk_tokens = chunk_tokens
         self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute

@@ -106,8 +106,11 @@ def causal_lm_from_pretrained(name: str, **kwargs) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs, **options, adapter_kwargs=dict(options))
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(name, **options))]
-    return model_class.from_pretrained(name, **kwargs, **options)
+    hf_config = AutoConfig.from_pretrained(name, **options)
+    if type(hf_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:  # the ValueError the auto class raises here
+        raise ValueError(f"{name}: its config ({type(hf_config).__name__}) has no causal language model class in "
+                         f"transformers {transformers.__version__}")
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)].from_pretrained(name, config=hf_config, **kwargs, **options)
 
 
 @contextlib.contextmanager

@@ -509,11 +509,11 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     reference = 0.0
     if config.reference_mode == "model" and not config.reference.offload:
         reference = shard(n * b, stage == 3)
-    from dpo_dist.logps import EAGER_BYTES_PER_LOGIT, default_chunk_tokens
+    from dpo_dist.logps import default_chunk_tokens, head_bytes_per_logit
 
     rows, seq = _micro_batch(config)
     tokens = rows * seq
-    default_chunk = default_chunk_tokens(shape.vocab, b if config.model.compile else EAGER_BYTES_PER_LOGIT)
+    default_chunk = default_chunk_tokens(shape.vocab, head_bytes_per_logit(config.model.compile, b))
     chunk = min(config.model.logps_chunk_tokens or default_chunk, tokens)
     if config.model.compile:  # compiled_head.py: the logits in the model's dtype, the fused kernels keep no temporary
         logits = chunk * shape.vocab * b

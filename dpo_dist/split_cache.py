@@ -9,10 +9,10 @@ directory that exists is whole). A later run whose key matches maps those files 
 
 The key is the sha256 of everything the tokenized pairs depend on: the data files' contents, the
 tokenizer and its chat template, max_seq_length, truncation_mode, skip_invalid, the record kind
-(preference or SFT) and the source of the code that reads and tokenizes (so a change to that code
-never meets an old cache). A key that differs is simply another directory. The same description
-(`describe`, before it is hashed) is what the ranks compare to make sure they all read the same split
-(`differences` says what differs, for the error).
+(preference or SFT), the source of the code that reads and tokenizes, and the transformers and tokenizers
+versions (so a change to that code never meets an old cache). A key that differs is simply another
+directory. The same description (`describe`, before it is hashed) is what the ranks compare to make sure
+they all read the same split (`differences` says what differs, for the error).
 """
 
 from __future__ import annotations
@@ -46,10 +46,15 @@ def describe(files: list[str], tokenizer, max_seq_length: int, truncation_mode: 
     paths = [Path(name) for name in files]
     if not all(path.exists() for path in paths):
         return None
+    import tokenizers
+    import transformers
+
     package = Path(__file__).parent
     return {
         "format": FORMAT,
         "code": sha256_text("".join((package / name).read_text() for name in _CODE)),
+        # chat templates render, and special tokens split, by these libraries' code
+        "libraries": [f"transformers {transformers.__version__}", f"tokenizers {tokenizers.__version__}"],
         "files": [[name, _content_sha256(path)] for name, path in zip(files, paths)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": [max_seq_length, truncation_mode, skip_invalid, record_kind],
@@ -75,6 +80,8 @@ def differences(first: dict, second: dict) -> list[str]:
     if first["settings"] != second["settings"]:
         found.append(f"the settings (max_seq_length, truncation_mode, skip_invalid, kind: {first['settings']} vs "
                      f"{second['settings']})")
+    if first["libraries"] != second["libraries"]:
+        found.append(f"the installed libraries ({', '.join(first['libraries'])} vs {', '.join(second['libraries'])})")
     if first["code"] != second["code"] or first["format"] != second["format"]:
         found.append("dpo-dist's code (another version installed)")
     return found

@@ -265,7 +265,7 @@ class Trainer:
                 objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
             # The next micro-batch is collated here, while the device works through this one's queued forward:
             # after the backward, DeepSpeed's ZeRO-2 with overlap_comm waits for the device, which would then idle
-            # through the collation
+            # through the collation. Nothing may stop between here and the backward: the engine holds this forward
             following = next(upcoming, None)
             self.policy.backward(objective)
             self.policy.step()

@@ -60,6 +60,7 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         (SEED_CONFIG, ["dpo.beta=nan"], "dpo.beta: expected a finite number, got 'nan'"),
         (SEED_CONFIG, ["training.learning_rate=.inf"], "training.learning_rate: expected a finite number"),
         (SEED_CONFIG, ["training.max_steps=0"], "training.max_steps must be >= 1, or -1 to run training.num_epochs"),
+        (SEED_CONFIG, ["training.max_seq_length=1"], "training.max_seq_length must be >= 2: a sequence of one token"),
         (SEED_CONFIG, ["training.weight_decay=-1"], "training.weight_decay must be >= 0"),
         (SEED_CONFIG, ["training.max_grad_norm=-1"], "training.max_grad_norm must be >= 0 (0: no clipping)"),
         (SEED_CONFIG, ["training.adam_beta2=1"], "training.adam_beta2 must be in [0, 1)"),

@@ -111,6 +111,14 @@ def test_differences_name_what_two_ranks_read_differently(tokenizer, tmp_path):
     ]
     other_code = base | {"code": "0" * 64}
     assert split_cache.differences(base, other_code) == ["dpo-dist's code (another version installed)"]
+    import transformers
+
+    other_libraries = base | {"libraries": ["transformers 4.57.1", base["libraries"][1]]}
+    assert split_cache.differences(base, other_libraries) == [
+        f"the installed libraries (transformers {transformers.__version__}, {base['libraries'][1]} vs transformers "
+        f"4.57.1, {base['libraries'][1]})"
+    ]
+    assert split_cache.key_of(other_libraries) != split_cache.key_of(base)  # another directory: tokenized again
     write_jsonl(path, records(3)[:2] + [records(3)[2] | {"rejected": "other"}])  # another node's copy of the file
     changed = describe(max_len=41)
     assert split_cache.differences(base, changed)[0] == f"the contents of {path}" and len(split_cache.differences(base, changed)) == 2
