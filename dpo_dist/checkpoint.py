@@ -60,11 +60,29 @@ def _write_merged(peft_model: nn.Module, state: dict[str, torch.Tensor], out_dir
     base_path = peft_model.peft_config["default"].base_model_name_or_path
     dtype = next(iter(state.values())).dtype
     base = causal_lm_from_pretrained(base_path, dtype=dtype)
+    _untie_adapted_embeddings(peft_model, base)
     copy = get_peft_model(base, peft_model.peft_config["default"])
     missing, unexpected = copy.load_state_dict(state, strict=False)
     if unexpected or any("lora_" in key for key in missing):
         raise RuntimeError(f"merged export: state does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     copy.merge_and_unload().save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+
+
+def _untie_adapted_embeddings(peft_model: nn.Module, base: nn.Module) -> bool:
+    """Give `base` (the merge's fresh copy) an lm_head of its own when it shares its weight with the input
+    embeddings and the trained adapter adapts either of them (`lora.target_modules` with lm_head, as on Qwen3 up to
+    4B, whose embeddings are tied). Training added the adapter to that one module only; merged into the shared
+    weight it would move the other as well, and the merged model would not compute what was trained. Untied, the
+    merged model holds the vocabulary matrix twice (V x H more parameters) and says so in its config."""
+    trained = peft_model.get_base_model()
+    ends = (trained.get_input_embeddings(), trained.get_output_embeddings())
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or head.weight is not embeddings.weight or not any(hasattr(end, "base_layer") for end in ends):
+        return False
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    base.config.tie_word_embeddings = False
+    base.config.get_text_config().tie_word_embeddings = False
+    return True
 
 
 def export_hf(causal_lm: nn.Module, tokenizer, out_dir: str | os.PathLike, dist_info: DistInfo,
