@@ -229,14 +229,19 @@ class DPOConfig:
         return list(zip(self.loss_type, self.loss_weights or [1.0] * len(self.loss_type)))
 
 
+ALL_LINEAR = "all-linear"  # PEFT's wildcard for target_modules
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a Qwen decoder layer's
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
     r: int = _opt(16, "LoRA rank.")
     alpha: int = _opt(32, "LoRA alpha (scaling = alpha / r).")
     dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
     target_modules: list[str] = _opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Module names that get an adapter.",
+        list(PROJECTIONS),
+        f"Module names that get an adapter, or {ALL_LINEAR} alone (PEFT's: every linear layer but the output layer; "
+        "on Qwen3 and Qwen2.5 the seven projections, on Qwen3-MoE also the experts and the routers).",
     )
 
     fused: bool = _opt(
@@ -256,6 +261,23 @@ class LoRAConfig:
         if self.fused and self.dropout > 0:
             raise UserError(f"lora.fused=true with lora.dropout={self.dropout}: the fused projection has no dropout. "
                             "Set lora.dropout=0 or lora.fused=false")
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise UserError(f"lora.target_modules: {ALL_LINEAR} stands alone (it already names every linear layer but "
+                            f"the output layer), got {self.target_modules}")
+
+    @property
+    def all_linear(self) -> bool:
+        return self.target_modules == [ALL_LINEAR]
+
+    @property
+    def peft_target_modules(self) -> str | list[str]:
+        """What PEFT's LoraConfig takes: its wildcard as the string it recognises, else the names."""
+        return ALL_LINEAR if self.all_linear else list(self.target_modules)
+
+    @property
+    def adapted_projections(self) -> set[str]:
+        """The decoder layers' projections that get an adapter (for the memory planner)."""
+        return set(PROJECTIONS) if self.all_linear else set(self.target_modules)
 
 
 @dataclass(frozen=True, kw_only=True)

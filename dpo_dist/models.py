@@ -347,7 +347,7 @@ def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=lora.peft_target_modules,
         task_type="CAUSAL_LM",
     )
     try:

@@ -273,9 +273,12 @@ def trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[in
     if lora is None:
         return list(shape.parameter_sizes())
     experts = ("gate_proj", "up_proj", "down_proj") if shape.experts else ()  # PEFT's to adapt: `lora_on_experts`
+    targets = lora.adapted_projections
     per_layer = [size for name, (fan_in, fan_out) in shape.linear_shapes().items()
-                 if name in lora.target_modules and name not in experts for size in (lora.r * fan_in, fan_out * lora.r)]
-    return [(per_layer + lora_on_experts(shape, lora)) * shape.layers]
+                 if name in targets and name not in experts for size in (lora.r * fan_in, fan_out * lora.r)]
+    # all-linear also adapts a MoE layer's router, (experts x hidden), after its experts: A then B
+    router = [lora.r * shape.hidden, shape.experts * lora.r] if lora.all_linear and shape.experts else []
+    return [(per_layer + lora_on_experts(shape, lora) + router) * shape.layers]
 
 
 def lora_on_experts(shape: ModelShape, lora: LoRAConfig) -> list[int]:
@@ -292,7 +295,7 @@ def lora_on_experts(shape: ModelShape, lora: LoRAConfig) -> list[int]:
 def adapted_expert_weights(lora: LoRAConfig) -> tuple[bool, bool]:
     """Which of a MoE layer's fused expert weights PEFT adapts: (gate_up, down). gate_up needs both gate_proj
     and up_proj in target_modules (PEFT refuses one without the other), down needs down_proj."""
-    targets = set(lora.target_modules)
+    targets = lora.adapted_projections
     return {"gate_proj", "up_proj"} <= targets, "down_proj" in targets
 
 
@@ -429,7 +432,7 @@ def _layer_bytes_per_token(config: Config, shape: ModelShape, b: int) -> float:
     adapters = 0
     if config.lora is not None:
         for name, (fan_in, _) in shape.linear_shapes().items():
-            if name in config.lora.target_modules:
+            if name in config.lora.adapted_projections:  # (all-linear's router adapter keeps r per token: left out)
                 adapters += b * config.lora.r + ((b + 1) * fan_in if config.lora.dropout > 0 else 0)
     # Gathered attention's output is scattered back to the document: o_proj keeps that copy (sdpa and flash also
     # keep the unscattered output for their backward; eager's last matmul does not, so it keeps one copy in all)

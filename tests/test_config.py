@@ -35,6 +35,16 @@ def test_seed_config_loads_unchanged(tmp_path):
     assert config.reference_mode == "adapter"  # LoRA and no explicit reference: the policy without its adapter
 
 
+def test_peft_all_linear_wildcard_loads_as_peft_reads_it(tmp_path):
+    """`target_modules: all-linear`, as TRL and PEFT users write it: handed to PEFT as its wildcard string."""
+    config = load_config(write(tmp_path, SEED_CONFIG.replace("[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                                                             "down_proj]", "all-linear")))
+    assert config.lora.all_linear and config.lora.peft_target_modules == "all-linear"
+    assert config.lora.adapted_projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    seed = load_config(write(tmp_path, SEED_CONFIG)).lora
+    assert not seed.all_linear and seed.peft_target_modules == seed.target_modules
+
+
 def test_overrides_apply_with_yaml_values(tmp_path):
     config = load_config(
         write(tmp_path, SEED_CONFIG),
@@ -60,6 +70,7 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         (SEED_CONFIG, ["dpo.beta=nan"], "dpo.beta: expected a finite number, got 'nan'"),
         (SEED_CONFIG, ["training.learning_rate=.inf"], "training.learning_rate: expected a finite number"),
         (SEED_CONFIG, ["training.max_steps=0"], "training.max_steps must be >= 1, or -1 to run training.num_epochs"),
+        (SEED_CONFIG, ["lora.target_modules=[q_proj,all-linear]"], "lora.target_modules: all-linear stands alone"),
         (SEED_CONFIG, ["training.max_seq_length=1"], "training.max_seq_length must be >= 2: a sequence of one token"),
         (SEED_CONFIG, ["training.weight_decay=-1"], "training.weight_decay must be >= 0"),
         (SEED_CONFIG, ["training.max_grad_norm=-1"], "training.max_grad_norm must be >= 0 (0: no clipping)"),

@@ -73,10 +73,12 @@ def test_mixture_of_experts_layouts_it_does_not_model_are_refused():
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["gate_proj", "up_proj"], ["o_proj", "down_proj"],
-                                     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]])
+                                     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                     ["all-linear"]])
 def test_lora_adapters_on_moe_experts_are_what_peft_makes(targets):
     """PEFT adapts a Qwen3-MoE layer's experts through their fused 3-d weights (gate_proj + up_proj -> gate_up_proj
-    at twice the rank); the planner's trainable sizes are PEFT's, in PEFT's order."""
+    at twice the rank), and with all-linear its router too; the planner's trainable sizes are PEFT's, in PEFT's
+    order."""
     from dpo_dist.config import ModelConfig
     from dpo_dist.planner import trainable_groups
 
@@ -84,6 +86,25 @@ def test_lora_adapters_on_moe_experts_are_what_peft_makes(targets):
     policy = prepare_policy(AutoModelForCausalLM.from_config(MOE), ModelConfig(base_model="x"), lora)
     trainable = [p.numel() for p in policy.parameters() if p.requires_grad]
     assert trainable_groups(ModelShape.from_hf_config(MOE), lora) == [trainable]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2.5"])
+def test_all_linear_adapts_what_the_seven_projections_do_on_a_dense_model(family):
+    """PEFT's all-linear on a dense Qwen: the decoder's seven projections, not the lm_head, as the planner counts."""
+    from dpo_dist.config import ModelConfig
+    from dpo_dist.planner import trainable_groups
+
+    hf_config = (Qwen3Config(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, tie_word_embeddings=False) if family == "qwen3" else
+                 Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=False))
+    adapted = {}
+    for targets in (["all-linear"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]):
+        lora = LoRAConfig(r=3, target_modules=targets)
+        policy = prepare_policy(AutoModelForCausalLM.from_config(hf_config), ModelConfig(base_model="x"), lora)
+        adapted[targets[0]] = [(name, p.numel()) for name, p in policy.named_parameters() if p.requires_grad]
+        assert trainable_groups(ModelShape.from_hf_config(hf_config), lora) == [[n for _, n in adapted[targets[0]]]]
+    assert adapted["all-linear"] == adapted["q_proj"] and not any("lm_head" in name for name, _ in adapted["q_proj"])
 
 
 def test_moe_active_parameters_are_what_a_forward_multiplies():
