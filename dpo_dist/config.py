@@ -560,8 +560,47 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
     raise TypeError(f"unsupported annotation {annotation} for {key}")
 
 
+# Names users bring from TRL's DPOConfig, transformers' TrainingArguments and PEFT's LoraConfig, and what they are
+# here (a key, or why there is none): an unknown-key error says so instead of guessing a look-alike
+FOREIGN_NAMES = {
+    "per_device_train_batch_size": "training.batch_size",
+    "per_device_eval_batch_size": "training.eval_batch_size",
+    "num_train_epochs": "training.num_epochs",
+    "lr_scheduler_type": "training.lr_scheduler",
+    "max_length": "training.max_seq_length",
+    "max_prompt_length": "training.max_seq_length, which bounds prompt + completion together (as TRL 1.x's max_length)",
+    "max_completion_length": "training.max_seq_length, which bounds prompt + completion together (as TRL 1.x's max_length)",
+    "bf16": "model.dtype: bfloat16",
+    "fp16": "model.dtype: float16",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "model_name_or_path": "model.base_model (with model.sft_model for the checkpoint training starts from)",
+    "sync_ref_model": "reference.sync_steps (> 0 turns TR-DPO on)",
+    "ref_model_sync_steps": "reference.sync_steps",
+    "ref_model_mixup_alpha": "reference.mixup_alpha",
+    "precompute_ref_log_probs": "reference.mode: precomputed (launch/precompute_ref.py first)",
+    "rpo_alpha": "dpo.sft_weight",
+    "padding_free": "data.packing",
+    "use_liger_kernel": "model.liger_kernels",
+    "torch_compile": "model.compile",
+    "deepspeed": "deepspeed.config (the path of a DeepSpeed JSON config)",
+    "report_to": "no setting: metrics go to <training.output_dir>/metrics.jsonl and its tensorboard/ directory",
+    "use_dora": "no setting: the adapter is plain LoRA",
+    "use_rslora": "no setting: the adapter is plain LoRA, scaled by lora.alpha / lora.r",
+}
+
+
 def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    name = key.rsplit(".", 1)[-1]
+    if name in FOREIGN_NAMES:
+        answer = FOREIGN_NAMES[name]
+        here = answer if answer.startswith("no setting") else f"here it is {answer}"
+        return UserError(f"unknown key '{key}' in {where}: '{name}' is a TRL, transformers or PEFT name; {here}")
+    homes = [f"{section}.{name}" for section, cls in SECTIONS.items()
+             if name in {f.name for f in dataclasses.fields(cls)} and f"{section}.{name}" != key]
+    if homes:
+        return UserError(f"unknown key '{key}' in {where}: it is {' or '.join(homes)}; put it in that section")
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return UserError(f"unknown key '{key}' in {where}.{hint} Accepted: {', '.join(sorted(known))}")
 

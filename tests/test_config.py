@@ -1,5 +1,6 @@
 """Config loading: the seed config unchanged, strict keys and types, overrides, help."""
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -128,6 +129,36 @@ def test_loss_type_is_one_name_or_a_weighted_list(tmp_path):
 def test_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(UserError, match="Did you mean 'learning_rate'"):
         load_config(write(tmp_path, SEED_CONFIG), ["training.lerning_rate=1"])
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    # TRL's, transformers' and PEFT's names: where they live here (difflib guessed eval_batch_size and 'fused')
+    (SEED_CONFIG, ["training.per_device_train_batch_size=2"], "'per_device_train_batch_size' is a TRL, transformers or "
+     "PEFT name; here it is training.batch_size"),
+    (SEED_CONFIG, ["lora.lora_alpha=32"], "here it is lora.alpha"),
+    (SEED_CONFIG, ["training.bf16=true"], "here it is model.dtype: bfloat16"),
+    (SEED_CONFIG, ["lora.use_dora=true"], "'use_dora' is a TRL, transformers or PEFT name; no setting: the adapter is plain LoRA"),
+    # a key of another section (difflib guessed keep_best_checkpoint), and a flat config's top-level key
+    (SEED_CONFIG, ["training.gradient_checkpointing=true"], "'training.gradient_checkpointing' in the overrides: it is "
+     "model.gradient_checkpointing; put it in that section"),
+    ("model: {base_model: x}\nbeta: 0.1\n", [], "unknown key 'beta' in "),
+])
+def test_unknown_key_says_where_a_known_name_lives(tmp_path, text, overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(err.value) and "Did you mean" not in str(err.value)
+    if text.endswith("beta: 0.1\n"):
+        assert str(err.value).endswith("it is dpo.beta; put it in that section")
+
+
+def test_foreign_names_point_at_keys_that_exist():
+    from dpo_dist.config import FOREIGN_NAMES, SECTIONS
+
+    for name, answer in FOREIGN_NAMES.items():
+        if answer.startswith("no setting"):
+            continue
+        section, key = answer.split()[0].rstrip(",:").split(".")
+        assert key in {f.name for f in dataclasses.fields(SECTIONS[section])}, name
 
 
 def test_reference_mode_auto(tmp_path):
