@@ -237,7 +237,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class LoRAConfig:
     r: int = _opt(16, "LoRA rank.")
     alpha: int = _opt(32, "LoRA alpha (scaling = alpha / r).")
-    dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
+    dropout: float = _opt(0.0, "Dropout on the LoRA branch (TRL's default disable_dropout zeroes PEFT's lora_dropout; "
+                               "0 matches a TRL run).")
     target_modules: list[str] = _opt(
         list(PROJECTIONS),
         f"Module names that get an adapter, or {ALL_LINEAR} alone (PEFT's: every linear layer but the output layer; "
@@ -585,6 +586,8 @@ FOREIGN_NAMES = {
     "torch_compile": "model.compile",
     "deepspeed": "deepspeed.config (the path of a DeepSpeed JSON config)",
     "report_to": "no setting: metrics go to <training.output_dir>/metrics.jsonl and its tensorboard/ directory",
+    "disable_dropout": "no setting: Qwen's decoder has no dropout modules, and lora.dropout is applied as set "
+                       "(TRL's default disable_dropout also zeroes PEFT's lora_dropout: lora.dropout 0 matches it)",
     "use_dora": "no setting: the adapter is plain LoRA",
     "use_rslora": "no setting: the adapter is plain LoRA, scaled by lora.alpha / lora.r",
 }
