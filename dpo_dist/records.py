@@ -43,15 +43,23 @@ class Record:
     prompt: str | list[dict[str, str]]
     chosen: str | list[dict[str, str]]
     rejected: str | list[dict[str, str]]
+    # Chat records only, as TRL's dataset columns: the tool schemas and the keyword arguments (Qwen3's
+    # enable_thinking, ...) the chat template renders the record with
+    tools: list[dict] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @property
     def conversational(self) -> bool:
         return isinstance(self.prompt, list)
 
 
-def record_uid(prompt: Any, chosen: Any, rejected: Any) -> str:
-    """A stable id from the pair's content: canonical JSON, sha256, first 16 hex digits."""
-    canonical = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def record_uid(prompt: Any, chosen: Any, rejected: Any, tools: Any = None, chat_template_kwargs: Any = None) -> str:
+    """A stable id from the pair's content: canonical JSON, sha256, first 16 hex digits. The rendering options
+    count only where given, so a record without them keeps the id it always had."""
+    content = [prompt, chosen, rejected]
+    if tools is not None or chat_template_kwargs is not None:
+        content.append({"tools": tools, "chat_template_kwargs": chat_template_kwargs})
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
@@ -97,10 +105,44 @@ def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any] | 
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+def _rendering_options(raw: dict) -> tuple[dict, str | None]:
+    """A record's optional `tools` (a list of tool schemas, or that list as a JSON string, as TRL reads it) and
+    `chat_template_kwargs` (a mapping), for `Record`; absent or null ones are left out."""
+    options = {}
+    tools = raw.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            return {}, f"'tools' is a string but not JSON ({err.msg} at column {err.colno})"
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+            return {}, "'tools' must be a list of tool schemas (JSON objects), or that list as a JSON string"
+        options["tools"] = tools
+    kwargs = raw.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+            return {}, "'chat_template_kwargs' must be a mapping of the chat template's arguments, e.g. {\"enable_thinking\": false}"
+        options["chat_template_kwargs"] = kwargs
+    return options, None
+
+
 def validate(raw: Any) -> tuple[dict | None, str | None]:
-    """Check one parsed record. Returns (normalised record, None) or (None, reason)."""
+    """Check one parsed record. Returns (normalised record, None) or (None, reason). A chat record keeps its
+    rendering options (`_rendering_options`); a plain-string one has no template to pass them to (TRL's rule too)."""
     if not isinstance(raw, dict):
         return None, f"expected a JSON object, got {type(raw).__name__}"
+    options, reason = _rendering_options(raw)
+    if reason:
+        return None, reason
+    record, reason = _validate_pair(raw)
+    if record is not None and isinstance(record["prompt"], list):
+        record.update(options)
+    return record, reason
+
+
+def _validate_pair(raw: dict) -> tuple[dict | None, str | None]:
+    """`validate` for the prompt, chosen and rejected."""
     missing = [key for key in ("chosen", "rejected") if raw.get(key) is None]
     if missing:
         return None, (f"missing key(s) {', '.join(repr(k) for k in missing)} (each record needs chosen and rejected, "
@@ -114,7 +156,7 @@ def validate(raw: Any) -> tuple[dict | None, str | None]:
                           "the same turns: give 'prompt' as chat messages, or begin both completions with the prompt's turns")
         if isinstance(split, str):
             return None, split
-        record, reason = validate(dict(zip(("prompt", "chosen", "rejected"), split)))
+        record, reason = _validate_pair(dict(zip(("prompt", "chosen", "rejected"), split)))
         return record, reason and f"{reason} (the prompt was taken as what 'chosen' and 'rejected' share at their start)"
     if isinstance(prompt, list):
         reason = _check_messages(prompt, "prompt", completion=False)
@@ -151,7 +193,8 @@ def validate_sft(raw: Any) -> tuple[dict | None, str | None]:
         raw = {"prompt": messages[:-1], "completion": messages[-1:]}
     if not isinstance(raw, dict) or raw.get("prompt") is None or raw.get("completion") is None:
         return None, "an SFT record needs 'prompt' and 'completion' (or 'messages')"
-    return validate({"prompt": raw["prompt"], "chosen": raw["completion"], "rejected": raw["completion"]})
+    options = {key: raw[key] for key in ("tools", "chat_template_kwargs") if key in raw}
+    return validate({"prompt": raw["prompt"], "chosen": raw["completion"], "rejected": raw["completion"], **options})
 
 
 @dataclass(frozen=True)
@@ -276,7 +319,7 @@ def read_records(paths: list[str], skip_invalid: bool, validator=validate,
             normalised, reason = (None, parse_error) if parse_error else validator(raw)
             if not reason:
                 try:
-                    uid = record_uid(normalised["prompt"], normalised["chosen"], normalised["rejected"])
+                    uid = record_uid(**normalised)
                 except UnicodeEncodeError:  # JSON's "\\ud800" escapes parse to a lone surrogate, which is no character
                     reason = "holds an unpaired UTF-16 surrogate escape (such as \\ud800), which is no character"
             if reason:

@@ -83,17 +83,23 @@ def render_texts(record: Record, tokenizer) -> tuple[str, str, str]:
             f"{record.location}: the record is a chat conversation but the tokenizer has no chat template; "
             "use a tokenizer with one (Qwen's instruct tokenizers have it) or plain-string records"
         )
-    prompt = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
-    full_chosen = tokenizer.apply_chat_template(record.prompt + record.chosen, tokenize=False)
-    full_rejected = tokenizer.apply_chat_template(record.prompt + record.rejected, tokenize=False)
+    options = {"tools": record.tools, **(record.chat_template_kwargs or {})}  # as TRL passes a record's columns
+    try:
+        prompt = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True, **options)
+        full_chosen = tokenizer.apply_chat_template(record.prompt + record.chosen, tokenize=False, **options)
+        full_rejected = tokenizer.apply_chat_template(record.prompt + record.rejected, tokenize=False, **options)
+    except TypeError as err:  # a chat_template_kwargs key that apply_chat_template itself takes, with a wrong value
+        raise DataError(f"{record.location}: the chat template cannot render it with chat_template_kwargs "
+                        f"{record.chat_template_kwargs}: {err}") from None
     for name, full in (("chosen", full_chosen), ("rejected", full_rejected)):
         if not full.startswith(prompt):
             raise DataError(
                 f"{record.location}: the chat template renders the prompt (with the generation prompt) "
                 f"differently from the start of prompt + {name}, so the completion has no clean start. "
                 f"Prompt ends with {prompt[-40:]!r}; the conversation continues {full[len(prompt) - 40:len(prompt)]!r}. "
-                "Qwen3's template does this with thinking tags: pass enable_thinking consistently or use a "
-                "template whose generation prompt matches how it renders the assistant turn"
+                "Qwen3's template does this with thinking tags: give every record the same "
+                "\"chat_template_kwargs\": {\"enable_thinking\": ...}, or use a template whose generation prompt "
+                "matches how it renders the assistant turn"
             )
     return prompt, full_chosen, full_rejected
 

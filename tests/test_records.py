@@ -23,6 +23,9 @@ from dpo_dist.records import DataError, read_records, record_uid
             "completions hold assistant messages only",
         ),
         ("[1, 2]", "expected a JSON object"),
+        (json.dumps({**CHAT_RECORD, "tools": "[{"}), "'tools' is a string but not JSON"),
+        (json.dumps({**CHAT_RECORD, "tools": {"name": "f"}}), "'tools' must be a list of tool schemas"),
+        (json.dumps({**CHAT_RECORD, "chat_template_kwargs": ["enable_thinking"]}), "'chat_template_kwargs' must be a mapping"),
         # Implicit prompts (no "prompt"): chosen and rejected must share a start and both go on past it.
         (json.dumps({"chosen": "blue", "rejected": "green"}), "share no start to take it from: add a 'prompt' key"),
         (json.dumps({"chosen": "Sky? Blue", "rejected": "Sky? Blue."}), "one of 'chosen' / 'rejected' is the start of the other"),
@@ -89,6 +92,21 @@ def test_uid_is_stable_and_content_derived(tmp_path):
     assert records_a[0].uid != records_a[1].uid
     assert records_b[0].uid == record_uid(PLAIN_RECORD["prompt"], PLAIN_RECORD["chosen"], PLAIN_RECORD["rejected"])
     assert len(records_b[0].uid) == 16
+
+
+def test_chat_records_keep_their_rendering_options_in_record_and_uid(tmp_path):
+    """TRL's `tools` (a list, or a JSON string of it) and `chat_template_kwargs` columns: kept on chat records, and
+    part of the uid (they change the tokens, so the reference cache must not serve one for the other); absent or
+    null they change nothing, uid included; a plain-string record has no template to give them to."""
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    lines = [CHAT_RECORD, {**CHAT_RECORD, "tools": json.dumps(tools), "chat_template_kwargs": {"enable_thinking": False}},
+             {**CHAT_RECORD, "tools": None, "chat_template_kwargs": None}, {**PLAIN_RECORD, "chat_template_kwargs": {"x": 1}}]
+    records, _ = read_records([str(write_jsonl(tmp_path / "d.jsonl", lines))], skip_invalid=False)
+    bare, options, nulls, plain = records
+    assert (options.tools, options.chat_template_kwargs) == (tools, {"enable_thinking": False})
+    assert bare.tools is None and bare.chat_template_kwargs is None and nulls.uid == bare.uid != options.uid
+    assert plain.chat_template_kwargs is None
+    assert plain.uid == record_uid(PLAIN_RECORD["prompt"], PLAIN_RECORD["chosen"], PLAIN_RECORD["rejected"])
 
 
 def test_string_completion_under_chat_prompt_becomes_assistant_turn(tmp_path):

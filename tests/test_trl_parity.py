@@ -309,3 +309,49 @@ def test_ld_alpha_matches_trl(tiny_policy, tiny_reference, tmp_path):
     plain, _ = trl_evaluate(tiny_policy, tiny_reference, records, 20, tmp_path / "trl-plain")
     assert abs(ours["eval_logps/rejected"] - plain["eval_logps/rejected"]) > 0.1
     assert abs(ours["eval_loss"] - plain["eval_loss"]) > 2 * TOLERANCE  # 3.8e-4: the pairs' shifts partly cancel
+
+
+# A Qwen3-like template that reads what a record's TRL columns pass: its tools (a system turn naming them) and
+# chat_template_kwargs' enable_thinking (false: the generation prompt holds the empty thinking block, which the
+# last assistant turn always renders, so the completion starts after it instead of with it).
+THINKING_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\nTools:' }}{%- for tool in tools %}{{- ' ' + tool.function.name }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+SORT_TOOL = json.dumps([{"type": "function", "function": {"name": "sort_numbers", "description": "Sort numbers.",
+                                                          "parameters": {"type": "object", "properties": {}}}}])
+
+
+def test_tools_and_chat_template_kwargs_match_trl(tiny_policy, tiny_reference, tmp_path):
+    """A record's `tools` and `chat_template_kwargs` columns (TRL 1.16's) reach the chat template in both tools:
+    the same pairs, the same tokens scored, the same metrics; and they change what is scored."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from dpo_dist.records import Record, validate
+    from dpo_dist.tokenization import render_texts
+
+    policy = shutil.copytree(tiny_policy, tmp_path / "policy")
+    (policy / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    records = [r | {"chat_template_kwargs": {"enable_thinking": i % 2 == 1}, "tools": SORT_TOOL if i % 3 == 0 else None}
+               for i, r in enumerate(chat_records())]
+    trl_metrics, _ = trl_evaluate(policy, tiny_reference, records, 64, tmp_path / "trl")
+    ours = ours_evaluate(policy, tiny_reference, records, 64, tmp_path)
+    for key in sorted(REQUIRED):
+        assert ours[key] == pytest.approx(trl_metrics[key], abs=TOLERANCE), key
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    normalised, _ = validate(records[0])  # enable_thinking false, and the tool
+    with_options = render_texts(Record(uid="x", location="x", **normalised), tokenizer)
+    assert with_options[0].endswith("<think>\n\n</think>\n\n") and "Tools: sort_numbers" in with_options[0]
+    plain = {key: normalised[key] for key in ("prompt", "chosen", "rejected")}
+    assert not render_texts(Record(uid="x", location="x", **plain), tokenizer)[0].endswith("</think>\n\n")
