@@ -28,6 +28,9 @@ from typing import Any, Iterator
 from dpo_dist.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
+# What else a message may hold for chat templates to render: tool calls and their results, and an assistant turn's
+# reasoning (Qwen3's template reads reasoning_content)
+MESSAGE_EXTRAS = {"name", "tool_calls", "tool_call_id", "reasoning_content"}
 
 
 class DataError(UserError):
@@ -68,8 +71,9 @@ def _check_messages(value: Any, field: str, completion: bool) -> str | None:
     if not value:
         return f"'{field}' is an empty list"
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or set(message) - {"role", "content"} - {"name", "tool_calls"}:
-            return f"'{field}[{i}]' must be a mapping with 'role' and 'content'"
+        if not isinstance(message, dict) or set(message) - {"role", "content"} - MESSAGE_EXTRAS:
+            return (f"'{field}[{i}]' must be a mapping with 'role' and 'content' (and optionally "
+                    f"{', '.join(sorted(MESSAGE_EXTRAS))})")
         if message.get("role") not in ROLES:
             return f"'{field}[{i}].role' is {message.get('role')!r}; expected one of {', '.join(ROLES)}"
         if not isinstance(message.get("content"), str):

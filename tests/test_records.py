@@ -23,6 +23,8 @@ from dpo_dist.records import DataError, read_records, record_uid
             "completions hold assistant messages only",
         ),
         ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"prompt": [{"role": "user", "content": "q", "mood": "x"}], "chosen": "a", "rejected": "b"}),
+         "'prompt[0]' must be a mapping with 'role' and 'content' (and optionally name, reasoning_content, tool_call_id, tool_calls)"),
         (json.dumps({**CHAT_RECORD, "tools": "[{"}), "'tools' is a string but not JSON"),
         (json.dumps({**CHAT_RECORD, "tools": {"name": "f"}}), "'tools' must be a list of tool schemas"),
         (json.dumps({**CHAT_RECORD, "chat_template_kwargs": ["enable_thinking"]}), "'chat_template_kwargs' must be a mapping"),
@@ -106,6 +108,14 @@ def test_chat_records_keep_their_rendering_options_in_record_and_uid(tmp_path):
     assert (options.tools, options.chat_template_kwargs) == (tools, {"enable_thinking": False})
     assert bare.tools is None and bare.chat_template_kwargs is None and nulls.uid == bare.uid != options.uid
     assert plain.chat_template_kwargs is None
+    # A tool-calling turn, the tool's answer and a reasoning assistant turn, as chat templates read them
+    calling = {"prompt": [{"role": "user", "content": "Sort 3 1"},
+                          {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+                          {"role": "tool", "content": "1 3", "tool_call_id": "call_0"}],
+               "chosen": [{"role": "assistant", "content": "1 3", "reasoning_content": "The tool sorted them."}],
+               "rejected": [{"role": "assistant", "content": "3 1"}], "tools": tools}
+    (record,), _ = read_records([str(write_jsonl(tmp_path / "tools.jsonl", [calling]))], skip_invalid=False)
+    assert record.prompt[2]["tool_call_id"] == "call_0" and record.chosen[0]["reasoning_content"]
     assert plain.uid == record_uid(PLAIN_RECORD["prompt"], PLAIN_RECORD["chosen"], PLAIN_RECORD["rejected"])
 
 
