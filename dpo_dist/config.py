@@ -30,8 +30,8 @@ from dpo_dist.errors import UserError
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
     """A dataclass field with help text (and allowed values) kept next to its default."""
     metadata = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -373,6 +373,9 @@ class DataConfig:
         "unshared sequences (gathered per layer); flex_attention runs it on the shared one with a block mask.",
     )
     group_by_length: bool = _opt(False, "Order each window of 50 global batches by length so micro-batches pad less.")
+    chat_template_kwargs: dict[str, Any] = _opt(
+        {}, "The chat template's arguments for every chat record without its own chat_template_kwargs (TRL's "
+        "per-record column), e.g. {enable_thinking: false} to train Qwen3's non-thinking mode.")
     cache_tokenized: bool = _opt(
         True, "Keep each tokenized split in <training.output_dir>/tokenized/ (rank 0 writes it, ~4 bytes a token) so a "
         "restart with the same data, tokenizer and settings maps it instead of tokenizing again.")
@@ -527,6 +530,10 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, choices)
+    if origin is dict:  # dict[str, Any]: names to YAML values, passed on as they are
+        if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+            raise UserError(f"{key}: expected a mapping of names to values, e.g. {{enable_thinking: false}}, got {value!r}")
+        return dict(value)
     if origin is list:
         items = value if isinstance(value, list) else [value]  # a single path is a one-item list
         return [_coerce(item, args[0], f"{key}[{i}]", choices) for i, item in enumerate(items)]

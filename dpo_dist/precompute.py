@@ -38,7 +38,7 @@ def unique_examples(config: Config, tokenizer, logger, dist_info: DistInfo) -> E
         loaded = tokenization.load_examples(
             split_files, tokenizer, config.training.max_seq_length, config.data.truncation_mode,
             config.data.skip_invalid, logger, split, cache_root=config.tokenized_cache_dir, write_cache=dist_info.is_main,
-            shards=tokenize_shards(dist_info),
+            shards=tokenize_shards(dist_info), chat_template_kwargs=config.data.chat_template_kwargs,
         )
         for example in loaded:
             if example.uid not in seen:

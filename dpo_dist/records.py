@@ -302,10 +302,11 @@ def _dataset_rows(path: Path, first: int = 0, end: int | None = None) -> Iterato
         yield f"{path}:row {row}", item, None
 
 
-def read_records(paths: list[str], skip_invalid: bool, validator=validate,
-                 block: RowBlock | None = None) -> tuple[list[Record], dict[str, int]]:
+def read_records(paths: list[str], skip_invalid: bool, validator=validate, block: RowBlock | None = None,
+                 chat_template_kwargs: dict | None = None) -> tuple[list[Record], dict[str, int]]:
     """All valid records from `paths` (only the rows of `block`, when given), in file order, and the count of
-    skipped ones by reason.
+    skipped ones by reason. `chat_template_kwargs` (data.chat_template_kwargs) goes to every chat record that
+    has none of its own, before its uid is made.
 
     Without `skip_invalid` the first bad record raises `DataError` naming its file and line.
     `validator` is `validate` for preference pairs, `validate_sft` for SFT records.
@@ -321,6 +322,8 @@ def read_records(paths: list[str], skip_invalid: bool, validator=validate,
         rows = _jsonl_rows(path, first, end) if _is_jsonl(path) else _dataset_rows(path, first, end)
         for location, raw, parse_error in rows:
             normalised, reason = (None, parse_error) if parse_error else validator(raw)
+            if not reason and chat_template_kwargs and isinstance(normalised["prompt"], list):
+                normalised.setdefault("chat_template_kwargs", chat_template_kwargs)
             if not reason:
                 try:
                     uid = record_uid(**normalised)

@@ -9,9 +9,9 @@ directory that exists is whole). A later run whose key matches maps those files 
 
 The key is the sha256 of everything the tokenized pairs depend on: the data files' contents, the
 tokenizer and its chat template, max_seq_length, truncation_mode, skip_invalid, the record kind
-(preference or SFT), the source of the code that reads and tokenizes, and the transformers and tokenizers
-versions (so a change to that code never meets an old cache). A key that differs is simply another
-directory. The same description (`describe`, before it is hashed) is what the ranks compare to make sure
+(preference or SFT), data.chat_template_kwargs, the source of the code that reads and tokenizes, and the
+transformers and tokenizers versions (so a change to that code never meets an old cache). A key that differs
+is simply another directory. The same description (`describe`, before it is hashed) is what the ranks compare to make sure
 they all read the same split (`differences` says what differs, for the error).
 """
 
@@ -40,7 +40,7 @@ def _content_sha256(path: Path) -> str:
 
 
 def describe(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
-             record_kind: str) -> dict | None:
+             record_kind: str, chat_template_kwargs: dict | None = None) -> dict | None:
     """Everything the tokenized pairs depend on, as hashes (small enough to exchange between ranks), or None
     when a data file is missing (reading it says so)."""
     paths = [Path(name) for name in files]
@@ -57,7 +57,7 @@ def describe(files: list[str], tokenizer, max_seq_length: int, truncation_mode: 
         "libraries": [f"transformers {transformers.__version__}", f"tokenizers {tokenizers.__version__}"],
         "files": [[name, _content_sha256(path)] for name, path in zip(files, paths)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "settings": [max_seq_length, truncation_mode, skip_invalid, record_kind],
+        "settings": [max_seq_length, truncation_mode, skip_invalid, record_kind, chat_template_kwargs or {}],
     }
 
 
@@ -78,8 +78,8 @@ def differences(first: dict, second: dict) -> list[str]:
                 found.append(f"the contents of {name}")
     found.extend(tokenizer_changes(first["tokenizer"], second["tokenizer"]))
     if first["settings"] != second["settings"]:
-        found.append(f"the settings (max_seq_length, truncation_mode, skip_invalid, kind: {first['settings']} vs "
-                     f"{second['settings']})")
+        found.append(f"the settings (max_seq_length, truncation_mode, skip_invalid, kind, chat_template_kwargs: "
+                     f"{first['settings']} vs {second['settings']})")
     if first["libraries"] != second["libraries"]:
         found.append(f"the installed libraries ({', '.join(first['libraries'])} vs {', '.join(second['libraries'])})")
     if first["code"] != second["code"] or first["format"] != second["format"]:

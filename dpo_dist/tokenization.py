@@ -196,9 +196,10 @@ def tokenize_records(records: list[Record], tokenizer, max_seq_length: int, trun
 
 def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool, logger,
                   split: str, validator=validate, cache_root: Path | None = None, write_cache: bool = False,
-                  shards: TokenizeShards | None = None) -> ExampleStore:
+                  shards: TokenizeShards | None = None, chat_template_kwargs: dict | None = None) -> ExampleStore:
     """Read, validate and tokenize one split; report everything that was skipped or cut.
     SFT files (`validator=validate_sft`) become examples whose chosen side is the completion.
+    `chat_template_kwargs` (data.chat_template_kwargs): for chat records without their own.
 
     With `cache_root`, a split tokenized before with the same data, tokenizer, settings and code is mapped
     from there instead (split_cache.py), its report logged again; `write_cache` (rank 0) stores a new one.
@@ -209,7 +210,8 @@ def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_m
     together = shards is not None and shards.count > 1
     description = None
     if cache_root is not None or together:
-        description = split_cache.describe(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, validator.__name__)
+        description = split_cache.describe(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, validator.__name__,
+                                           chat_template_kwargs or {})
     directory = cache_root / f"{split}-{split_cache.key_of(description)}" if cache_root and description else None
     cached = split_cache.read(directory) if directory else None
     if together:
@@ -222,7 +224,7 @@ def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_m
         lines = lines + [f"{split}: tokenized pairs mapped from {directory}"]
     else:
         examples, lines = _tokenize_split(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, split, validator,
-                                          shards if together else None)
+                                          shards if together else None, chat_template_kwargs)
     for line in lines:
         logger.info(line)
     if cached is None and together:
@@ -261,7 +263,8 @@ def _refuse_different_splits(split: str, views: list[tuple]) -> None:
 
 
 def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation_mode: str, skip_invalid: bool,
-                    split: str, validator, shards: TokenizeShards | None = None) -> tuple[ExampleStore, list[str]]:
+                    split: str, validator, shards: TokenizeShards | None = None,
+                    chat_template_kwargs: dict | None = None) -> tuple[ExampleStore, list[str]]:
     """The split's pairs and the lines that report what was skipped, cut or dropped."""
 
     def read_block() -> tuple[list[Record], dict[str, int]]:
@@ -269,7 +272,7 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
         file_rows, unopened = count_rows(files)
         block = RowBlock(*shards.block(sum(file_rows)), tuple(file_rows))
         try:
-            records, skipped = read_records(files[: len(file_rows)], skip_invalid, validator, block)
+            records, skipped = read_records(files[: len(file_rows)], skip_invalid, validator, block, chat_template_kwargs)
         except DataError as err:
             raise _BlockError(0, err) from None
         if unopened is not None:  # after every counted row, as reading alone would meet it
@@ -280,7 +283,7 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
         return tokenize_records(records, tokenizer, max_seq_length, truncation_mode, skip_invalid)
 
     if shards is None:
-        records, skipped = read_records(files, skip_invalid, validator)
+        records, skipped = read_records(files, skip_invalid, validator, chat_template_kwargs=chat_template_kwargs)
         examples, stats, render_failures = tokenize(records)
     else:
         examples, stats, render_failures, skipped = _tokenize_together(read_block, tokenize, shards)

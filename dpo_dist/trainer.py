@@ -219,7 +219,7 @@ class Trainer:
         return tokenization.load_examples(
             files, self.tokenizer, config.training.max_seq_length, config.data.truncation_mode,
             config.data.skip_invalid, self.logger, split, validator, config.tokenized_cache_dir, self.dist.is_main,
-            tokenize_shards(self.dist),
+            tokenize_shards(self.dist), config.data.chat_template_kwargs,
         )
 
     # ---------------------------------------------------------------- the step

@@ -46,6 +46,12 @@ def test_peft_all_linear_wildcard_loads_as_peft_reads_it(tmp_path):
     assert not seed.all_linear and seed.peft_target_modules == seed.target_modules
 
 
+def test_chat_template_kwargs_is_a_mapping_passed_on_as_written(tmp_path):
+    config = load_config(write(tmp_path, SEED_CONFIG), ["data.chat_template_kwargs={enable_thinking: false, depth: 2}"])
+    assert config.data.chat_template_kwargs == {"enable_thinking": False, "depth": 2}
+    assert load_config(write(tmp_path, SEED_CONFIG)).data.chat_template_kwargs == {}
+
+
 def test_overrides_apply_with_yaml_values(tmp_path):
     config = load_config(
         write(tmp_path, SEED_CONFIG),
@@ -72,6 +78,7 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         (SEED_CONFIG, ["training.learning_rate=.inf"], "training.learning_rate: expected a finite number"),
         (SEED_CONFIG, ["training.max_steps=0"], "training.max_steps must be >= 1, or -1 to run training.num_epochs"),
         (SEED_CONFIG, ["lora.target_modules=[q_proj,all-linear]"], "lora.target_modules: all-linear stands alone"),
+        (SEED_CONFIG, ["data.chat_template_kwargs=[enable_thinking]"], "data.chat_template_kwargs: expected a mapping"),
         (SEED_CONFIG, ["training.max_seq_length=1"], "training.max_seq_length must be >= 2: a sequence of one token"),
         (SEED_CONFIG, ["training.weight_decay=-1"], "training.weight_decay must be >= 0"),
         (SEED_CONFIG, ["training.max_grad_norm=-1"], "training.max_grad_norm must be >= 0 (0: no clipping)"),

@@ -35,6 +35,46 @@ def test_an_empty_plain_completion_is_the_eos_alone(tokenizer):
                         TokenizeStats())
 
 
+def test_data_chat_template_kwargs_reach_chat_records_without_their_own(tokenizer, tmp_path):
+    """data.chat_template_kwargs: the same pairs as the per-record column (compared with TRL in test_trl_parity),
+    for every chat record without one; a record's own wins, plain records have none, and the split cache keeps the
+    settings apart."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from conftest import write_jsonl
+    from test_trl_parity import THINKING_TEMPLATE
+
+    template_dir = shutil.copytree(Path(tokenizer.name_or_path), tmp_path / "tok")
+    (template_dir / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    thinking = AutoTokenizer.from_pretrained(template_dir)
+    own = {"enable_thinking": True}
+    lines = [CHAT_RECORD, CHAT_RECORD | {"chat_template_kwargs": own}, PLAIN_RECORD]
+    off = {"enable_thinking": False}
+
+    class Quiet:
+        def info(self, line):
+            pass
+
+    def load(records, name, defaults=None, cache_root=None):
+        return list(tokenization.load_examples([str(write_jsonl(tmp_path / f"{name}.jsonl", records))], thinking, 1024,
+                                               "keep_start", False, Quiet(), "train", cache_root=cache_root,
+                                               write_cache=cache_root is not None, chat_template_kwargs=defaults))
+
+    by_config = load(lines, "config", off)
+    by_column = load([CHAT_RECORD | {"chat_template_kwargs": off}, lines[1], PLAIN_RECORD], "column")
+    assert by_config == by_column
+    unset = load(lines, "unset")
+    assert unset[0] != by_config[0] and unset[1:] == by_config[1:]  # the defaults moved the bare chat record only
+    completion = thinking.decode(by_config[0].chosen_ids[by_config[0].chosen_prompt_len:])
+    assert completion == "1 4 9<|im_end|>\n"  # non-thinking: the empty thinking block is prompt, not completion
+    cache = tmp_path / "cache"
+    assert load(lines, "cached", off, cache) == by_config and load(lines, "cached", None, cache) == unset
+    assert len(list(cache.iterdir())) == 2  # two keys: the settings differ
+
+
 def test_chat_completion_is_the_assistant_turn(tokenizer):
     example = tokenize_record(make_record(CHAT_RECORD), tokenizer, 1024, "keep_start", TokenizeStats())
     completion = tokenizer.decode(example.chosen_ids[example.chosen_prompt_len :])

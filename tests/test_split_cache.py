@@ -102,8 +102,8 @@ def test_differences_name_what_two_ranks_read_differently(tokenizer, tmp_path):
     other_vocab.add_tokens(["<an_added_token>"])
     assert split_cache.differences(base, describe(tok=other_vocab)) == ["the tokenizer"]
     assert split_cache.differences(base, describe(max_len=41)) == [
-        "the settings (max_seq_length, truncation_mode, skip_invalid, kind: [40, 'keep_start', False, 'validate'] vs "
-        "[41, 'keep_start', False, 'validate'])"
+        "the settings (max_seq_length, truncation_mode, skip_invalid, kind, chat_template_kwargs: [40, 'keep_start', "
+        "False, 'validate', {}] vs [41, 'keep_start', False, 'validate', {}])"
     ]
     renamed = write_jsonl(tmp_path / "copy.jsonl", records(3))
     assert split_cache.differences(base, describe(files=[str(renamed)])) == [
