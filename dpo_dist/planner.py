@@ -278,7 +278,8 @@ def trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[in
                  if name in targets and name not in experts for size in (lora.r * fan_in, fan_out * lora.r)]
     # all-linear also adapts a MoE layer's router, (experts x hidden), after its experts: A then B
     router = [lora.r * shape.hidden, shape.experts * lora.r] if lora.all_linear and shape.experts else []
-    return [(per_layer + lora_on_experts(shape, lora) + router) * shape.layers]
+    head = [lora.r * shape.hidden, shape.vocab * lora.r] if "lm_head" in lora.target_modules else []  # after the layers
+    return [(per_layer + lora_on_experts(shape, lora) + router) * shape.layers + head]
 
 
 def lora_on_experts(shape: ModelShape, lora: LoRAConfig) -> list[int]:

@@ -78,8 +78,11 @@ def _check_messages(value: Any, field: str, completion: bool) -> str | None:
             return f"'{field}[{i}].role' is {message.get('role')!r}; expected one of {', '.join(ROLES)}"
         if not isinstance(message.get("content"), str):
             return f"'{field}[{i}].content' must be a string"
-        if completion and message["role"] != "assistant":
-            return f"'{field}[{i}]' has role {message['role']!r}; completions hold assistant messages only"
+        # A completion is the assistant's turn: its messages, and in an agent's trajectory the tools' answers
+        # between them (scored too, as TRL scores the whole rest of the conversation)
+        if completion and message["role"] not in ("assistant", "tool") or completion and i == 0 and message["role"] != "assistant":
+            return (f"'{field}[{i}]' has role {message['role']!r}; a completion holds assistant messages (and tool "
+                    "answers after the first)")
     return None
 
 

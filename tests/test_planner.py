@@ -88,6 +88,22 @@ def test_lora_adapters_on_moe_experts_are_what_peft_makes(targets):
     assert trainable_groups(ModelShape.from_hf_config(MOE), lora) == [trainable]
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_on_the_lm_head_is_what_peft_makes(tied):
+    """An adapter on lm_head (alone it was counted as nothing, and DeepSpeed refused the 0-element bucket)."""
+    from dpo_dist.config import ModelConfig
+    from dpo_dist.planner import reduce_bucket_elements, trainable_groups
+
+    hf_config = Qwen3Config(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
+    for targets in (["lm_head"], ["q_proj", "lm_head"]):
+        lora = LoRAConfig(r=3, target_modules=targets)
+        policy = prepare_policy(AutoModelForCausalLM.from_config(hf_config), ModelConfig(base_model="x"), lora)
+        trainable = [p.numel() for p in policy.parameters() if p.requires_grad]
+        assert trainable_groups(ModelShape.from_hf_config(hf_config), lora) == [trainable]
+        assert reduce_bucket_elements(ModelShape.from_hf_config(hf_config), lora) == sum(trainable)
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen2.5"])
 def test_all_linear_adapts_what_the_seven_projections_do_on_a_dense_model(family):
     """PEFT's all-linear on a dense Qwen: the decoder's seven projections, not the lm_head, as the planner counts."""

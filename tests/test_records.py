@@ -20,11 +20,13 @@ from dpo_dist.records import DataError, read_records, record_uid
         (json.dumps({"prompt": 5, "chosen": "a", "rejected": "b"}), "'prompt' must be a string or a list"),
         (
             json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}),
-            "completions hold assistant messages only",
+            "'chosen[0]' has role 'user'; a completion holds assistant messages (and tool answers after the first)",
         ),
         ("[1, 2]", "expected a JSON object"),
         (json.dumps({"prompt": [{"role": "user", "content": "q", "mood": "x"}], "chosen": "a", "rejected": "b"}),
          "'prompt[0]' must be a mapping with 'role' and 'content' (and optionally name, reasoning_content, tool_call_id, tool_calls)"),
+        (json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "tool", "content": "1"}], "rejected": "b"}),
+         "'chosen[0]' has role 'tool'; a completion holds assistant messages"),
         (json.dumps({**CHAT_RECORD, "tools": "[{"}), "'tools' is a string but not JSON"),
         (json.dumps({**CHAT_RECORD, "tools": {"name": "f"}}), "'tools' must be a list of tool schemas"),
         (json.dumps({**CHAT_RECORD, "chat_template_kwargs": ["enable_thinking"]}), "'chat_template_kwargs' must be a mapping"),
@@ -114,8 +116,12 @@ def test_chat_records_keep_their_rendering_options_in_record_and_uid(tmp_path):
                           {"role": "tool", "content": "1 3", "tool_call_id": "call_0"}],
                "chosen": [{"role": "assistant", "content": "1 3", "reasoning_content": "The tool sorted them."}],
                "rejected": [{"role": "assistant", "content": "3 1"}], "tools": tools}
-    (record,), _ = read_records([str(write_jsonl(tmp_path / "tools.jsonl", [calling]))], skip_invalid=False)
+    # and an agent's trajectory as the completion: a tool call, the tool's answer, the answer (TRL trains on it whole)
+    trajectory = {"prompt": calling["prompt"][:1], "chosen": calling["prompt"][1:] + calling["chosen"],
+                  "rejected": calling["rejected"]}
+    (record, agent), _ = read_records([str(write_jsonl(tmp_path / "tools.jsonl", [calling, trajectory]))], skip_invalid=False)
     assert record.prompt[2]["tool_call_id"] == "call_0" and record.chosen[0]["reasoning_content"]
+    assert [message["role"] for message in agent.chosen] == ["assistant", "tool", "assistant"]
     assert plain.uid == record_uid(PLAIN_RECORD["prompt"], PLAIN_RECORD["chosen"], PLAIN_RECORD["rejected"])
 
 

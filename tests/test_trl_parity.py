@@ -342,8 +342,17 @@ def test_tools_and_chat_template_kwargs_match_trl(tiny_policy, tiny_reference, t
 
     policy = shutil.copytree(tiny_policy, tmp_path / "policy")
     (policy / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    trajectory = {  # an agent's completion: a tool call, the tool's answer, the answer (scored whole by both)
+        "prompt": [{"role": "user", "content": "Sort ascending: 8 2"}],
+        "chosen": [{"role": "assistant", "content": "sort_numbers 8 2"}, {"role": "tool", "content": "2 8"},
+                   {"role": "assistant", "content": "2 8"}],
+        "rejected": [{"role": "assistant", "content": "8 2"}],
+    }
     records = [r | {"chat_template_kwargs": {"enable_thinking": i % 2 == 1}, "tools": SORT_TOOL if i % 3 == 0 else None}
-               for i, r in enumerate(chat_records())]
+               for i, r in enumerate(chat_records() + [trajectory])]
+    # (thinking on: with it off, this template's generation prompt holds the empty thinking block that only the
+    # conversation's last assistant turn renders, so an earlier turn does not start with it: refused, naming the record)
+    records[-1]["chat_template_kwargs"] = {"enable_thinking": True}
     trl_metrics, _ = trl_evaluate(policy, tiny_reference, records, 64, tmp_path / "trl")
     ours = ours_evaluate(policy, tiny_reference, records, 64, tmp_path)
     for key in sorted(REQUIRED):
