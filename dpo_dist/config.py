@@ -670,7 +670,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     for name, value in raw.items():
         if name not in SECTIONS:
             raise _unknown_key_error(name, list(SECTIONS), str(path))
-        if value is None:  # an empty section (or `lora: null`) keeps the defaults / disables LoRA
+        if value is None:  # an empty section (or `lora: null`) keeps the defaults / disables LoRA (the trainer's
+            # first lines say which: "policy: trains every parameter (no lora: section)"; `lora: {}` is the default adapter)
             continue
         sections[name] = _build_section(SECTIONS[name], value, name, str(path), overridden)
     return Config(**sections)

@@ -194,6 +194,9 @@ class Trainer:
             trainable -= idle
         self.flops_per_token = flops_per_token(policy_params, trainable, policy_params if mode in ("model", "adapter") else 0)
         self.peak_tflops = device_peak_tflops(config.training.peak_tflops)
+        trained = "every parameter (no lora: section)" if config.lora is None else (
+            f"a LoRA adapter (r {config.lora.r}, alpha {config.lora.alpha}, on {', '.join(config.lora.target_modules)})")
+        self.logger.info(f"policy: trains {trained}: {trainable:,} trainable elements")
         self.logger.info(f"reference: {mode}")
         if config.lora is not None and config.lora.fused:
             self.logger.info(f"lora.fused: {fused_lora_layers(policy)} LoRA projections run as one autograd function each")
