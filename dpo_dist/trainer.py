@@ -190,9 +190,9 @@ class Trainer:
         idle = self.shape.idle_expert_elements()
         policy_params = param_elements(policy)[1] - idle
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in policy.parameters() if p.requires_grad)
-        if config.lora is None:
-            trainable -= idle
-        self.flops_per_token = flops_per_token(policy_params, trainable, policy_params if mode in ("model", "adapter") else 0)
+        active_trainable = trainable - idle if config.lora is None else trainable
+        self.flops_per_token = flops_per_token(policy_params, active_trainable,
+                                               policy_params if mode in ("model", "adapter") else 0)
         self.peak_tflops = device_peak_tflops(config.training.peak_tflops)
         trained = "every parameter (no lora: section)" if config.lora is None else (
             f"a LoRA adapter (r {config.lora.r}, alpha {config.lora.alpha}, on {', '.join(config.lora.target_modules)})")

@@ -43,6 +43,7 @@ def test_zero3_fp32_gradient_checkpointing_adapter_reference_and_exports(tiny_po
     result = run(deepspeed_launch("train.py", config))
     assert_ok(result)
     assert "reference: adapter" in result.stdout and "reference: rank 0 holds" not in result.stdout  # no second model
+    assert "policy: trains a LoRA adapter (r 8, alpha 16, on q_proj, k_proj, v_proj, o_proj, gate_proj" in result.stdout
     _, evals = check_starts_at_ln2_and_learns(tmp_path / "z3", 1e-3)
     assert evals[0]["eval_loss"] == pytest.approx(LN2, abs=1e-7)
     assert evals[-1]["eval_loss"] < LN2 and evals[-1]["eval_rewards/accuracies"] > 0.5

@@ -165,6 +165,8 @@ def test_zero3_on_two_ranks_trains_like_one_process(family, policy_dir, referenc
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"{name}: rank 0 holds"))
         local, total = held_by_rank_0(line)
         assert local < 0.75 * total, line
+    # the policy trains every parameter, all of them counted under ZeRO-3 too (not the rank's shard)
+    assert f"policy: trains every parameter (no lora: section): {total:,} trainable elements" in result.stdout
     (one, _), (two, two_evals) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
     assert two[1]["loss"] != pytest.approx(0.693147, abs=1e-3)  # the reference really differs
