@@ -246,6 +246,12 @@ class _NullProgress:
         pass
 
 
+def tensorboard_tag(name: str) -> str:
+    """A metric's TensorBoard tag as transformers' TensorBoard callback writes TRL's (`rewrite_logs`): eval_x ->
+    eval/x, everything else train/x, so the two tools' runs overlay. metrics.jsonl keeps the names themselves."""
+    return f"eval/{name[len('eval_'):]}" if name.startswith("eval_") else f"train/{name}"
+
+
 class RankZeroLogger(NullLogger):
     """metrics.jsonl (appended), TensorBoard events and a tqdm bar, written by rank 0."""
 
@@ -282,7 +288,7 @@ class RankZeroLogger(NullLogger):
         if self._tensorboard is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(name, value, step)
+                    self._tensorboard.add_scalar(tensorboard_tag(name), value, step)
             self._tensorboard.flush()
 
     def write_results(self, name: str, results: dict) -> None:

@@ -79,3 +79,24 @@ def test_train_clock_excludes_paused_time():
     assert 0.09 < clock.seconds() < 0.2
     clock.reset()
     assert clock.seconds() < 0.05
+
+
+def test_tensorboard_tags_are_the_ones_transformers_writes_for_trl(tmp_path):
+    """TRL's runs reach TensorBoard through transformers' callback, which files eval_x under eval/x and the rest
+    under train/x (`rewrite_logs`): ours read back with the same tags, at the same steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    from dpo_dist.metrics import RankZeroLogger
+
+    logger = RankZeroLogger(tmp_path)
+    train = {"loss": 0.69, "rewards/margins": 0.01, "learning_rate": 1e-6}
+    evals = {"eval_loss": 0.68, "eval_rewards/accuracies": 0.5}
+    logger.log(1, train)
+    logger.log(2, evals)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    written = {tag: [(event.step, round(event.value, 6)) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    expected = {tag: [(1 if tag.startswith("train/") else 2, value)] for tag, value in rewrite_logs({**train, **evals}).items()}
+    assert written == expected and "train/rewards/margins" in written and "eval/loss" in written
