@@ -260,6 +260,10 @@ class Checkpointer:
         if resume_from == "auto":
             return existing[-1][1] if existing else None
         path = Path(resume_from)
+        if not path.exists():
+            found = ", ".join(checkpoint.name for _, checkpoint in existing[-3:]) or "none"
+            raise UserError(f"training.resume_from: {path} does not exist (checkpoints in {self.output_dir}: {found}; "
+                            "training.resume_from=auto takes the newest)")
         if not (path / TRAINER_STATE).is_file():
             raise UserError(f"training.resume_from: {path} is not a finished checkpoint (no {TRAINER_STATE})")
         return path

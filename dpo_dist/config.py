@@ -480,6 +480,9 @@ class Config:
         if self.reference.sync_steps and self.lora is not None:
             raise UserError("reference.sync_steps (TR-DPO) with a lora: section: the reference would have to follow the "
                             "base weights plus the adapter. Train full-parameter, or set reference.sync_steps=0")
+        if self.training.keep_best_checkpoint and not self.data.eval_files:
+            raise UserError("training.keep_best_checkpoint keeps the checkpoint with the lowest eval loss, and "
+                            "data.eval_files is empty: give eval files, or set training.keep_best_checkpoint=false")
         if self.reference.sync_steps and self.reference_mode != "model":
             raise UserError(f"reference.sync_steps (TR-DPO) needs a separate reference model that can move; "
                             f"reference.mode={self.reference_mode} has none. Use reference.mode=model, or reference.sync_steps=0")
@@ -535,6 +538,8 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
             raise UserError(f"{key}: expected a mapping of names to values, e.g. {{enable_thinking: false}}, got {value!r}")
         return dict(value)
     if origin is list:
+        if value is None:
+            raise UserError(f"{key}: expected a list (or one value), got null: write [] for none")
         items = value if isinstance(value, list) else [value]  # a single path is a one-item list
         return [_coerce(item, args[0], f"{key}[{i}]", choices) for i, item in enumerate(items)]
     if annotation is bool:
@@ -544,6 +549,14 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = value
+        if isinstance(value, str):  # a quoted number, '42'
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, float) and number.is_integer():  # 3.0, as TRL's float num_train_epochs is written
+            return int(number)
         raise UserError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
         number = None
@@ -595,6 +608,14 @@ FOREIGN_NAMES = {
     "report_to": "no setting: metrics go to <training.output_dir>/metrics.jsonl and its tensorboard/ directory",
     "disable_dropout": "no setting: Qwen's decoder has no dropout modules, and lora.dropout is applied as set "
                        "(TRL's default disable_dropout also zeroes PEFT's lora_dropout: lora.dropout 0 matches it)",
+    "warmup_steps": "training.warmup_ratio (the fraction of the optimizer steps that warm up)",
+    "eval_strategy": "training.eval_steps (every N optimizer steps; 0: before and after training only)",
+    "save_strategy": "training.save_steps (every N optimizer steps; 0: at the end only)",
+    "logging_strategy": "training.logging_steps",
+    "load_best_model_at_end": "training.keep_best_checkpoint (the best checkpoint is kept; the export is the last step's)",
+    "task_type": "no setting: the adapter is always for a causal LM (PEFT's CAUSAL_LM)",
+    "bias": "no setting: biases stay frozen (PEFT's bias: none)",
+    "modules_to_save": "no setting: only adapters train (lora.target_modules may name lm_head)",
     "use_dora": "no setting: the adapter is plain LoRA",
     "use_rslora": "no setting: the adapter is plain LoRA, scaled by lora.alpha / lora.r",
 }

@@ -43,6 +43,12 @@ def _missing_model_error(name: str, err: Exception) -> UserError:
             return UserError(f"model checkpoint {name} is a dpo-dist training checkpoint (DeepSpeed state, not a Hugging "
                              f"Face model): export it with python launch/export.py --checkpoint {name} and give its "
                              "hf/ directory, or give the run's output_dir/final")
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():  # a LoRA run's final/
+            merged = f": {path / 'merged'}" if (path / "merged" / "config.json").is_file() else (
+                ": export.merge: true writes one beside the adapter, python launch/export.py --checkpoint "
+                "<output_dir>/checkpoint-N --merge from a checkpoint")
+            return UserError(f"model checkpoint {name} is a LoRA adapter, not a whole model: give the model with the "
+                             f"adapter merged{merged}")
         if path.is_dir() and not (path / "config.json").is_file():
             return UserError(f"model checkpoint {name} has no config.json: give a Hugging Face checkpoint directory "
                              "(config.json, the weights, the tokenizer files), e.g. what save_pretrained writes")

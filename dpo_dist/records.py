@@ -218,11 +218,22 @@ class RowBlock:
         return min(max(self.first - offset, 0), count), min(max(self.end - offset, 0), count)
 
 
+# What `datasets` reads here besides .jsonl (parsed line by line): JSON and Parquet, the JSON ones also compressed
+DATASET_SUFFIXES = (".json", ".parquet", ".jsonl.gz", ".json.gz", ".jsonl.bz2", ".json.bz2", ".jsonl.xz", ".json.xz")
+
+
 def _check_exists(path: Path) -> None:
     if not path.exists():
-        raise DataError(f"{path}: data file does not exist (check data.train_files / data.eval_files)")
+        hub_name = len(path.parts) == 2 and not path.suffix  # org/name: a hub dataset's id
+        hint = (f"; a hub dataset? save it where it can be read: datasets.load_dataset('{path}', split='train')"
+                ".save_to_disk(DIR), and give DIR" if hub_name else "")
+        raise DataError(f"{path}: data file does not exist (check data.train_files / data.eval_files){hint}")
     if _is_jsonl(path) and not path.is_file():
         raise DataError(f"{path}: is not a file; a .jsonl path must be a JSONL file (check data.train_files / data.eval_files)")
+    if path.is_file() and not _is_jsonl(path) and not path.name.endswith(DATASET_SUFFIXES):
+        raise DataError(f"{path}: not a format read here (.jsonl, {', '.join(DATASET_SUFFIXES)}, or a directory "
+                        "datasets' save_to_disk wrote): convert it, e.g. datasets.load_dataset('csv', data_files=...)"
+                        "['train'].to_json('data.jsonl')")
 
 
 def _is_jsonl(path: Path) -> bool:

@@ -285,6 +285,8 @@ class Trainer:
             f"{self.global_batch} pairs ({len(self.train_examples) - self.steps_per_epoch * self.global_batch} "
             f"pairs of each epoch's last partial batch left out; shuffling varies which)"
         )
+        if training.eval_steps and not len(self.eval_examples):
+            self.logger.info(f"training.eval_steps={training.eval_steps}, but data.eval_files gives no pairs: no evaluation")
         if state.step == 0:
             self.maybe_evaluate(step=0)
         if self.resume_rng is not None:

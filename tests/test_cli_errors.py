@@ -91,3 +91,16 @@ def test_export_refuses_paths_it_would_get_wrong_or_destroy(tmp_path):
     # `--out .` in the run directory, through the script: one line, exit 2
     result = run(["bash", "-c", f"cd {run_dir} && {sys.executable} {ROOT / 'launch' / 'export.py'} --checkpoint {checkpoint} --out ."])
     assert_clean_error(result, "--out .: the export would replace the checkpoint it reads")
+
+
+def test_a_lora_adapter_given_as_the_model_says_where_the_merged_model_is(tiny_policy, tmp_path):
+    """A LoRA run's final/ holds the adapter (and with export.merge its merged/ model): as model.sft_model it is
+    not a model, and the error says which directory is."""
+    final = tmp_path / "final"
+    (final / "merged").mkdir(parents=True)
+    (final / "adapter_config.json").write_text("{}")
+    config = write_config(tmp_path / "c.yaml", str(final), None, tmp_path / "out")
+    assert_clean_error(run(python_launch("train.py", config)), f"model checkpoint {final} is a LoRA adapter, not a whole "
+                       "model", "export.merge: true writes one beside the adapter")
+    (final / "merged" / "config.json").write_text("{}")
+    assert_clean_error(run(python_launch("train.py", config)), f"give the model with the adapter merged: {final / 'merged'}")

@@ -82,9 +82,20 @@ def test_lines_that_are_not_text_are_bad_records_of_their_own(tmp_path):
     assert skipped == {"not valid UTF-8": 1, "holds an unpaired UTF-16 surrogate escape": 1}
 
 
-def test_missing_file_is_named(tmp_path):
+def test_missing_file_is_named(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
         read_records([str(tmp_path / "nope.jsonl")], skip_invalid=False)
+    monkeypatch.chdir(tmp_path)  # a hub dataset's id, as TRL users pass it to load_dataset
+    with pytest.raises(DataError, match=r"trl-lib/ultrafeedback_binarized: data file does not exist .*; a hub dataset\? "
+                                        r"save it where it can be read: datasets.load_dataset\('trl-lib/ultrafeedback_binarized'"):
+        read_records(["trl-lib/ultrafeedback_binarized"], skip_invalid=False)
+
+
+def test_a_format_datasets_is_not_asked_to_read_is_refused(tmp_path):
+    """A .csv went to datasets' JSON reader, which printed its own failure before ours."""
+    (tmp_path / "hh.csv").write_text("prompt,chosen,rejected\nq,a,b\n")
+    with pytest.raises(DataError, match="hh.csv: not a format read here .*convert it"):
+        read_records([str(tmp_path / "hh.csv")], skip_invalid=False)
 
 
 def test_uid_is_stable_and_content_derived(tmp_path):

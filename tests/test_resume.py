@@ -133,6 +133,12 @@ def test_zero2_kill_9_and_resume_is_bitwise_exact(dropout_policy, tiny_reference
     with pytest.raises(UserError, match="saved by 2 processes") as refusal:
         run_here("train.py", killed, "training.resume_from=auto")
     assert f"launch/export.py --checkpoint {tmp_path / 'killed'}/checkpoint-" in str(refusal.value)
+    # a checkpoint path that is not there is said to be missing, with the ones that are
+    missing = tmp_path / "killed" / "checkpoint-9"
+    with pytest.raises(UserError) as refusal:
+        run_here("train.py", killed, f"training.resume_from={missing}")
+    assert str(refusal.value) == (f"training.resume_from: {missing} does not exist (checkpoints in {tmp_path / 'killed'}: "
+                                  f"{', '.join(f'checkpoint-{step}' for step in kept)}; training.resume_from=auto takes the newest)")
 
 
 def test_zero3_kill_and_sigusr1_on_one_rank_resume_exactly(dropout_policy, tiny_reference, small_data, tmp_path):
