@@ -386,14 +386,16 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     _fill(ds, "gradient_clipping", training.max_grad_norm)
     if (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) != (micro, accumulation):
         raise UserError(
-            f"the DeepSpeed config sets micro batch {ds['train_micro_batch_size_per_gpu']} x accumulation "
-            f"{ds['gradient_accumulation_steps']}, but training.batch_size={micro} and "
-            f"training.gradient_accumulation_steps={accumulation}; set those fields to \"auto\" in the JSON"
+            f"the DeepSpeed config (deepspeed.config) sets train_micro_batch_size_per_gpu "
+            f"{ds['train_micro_batch_size_per_gpu']} and gradient_accumulation_steps {ds['gradient_accumulation_steps']}, "
+            f"but training.batch_size={micro} and training.gradient_accumulation_steps={accumulation}; set those "
+            "fields to \"auto\" in the JSON (the run config then decides)"
         )
     if ds["train_batch_size"] != micro * accumulation * world_size:
         raise UserError(
-            f"the DeepSpeed config's train_batch_size {ds['train_batch_size']} != batch_size {micro} x "
-            f"gradient_accumulation_steps {accumulation} x world size {world_size}; set it to \"auto\""
+            f"the DeepSpeed config's (deepspeed.config) train_batch_size {ds['train_batch_size']} != "
+            f"training.batch_size {micro} x training.gradient_accumulation_steps {accumulation} x world size "
+            f"{world_size}; set it to \"auto\" in the JSON"
         )
     for key, enabled in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
         section = ds.setdefault(key, {})

@@ -97,10 +97,12 @@ def test_the_optimizer_is_torchs_fused_adamw(tmp_path):
 
 def test_batch_arithmetic_mismatch_is_a_clear_error():
     raw = read_ds_config("zero2.json") | {"train_batch_size": 10}
-    with pytest.raises(UserError, match=r"train_batch_size 10 != batch_size 2 x gradient_accumulation_steps 1 x world size 2"):
+    with pytest.raises(UserError, match=r"\(deepspeed.config\) train_batch_size 10 != training.batch_size 2 x "
+                                        r"training.gradient_accumulation_steps 1 x world size 2"):
         fill_ds_config(raw, TrainingConfig(batch_size=2), torch.float32, TINY, 2, None)
     raw = read_ds_config("zero2.json") | {"train_micro_batch_size_per_gpu": 4}
-    with pytest.raises(UserError, match="training.batch_size=2"):
+    with pytest.raises(UserError, match=r"\(deepspeed.config\) sets train_micro_batch_size_per_gpu 4 and "
+                                        r"gradient_accumulation_steps 1, but training.batch_size=2"):
         fill_ds_config(raw, TrainingConfig(batch_size=2), torch.float32, TINY, 1, None)
 
 
