@@ -149,6 +149,7 @@ class TrainerState:
     world_size: int = 1
     global_batch: int = 0
     zero3_sub_group_size: int | None = None  # ZeRO-3's optimizer sub-groups, which shape its saved optimizer state
+    total_steps: int = 0  # the optimizer steps the run plans: its learning-rate schedule's length (0: not recorded)
 
     def advance(self, steps_per_epoch: int) -> None:
         """Count one optimizer step of `global_batch` pairs; the epoch ends after `steps_per_epoch` of them."""
@@ -310,6 +311,19 @@ class Checkpointer:
                 "to resume it"
             )
         state.zero3_sub_group_size = fresh.zero3_sub_group_size
+        # The schedule decays over the planned steps and the optimizer comes back with its last learning rate, so
+        # another plan would train a step at the old schedule's rate and then jump (a finished run: at 0). A
+        # constant rate without warmup has no length
+        scheduled = self.training.lr_scheduler != "constant" or self.training.warmup_ratio > 0
+        if scheduled and state.total_steps not in (0, fresh.total_steps):
+            raise UserError(
+                f"{path} belongs to a run of {state.total_steps} optimizer steps, whose learning-rate schedule "
+                f"(training.lr_scheduler={self.training.lr_scheduler}, warmup_ratio={self.training.warmup_ratio}) "
+                f"spans them; training.num_epochs / max_steps now give {fresh.total_steps}. Resume with the settings "
+                f"it was saved with, or train further in a new run from its weights (python launch/export.py "
+                f"--checkpoint {path}, then model.sft_model=<the export>)"
+            )
+        state.total_steps = fresh.total_steps
         engine.load_state(path, ENGINE_TAG)
         rng = torch.load(path / f"rng_state_rank{self.dist.rank}.pt", weights_only=False)
         return state, rng

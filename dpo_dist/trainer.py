@@ -117,7 +117,8 @@ class Trainer:
         self._setup_models(train, resume_path)
         sub_group = self.ds_config["zero_optimization"]["sub_group_size"] if zero_stage(self.ds_config) == 3 else None
         self.state = TrainerState(world_size=self.dist.world_size, global_batch=self.global_batch,
-                                  zero3_sub_group_size=None if sub_group is None else int(sub_group))
+                                  zero3_sub_group_size=None if sub_group is None else int(sub_group),
+                                  total_steps=self.total_steps)
         self.resume_rng = None
         if resume_path is not None:
             self.state, self.resume_rng = self.checkpointer.load(resume_path, self.policy, self.state)

@@ -241,6 +241,26 @@ def test_resume_auto_without_a_checkpoint_starts_over_without_the_killed_attempt
     assert all(record["loss"] != 123.0 for record in records)
 
 
+def test_resuming_with_another_number_of_steps_is_refused_unless_the_rate_is_constant(tiny_policy, tmp_path):
+    """A checkpoint's learning-rate schedule spans its run's planned steps: resumed with more (a reviewer's 2 -> 5
+    steps), the first step trained at the finished schedule's rate, 0, and the next jumped onto the new one. Refused,
+    naming both counts; a constant rate without warmup has no length and continues."""
+    from dpo_dist.errors import UserError
+
+    config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "run", data={"eval_files": []},
+                          training={"max_steps": 2, "save_steps": 0, "learning_rate": 1e-3})
+    run_here("train.py", config)
+    with pytest.raises(UserError, match="checkpoint-2 belongs to a run of 2 optimizer steps, whose learning-rate schedule "
+                                        r"\(training.lr_scheduler=linear, warmup_ratio=0.0\) spans them; training.num_epochs "
+                                        "/ max_steps now give 5"):
+        run_here("train.py", config, "training.resume_from=auto", "training.max_steps=5")
+    constant = ("training.lr_scheduler=constant", "training.resume_from=auto")
+    run_here("train.py", config, "training.lr_scheduler=constant", "training.output_dir=" + str(tmp_path / "flat"))
+    run_here("train.py", config, *constant, "training.max_steps=3", "training.output_dir=" + str(tmp_path / "flat"))
+    records = [json.loads(line) for line in (tmp_path / "flat" / "metrics.jsonl").read_text().splitlines()]
+    assert [(record["step"], record["learning_rate"]) for record in records] == [(1, 1e-3), (2, 1e-3), (3, 1e-3)]
+
+
 def test_overwrite_output_dir_keeps_the_old_run_until_the_new_one_has_loaded(tiny_policy, tmp_path):
     """training.overwrite_output_dir deletes the old run only once the new one has passed its checks and loaded its
     models: a config that fails on the way (here a LoRA target the model lacks) leaves the old run as it was; one that
