@@ -195,9 +195,14 @@ class Trainer:
         self.flops_per_token = flops_per_token(policy_params, active_trainable,
                                                policy_params if mode in ("model", "adapter") else 0)
         self.peak_tflops = device_peak_tflops(config.training.peak_tflops)
-        trained = "every parameter (no lora: section)" if config.lora is None else (
-            f"a LoRA adapter (r {config.lora.r}, alpha {config.lora.alpha}, on {', '.join(config.lora.target_modules)})")
-        self.logger.info(f"policy: trains {trained}: {trainable:,} trainable elements")
+        if train:
+            trained = "every parameter (no lora: section)" if config.lora is None else (
+                f"a LoRA adapter (r {config.lora.r}, alpha {config.lora.alpha}, on {', '.join(config.lora.target_modules)})")
+            self.logger.info(f"policy: trains {trained}: {trainable:,} trainable elements")
+        elif config.lora is not None:  # evaluate.py
+            self.logger.info(f"policy: the lora: section adds a new adapter, which changes nothing: these are the scores "
+                             f"of {config.model.policy_path}. For a trained adapter's, give its merged model as "
+                             "model.sft_model and leave the lora: section out")
         self.logger.info(f"reference: {mode}")
         if config.lora is not None and config.lora.fused:
             self.logger.info(f"lora.fused: {fused_lora_layers(policy)} LoRA projections run as one autograd function each")
