@@ -307,8 +307,8 @@ def check_coverage(rows: dict[str, CachedRow], completion_lengths, cache_dir: Pa
     if missing:
         raise CacheError(
             f"{missing} of this run's {total} pairs have no row in the reference cache at {cache_dir} "
-            f"(first uid {first_missing}); the data, or which of its records dpo-dist keeps, changed since precompute: rerun launch/precompute_ref.py with "
-            "--overwrite (or set reference.cache_dir to a new directory)"
+            f"(first uid {first_missing}); the data, or which of its records dpo-dist keeps, changed since precompute: "
+            "rerun launch/precompute_ref.py with --overwrite (or set reference.cache_dir to a new directory)"
         )
     if first_changed:
         raise CacheError(first_changed)
