@@ -480,9 +480,6 @@ class Config:
         if self.reference.sync_steps and self.lora is not None:
             raise UserError("reference.sync_steps (TR-DPO) with a lora: section: the reference would have to follow the "
                             "base weights plus the adapter. Train full-parameter, or set reference.sync_steps=0")
-        if self.training.keep_best_checkpoint and not self.data.eval_files:
-            raise UserError("training.keep_best_checkpoint keeps the checkpoint with the lowest eval loss, and "
-                            "data.eval_files is empty: give eval files, or set training.keep_best_checkpoint=false")
         if self.reference.sync_steps and self.reference_mode != "model":
             raise UserError(f"reference.sync_steps (TR-DPO) needs a separate reference model that can move; "
                             f"reference.mode={self.reference_mode} has none. Use reference.mode=model, or reference.sync_steps=0")
@@ -550,7 +547,11 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         number = value
-        if isinstance(value, str):  # a quoted number, '42'
+        if isinstance(value, str):  # a quoted number, '42' (or '1e3')
+            try:
+                return int(value)
+            except ValueError:
+                pass
             try:
                 number = float(value)
             except ValueError:
@@ -637,6 +638,9 @@ def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
 
 
 def _build_section(cls: type, raw: Any, section: str, where: str, overridden: set[str]) -> Any:
+    if section == "deepspeed" and isinstance(raw, str):  # TRL's TrainingArguments: deepspeed=<the JSON's path>
+        raise UserError(f"deepspeed: {raw!r} in {where}: the DeepSpeed JSON goes under deepspeed.config "
+                        f"(deepspeed: {{config: {raw}}})")
     if not isinstance(raw, dict):
         raise UserError(f"{section}: expected a mapping of keys in {where}, got {raw!r}")
     hints = typing.get_type_hints(cls)

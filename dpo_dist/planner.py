@@ -316,7 +316,10 @@ def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
     unit whole-layer ZeRO-3 gathers and whose gradients come ready together. The cost is memory: one buffer of
     this many elements under ZeRO-3, two under ZeRO-2 with overlap_comm (the `buckets` part of the plan):
     ~100 MB for a 1.7B layer in bf16."""
-    return min(decoder_layer_elements(shape), sum(map(sum, trainable_groups(shape, lora))))
+    counted = sum(map(sum, trainable_groups(shape, lora)))
+    # Adapters the planner does not count (lora.target_modules naming embed_tokens, or modules by path) would make
+    # it 0, which DeepSpeed refuses: a layer's worth then
+    return min(decoder_layer_elements(shape), counted) if counted else decoder_layer_elements(shape)
 
 
 DEEPSPEED_SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size (zero/config.py)

@@ -116,7 +116,7 @@ def _rendering_options(raw: dict) -> tuple[dict, str | None]:
     """A record's optional `tools` (a list of tool schemas, or that list as a JSON string, as TRL reads it) and
     `chat_template_kwargs` (a mapping), for `Record`; absent or null ones are left out."""
     options = {}
-    tools = raw.get("tools")
+    tools = raw.get("tools") or None  # an empty list (or string) renders as none: the record keeps its uid
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)
@@ -127,7 +127,7 @@ def _rendering_options(raw: dict) -> tuple[dict, str | None]:
             return {}, "'tools' must be a list of tool schemas (JSON objects), or that list as a JSON string"
         options["tools"] = tools
     kwargs = raw.get("chat_template_kwargs")
-    if kwargs is not None:
+    if kwargs:
         if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
             return {}, "'chat_template_kwargs' must be a mapping of the chat template's arguments, e.g. {\"enable_thinking\": false}"
         options["chat_template_kwargs"] = kwargs
@@ -139,13 +139,11 @@ def validate(raw: Any) -> tuple[dict | None, str | None]:
     rendering options (`_rendering_options`); a plain-string one has no template to pass them to (TRL's rule too)."""
     if not isinstance(raw, dict):
         return None, f"expected a JSON object, got {type(raw).__name__}"
-    options, reason = _rendering_options(raw)
-    if reason:
-        return None, reason
     record, reason = _validate_pair(raw)
-    if record is not None and isinstance(record["prompt"], list):
-        record.update(options)
-    return record, reason
+    if record is None or not isinstance(record["prompt"], list):
+        return record, reason
+    options, reason = _rendering_options(raw)
+    return (None, reason) if reason else (record | options, None)
 
 
 def _validate_pair(raw: dict) -> tuple[dict | None, str | None]:
@@ -197,7 +195,8 @@ def validate_sft(raw: Any) -> tuple[dict | None, str | None]:
         messages = raw["messages"]
         if not isinstance(messages, list) or len(messages) < 2 or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
             return None, "'messages' must be a chat list ending with an assistant turn"
-        raw = {"prompt": messages[:-1], "completion": messages[-1:]}
+        options = {key: raw[key] for key in ("tools", "chat_template_kwargs") if key in raw}
+        raw = {"prompt": messages[:-1], "completion": messages[-1:], **options}
     if not isinstance(raw, dict) or raw.get("prompt") is None or raw.get("completion") is None:
         return None, "an SFT record needs 'prompt' and 'completion' (or 'messages')"
     options = {key: raw[key] for key in ("tools", "chat_template_kwargs") if key in raw}
@@ -218,26 +217,28 @@ class RowBlock:
         return min(max(self.first - offset, 0), count), min(max(self.end - offset, 0), count)
 
 
-# What `datasets` reads here besides .jsonl (parsed line by line): JSON and Parquet, the JSON ones also compressed
-DATASET_SUFFIXES = (".json", ".parquet", ".jsonl.gz", ".json.gz", ".jsonl.bz2", ".json.bz2", ".jsonl.xz", ".json.xz")
+# Files that are not JSON: `datasets`' JSON reader, which reads every other file here, would fail on them
+NOT_JSON_SUFFIXES = (".csv", ".tsv", ".txt", ".arrow", ".xlsx", ".xls")
 
 
 def _check_exists(path: Path) -> None:
     if not path.exists():
-        hub_name = len(path.parts) == 2 and not path.suffix  # org/name: a hub dataset's id
+        # org/name (dots allowed: tulu-2.5-preference-data), as TRL users pass a hub dataset's id to load_dataset
+        hub_id = (not path.is_absolute() and len(path.parts) == 2 and not path.name.startswith(".")
+                  and path.suffix.lower() not in (".jsonl", ".json", ".parquet", ".gz"))
         hint = (f"; a hub dataset? save it where it can be read: datasets.load_dataset('{path}', split='train')"
-                ".save_to_disk(DIR), and give DIR" if hub_name else "")
+                ".save_to_disk(DIR), and give DIR" if hub_id else "")
         raise DataError(f"{path}: data file does not exist (check data.train_files / data.eval_files){hint}")
     if _is_jsonl(path) and not path.is_file():
         raise DataError(f"{path}: is not a file; a .jsonl path must be a JSONL file (check data.train_files / data.eval_files)")
-    if path.is_file() and not _is_jsonl(path) and not path.name.endswith(DATASET_SUFFIXES):
-        raise DataError(f"{path}: not a format read here (.jsonl, {', '.join(DATASET_SUFFIXES)}, or a directory "
-                        "datasets' save_to_disk wrote): convert it, e.g. datasets.load_dataset('csv', data_files=...)"
+    if path.is_file() and path.suffix.lower() in NOT_JSON_SUFFIXES:
+        raise DataError(f"{path}: not a format read here (JSON Lines, JSON, Parquet, or a directory datasets' "
+                        "save_to_disk wrote): convert it, e.g. datasets.load_dataset('csv', data_files=...)"
                         "['train'].to_json('data.jsonl')")
 
 
 def _is_jsonl(path: Path) -> bool:
-    return path.suffix == ".jsonl"
+    return path.suffix.lower() == ".jsonl"
 
 
 JSONL_COUNT_CHUNK = 1 << 24  # bytes read at a time while counting a JSONL file's lines
@@ -297,7 +298,7 @@ def _load_dataset(path: Path):
         if path.is_dir():
             dataset = datasets.load_from_disk(str(path))
         else:
-            builder = "parquet" if path.suffix == ".parquet" else "json"
+            builder = "parquet" if path.suffix.lower() == ".parquet" else "json"
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for unreadable files
         raise DataError(f"{path}: cannot read as a {path.suffix or 'saved'} dataset: {err}") from None

@@ -291,8 +291,12 @@ class Trainer:
             f"{self.global_batch} pairs ({len(self.train_examples) - self.steps_per_epoch * self.global_batch} "
             f"pairs of each epoch's last partial batch left out; shuffling varies which)"
         )
-        if training.eval_steps and not len(self.eval_examples):
-            self.logger.info(f"training.eval_steps={training.eval_steps}, but data.eval_files gives no pairs: no evaluation")
+        if not len(self.eval_examples):
+            if training.eval_steps:
+                self.logger.info(f"training.eval_steps={training.eval_steps}, but data.eval_files gives no pairs: no evaluation")
+            if training.keep_best_checkpoint:
+                self.logger.info("training.keep_best_checkpoint: no eval pairs (data.eval_files) to pick the best by; "
+                                 "only the newest checkpoints are kept")
         if state.step == 0:
             self.maybe_evaluate(step=0)
         if self.resume_rng is not None:

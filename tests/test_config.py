@@ -47,8 +47,10 @@ def test_peft_all_linear_wildcard_loads_as_peft_reads_it(tmp_path):
 
 
 def test_whole_numbers_written_as_floats_or_quoted_are_integers(tmp_path):
-    training = load_config(write(tmp_path, SEED_CONFIG), ["training.num_epochs=3.0", "training.seed='7'"]).training
+    training = load_config(write(tmp_path, SEED_CONFIG), ["training.num_epochs=3.0", "training.seed='7'",
+                                                         "training.max_steps='12345678901234567891'"]).training
     assert training.num_epochs == 3 and training.seed == 7 and type(training.num_epochs) is int
+    assert training.max_steps == 12345678901234567891  # not through a float
 
 
 def test_chat_template_kwargs_is_a_mapping_passed_on_as_written(tmp_path):
@@ -86,8 +88,7 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         (SEED_CONFIG, ["data.chat_template_kwargs=[enable_thinking]"], "data.chat_template_kwargs: expected a mapping"),
         (SEED_CONFIG, ["training.num_epochs=2.5"], "training.num_epochs: expected an integer, got 2.5"),
         (SEED_CONFIG, ["data.train_files=null"], "data.train_files: expected a list (or one value), got null: write [] for none"),
-        (SEED_CONFIG, ["training.keep_best_checkpoint=true"], "training.keep_best_checkpoint keeps the checkpoint "
-         "with the lowest eval loss, and data.eval_files is empty"),
+        ("model: {base_model: x}\ndeepspeed: ds.json\n", [], "deepspeed: 'ds.json' in "),
         (SEED_CONFIG, ["training.max_seq_length=1"], "training.max_seq_length must be >= 2: a sequence of one token"),
         (SEED_CONFIG, ["training.weight_decay=-1"], "training.weight_decay must be >= 0"),
         (SEED_CONFIG, ["training.max_grad_norm=-1"], "training.max_grad_norm must be >= 0 (0: no clipping)"),

@@ -102,6 +102,11 @@ def test_lora_on_the_lm_head_is_what_peft_makes(tied):
         trainable = [p.numel() for p in policy.parameters() if p.requires_grad]
         assert trainable_groups(ModelShape.from_hf_config(hf_config), lora) == [trainable]
         assert reduce_bucket_elements(ModelShape.from_hf_config(hf_config), lora) == sum(trainable)
+    from dpo_dist.planner import decoder_layer_elements
+
+    uncounted = LoRAConfig(r=3, target_modules=["embed_tokens"])  # an adapter the planner does not count: never 0
+    shape = ModelShape.from_hf_config(hf_config)
+    assert reduce_bucket_elements(shape, uncounted) == decoder_layer_elements(shape)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2.5"])

@@ -86,9 +86,27 @@ def test_missing_file_is_named(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="nope.jsonl: data file does not exist"):
         read_records([str(tmp_path / "nope.jsonl")], skip_invalid=False)
     monkeypatch.chdir(tmp_path)  # a hub dataset's id, as TRL users pass it to load_dataset
-    with pytest.raises(DataError, match=r"trl-lib/ultrafeedback_binarized: data file does not exist .*; a hub dataset\? "
-                                        r"save it where it can be read: datasets.load_dataset\('trl-lib/ultrafeedback_binarized'"):
-        read_records(["trl-lib/ultrafeedback_binarized"], skip_invalid=False)
+    for hub_id in ("trl-lib/ultrafeedback_binarized", "allenai/tulu-2.5-preference-data"):
+        with pytest.raises(DataError, match=rf"{hub_id}: data file does not exist .*; a hub dataset\? save it where it "
+                                            rf"can be read: datasets.load_dataset\('{hub_id}'"):
+            read_records([hub_id], skip_invalid=False)
+    for path in ("data/train.jsonl", "/data"):  # a missing file, and an absolute path: no hint
+        with pytest.raises(DataError) as err:
+            read_records([path], skip_invalid=False)
+        assert "hub dataset" not in str(err.value)
+
+
+def test_json_lines_under_other_names_are_read(tmp_path):
+    """Suffixes in any case (a .JSONL is parsed line by line, with line numbers), and JSON Lines under other
+    names (.ndjson, none) through datasets, as before the formats were checked."""
+    lines = [PLAIN_RECORD, CHAT_RECORD]
+    for name in ("upper.JSONL", "d.ndjson", "noext", "d.Json"):
+        path = write_jsonl(tmp_path / name, lines)
+        records, _ = read_records([str(path)], skip_invalid=False)
+        assert [record.prompt for record in records] == [PLAIN_RECORD["prompt"], CHAT_RECORD["prompt"]], name
+    assert records[0].location == f"{tmp_path / 'd.Json'}:row 0"
+    (upper,), _ = read_records([str(write_jsonl(tmp_path / "one.JSONL", [PLAIN_RECORD]))], skip_invalid=False)
+    assert upper.location == f"{tmp_path / 'one.JSONL'}:1"
 
 
 def test_a_format_datasets_is_not_asked_to_read_is_refused(tmp_path):
@@ -121,6 +139,16 @@ def test_chat_records_keep_their_rendering_options_in_record_and_uid(tmp_path):
     assert (options.tools, options.chat_template_kwargs) == (tools, {"enable_thinking": False})
     assert bare.tools is None and bare.chat_template_kwargs is None and nulls.uid == bare.uid != options.uid
     assert plain.chat_template_kwargs is None
+    # Empty options render as none: the record keeps its uid; a plain record's columns are not read at all
+    (empty, junk), _ = read_records([str(write_jsonl(tmp_path / "e.jsonl", [
+        {**CHAT_RECORD, "tools": [], "chat_template_kwargs": {}}, {**PLAIN_RECORD, "tools": "not json"}]))], skip_invalid=False)
+    assert empty.uid == bare.uid and junk.uid == plain.uid
+    # SFT records in messages form keep them too (TRL's agent SFT format)
+    from dpo_dist.records import validate_sft
+
+    sft, _ = validate_sft({"messages": CHAT_RECORD["prompt"] + CHAT_RECORD["chosen"], "tools": tools,
+                           "chat_template_kwargs": {"enable_thinking": False}})
+    assert sft["tools"] == tools and sft["chat_template_kwargs"] == {"enable_thinking": False}
     # A tool-calling turn, the tool's answer and a reasoning assistant turn, as chat templates read them
     calling = {"prompt": [{"role": "user", "content": "Sort 3 1"},
                           {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
