@@ -379,6 +379,7 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     if stage not in (0, 1, 2, 3):
         raise UserError(f"the DeepSpeed config (deepspeed.config) sets zero_optimization.stage to {stage!r}; ZeRO's "
                         "stages are 0, 1, 2 and 3")
+    _drop_auto_optimizer_sections(ds)
     micro, accumulation = training.batch_size, training.gradient_accumulation_steps
     _fill(ds, "train_micro_batch_size_per_gpu", micro)
     _fill(ds, "gradient_accumulation_steps", accumulation)
@@ -418,6 +419,30 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     if leftover:
         raise UserError(f"the DeepSpeed config has \"auto\" values dpo-dist cannot fill: {', '.join(leftover)}")
     return ds
+
+
+def _drop_auto_optimizer_sections(ds: dict) -> None:
+    """transformers' DeepSpeed configs (the ones TRL users bring) have optimizer and scheduler sections whose
+    params are "auto", for the Trainer to fill. dpo-dist builds both itself from training.* (torch's AdamW and
+    `lr_multiplier`'s schedule: `TrainEngine`), and DeepSpeed ignores a config's sections when it is handed them,
+    so a value written there would silently not apply: sections with only "auto" params (an Adam type at most) are
+    dropped, any other refused."""
+    for section in ("optimizer", "scheduler"):
+        if section not in ds:
+            continue
+        params = ds[section].get("params", {}) if isinstance(ds[section], dict) else {"": ds[section]}
+        written = [f"{section}.params.{name}={value}" for name, value in params.items() if value != "auto"]
+        kind = str(ds[section].get("type", "")) if isinstance(ds[section], dict) else ""
+        if section == "optimizer" and kind.lower() not in ("", "adam", "adamw"):
+            written.insert(0, f"optimizer.type={kind}")
+        if written:
+            raise UserError(
+                f"the DeepSpeed config (deepspeed.config) sets {', '.join(written)}: dpo-dist builds the optimizer "
+                "(torch's AdamW) and the learning-rate schedule from training.* (learning_rate, adam_beta1, adam_beta2, "
+                f"adam_epsilon, weight_decay, lr_scheduler, warmup_ratio). Set them there, and remove the {section} "
+                "section from the JSON (or make its params \"auto\")"
+            )
+        del ds[section]
 
 
 def _walk(tree: dict, prefix: str = ""):

@@ -95,6 +95,35 @@ def test_the_optimizer_is_torchs_fused_adamw(tmp_path):
     assert torch.allclose(torch.tensor(out["after"]), expected, atol=1e-6), (out["after"], expected)
 
 
+# transformers' documented ZeRO-3 config, as TRL users bring it: its optimizer and scheduler are the Trainer's to fill
+HF_ZERO3 = {
+    "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", "loss_scale": 0},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto", "stage3_gather_16bit_weights_on_model_save": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+}
+
+
+def test_a_transformers_style_config_has_its_auto_optimizer_and_scheduler_left_to_the_run_config():
+    """Their "auto" sections are dropped (dpo-dist builds both from training.*); a value written in them, which
+    DeepSpeed would ignore beside the optimizer and scheduler it is handed, is refused naming it."""
+    ds = fill_ds_config(HF_ZERO3, TrainingConfig(batch_size=2), torch.bfloat16, TINY, 2, None)
+    assert "optimizer" not in ds and "scheduler" not in ds and ds["bf16"]["enabled"] and ds["train_batch_size"] == 4
+    written = json.loads(json.dumps(HF_ZERO3))
+    written["optimizer"]["params"]["lr"] = 2e-5
+    with pytest.raises(UserError, match=r"sets optimizer.params.lr=2e-05: dpo-dist builds the optimizer \(torch's AdamW\) "
+                                        r"and the learning-rate schedule from training.\*"):
+        fill_ds_config(written, TrainingConfig(batch_size=2), torch.bfloat16, TINY, 2, None)
+    lamb = json.loads(json.dumps(HF_ZERO3))
+    lamb["optimizer"]["type"] = "Lamb"
+    with pytest.raises(UserError, match="sets optimizer.type=Lamb"):
+        fill_ds_config(lamb, TrainingConfig(batch_size=2), torch.bfloat16, TINY, 2, None)
+
+
 def test_batch_arithmetic_mismatch_is_a_clear_error():
     raw = read_ds_config("zero2.json") | {"train_batch_size": 10}
     with pytest.raises(UserError, match=r"\(deepspeed.config\) train_batch_size 10 != training.batch_size 2 x "
