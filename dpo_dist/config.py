@@ -617,6 +617,12 @@ FOREIGN_NAMES = {
     "task_type": "no setting: the adapter is always for a causal LM (PEFT's CAUSAL_LM)",
     "bias": "no setting: biases stay frozen (PEFT's bias: none)",
     "modules_to_save": "no setting: only adapters train (lora.target_modules may name lm_head)",
+    "precompute_ref_batch_size": "training.eval_batch_size (launch/precompute_ref.py scores in eval micro-batches)",
+    "pad_to_multiple_of": "no setting: a padded micro-batch pads to its longest row (data.packing pads none)",
+    "activation_offloading": "model.gradient_checkpointing (with model.checkpointed_layers) or "
+                             "model.lean_activations: activations are recomputed or kept smaller, not offloaded",
+    "dataset_num_proc": "no setting: the ranks tokenize a split together, each with all its CPU threads",
+    "model_init_kwargs": "model.dtype and model.attn_implementation",
     "use_dora": "no setting: the adapter is plain LoRA",
     "use_rslora": "no setting: the adapter is plain LoRA, scaled by lora.alpha / lora.r",
 }
