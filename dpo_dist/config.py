@@ -532,7 +532,8 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
         return _coerce(value, inner[0], key, choices)
     if origin is dict:  # dict[str, Any]: names to YAML values, passed on as they are
         if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
-            raise UserError(f"{key}: expected a mapping of names to values, e.g. {{enable_thinking: false}}, got {value!r}")
+            raise UserError(f"{key}: expected a mapping of names to values, e.g. {{enable_thinking: false}}, "
+                            f"got {value!r}")
         return dict(value)
     if origin is list:
         if value is None:
@@ -701,8 +702,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     for name, value in raw.items():
         if name not in SECTIONS:
             raise _unknown_key_error(name, list(SECTIONS), str(path))
-        if value is None:  # an empty section (or `lora: null`) keeps the defaults / disables LoRA (the trainer's
-            # first lines say which: "policy: trains every parameter (no lora: section)"; `lora: {}` is the default adapter)
+        # An empty section (or `lora: null`) keeps the defaults / disables LoRA (the trainer's first lines say
+        # which: "policy: trains every parameter (no lora: section)"; `lora: {}` is the default adapter)
+        if value is None:
             continue
         sections[name] = _build_section(SECTIONS[name], value, name, str(path), overridden)
     return Config(**sections)

@@ -192,7 +192,8 @@ class SequenceLogps(nn.Module):
         self.probability_weights = probability_weights
         self.causal_lm = causal_lm
         if not chunk_tokens:
-            bytes_per_logit = head_bytes_per_logit(compiled_head, causal_lm.get_output_embeddings().weight.element_size())
+            lm_head_bytes = causal_lm.get_output_embeddings().weight.element_size()
+            bytes_per_logit = head_bytes_per_logit(compiled_head, lm_head_bytes)
             chunk_tokens = default_chunk_tokens(causal_lm.config.vocab_size, bytes_per_logit)
         self.chunk_tokens = chunk_tokens
         self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute

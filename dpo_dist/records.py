@@ -80,7 +80,8 @@ def _check_messages(value: Any, field: str, completion: bool) -> str | None:
             return f"'{field}[{i}].content' must be a string"
         # A completion is the assistant's turn: its messages, and in an agent's trajectory the tools' answers
         # between them (scored too, as TRL scores the whole rest of the conversation)
-        if completion and message["role"] not in ("assistant", "tool") or completion and i == 0 and message["role"] != "assistant":
+        completion_roles = ("assistant",) if i == 0 else ("assistant", "tool")
+        if completion and message["role"] not in completion_roles:
             return (f"'{field}[{i}]' has role {message['role']!r}; a completion holds assistant messages (and tool "
                     "answers after the first)")
     return None
@@ -112,6 +113,9 @@ def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any] | 
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+RENDERING_COLUMNS = ("tools", "chat_template_kwargs")  # TRL's per-record columns for the chat template
+
+
 def _rendering_options(raw: dict) -> tuple[dict, str | None]:
     """A record's optional `tools` (a list of tool schemas, or that list as a JSON string, as TRL reads it) and
     `chat_template_kwargs` (a mapping), for `Record`; absent or null ones are left out."""
@@ -129,7 +133,8 @@ def _rendering_options(raw: dict) -> tuple[dict, str | None]:
     kwargs = raw.get("chat_template_kwargs")
     if kwargs:
         if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
-            return {}, "'chat_template_kwargs' must be a mapping of the chat template's arguments, e.g. {\"enable_thinking\": false}"
+            return {}, ("'chat_template_kwargs' must be a mapping of the chat template's arguments, e.g. "
+                        "{\"enable_thinking\": false}")
         options["chat_template_kwargs"] = kwargs
     return options, None
 
@@ -195,11 +200,10 @@ def validate_sft(raw: Any) -> tuple[dict | None, str | None]:
         messages = raw["messages"]
         if not isinstance(messages, list) or len(messages) < 2 or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
             return None, "'messages' must be a chat list ending with an assistant turn"
-        options = {key: raw[key] for key in ("tools", "chat_template_kwargs") if key in raw}
-        raw = {"prompt": messages[:-1], "completion": messages[-1:], **options}
+        raw = {**raw, "prompt": messages[:-1], "completion": messages[-1:]}
     if not isinstance(raw, dict) or raw.get("prompt") is None or raw.get("completion") is None:
         return None, "an SFT record needs 'prompt' and 'completion' (or 'messages')"
-    options = {key: raw[key] for key in ("tools", "chat_template_kwargs") if key in raw}
+    options = {key: raw[key] for key in RENDERING_COLUMNS if key in raw}
     return validate({"prompt": raw["prompt"], "chosen": raw["completion"], "rejected": raw["completion"], **options})
 
 

@@ -210,8 +210,8 @@ def load_examples(files: list[str], tokenizer, max_seq_length: int, truncation_m
     together = shards is not None and shards.count > 1
     description = None
     if cache_root is not None or together:
-        description = split_cache.describe(files, tokenizer, max_seq_length, truncation_mode, skip_invalid, validator.__name__,
-                                           chat_template_kwargs or {})
+        description = split_cache.describe(files, tokenizer, max_seq_length, truncation_mode, skip_invalid,
+                                           validator.__name__, chat_template_kwargs or {})
     directory = cache_root / f"{split}-{split_cache.key_of(description)}" if cache_root and description else None
     cached = split_cache.read(directory) if directory else None
     if together:
@@ -272,7 +272,8 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
         file_rows, unopened = count_rows(files)
         block = RowBlock(*shards.block(sum(file_rows)), tuple(file_rows))
         try:
-            records, skipped = read_records(files[: len(file_rows)], skip_invalid, validator, block, chat_template_kwargs)
+            records, skipped = read_records(files[: len(file_rows)], skip_invalid, validator, block,
+                                            chat_template_kwargs)
         except DataError as err:
             raise _BlockError(0, err) from None
         if unopened is not None:  # after every counted row, as reading alone would meet it
