@@ -68,7 +68,7 @@ def _write_merged(peft_model: nn.Module, state: dict[str, torch.Tensor], out_dir
     copy.merge_and_unload().save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
 
 
-def _untie_adapted_embeddings(peft_model: nn.Module, base: nn.Module) -> bool:
+def _untie_adapted_embeddings(peft_model: nn.Module, base: nn.Module) -> None:
     """Give `base` (the merge's fresh copy) an lm_head of its own when it shares its weight with the input
     embeddings and the trained adapter adapts either of them (`lora.target_modules` with lm_head, as on Qwen3 up to
     4B, whose embeddings are tied). Training added the adapter to that one module only; merged into the shared
@@ -78,11 +78,10 @@ def _untie_adapted_embeddings(peft_model: nn.Module, base: nn.Module) -> bool:
     ends = (trained.get_input_embeddings(), trained.get_output_embeddings())
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
     if head is None or head.weight is not embeddings.weight or not any(hasattr(end, "base_layer") for end in ends):
-        return False
+        return
     head.weight = nn.Parameter(head.weight.detach().clone())
     base.config.tie_word_embeddings = False
-    base.config.get_text_config().tie_word_embeddings = False
-    return True
+    base.config.get_text_config().tie_word_embeddings = False  # the same object for Qwen; a composite's text part
 
 
 def export_hf(causal_lm: nn.Module, tokenizer, out_dir: str | os.PathLike, dist_info: DistInfo,

@@ -430,9 +430,10 @@ def _drop_auto_optimizer_sections(ds: dict) -> None:
     for section in ("optimizer", "scheduler"):
         if section not in ds:
             continue
-        params = ds[section].get("params", {}) if isinstance(ds[section], dict) else {"": ds[section]}
+        spec = ds[section] if isinstance(ds[section], dict) else {"params": {"": ds[section]}}  # not a section: refused
+        params = spec.get("params", {})
         written = [f"{section}.params.{name}={value}" for name, value in params.items() if value != "auto"]
-        kind = str(ds[section].get("type", "")) if isinstance(ds[section], dict) else ""
+        kind = str(spec.get("type", ""))
         if section == "optimizer" and kind.lower() not in ("", "adam", "adamw"):
             written.insert(0, f"optimizer.type={kind}")
         if written:

@@ -11,8 +11,8 @@ The key is the sha256 of everything the tokenized pairs depend on: the data file
 tokenizer and its chat template, max_seq_length, truncation_mode, skip_invalid, the record kind
 (preference or SFT), data.chat_template_kwargs, the source of the code that reads and tokenizes, and the
 transformers and tokenizers versions (so a change to that code never meets an old cache). A key that differs
-is simply another directory. The same description (`describe`, before it is hashed) is what the ranks compare to make sure
-they all read the same split (`differences` says what differs, for the error).
+is simply another directory. The same description (`describe`, before it is hashed) is what the ranks compare
+to make sure they all read the same split (`differences` says what differs, for the error).
 """
 
 from __future__ import annotations
