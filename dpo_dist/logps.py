@@ -156,12 +156,18 @@ def default_chunk_tokens(vocab_size: int, bytes_per_logit: int = EAGER_BYTES_PER
     return max(1, CHUNK_BUDGET_BYTES // (bytes_per_logit * vocab_size))
 
 
-def head_bytes_per_logit(compiled_head: bool, model_dtype_bytes: int) -> int:
+ADAPTED_HEAD_LOGITS = 3  # PEFT's adapted lm_head: base output, the adapter's scaled output and their sum at once
+
+
+def head_bytes_per_logit(compiled_head: bool, model_dtype_bytes: int, adapted_head: bool = False) -> int:
     """What a chunk's vocabulary-wide buffers hold per (token, vocabulary entry): the compiled head only its logits
-    in the model's dtype, the eager head fp32 logits and an fp32 temporary. One rule for `SequenceLogps` and the
-    memory planner, so that the planner counts the chunk a run will take (the planner passes the model's dtype,
-    the run its lm_head weight's: the same for Qwen, whose checkpoints keep no module in fp32)."""
-    return model_dtype_bytes if compiled_head else EAGER_BYTES_PER_LOGIT
+    in the model's dtype, the eager head fp32 logits and an fp32 temporary. A LoRA adapter on the lm_head
+    (`base(x) + lora_B(lora_A(x)) * scaling`) makes three logit-sized tensors in the model's dtype while it adds,
+    which is the peak where that is more (compiled; eager in fp32). One rule for `SequenceLogps` and the memory
+    planner, so that the planner counts the chunk a run will take (the planner passes the model's dtype, the run
+    its lm_head weight's: the same for Qwen, whose checkpoints keep no module in fp32)."""
+    held = model_dtype_bytes if compiled_head else EAGER_BYTES_PER_LOGIT
+    return max(held, ADAPTED_HEAD_LOGITS * model_dtype_bytes) if adapted_head else held
 
 
 def causal_only_masks(hf_config) -> dict | None:
@@ -192,8 +198,9 @@ class SequenceLogps(nn.Module):
         self.probability_weights = probability_weights
         self.causal_lm = causal_lm
         if not chunk_tokens:
-            lm_head_bytes = causal_lm.get_output_embeddings().weight.element_size()
-            bytes_per_logit = head_bytes_per_logit(compiled_head, lm_head_bytes)
+            lm_head = causal_lm.get_output_embeddings()
+            adapted_head = hasattr(lm_head, "lora_A")  # PEFT's LoRA layer wraps the lm_head (lora.target_modules)
+            bytes_per_logit = head_bytes_per_logit(compiled_head, lm_head.weight.element_size(), adapted_head)
             chunk_tokens = default_chunk_tokens(causal_lm.config.vocab_size, bytes_per_logit)
         self.chunk_tokens = chunk_tokens
         self.recompute_elementwise = recompute_elementwise  # model.recompute_elementwise: lean_ops.ElementwiseRecompute

@@ -58,7 +58,9 @@ Alive around forward/backward (the "backward" phase, whose peak is when backward
   one vocab-wide temporary: the exp pass that serves the normaliser, the metrics and WPO's sum p^2 alike,
   in forward and again when a checkpointed chunk is recomputed in backward; backward turns the saved logits
   into their gradient in place). With model.compile (compiled_head.py) once, in the model's dtype: the
-  fused kernels read the logits without an fp32 copy or a temporary. The default chunk fills 256 MiB with
+  fused kernels read the logits without an fp32 copy or a temporary. A LoRA adapter on the lm_head makes three
+  logit-sized tensors in the model's dtype as PEFT adds its output to the base's, 3 b, where that is more
+  (`logps.head_bytes_per_logit`). The default chunk fills 256 MiB with
   these buffers (Qwen's vocabulary: 220 tokens eager, 883 compiled in bf16). When the lm_head trains (full
   fine-tuning) its gradient, V H b, exists full-size before any reduction, twice while a further chunk's
   gradient is added; where ZeRO-3 gathers (below) the lm_head is also gathered whole, V H b.
@@ -278,8 +280,10 @@ def trainable_groups(shape: ModelShape, lora: LoRAConfig | None) -> list[list[in
                  if name in targets and name not in experts for size in (lora.r * fan_in, fan_out * lora.r)]
     # all-linear also adapts a MoE layer's router, (experts x hidden), after its experts: A then B
     router = [lora.r * shape.hidden, shape.experts * lora.r] if lora.all_linear and shape.experts else []
+    # PEFT's embedding adapter, before the layers: A (r x vocabulary) and B (hidden x r), tied or not
+    embedding = [lora.r * shape.vocab, shape.hidden * lora.r] if "embed_tokens" in lora.target_modules else []
     head = [lora.r * shape.hidden, shape.vocab * lora.r] if "lm_head" in lora.target_modules else []  # after the layers
-    return [(per_layer + lora_on_experts(shape, lora) + router) * shape.layers + head]
+    return [embedding + (per_layer + lora_on_experts(shape, lora) + router) * shape.layers + head]
 
 
 def lora_on_experts(shape: ModelShape, lora: LoRAConfig) -> list[int]:
@@ -317,8 +321,8 @@ def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
     this many elements under ZeRO-3, two under ZeRO-2 with overlap_comm (the `buckets` part of the plan):
     ~100 MB for a 1.7B layer in bf16."""
     counted = sum(map(sum, trainable_groups(shape, lora)))
-    # Adapters the planner does not count (lora.target_modules naming embed_tokens, or modules by path) would make
-    # it 0, which DeepSpeed refuses: a layer's worth then
+    # Adapters the planner does not count (lora.target_modules naming modules by path, e.g. "layers.0.self_attn.q_proj")
+    # would make it 0, which DeepSpeed refuses: a layer's worth then
     return min(decoder_layer_elements(shape), counted) if counted else decoder_layer_elements(shape)
 
 
@@ -520,12 +524,13 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
 
     rows, seq = _micro_batch(config)
     tokens = rows * seq
-    default_chunk = default_chunk_tokens(shape.vocab, head_bytes_per_logit(config.model.compile, b))
-    chunk = min(config.model.logps_chunk_tokens or default_chunk, tokens)
-    if config.model.compile:  # compiled_head.py: the logits in the model's dtype, the fused kernels keep no temporary
-        logits = chunk * shape.vocab * b
-    else:  # the fp32 logits and one vocab-wide temporary (logps._chunk_token_stats' exp pass, WPO's sum p^2 included)
-        logits = 2 * chunk * shape.vocab * FP32
+    # compiled_head.py: the logits in the model's dtype, the fused kernels keep no temporary; eager: the fp32 logits
+    # and one vocab-wide temporary (logps._chunk_token_stats' exp pass, WPO's sum p^2 included); PEFT's adapted
+    # lm_head three logit-sized tensors while it adds
+    adapted_head = config.lora is not None and "lm_head" in config.lora.target_modules
+    bytes_per_logit = head_bytes_per_logit(config.model.compile, b, adapted_head)
+    chunk = min(config.model.logps_chunk_tokens or default_chunk_tokens(shape.vocab, bytes_per_logit), tokens)
+    logits = chunk * shape.vocab * bytes_per_logit
     head = shape.vocab * shape.hidden * b
     if config.lora is None:  # the lm_head's full-size gradient (twice while a later chunk's is added)
         logits += head * (2 if tokens > chunk else 1)

@@ -365,6 +365,59 @@ def test_default_chunk_fills_one_budget_whatever_the_head_holds(tiny_policy):
         expected = 256 * 2**20 // (bytes_per_logit * causal_lm.config.vocab_size)
         assert scorer.chunk_tokens == expected, (dtype, compiled_head)
         assert SequenceLogps(causal_lm, chunk_tokens=7, compiled_head=compiled_head).chunk_tokens == 7
+    # A LoRA adapter on the lm_head: three bf16 logit-sized tensors as PEFT adds, more than the compiled head's one
+    from dpo_dist.config import LoRAConfig, ModelConfig
+    from dpo_dist.models import prepare_policy
+
+    causal_lm = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.bfloat16)
+    policy = prepare_policy(causal_lm, ModelConfig(base_model="x"), LoRAConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    for compiled_head in (False, True):
+        expected = 256 * 2**20 // (8 if not compiled_head else 3 * 2) // causal_lm.config.vocab_size
+        assert SequenceLogps(policy, compiled_head=compiled_head).chunk_tokens == expected, compiled_head
+
+
+def peak_live_bytes(step) -> int:
+    """The most bytes held at once while `step()` runs, from the profiler's record of every allocation and free."""
+    with torch.profiler.profile(profile_memory=True, activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    changes = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                     if event.name() == "[memory]")
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adapted", [False, True], ids=["plain", "lora"])
+def test_head_bytes_per_logit_is_what_a_chunk_holds_at_its_peak(dtype, adapted):
+    """The rule the default chunk and the planner share, against the bytes a chunk's forward and backward hold at
+    once (the profiler's allocations; the chunk's backward recomputes its forward with grad, so this is the
+    checkpointed chunk's peak): the eager head 8 per (token, vocabulary entry), the compiled head its logits in
+    the model's dtype, a PEFT LoRA lm_head (adapters in the model's dtype, as models.prepare_policy leaves them)
+    three logit-sized tensors in that dtype where that is more."""
+    import peft
+
+    from dpo_dist import compiled_head as compiled_head_lib
+    from dpo_dist.logps import _chunk_token_stats, head_bytes_per_logit
+
+    torch._dynamo.reset()  # other tests' graphs could have reached the recompile limit (see the test below)
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden_size, vocab = 96, 8, 20_000  # the weight's gradient (V H) small beside the logits (n V)
+    model = torch.nn.Sequential(torch.nn.Linear(hidden_size, vocab, bias=False))
+    if adapted:
+        adapter = peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False)
+        model = peft.get_peft_model(model, adapter).base_model.model
+    lm_head = model.to(dtype)[0]
+    hidden = torch.randn(tokens, hidden_size, generator=generator).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    for compiled, head in ((False, _chunk_token_stats), (True, compiled_head_lib.chunk_token_stats)):
+        step = lambda: head(lm_head, hidden, targets, True, False)[0].sum().backward()  # noqa: E731
+        step()  # compile outside the profile
+        measured = peak_live_bytes(step) / (tokens * vocab)
+        rule = head_bytes_per_logit(compiled, dtype.itemsize, adapted)
+        assert rule <= measured <= rule + 0.5, (compiled, measured, rule)
 
 
 def test_compiled_head_allocates_no_fp32_logits():

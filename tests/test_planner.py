@@ -90,13 +90,14 @@ def test_lora_adapters_on_moe_experts_are_what_peft_makes(targets):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_lora_on_the_lm_head_is_what_peft_makes(tied):
-    """An adapter on lm_head (alone it was counted as nothing, and DeepSpeed refused the 0-element bucket)."""
+    """Adapters on lm_head (alone it was counted as nothing, and DeepSpeed refused the 0-element bucket) and on
+    embed_tokens (PEFT's embedding adapter: A is r x vocabulary)."""
     from dpo_dist.config import ModelConfig
     from dpo_dist.planner import reduce_bucket_elements, trainable_groups
 
     hf_config = Qwen3Config(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
-    for targets in (["lm_head"], ["q_proj", "lm_head"]):
+    for targets in (["lm_head"], ["q_proj", "lm_head"], ["embed_tokens"], ["embed_tokens", "v_proj", "lm_head"]):
         lora = LoRAConfig(r=3, target_modules=targets)
         policy = prepare_policy(AutoModelForCausalLM.from_config(hf_config), ModelConfig(base_model="x"), lora)
         trainable = [p.numel() for p in policy.parameters() if p.requires_grad]
@@ -104,7 +105,7 @@ def test_lora_on_the_lm_head_is_what_peft_makes(tied):
         assert reduce_bucket_elements(ModelShape.from_hf_config(hf_config), lora) == sum(trainable)
     from dpo_dist.planner import decoder_layer_elements
 
-    uncounted = LoRAConfig(r=3, target_modules=["embed_tokens"])  # an adapter the planner does not count: never 0
+    uncounted = LoRAConfig(r=3, target_modules=["layers.0.self_attn.q_proj"])  # by path, not counted: never 0
     shape = ModelShape.from_hf_config(hf_config)
     assert reduce_bucket_elements(shape, uncounted) == decoder_layer_elements(shape)
 
@@ -198,6 +199,13 @@ def test_each_part_moves_with_its_setting(tmp_path):
                                                                                         logps_chunk_tokens=220)),
                                  shape, zero2, 8, "bfloat16", 80 * GIB)
     assert compiled_fixed.parts["logits"] == 220 * shape.vocab * 2 + head_gradient
+    # A LoRA adapter on the lm_head: three bf16 logit-sized tensors as PEFT adds, compiled (294 tokens by default);
+    # eager in bf16 its 8 bytes per logit are still the more
+    head_adapter = LoRAConfig(target_modules=["q_proj", "lm_head"])
+    for compile_head, chunk, bytes_per_logit in ((True, 294, 6), (False, 220, 8)):
+        adapted = plan_memory(dataclasses.replace(config, lora=head_adapter, model=dataclasses.replace(
+            config.model, compile=compile_head)), shape, zero2, 8, "bfloat16", 80 * GIB)
+        assert adapted.parts["logits"] == chunk * shape.vocab * bytes_per_logit, compile_head
     # 8 x 40 GiB: 47 GiB of activations do not fit; checkpointing them (re-planned) does
     small = plan_memory(config, shape, zero2, 8, "bfloat16", 40 * GIB)
     assert not small.fits and "model.gradient_checkpointing=true" in small.advice
