@@ -153,3 +153,67 @@ def test_profile_step_counts_each_kernel_once_and_overlaps_once():
     assert [(row["op"], row["calls"]) for row in rows] == [("gemm", 2), ("norm", 2), ("copy", 1)]
     assert math.isclose(rows[0]["self_ms"], 0.8) and math.isclose(rows[0]["share"], 800 / 1150)
 
+
+
+def suite_cases() -> dict[str, str]:
+    """bench/gpu_suite.sh's cases: each case name and the text of its branch, with the shared arrays it names
+    spelled out (what bench/vs_trl.py or another bench script gets on the GPU)."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parent.parent / "bench" / "gpu_suite.sh").read_text()
+    arrays = dict(re.findall(r"^([A-Z_]+)=\((.*?)\)\n", script, flags=re.M | re.S))
+    body = script.split('case $case in', 1)[1].split("\n    esac", 1)[0]
+    branches = re.findall(r"^        ([a-z0-9|-]+)\)(.*?)(?=^        [a-z0-9|*-]+\)|\Z)", body, flags=re.M | re.S)
+    cases = {}
+    for names, text in branches:
+        for name, array in arrays.items():
+            text = text.replace(f'"${{{name}[@]}}"', array)
+        for name in names.split("|"):
+            cases[name] = text
+    return cases
+
+
+def test_gpu_suite_cases_are_configs_the_trainer_accepts(tiny_policy, tmp_path):
+    """The GPU suite runs where device time is scarce (15 minutes a session) and no CPU test runs its cases: every
+    dpo-dist variant it passes must load as a config, with its DeepSpeed file filled as the trainer fills it; every
+    bench script and flag it names must exist; and the cases the next GPU session's plan (bench/RESULTS.md) names
+    must be cases the suite has."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from dpo_dist.config import load_config
+    from dpo_dist.engine import training_ds_config
+    from dpo_dist.errors import UserError
+
+    root = Path(__file__).resolve().parent.parent
+    cases = suite_cases()
+    assert {"head", "full-z2-compiled", "profile-full-z2-compiled", "lora-compiled-ours", "full-z2-overlap"} <= set(cases)
+    checked = 0
+    for name, text in cases.items():
+        ds_configs = re.findall(r"--ds-config ([^\s)]+)", text) or ["ds_configs/zero2.json"]
+        lora = {"lora": {"r": 16, "alpha": 32}} if "--lora-r" in text else {}
+        for variant in re.findall(r"--variant [a-z0-9]+:([^\s)]+)", text) + [""]:
+            overrides = [word for word in variant.split(",") if word]
+            for ds_config in ds_configs:
+                path = tmp_path / f"{name}.yaml"
+                path.write_text(yaml.safe_dump({
+                    "model": {"base_model": str(tiny_policy), "dtype": "bfloat16", "attn_implementation": "sdpa"},
+                    "training": {"batch_size": 2, "gradient_accumulation_steps": 4, "max_seq_length": 2048},
+                    "deepspeed": {"config": ds_config}, **lora}))
+                config = load_config(path, overrides)
+                try:
+                    training_ds_config(config, world_size=1)
+                except UserError as err:  # refusals of this CPU only (compiled FlexAttention)
+                    assert "needs a GPU" in str(err), (name, variant, ds_config, err)
+                checked += 1
+        for script, flags in re.findall(r"python3 (bench/\w+\.py)([^|\n]*(?:\\\n[^|\n]*)*)", text):
+            source = (root / script).read_text() + (root / "dpo_dist" / "cli.py").read_text()  # + launch flags
+            for flag in re.findall(r"(--[a-z][a-z0-9-]*)", flags):
+                assert f'"{flag}"' in source, (name, script, flag)
+    assert checked > 30
+    plan = (root / "bench" / "RESULTS.md").read_text().split("Next GPU session", 1)[1].split("\n## ", 1)[0]
+    planned = {case.split(":")[0] for line in re.findall(r"gpu_suite\.sh OUT ([^`]+)`", plan) for case in line.split()}
+    assert planned and planned <= set(cases), planned - set(cases)
