@@ -415,10 +415,28 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
         _fill(zero, "stage3_prefetch_bucket_size", decoder_layer_elements(shape))
         _fill(zero, "stage3_param_persistence_threshold", 10 * shape.hidden)
         _fill(zero, "sub_group_size", sub_group_elements(shape, offloads_optimizer(ds)))
+        for key in ZERO3_DEEPSPEED_DEFAULTS:  # OpenRLHF's files leave these "auto": DeepSpeed's own defaults
+            _fill(zero, key, ZERO3_DEEPSPEED_DEFAULTS[key])
+    else:  # ZeRO-3's settings in a file shared by every stage (OpenRLHF's): DeepSpeed reads none of them below 3
+        for key in [key for key, value in zero.items() if value == "auto" and key in ZERO3_ONLY]:
+            del zero[key]
+    if offloads_optimizer(ds):
+        # DeepSpeed refuses a client optimizer beside ZeRO-Offload unless told to keep it; dpo-dist always hands it
+        # torch's AdamW (TrainEngine), which steps the offloaded fp32 partitions on the host
+        if ds.setdefault("zero_force_ds_cpu_optimizer", False) is not False:
+            raise UserError("the DeepSpeed config (deepspeed.config) sets zero_force_ds_cpu_optimizer: "
+                            f"{json.dumps(ds['zero_force_ds_cpu_optimizer'])}, which makes DeepSpeed refuse the optimizer "
+                            "dpo-dist builds from training.* (torch's AdamW); remove the key")
     leftover = [key for key, value in _walk(ds) if value == "auto"]
     if leftover:
         raise UserError(f"the DeepSpeed config has \"auto\" values dpo-dist cannot fill: {', '.join(leftover)}")
     return ds
+
+
+# ZeRO-3's live-parameter and reuse-distance limits, as DeepSpeed 0.19's zero/config.py defaults them
+ZERO3_DEEPSPEED_DEFAULTS = {"stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9}
+ZERO3_ONLY = ("sub_group_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+              "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save")
 
 
 def _drop_auto_optimizer_sections(ds: dict) -> None:

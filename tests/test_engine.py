@@ -54,12 +54,50 @@ def test_zero3_optimizer_sub_groups_are_one_layer_unless_the_optimizer_is_offloa
     assert "sub_group_size" not in filled(read_ds_config("zero2.json"))  # ZeRO-1/2 step whole parameter groups
 
 
-def test_the_optimizer_is_torchs_fused_adamw(tmp_path):
-    """One update through the engine (ZeRO-2, a process of its own) is Adam's formula, written out here
+# OpenRLHF's get_train_ds_config at stage 2 with --adam_offload, as its users bring it: one file for every stage
+OPENRLHF_ZERO2_OFFLOAD = {
+    "steps_per_print": 100,
+    "zero_optimization": {"stage": 2, "offload_param": {"device": "none"},
+                          "offload_optimizer": {"device": "cpu", "pin_memory": True}, "sub_group_size": "auto",
+                          "stage3_max_live_parameters": "auto", "stage3_max_reuse_distance": "auto",
+                          "stage3_param_persistence_threshold": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "reduce_bucket_size": "auto", "zero_hpz_partition_size": 1, "zero_quantized_weights": False,
+                          "zero_quantized_gradients": False},
+    "bf16": {"enabled": False}, "fp16": {"enabled": False}, "gradient_clipping": 1.0, "prescale_gradients": False,
+    "wall_clock_breakdown": False, "data_types": {"grad_accum_dtype": None}, "checkpoint": {"load_universal": False},
+}
+
+
+def test_an_openrlhf_config_loads_at_every_stage_with_its_optimizer_offloaded():
+    """Its ZeRO-3 settings are "auto" at every stage: below 3 DeepSpeed reads none of them (dropped), at 3 the two
+    dpo-dist has no rule for get DeepSpeed's defaults. With the optimizer offloaded DeepSpeed would refuse the
+    client optimizer dpo-dist hands it (a traceback) unless zero_force_ds_cpu_optimizer is false."""
+    training = TrainingConfig(batch_size=2)
+    zero2 = fill_ds_config(OPENRLHF_ZERO2_OFFLOAD, training, torch.float32, TINY, 2, None)
+    assert not [key for key in zero2["zero_optimization"] if "stage3" in key or key == "sub_group_size"]
+    assert zero2["zero_force_ds_cpu_optimizer"] is False and zero2["gradient_clipping"] == 1.0
+    stage3 = json.loads(json.dumps(OPENRLHF_ZERO2_OFFLOAD))
+    stage3["zero_optimization"]["stage"] = 3
+    zero3 = fill_ds_config(stage3, training, torch.float32, TINY, 2, None)["zero_optimization"]
+    assert zero3["stage3_max_live_parameters"] == zero3["stage3_max_reuse_distance"] == 10**9
+    assert zero3["sub_group_size"] == 10**9 and zero3["stage3_param_persistence_threshold"] == 640
+    not_offloaded = fill_ds_config(read_ds_config("zero2.json"), training, torch.float32, TINY, 2, None)
+    assert "zero_force_ds_cpu_optimizer" not in not_offloaded
+    forced = json.loads(json.dumps(OPENRLHF_ZERO2_OFFLOAD)) | {"zero_force_ds_cpu_optimizer": True}
+    with pytest.raises(UserError, match="sets zero_force_ds_cpu_optimizer: true, which makes DeepSpeed refuse"):
+        fill_ds_config(forced, training, torch.float32, TINY, 2, None)
+
+
+@pytest.mark.parametrize("ds_name", ["zero2.json", "openrlhf_zero2_offload.json"])
+def test_the_optimizer_is_torchs_fused_adamw(tmp_path, ds_name):
+    """One update through the engine (ZeRO-2, a process of its own; also with the optimizer offloaded, as an OpenRLHF
+    file has it) is Adam's formula, written out here
     (decoupled weight decay, bias-corrected moments), by the fused implementation: the one whose step keeps
     no temporaries (planner.step_bytes)."""
     from launching import ROOT, assert_ok, run
 
+    ds_path = tmp_path / ds_name
+    ds_path.write_text(json.dumps(OPENRLHF_ZERO2_OFFLOAD if ds_name.startswith("openrlhf") else read_ds_config(ds_name)))
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import json, sys, torch\n"
@@ -72,7 +110,7 @@ def test_the_optimizer_is_torchs_fused_adamw(tmp_path):
         "module = torch.nn.Linear(3, 2, bias=False)\n"
         "training = TrainingConfig(batch_size=1, learning_rate=0.1, weight_decay=0.01, warmup_ratio=0.0)\n"
         "shape = ModelShape(vocab=10, hidden=3, intermediate=4, layers=1, heads=1, kv_heads=1, head_dim=3, tied=True)\n"
-        "engine = TrainEngine(module, fill_ds_config(read_ds_config('zero2.json'), training, torch.float32, shape, 1, None),\n"
+        f"engine = TrainEngine(module, fill_ds_config(read_ds_config({str(ds_path)!r}), training, torch.float32, shape, 1, None),\n"
         "                     training, total_steps=1000)\n"
         "inputs = torch.randn(4, 3)\n"
         "before = module.weight.detach().clone().tolist()\n"
