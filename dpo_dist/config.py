@@ -129,6 +129,7 @@ class ModelConfig:
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "discopop", "sigmoid_norm", "aot", "aot_unpaired", "sft", "simpo", "orpo")  # dpo_dist.losses.LOSSES, checked by a test
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")  # the losses that read dpo.label_smoothing
 # Losses that sort a micro-batch's pairs (AOT): WPO's per-pair weights no longer belong to their pairs there.
 SORTING_LOSSES = ("aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # losses.divergence_scores

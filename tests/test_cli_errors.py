@@ -21,6 +21,14 @@ def test_unknown_config_key(tiny_policy, tmp_path):
     assert_clean_error(run(python_launch("train.py", config, "training.lerning_rate=1e-5")), "training.lerning_rate", "learning_rate")
 
 
+def test_label_smoothing_that_no_loss_reads(tiny_policy, tmp_path):
+    """OpenRLHF's label_smoothing (conservative DPO) under TRL 1.16's sigmoid loss, which ignores it: refused, not
+    trained on silently as if unset."""
+    config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out")
+    assert_clean_error(run(python_launch("train.py", config, "dpo.label_smoothing=0.1")),
+                       "dpo.label_smoothing=0.1 changes nothing with dpo.loss_type sigmoid", "robust, exo_pair, aot")
+
+
 def test_bad_data_line(tiny_policy, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [PLAIN_RECORD, {"prompt": "x", "chosen": "y"}])
     config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out", data={"train_files": [str(data)]})

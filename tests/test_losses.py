@@ -1,11 +1,12 @@
 """Every preference loss against values worked out by hand (closed forms via `math`, not torch)."""
 
+import inspect
 import math
 
 import pytest
 import torch
 
-from dpo_dist.config import LOSS_TYPES, REFERENCE_FREE_LOSSES
+from dpo_dist.config import LABEL_SMOOTHING_LOSSES, LOSS_TYPES, REFERENCE_FREE_LOSSES
 from dpo_dist.losses import (
     router_balance_loss,
     LOSSES,
@@ -268,6 +269,8 @@ def test_chosen_nll_is_per_token():
 
 def test_registry_matches_the_config_choices():
     assert tuple(LOSSES) == LOSS_TYPES
+    reads_smoothing = {name for name, spec in LOSSES.items() if "label_smoothing" in inspect.signature(spec.fn).parameters}
+    assert reads_smoothing == set(LABEL_SMOOTHING_LOSSES)
     assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == set(REFERENCE_FREE_LOSSES)
     chosen = torch.tensor([-1.0], requires_grad=True)
     out = LOSSES["sigmoid"].fn(PreferenceInputs(chosen, torch.tensor([-2.0]), torch.ones(1), torch.ones(1),
