@@ -15,7 +15,7 @@ import sys
 import typing
 from typing import Any, Callable
 
-from dpo_dist.config import SECTIONS, Config, load_config
+from dpo_dist.config import FOREIGN_NAMES, SECTIONS, Config, foreign_answer, key_homes, load_config
 from dpo_dist.engine import shutdown_distributed
 from dpo_dist.errors import UserError
 
@@ -53,7 +53,30 @@ def parse_args(description: str, argv: list[str] | None = None, flags: tuple[tup
     for flag, help_text in flags:
         parser.add_argument(flag, action="store_true", help=help_text)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unknown_flag_message(unknown, sys.argv[1:] if argv is None else argv))
+    return args
+
+
+def unknown_flag_message(unknown: list[str], argv: list[str]) -> str:
+    """What to write instead of a flag the script does not have (OpenRLHF's and TRL's scripts take settings as
+    flags: --beta 0.1)."""
+    flag = next((word for word in unknown if word.startswith("-")), unknown[0])
+    name, _, value = flag.lstrip("-").partition("=")
+    name = name.replace("-", "_")
+    if not value and flag in argv:  # the flag's value, which argparse took for an override
+        following = argv[argv.index(flag) + 1:]
+        value = following[0] if following and not following[0].startswith("-") else ""
+    homes = key_homes(name)
+    foreign = FOREIGN_NAMES.get(name, "")
+    if homes or (foreign and " " not in foreign):  # a key of this config: the word to write
+        instead = f": {homes[0] if homes else foreign}={value or '...'}"
+    elif foreign:
+        instead = f"; --{name}: {foreign_answer(name)}"
+    else:
+        instead = " (e.g. training.num_epochs=1; --help lists every key)"
+    return f"unrecognized arguments: {' '.join(unknown)}. Settings are section.key=value words after --config here{instead}"
 
 
 def run_main(

@@ -584,8 +584,9 @@ def _coerce(value: Any, annotation: Any, key: str, choices: tuple | None) -> Any
     raise TypeError(f"unsupported annotation {annotation} for {key}")
 
 
-# Names users bring from TRL's DPOConfig, transformers' TrainingArguments and PEFT's LoraConfig, and what they are
-# here (a key, or why there is none): an unknown-key error says so instead of guessing a look-alike
+# Names users bring from TRL's DPOConfig, transformers' TrainingArguments, PEFT's LoraConfig and OpenRLHF's train_dpo,
+# and what they are here (a key or a section, or why there is none): an unknown-key error says so instead of guessing
+# a look-alike. A "section.name" entry answers for that section only.
 FOREIGN_NAMES = {
     "per_device_train_batch_size": "training.batch_size",
     "per_device_eval_batch_size": "training.eval_batch_size",
@@ -627,17 +628,73 @@ FOREIGN_NAMES = {
     "model_init_kwargs": "model.dtype and model.attn_implementation",
     "use_dora": "no setting: the adapter is plain LoRA",
     "use_rslora": "no setting: the adapter is plain LoRA, scaled by lora.alpha / lora.r",
+    # OpenRLHF's train_dpo flags (flat, and the last part of its nested ones), as YAML keys
+    "train": "training (OpenRLHF's train.batch_size is the global batch; training.batch_size is per process and "
+             "micro-batch: the global batch is batch_size x processes x training.gradient_accumulation_steps)",
+    "train_batch_size": "training.batch_size x processes x training.gradient_accumulation_steps, the global batch "
+                        "(training.batch_size is pairs per process per micro-batch): set those two",
+    "micro_train_batch_size": "training.batch_size (pairs per process per micro-batch)",
+    "micro_batch_size": "training.batch_size (pairs per process per micro-batch)",
+    "max_len": "training.max_seq_length",
+    "max_epochs": "training.num_epochs",
+    "max_norm": "training.max_grad_norm",
+    "lr_warmup_ratio": "training.warmup_ratio",
+    "l2": "training.weight_decay",
+    "min_lr_ratio": "no setting: training.lr_scheduler decays to 0 (linear, cosine) or stays constant",
+    "packing_samples": "data.packing",
+    "nll_loss_coef": "dpo.sft_weight (the chosen completion's per-token NLL, as OpenRLHF's)",
+    "aux_loss_coef": "dpo.router_aux_loss_coef",
+    "ipo": "dpo.loss_type: ipo (as TRL's, on per-token mean log-ratios: OpenRLHF's sums them, so the same beta "
+           "regularises differently)",
+    "pretrain": "model.base_model (with model.sft_model for the checkpoint training starts from)",
+    "ref_pretrain": "model.ref_model",
+    "reference.model_name_or_path": "model.ref_model",
+    "reference.pretrain": "model.ref_model",
+    "flash_attn": "model.attn_implementation: flash_attention_2",
+    "ref_offload": "reference.offload",
+    "adam_offload": "deepspeed.config with offload_optimizer in its zero_optimization (ds_configs/zero3_offload.json)",
+    "zero_stage": "deepspeed.config: a DeepSpeed JSON with that zero_optimization.stage (ds_configs/zero2.json, "
+                  "zero3.json, zero3_offload.json)",
+    "ds": "deepspeed (its config key names a DeepSpeed JSON)",
+    "lora_rank": "lora.r",
+    "rank": "lora.r",
+    "save_path": "training.output_dir (the exported model goes to its final/)",
+    "ckpt_path": "training.output_dir (checkpoints go to its checkpoint-<step>/)",
+    "load_checkpoint": "training.resume_from (auto: the newest checkpoint in training.output_dir)",
+    "max_ckpt_num": "training.save_total_limit",
+    "use_wandb": "no setting: metrics go to <training.output_dir>/metrics.jsonl and its tensorboard/ directory",
+    "use_tensorboard": "no setting: TensorBoard files are always written to <training.output_dir>/tensorboard",
+    "prompt_key": "no setting: records hold prompt, chosen and rejected (or chosen and rejected conversations); "
+                  "rename other columns first, e.g. with datasets' rename_column and save_to_disk",
+    "chosen_key": "no setting: records hold prompt, chosen and rejected; rename other columns first",
+    "rejected_key": "no setting: records hold prompt, chosen and rejected; rename other columns first",
+    "input_template": "no setting: chat-message records go through the tokenizer's chat template; plain strings "
+                      "are joined as they are",
+    "apply_chat_template": "no setting: chat-message records always go through the tokenizer's chat template",
+    "max_samples": "no setting: give the files the pairs to train on (training.max_steps bounds the steps)",
 }
+
+
+def key_homes(name: str) -> list[str]:
+    """The section.key spellings of a key name, in the sections that have it."""
+    return [f"{section}.{name}" for section, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+
+
+def foreign_answer(name: str) -> str | None:
+    """What another tool's name is here, as a phrase ("here it is dpo.sft_weight", "no setting: ..."), or None."""
+    answer = FOREIGN_NAMES.get(name)
+    if answer is None:
+        return None
+    return answer if answer.startswith("no setting") else f"here it is {answer}"
 
 
 def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
     name = key.rsplit(".", 1)[-1]
-    if name in FOREIGN_NAMES:
-        answer = FOREIGN_NAMES[name]
-        here = answer if answer.startswith("no setting") else f"here it is {answer}"
-        return UserError(f"unknown key '{key}' in {where}: '{name}' is a TRL, transformers or PEFT name; {here}")
-    homes = [f"{section}.{name}" for section, cls in SECTIONS.items()
-             if name in {f.name for f in dataclasses.fields(cls)} and f"{section}.{name}" != key]
+    for foreign in (key, name):  # a name a section's own entry answers (reference.pretrain) before the bare name
+        if foreign in FOREIGN_NAMES:
+            return UserError(f"unknown key '{key}' in {where}: '{foreign}' is a TRL, transformers, PEFT or OpenRLHF "
+                             f"name; {foreign_answer(foreign)}")
+    homes = [home for home in key_homes(name) if home != key]
     if homes:
         return UserError(f"unknown key '{key}' in {where}: it is {' or '.join(homes)}; put it in that section")
     close = difflib.get_close_matches(name, known, n=1)
@@ -670,7 +727,9 @@ def parse_override(word: str) -> tuple[list[str], Any]:
     key, text = word.split("=", 1)
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
-        raise UserError(f"override '{word}': the key must be section.key, e.g. training.num_epochs")
+        homes = key_homes(path[-1]) if len(path) == 1 else []
+        example = f"{homes[0]}={text}" if homes else "training.num_epochs=1"
+        raise UserError(f"override '{word}': the key must be section.key, e.g. {example}")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as err:

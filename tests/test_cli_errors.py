@@ -3,6 +3,8 @@
 
 import sys
 
+import pytest
+
 from conftest import PLAIN_RECORD, write_jsonl
 from launching import python_launch, run, write_config
 
@@ -27,6 +29,31 @@ def test_label_smoothing_that_no_loss_reads(tiny_policy, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_policy, None, tmp_path / "out")
     assert_clean_error(run(python_launch("train.py", config, "dpo.label_smoothing=0.1")),
                        "dpo.label_smoothing=0.1 changes nothing with dpo.loss_type sigmoid", "robust, exo_pair, aot")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--beta", "0.2"], "unrecognized arguments: --beta. Settings are section.key=value words after --config here: "
+                        "dpo.beta=0.2"),
+    (["--max_len=512"], "here: training.max_seq_length=512"),  # OpenRLHF's name, a key here
+    (["--lora-rank", "16"], "here: lora.r=16"),
+    (["--adam_offload"], "here; --adam_offload: here it is deepspeed.config with offload_optimizer"),
+    (["--frobnicate"], "here (e.g. training.num_epochs=1; --help lists every key)"),
+])
+def test_settings_given_as_flags_are_answered_with_the_key(argv, expected, capsys):
+    """OpenRLHF's and TRL's scripts take their settings as flags; argparse alone said only "unrecognized"."""
+    from dpo_dist.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args("test", ["--config", "c.yaml", *argv])
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_an_override_without_its_section_names_it():
+    from dpo_dist.config import parse_override
+    from dpo_dist.errors import UserError
+
+    with pytest.raises(UserError, match=r"override 'beta=0.2': the key must be section.key, e.g. dpo.beta=0.2"):
+        parse_override("beta=0.2")
 
 
 def test_bad_data_line(tiny_policy, tmp_path):

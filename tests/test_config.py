@@ -150,15 +150,25 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
 
 @pytest.mark.parametrize("text, overrides, message", [
     # TRL's, transformers' and PEFT's names: where they live here (difflib guessed eval_batch_size and 'fused')
-    (SEED_CONFIG, ["training.per_device_train_batch_size=2"], "'per_device_train_batch_size' is a TRL, transformers or "
-     "PEFT name; here it is training.batch_size"),
+    (SEED_CONFIG, ["training.per_device_train_batch_size=2"], "'per_device_train_batch_size' is a TRL, transformers, "
+     "PEFT or OpenRLHF name; here it is training.batch_size"),
     (SEED_CONFIG, ["lora.lora_alpha=32"], "here it is lora.alpha"),
     (SEED_CONFIG, ["training.bf16=true"], "here it is model.dtype: bfloat16"),
-    (SEED_CONFIG, ["lora.use_dora=true"], "'use_dora' is a TRL, transformers or PEFT name; no setting: the adapter is plain LoRA"),
+    (SEED_CONFIG, ["lora.use_dora=true"], "'use_dora' is a TRL, transformers, PEFT or OpenRLHF name; no setting: the adapter is plain LoRA"),
     # a key of another section (difflib guessed keep_best_checkpoint), and a flat config's top-level key
     (SEED_CONFIG, ["training.gradient_checkpointing=true"], "'training.gradient_checkpointing' in the overrides: it is "
      "model.gradient_checkpointing; put it in that section"),
     ("model: {base_model: x}\nbeta: 0.1\n", [], "unknown key 'beta' in "),
+    # OpenRLHF's (difflib guessed router_aux_loss_coef, keep_best_checkpoint, 'training' and model.base_model)
+    (SEED_CONFIG, ["dpo.nll_loss_coef=0.2"], "here it is dpo.sft_weight"),
+    (SEED_CONFIG, ["training.load_checkpoint=true"], "here it is training.resume_from"),
+    ("model: {base_model: x}\ntrain: {batch_size: 128}\n", [], "here it is training (OpenRLHF's train.batch_size is "
+     "the global batch; training.batch_size is per process and micro-batch"),
+    (SEED_CONFIG, ["training.train_batch_size=128"], "here it is training.batch_size x processes x "
+     "training.gradient_accumulation_steps, the global batch"),
+    (SEED_CONFIG, ["reference.model_name_or_path=/ref"], "here it is model.ref_model"),
+    (SEED_CONFIG, ["model.model_name_or_path=/sft"], "here it is model.base_model"),
+    (SEED_CONFIG, ["data.prompt_key=question"], "no setting: records hold prompt, chosen and rejected"),
 ])
 def test_unknown_key_says_where_a_known_name_lives(tmp_path, text, overrides, message):
     with pytest.raises(UserError) as err:
@@ -174,7 +184,11 @@ def test_foreign_names_point_at_keys_that_exist():
     for name, answer in FOREIGN_NAMES.items():
         if answer.startswith("no setting"):
             continue
-        section, key = answer.split()[0].rstrip(",:").split(".")
+        named = answer.split()[0].rstrip(",:")
+        if "." not in named:  # a section's name (OpenRLHF's train, ds)
+            assert named in SECTIONS, name
+            continue
+        section, key = named.split(".")
         assert key in {f.name for f in dataclasses.fields(SECTIONS[section])}, name
 
 
