@@ -106,3 +106,28 @@ def test_fused_projections_under_zero3_train_like_peft(tiny_policy, tmp_path):
     for (loss, norm), (fused_loss, fused_norm) in zip(metrics[False], metrics[True]):
         assert fused_loss == pytest.approx(loss, abs=1e-6) and fused_norm == pytest.approx(norm, rel=1e-5)
     assert metrics[True][-1][0] != metrics[True][0][0]  # it trained
+
+
+def test_every_target_module_must_name_a_module(tiny_policy):
+    """PEFT trains a list whose other names match without a misspelt one's adapter (v_projj: silently no adapter on
+    v_proj); refused, naming it. Names PEFT matches stay accepted: by path, and on Qwen3-MoE's fused experts (in
+    transformers 5 parameters, not modules) the projections' names."""
+    from transformers import Qwen3MoeConfig
+
+    from dpo_dist.config import LoRAConfig, ModelConfig
+    from dpo_dist.errors import UserError
+    from dpo_dist.models import prepare_policy
+
+    def prepare(model, targets):
+        return prepare_policy(model, ModelConfig(base_model="x"), LoRAConfig(r=2, target_modules=targets))
+
+    with pytest.raises(UserError, match=r"lora.target_modules: v_projj name no module of this model; its linear and "
+                                        r"embedding modules are down_proj, embed_tokens, gate_proj, k_proj, lm_head"):
+        prepare(AutoModelForCausalLM.from_pretrained(tiny_policy), ["q_proj", "v_projj"])
+    policy = prepare(AutoModelForCausalLM.from_pretrained(tiny_policy), ["layers.0.self_attn.q_proj", "lm_head"])
+    assert sum(param.requires_grad for param in policy.parameters()) == 4  # A and B of each
+    moe = Qwen3MoeConfig(vocab_size=500, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                         num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16)
+    policy = prepare(AutoModelForCausalLM.from_config(moe), ["q_proj", "gate_proj", "up_proj", "down_proj"])
+    assert any("experts" in name for name, param in policy.named_parameters() if param.requires_grad)
