@@ -76,8 +76,10 @@ def _check_messages(value: Any, field: str, completion: bool) -> str | None:
                     f"{', '.join(sorted(MESSAGE_EXTRAS))})")
         if message.get("role") not in ROLES:
             return f"'{field}[{i}].role' is {message.get('role')!r}; expected one of {', '.join(ROLES)}"
-        if not isinstance(message.get("content"), str):
-            return f"'{field}[{i}].content' must be a string"
+        # OpenAI-style tool calls leave the calling message's content null (Qwen's templates render it as empty)
+        tool_call = message.get("content") is None and bool(message.get("tool_calls"))
+        if not isinstance(message.get("content"), str) and not tool_call:
+            return f"'{field}[{i}].content' must be a string (null only beside tool_calls)"
         # A completion is the assistant's turn: its messages, and in an agent's trajectory the tools' answers
         # between them (scored too, as TRL scores the whole rest of the conversation)
         completion_roles = ("assistant",) if i == 0 else ("assistant", "tool")
@@ -108,6 +110,8 @@ def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any] | 
         shared -= 1
     if shared == 0:
         return "no 'prompt', and 'chosen' and 'rejected' share no start to take it from: add a 'prompt' key"
+    if chosen == rejected:
+        return "no 'prompt', and 'chosen' and 'rejected' are the same (a tie): there is nothing to prefer"
     if shared == len(chosen) or shared == len(rejected):
         return "no 'prompt', and one of 'chosen' / 'rejected' is the start of the other: nothing is left to compare"
     return chosen[:shared], chosen[shared:], rejected[shared:]

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2  # transformers renders chat templates with it (its dependency, not a new one)
 import numpy as np
 
 from dpo_dist import split_cache
@@ -91,6 +92,9 @@ def render_texts(record: Record, tokenizer) -> tuple[str, str, str]:
     except TypeError as err:  # a chat_template_kwargs key that apply_chat_template itself takes, with a wrong value
         raise DataError(f"{record.location}: the chat template cannot render it with chat_template_kwargs "
                         f"{record.chat_template_kwargs}: {err}") from None
+    except jinja2.TemplateError as err:  # the template's own refusal (raise_exception), or a message it cannot read
+        raise DataError(f"{record.location}: the tokenizer's chat template cannot render it: "
+                        f"{type(err).__name__}: {err}") from None
     for name, full in (("chosen", full_chosen), ("rejected", full_rejected)):
         if not full.startswith(prompt):
             raise DataError(

@@ -33,6 +33,9 @@ from dpo_dist.records import DataError, read_records, record_uid
         # Implicit prompts (no "prompt"): chosen and rejected must share a start and both go on past it.
         (json.dumps({"chosen": "blue", "rejected": "green"}), "share no start to take it from: add a 'prompt' key"),
         (json.dumps({"chosen": "Sky? Blue", "rejected": "Sky? Blue."}), "one of 'chosen' / 'rejected' is the start of the other"),
+        (json.dumps({"chosen": "Sky? Blue", "rejected": "Sky? Blue"}), "'chosen' and 'rejected' are the same (a tie)"),
+        (json.dumps({"prompt": [{"role": "user", "content": None}], "chosen": "a", "rejected": "b"}),
+         "'prompt[0].content' must be a string (null only beside tool_calls)"),
         (json.dumps({"chosen": "Sky? Blue", "rejected": [{"role": "assistant", "content": "x"}]}), "both be strings or both be chat"),
         (
             json.dumps({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}),
@@ -266,3 +269,23 @@ def test_count_rows_counts_the_lines_reading_yields(tmp_path, monkeypatch, conte
     with path.open("rb") as handle:
         lines = sum(1 for _ in handle)
     assert records.count_rows([str(path)]) == ([lines], None)
+
+
+def test_a_tool_call_with_null_content_is_read_and_a_template_that_cannot_render_it_names_the_record(tiny_policy, tmp_path):
+    """OpenAI-style tool calls leave the calling message's content null (Qwen's templates render it as empty). A
+    template that cannot read it raises inside jinja; that is the record's error, with its line, not a traceback."""
+    from transformers import AutoTokenizer
+
+    from dpo_dist.tokenization import tokenize_records
+
+    calling = {"prompt": [{"role": "user", "content": "Sort 3 1"},
+                          {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+                          {"role": "tool", "content": "1 3"}],
+               "chosen": [{"role": "assistant", "content": "1 3"}], "rejected": [{"role": "assistant", "content": "3 1"}]}
+    records, _ = read_records([str(write_jsonl(tmp_path / "calls.jsonl", [PLAIN_RECORD, calling]))], skip_invalid=False)
+    assert records[1].prompt[1]["content"] is None
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)  # its short template reads message['content'] as a string
+    with pytest.raises(DataError, match=r"calls.jsonl:2: the tokenizer's chat template cannot render it: UndefinedError"):
+        tokenize_records(records, tokenizer, 256, "keep_start", skip_invalid=False)
+    examples, _, failures = tokenize_records(records, tokenizer, 256, "keep_start", skip_invalid=True)
+    assert len(examples) == 1 and failures == 1
