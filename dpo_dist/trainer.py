@@ -217,7 +217,10 @@ class Trainer:
             self.logger.info(f"policy: the lora: section adds a new adapter, which changes nothing: these are the scores "
                              f"of {config.model.policy_path}. For a trained adapter's, give its merged model as "
                              "model.sft_model and leave the lora: section out")
-        self.logger.info(f"reference: {mode}")
+        offloaded = ", its parameters offloaded to CPU (reference.offload)" if mode == "model" and config.reference.offload else ""
+        self.logger.info(f"reference: {mode}{offloaded}")
+        if config.reference.offload and mode != "model":  # OpenRLHF's --ref_offload with LoRA: nothing to offload
+            self.logger.info(f"reference.offload: no reference model to offload (reference: {mode}); the setting does nothing")
         if config.lora is not None and config.lora.fused:
             self.logger.info(f"lora.fused: {fused_lora_layers(policy)} LoRA projections run as one autograd function each")
         for name, model in (("policy", policy), ("reference", getattr(self.reference, "model", None))):

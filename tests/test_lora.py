@@ -39,10 +39,12 @@ def check_starts_at_ln2_and_learns(output_dir, dtype_tolerance):
 
 def test_zero3_fp32_gradient_checkpointing_adapter_reference_and_exports(tiny_policy, tmp_path):
     config = lora_config(tmp_path, tiny_policy, "z3", model={"gradient_checkpointing": True},
-                         deepspeed={"config": "ds_configs/zero3.json"}, export={"merge": True})
+                         deepspeed={"config": "ds_configs/zero3.json"}, export={"merge": True},
+                         reference={"offload": True})  # OpenRLHF's --ref_offload beside LoRA: said to do nothing
     result = run(deepspeed_launch("train.py", config))
     assert_ok(result)
     assert "reference: adapter" in result.stdout and "reference: rank 0 holds" not in result.stdout  # no second model
+    assert "reference.offload: no reference model to offload (reference: adapter); the setting does nothing" in result.stdout
     assert "policy: trains a LoRA adapter (r 8, alpha 16, on q_proj, k_proj, v_proj, o_proj, gate_proj" in result.stdout
     _, evals = check_starts_at_ln2_and_learns(tmp_path / "z3", 1e-3)
     assert evals[0]["eval_loss"] == pytest.approx(LN2, abs=1e-7)

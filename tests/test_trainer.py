@@ -67,14 +67,16 @@ def test_offloaded_reference_and_no_token_metrics_give_the_same_losses(tiny_poli
     the per-token metrics' passes over the vocabulary; neither may move a number, and the second leaves exactly those
     four metrics out of the train and eval records."""
     token_metric_names = set(TOKEN_METRICS)
-    runs = {}
+    runs, printed = {}, {}
     for name, offload, token_metrics in (("baseline", False, True), ("offload", True, True),
                                          ("no-token-metrics", False, False)):
         out = tmp_path / name
         config = write_config(tmp_path / f"{name}.yaml", tiny_policy, tiny_reference, out,
                               training={"max_steps": 4, "token_metrics": token_metrics}, reference={"offload": offload})
-        run_here("train.py", config)
+        printed[name] = run_here("train.py", config)
         runs[name] = read_metrics(out)
+    assert "reference: model, its parameters offloaded to CPU (reference.offload)" in printed["offload"]
+    assert "reference: model, its parameters offloaded" not in printed["baseline"] and "reference: model" in printed["baseline"]
     baseline_train, baseline_evals = runs["baseline"]
     assert sorted(baseline_train) == [1, 2, 3, 4] and len(baseline_evals) == 2
     for name in ("offload", "no-token-metrics"):
