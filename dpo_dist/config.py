@@ -296,6 +296,8 @@ class TrainingConfig:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
     warmup_ratio: float = _opt(0.0, "Fraction of optimizer steps with linear warmup.")
     lr_scheduler: str = _opt("linear", "Decay after warmup.", ("linear", "cosine", "constant"))
+    min_lr_ratio: float = _opt(0.0, "Where the linear and cosine decays end, as a fraction of learning_rate (OpenRLHF's "
+                                    "min_lr_ratio, whose default is 0.1; transformers' cosine_with_min_lr). In [0, 1).")
     max_seq_length: int = _opt(1024, "Tokens per prompt+completion sequence; longer ones are truncated.")
     max_steps: int = _opt(-1, "Stop after this many optimizer steps (-1: run num_epochs).")
     output_dir: str = _opt("output", "Where metrics, the resolved config and the final export go.")
@@ -326,6 +328,8 @@ class TrainingConfig:
             raise UserError(f"training.eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio < 1.0:
+            raise UserError(f"training.min_lr_ratio must be in [0, 1) (a fraction of learning_rate), got {self.min_lr_ratio}")
         if self.learning_rate <= 0:
             raise UserError(f"training.learning_rate must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
@@ -640,7 +644,6 @@ FOREIGN_NAMES = {
     "max_norm": "training.max_grad_norm",
     "lr_warmup_ratio": "training.warmup_ratio",
     "l2": "training.weight_decay",
-    "min_lr_ratio": "no setting: training.lr_scheduler decays to 0 (linear, cosine) or stays constant",
     "packing_samples": "data.packing",
     "nll_loss_coef": "dpo.sft_weight (the chosen completion's per-token NLL, as OpenRLHF's)",
     "aux_loss_coef": "dpo.router_aux_loss_coef",

@@ -526,16 +526,16 @@ def fused_adamw_supported() -> bool:
     return get_accelerator().device_name() in FUSED_ADAMW_DEVICES
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
-    """Linear warmup from 0 to 1 over `warmup_steps`, then linear/cosine decay to 0, or constant."""
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str, floor: float = 0.0) -> float:
+    """Linear warmup from 0 to 1 over `warmup_steps`, then linear/cosine decay to `floor` (training.min_lr_ratio),
+    or constant."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if kind == "constant":
         return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return max(0.0, 1.0 - progress)
+    progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
+    decayed = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return floor + (1.0 - floor) * decayed
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -598,7 +598,8 @@ class TrainEngine:
             fused=fused_adamw_supported(),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, training.lr_scheduler)
+            optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, training.lr_scheduler,
+                                                  training.min_lr_ratio)
         )
         ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
         self.engine, _, _, _ = deepspeed.initialize(

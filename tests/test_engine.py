@@ -202,6 +202,22 @@ def test_lr_schedule_warmup_then_decay():
     assert lr_multiplier(9, 2, 10, "constant") == 1.0
 
 
+def test_decay_ends_at_min_lr_ratio_as_transformers_cosine_with_min_lr():
+    """training.min_lr_ratio (OpenRLHF's min_lr_ratio): by hand, and against transformers' cosine_with_min_lr
+    schedule (no warmup: the two warm up differently) over a whole run."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    assert lr_multiplier(6, 2, 10, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(9, 2, 10, "linear", 0.1) == pytest.approx(0.1 + 0.9 * (1 - 7 / 8))
+    assert lr_multiplier(50, 2, 10, "linear", 0.1) == pytest.approx(0.1)  # past the planned steps: the floor
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 0, 20, min_lr_rate=0.1)
+    for step in range(20):
+        assert lr_multiplier(step, 0, 20, "cosine", 0.1) == pytest.approx(theirs.get_last_lr()[0], abs=1e-12), step
+        optimizer.step()
+        theirs.step()
+
+
 def _vote_worker(rank: int, port: int, results) -> None:
     """Two gloo ranks; only rank 1 raises its flag, at call 2 (0-based)."""
     import os
