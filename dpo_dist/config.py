@@ -675,6 +675,9 @@ FOREIGN_NAMES = {
                       "are joined as they are",
     "apply_chat_template": "no setting: chat-message records always go through the tokenizer's chat template",
     "max_samples": "no setting: give the files the pairs to train on (training.max_steps bounds the steps)",
+    "adam_betas": "training.adam_beta1 and training.adam_beta2 (OpenRLHF's default is 0.9, 0.95)",
+    "dataset": "data.train_files (JSONL, JSON or parquet files, or datasets saved with save_to_disk)",
+    "eval_dataset": "data.eval_files",
 }
 
 
