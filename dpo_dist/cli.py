@@ -53,7 +53,8 @@ def parse_args(description: str, argv: list[str] | None = None, flags: tuple[tup
     for flag, help_text in flags:
         parser.add_argument(flag, action="store_true", help=help_text)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args, unknown = parser.parse_known_args(argv)
+    # Intermixed: overrides may stand on both sides of a flag (deepspeed's launcher puts --local_rank first)
+    args, unknown = parser.parse_known_intermixed_args(argv)
     if unknown:
         parser.error(unknown_flag_message(unknown, sys.argv[1:] if argv is None else argv))
     return args
@@ -61,22 +62,31 @@ def parse_args(description: str, argv: list[str] | None = None, flags: tuple[tup
 
 def unknown_flag_message(unknown: list[str], argv: list[str]) -> str:
     """What to write instead of a flag the script does not have (OpenRLHF's and TRL's scripts take settings as
-    flags: --beta 0.1)."""
+    flags: --beta 0.1, --ref_offload)."""
     flag = next((word for word in unknown if word.startswith("-")), unknown[0])
     name, _, value = flag.lstrip("-").partition("=")
     name = name.replace("-", "_")
-    if not value and flag in argv:  # the flag's value, which argparse took for an override
+    if not value and flag in argv:  # the flag's value, unless the next word is an override or another flag
         following = argv[argv.index(flag) + 1:]
-        value = following[0] if following and not following[0].startswith("-") else ""
-    homes = key_homes(name)
-    foreign = FOREIGN_NAMES.get(name, "")
-    if homes or (foreign and " " not in foreign):  # a key of this config: the word to write
-        instead = f": {homes[0] if homes else foreign}={value or '...'}"
+        value = following[0] if following and "=" not in following[0] and not following[0].startswith("--") else ""
+    homes, foreign = key_homes(name), FOREIGN_NAMES.get(name, "")
+    key = homes[0] if homes else (foreign if foreign in _all_keys() else None)  # an answer that is a key alone
+    if key is not None:  # a key of this config: the word to write (a switch given alone turns it on)
+        instead = f": {key}={value or ('true' if _is_switch(key) else '...')}"
     elif foreign:
         instead = f"; --{name}: {foreign_answer(name)}"
     else:
         instead = " (e.g. training.num_epochs=1; --help lists every key)"
     return f"unrecognized arguments: {' '.join(unknown)}. Settings are section.key=value words after --config here{instead}"
+
+
+def _all_keys() -> set[str]:
+    return {f"{section}.{field.name}" for section, cls in SECTIONS.items() for field in dataclasses.fields(cls)}
+
+
+def _is_switch(key: str) -> bool:
+    section, name = key.split(".")
+    return typing.get_type_hints(SECTIONS[section])[name] is bool
 
 
 def run_main(

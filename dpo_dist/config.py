@@ -230,6 +230,20 @@ class DPOConfig:
         return list(zip(self.loss_type, self.loss_weights or [1.0] * len(self.loss_type)))
 
 
+def check_label_smoothing(dpo: DPOConfig) -> None:
+    """dpo.label_smoothing with no loss that reads it would change nothing, silently. OpenRLHF's and older TRL's
+    sigmoid loss smoothed the label (conservative DPO); TRL 1.16's, like dpo-dist's, does not. Checked by the
+    training scripts before any work, not when a config loads: export and evaluation still read a saved config
+    that has it (the numbers are the same with or without it)."""
+    if dpo.label_smoothing and not any(name in LABEL_SMOOTHING_LOSSES for name in dpo.loss_type):
+        raise UserError(
+            f"dpo.label_smoothing={dpo.label_smoothing} changes nothing with dpo.loss_type {', '.join(dpo.loss_type)}: "
+            f"only {', '.join(LABEL_SMOOTHING_LOSSES)} read it (TRL 1.16's sigmoid ignores it too; OpenRLHF's "
+            "label_smoothing, conservative DPO, has no loss here). Remove it, or use dpo.loss_type: robust (DPO "
+            "unbiased for that rate of flipped labels)"
+        )
+
+
 ALL_LINEAR = "all-linear"  # PEFT's wildcard for target_modules
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a Qwen decoder layer's
 
@@ -330,6 +344,9 @@ class TrainingConfig:
             raise UserError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio < 1.0:
             raise UserError(f"training.min_lr_ratio must be in [0, 1) (a fraction of learning_rate), got {self.min_lr_ratio}")
+        if self.min_lr_ratio and self.lr_scheduler == "constant":
+            raise UserError(f"training.min_lr_ratio={self.min_lr_ratio} is where a decay ends, and "
+                            "training.lr_scheduler=constant has none: remove it, or use linear or cosine")
         if self.learning_rate <= 0:
             raise UserError(f"training.learning_rate must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
@@ -660,7 +677,6 @@ FOREIGN_NAMES = {
                   "zero3.json, zero3_offload.json)",
     "ds": "deepspeed (its config key names a DeepSpeed JSON)",
     "lora_rank": "lora.r",
-    "rank": "lora.r",
     "save_path": "training.output_dir (the exported model goes to its final/)",
     "ckpt_path": "training.output_dir (checkpoints go to its checkpoint-<step>/)",
     "load_checkpoint": "training.resume_from (auto: the newest checkpoint in training.output_dir)",

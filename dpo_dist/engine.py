@@ -370,6 +370,12 @@ def check_compile_fits(config: Config, ds: dict) -> None:
         )
 
 
+# ZeRO-3's live-parameter and reuse-distance limits, as DeepSpeed 0.19's zero/config.py defaults them
+ZERO3_DEEPSPEED_DEFAULTS = {"stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9}
+ZERO3_ONLY = ("sub_group_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+              "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save")
+
+
 def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shape: ModelShape, world_size: int,
                    lora: LoRAConfig | None) -> dict:
     """Resolve "auto" fields from the run config and the model's shape, and check micro x accumulation x world =
@@ -431,12 +437,6 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     if leftover:
         raise UserError(f"the DeepSpeed config has \"auto\" values dpo-dist cannot fill: {', '.join(leftover)}")
     return ds
-
-
-# ZeRO-3's live-parameter and reuse-distance limits, as DeepSpeed 0.19's zero/config.py defaults them
-ZERO3_DEEPSPEED_DEFAULTS = {"stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9}
-ZERO3_ONLY = ("sub_group_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
-              "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save")
 
 
 def _drop_auto_optimizer_sections(ds: dict) -> None:

@@ -339,26 +339,29 @@ def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
 
+def unmatched_targets(names: list[str], targets: list[str]) -> list[str]:
+    """The targets no name matches as PEFT matches a list: the whole name, or its end after a dot."""
+    return [target for target in targets if not any(name == target or name.endswith("." + target) for name in names)]
+
+
 def check_target_modules(model: nn.Module, lora: LoRAConfig) -> None:
-    """Every name in lora.target_modules must name a module, as PEFT matches them (the whole name, or its end after a
-    dot). PEFT itself only refuses a list none of which matches: a misspelt name beside a right one (v_projj) would
-    train without that adapter, silently."""
+    """Every name in lora.target_modules must name a module. PEFT itself only refuses a list none of which matches:
+    a misspelt name beside a right one (v_projj) would train without that adapter, silently."""
     if lora.all_linear:
         return
     modules = [name for name, _ in model.named_modules() if name]
     # transformers 5's fused MoE experts are parameters, which PEFT adapts by the projections' names: a fused
     # gate_up_proj stands for gate_proj and up_proj (planner.adapted_expert_weights), down_proj for itself
-    experts = [name[: -len("gate_up_proj")] + proj for name, _ in model.named_parameters() if name.endswith(".gate_up_proj")
-               for proj in ("gate_proj", "up_proj", "down_proj")]
-    names = modules + experts
-    unmatched = [target for target in lora.target_modules
-                 if not any(name == target or name.endswith("." + target) for name in names)]
+    fused = [name.removesuffix("gate_up_proj") for name, _ in model.named_parameters() if name.endswith(".gate_up_proj")]
+    experts = [prefix + projection for prefix in fused for projection in ("gate_proj", "up_proj", "down_proj")]
+    unmatched = unmatched_targets(modules + experts, lora.target_modules)
     if unmatched:
         leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                   if isinstance(module, (nn.Linear, nn.Embedding))}
         leaves |= {name.rsplit(".", 1)[-1] for name in experts}
-        raise UserError(f"lora.target_modules: {', '.join(unmatched)} name no module of this model; its linear and "
-                        f"embedding modules are {', '.join(sorted(leaves))} (or all-linear alone)")
+        raise UserError(f"lora.target_modules: {', '.join(unmatched)} name no module of this model (names, or their "
+                        f"ends after a dot; not regular expressions); its linear and embedding modules are "
+                        f"{', '.join(sorted(leaves))} (or all-linear alone)")
 
 
 def prepare_policy(model: nn.Module, model_config: ModelConfig, lora: LoRAConfig | None) -> nn.Module:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2  # transformers renders chat templates with it (its dependency, not a new one)
+import jinja2  # what transformers renders chat templates with; torch requires it, so it is always installed
 import numpy as np
 
 from dpo_dist import split_cache

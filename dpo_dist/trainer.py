@@ -19,7 +19,7 @@ import torch
 from dpo_dist import data as data_lib
 from dpo_dist import tokenization
 from dpo_dist.checkpoint import SYNCED_REFERENCE, Checkpointer, TrainerState, export_hf, set_rng_state
-from dpo_dist.config import LABEL_SMOOTHING_LOSSES, Config, save_config, yaml_text
+from dpo_dist.config import Config, save_config, yaml_text
 from dpo_dist.engine import (
     DistInfo,
     LaggedVote,
@@ -77,22 +77,8 @@ def router_aux_coef(configured: float | None, hf_config, shape: ModelShape) -> f
     return configured
 
 
-def check_label_smoothing(dpo) -> None:
-    """dpo.label_smoothing with no loss that reads it would change nothing, silently. OpenRLHF's and older TRL's
-    sigmoid loss smoothed the label (conservative DPO); TRL 1.16's, like dpo-dist's, does not. Checked when a run
-    starts, not when a config loads: launch/export.py still reads a checkpoint whose saved config has it."""
-    if dpo.label_smoothing and not any(name in LABEL_SMOOTHING_LOSSES for name in dpo.loss_type):
-        raise UserError(
-            f"dpo.label_smoothing={dpo.label_smoothing} changes nothing with dpo.loss_type {', '.join(dpo.loss_type)}: "
-            f"only {', '.join(LABEL_SMOOTHING_LOSSES)} read it (TRL 1.16's sigmoid ignores it too; OpenRLHF's "
-            "label_smoothing, conservative DPO, has no loss here). Remove it, or use dpo.loss_type: robust (DPO "
-            "unbiased for that rate of flipped labels)"
-        )
-
-
 class Trainer:
     def __init__(self, config: Config, dist_info: DistInfo):
-        check_label_smoothing(config.dpo)
         self.config = config
         self.dist = dist_info
         self.logger = make_logger(dist_info.rank, config.training.output_dir)
@@ -219,7 +205,8 @@ class Trainer:
                              "model.sft_model and leave the lora: section out")
         offloaded = ", its parameters offloaded to CPU (reference.offload)" if mode == "model" and config.reference.offload else ""
         self.logger.info(f"reference: {mode}{offloaded}")
-        if config.reference.offload and mode != "model":  # OpenRLHF's --ref_offload with LoRA: nothing to offload
+        # OpenRLHF's --ref_offload beside LoRA: nothing to offload (a precomputed cache's pass did use it)
+        if config.reference.offload and mode in ("adapter", "none"):
             self.logger.info(f"reference.offload: no reference model to offload (reference: {mode}); the setting does nothing")
         if config.lora is not None and config.lora.fused:
             self.logger.info(f"lora.fused: {fused_lora_layers(policy)} LoRA projections run as one autograd function each")

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpo_dist.checkpoint import EXIT_PREEMPTED  # noqa: E402
 from dpo_dist.cli import run_main  # noqa: E402
+from dpo_dist.config import check_label_smoothing  # noqa: E402
 from dpo_dist.engine import barrier, init_distributed  # noqa: E402
 from dpo_dist.errors import UserError  # noqa: E402
 from dpo_dist.metrics import make_logger  # noqa: E402
@@ -23,6 +24,7 @@ from dpo_dist.trainer import Trainer  # noqa: E402
 
 
 def main(config, args) -> int:
+    check_label_smoothing(config.dpo)
     if config.rounds is None or not config.rounds.train_files:
         raise UserError("rounds.train_files is empty: list one training file per round (rounds: {train_files: [...]})")
     check_round_files(config)

@@ -15,11 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from dpo_dist.checkpoint import EXIT_PREEMPTED  # noqa: E402
 from dpo_dist.cli import run_main  # noqa: E402
+from dpo_dist.config import check_label_smoothing  # noqa: E402
 from dpo_dist.engine import init_distributed  # noqa: E402
 from dpo_dist.trainer import Trainer  # noqa: E402
 
 
 def main(config, args) -> int:
+    check_label_smoothing(config.dpo)
     trainer = Trainer(config, init_distributed(config.deepspeed.timeout_minutes))
     trainer.setup(train=True)
     outcome = trainer.train()

@@ -154,7 +154,6 @@ def test_profile_step_counts_each_kernel_once_and_overlaps_once():
     assert math.isclose(rows[0]["self_ms"], 0.8) and math.isclose(rows[0]["share"], 800 / 1150)
 
 
-
 def suite_cases() -> dict[str, str]:
     """bench/gpu_suite.sh's cases: each case name and the text of its branch, with the shared arrays it names
     spelled out (what bench/vs_trl.py or another bench script gets on the GPU)."""
@@ -171,6 +170,7 @@ def suite_cases() -> dict[str, str]:
             text = text.replace(f'"${{{name}[@]}}"', array)
         for name in names.split("|"):
             cases[name] = text
+    cases["COMMON"] = f"args=({arrays['COMMON']})"  # what every vs_trl.py call gets beside its case's args
     return cases
 
 
@@ -190,6 +190,7 @@ def test_gpu_suite_cases_are_configs_the_trainer_accepts(tiny_policy, tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     cases = suite_cases()
+    checked_flags = set()  # (script, flag) pairs found in the script's own arguments
     assert {"head", "full-z2-compiled", "profile-full-z2-compiled", "lora-compiled-ours", "full-z2-overlap"} <= set(cases)
     checked = 0
     for name, text in cases.items():
@@ -209,11 +210,16 @@ def test_gpu_suite_cases_are_configs_the_trainer_accepts(tiny_policy, tmp_path):
                 except UserError as err:  # refusals of this CPU only (compiled FlexAttention)
                     assert "needs a GPU" in str(err), (name, variant, ds_config, err)
                 checked += 1
-        for script, flags in re.findall(r"python3 (bench/\w+\.py)([^|\n]*(?:\\\n[^|\n]*)*)", text):
+        invocations = re.findall(r"python3 (bench/\w+\.py)([^|\n]*(?:\\\n[^|\n]*)*)", text)
+        if "args=(" in text:  # the case's arguments, for the vs_trl.py call after the case statement
+            invocations.append(("bench/vs_trl.py", text))
+        for script, flags in invocations:
             source = (root / script).read_text() + (root / "dpo_dist" / "cli.py").read_text()  # + launch flags
-            for flag in re.findall(r"(--[a-z][a-z0-9-]*)", flags):
+            for flag in re.findall(r"(?<![\w.-])(--[a-z][a-z0-9-]*)", flags):
                 assert f'"{flag}"' in source, (name, script, flag)
+                checked_flags.add((script, flag))
     assert checked > 30
+    assert {("bench/vs_trl.py", "--no-trl"), ("bench/vs_trl.py", "--keep"), ("bench/logps_chunk.py", "--tokens")} <= checked_flags
     plan = (root / "bench" / "RESULTS.md").read_text().split("Next GPU session", 1)[1].split("\n## ", 1)[0]
     planned = {case.split(":")[0] for line in re.findall(r"gpu_suite\.sh OUT ([^`]+)`", plan) for case in line.split()}
     assert planned and planned <= set(cases), planned - set(cases)

@@ -37,6 +37,8 @@ def test_label_smoothing_that_no_loss_reads(tiny_policy, tmp_path):
     (["--max_len=512"], "here: training.max_seq_length=512"),  # OpenRLHF's name, a key here
     (["--lora-rank", "16"], "here: lora.r=16"),
     (["--adam_offload"], "here; --adam_offload: here it is deepspeed.config with offload_optimizer"),
+    (["--ref_offload"], "here: reference.offload=true"),  # a switch given alone turns its key on
+    (["--gradient_checkpointing", "dpo.beta=0.2"], "here: model.gradient_checkpointing=true"),  # not the override
     (["--frobnicate"], "here (e.g. training.num_epochs=1; --help lists every key)"),
 ])
 def test_settings_given_as_flags_are_answered_with_the_key(argv, expected, capsys):
@@ -46,6 +48,14 @@ def test_settings_given_as_flags_are_answered_with_the_key(argv, expected, capsy
     with pytest.raises(SystemExit) as exit_info:
         parse_args("test", ["--config", "c.yaml", *argv])
     assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_overrides_may_stand_on_both_sides_of_a_flag():
+    """deepspeed's launcher puts --local_rank before the script's own words; overrides after it still count."""
+    from dpo_dist.cli import parse_args
+
+    args = parse_args("test", ["--config", "c.yaml", "training.seed=1", "--local_rank=0", "dpo.beta=0.2"])
+    assert args.overrides == ["training.seed=1", "dpo.beta=0.2"] and args.local_rank == 0
 
 
 def test_an_override_without_its_section_names_it():

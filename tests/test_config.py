@@ -117,6 +117,8 @@ def test_overrides_apply_with_yaml_values(tmp_path):
         (SEED_CONFIG, ["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0]"],
          "dpo.loss_weights has 1 entries for the 2 of dpo.loss_type (sigmoid, sft)"),
         (SEED_CONFIG, ["dpo.loss_type=exo_pair"], "dpo.loss_type exo_pair needs dpo.label_smoothing > 0"),
+        (SEED_CONFIG, ["training.lr_scheduler=constant", "training.min_lr_ratio=0.1"],
+         "training.min_lr_ratio=0.1 is where a decay ends, and training.lr_scheduler=constant has none"),
         (SEED_CONFIG, ["dpo.discopop_tau=0"], "dpo.discopop_tau must be > 0"),
         (SEED_CONFIG, ["dpo.loss_type=[sigmoid, bco_pair]", "dpo.f_divergence_type=js_divergence"],
          "dpo.f_divergence_type=js_divergence with dpo.loss_type bco_pair: f-DPO holds only where"),

@@ -123,8 +123,9 @@ def test_every_target_module_must_name_a_module(tiny_policy):
     def prepare(model, targets):
         return prepare_policy(model, ModelConfig(base_model="x"), LoRAConfig(r=2, target_modules=targets))
 
-    with pytest.raises(UserError, match=r"lora.target_modules: v_projj name no module of this model; its linear and "
-                                        r"embedding modules are down_proj, embed_tokens, gate_proj, k_proj, lm_head"):
+    with pytest.raises(UserError, match=r"lora.target_modules: v_projj name no module of this model \(names, or their "
+                                        r"ends after a dot; not regular expressions\); its linear and embedding modules "
+                                        r"are down_proj, embed_tokens, gate_proj, k_proj, lm_head"):
         prepare(AutoModelForCausalLM.from_pretrained(tiny_policy), ["q_proj", "v_projj"])
     policy = prepare(AutoModelForCausalLM.from_pretrained(tiny_policy), ["layers.0.self_attn.q_proj", "lm_head"])
     assert sum(param.requires_grad for param in policy.parameters()) == 4  # A and B of each
