@@ -14,7 +14,8 @@ differ (usually right after the prompt; earlier when tokens merge across the bou
 Truncation (as TRL's collator): each prompt + completion sequence is cut to `max_seq_length`,
 keeping its start (`keep_start`, the default) or its end (`keep_end`). With `keep_start`, a pair
 whose prompt alone fills the budget has no completion left; it is dropped and counted (the
-count is logged), never silently.
+count is logged), never silently. With `keep_end` a completion longer than the budget keeps none of
+its prompt; such pairs are counted and logged too.
 
 `load_examples` reads, validates and tokenizes one split into an `ExampleStore`, logging what was skipped,
 cut or dropped; it maps a split stored before instead (split_cache.py), and on several ranks has them
@@ -48,6 +49,7 @@ class TokenizeStats:
     total: int = 0
     dropped_prompt_too_long: int = 0
     truncated: int = 0
+    prompt_cut_off: int = 0  # keep_end: pairs with a side whose whole prompt the cut removed
     boundary_merges: int = 0  # pairs whose completion starts before the end of the tokenized prompt
 
     def add(self, other: "TokenizeStats") -> None:
@@ -142,6 +144,7 @@ def example_from_ids(record: Record, prompt_ids: list[int], chosen_ids: list[int
     if chosen_prompt_len >= len(chosen_ids) or rejected_prompt_len >= len(rejected_ids):
         stats.dropped_prompt_too_long += 1
         return None
+    stats.prompt_cut_off += prompt_len > 0 and min(chosen_prompt_len, rejected_prompt_len) == 0
     return PreferenceExample(record.uid, chosen_ids, chosen_prompt_len, rejected_ids, rejected_prompt_len)
 
 
@@ -299,6 +302,9 @@ def _tokenize_split(files: list[str], tokenizer, max_seq_length: int, truncation
         lines.append(f"{split}: skipped {render_failures} record(s) the chat template could not render cleanly")
     if stats.truncated:
         lines.append(f"{split}: {stats.truncated} pair(s) longer than training.max_seq_length were truncated")
+    if stats.prompt_cut_off:  # as TRL's keep_end, each side is cut on its own: the two may keep different prompt
+        lines.append(f"{split}: {stats.prompt_cut_off} pair(s) lost their whole prompt to data.truncation_mode=keep_end "
+                     "(a completion is then scored without its context; keep_start drops such pairs instead)")
     if stats.boundary_merges:  # TRL warns of these too; its tokenization is the same
         lines.append(
             f"{split}: {stats.boundary_merges} pair(s) whose completion merges with the prompt's last token when "

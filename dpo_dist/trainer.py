@@ -77,6 +77,19 @@ def router_aux_coef(configured: float | None, hf_config, shape: ModelShape) -> f
     return configured
 
 
+def positions_note(hf_config, max_seq_length: int) -> str | None:
+    """A max_seq_length past the model's trained positions (max_position_embeddings) with no RoPE extension in its
+    config: it trains, but on positions the model never saw, which long-context users should hear of."""
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    rope = getattr(hf_config, "rope_scaling", None) or getattr(hf_config, "rope_parameters", None) or {}
+    extended = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default"
+    if not positions or max_seq_length <= positions or extended:
+        return None
+    return (f"training.max_seq_length={max_seq_length} is past the model's max_position_embeddings={positions}, and "
+            f"its config.json sets no RoPE extension (rope_scaling): positions beyond {positions} are ones it was not "
+            "trained on")
+
+
 class Trainer:
     def __init__(self, config: Config, dist_info: DistInfo):
         self.config = config
@@ -101,6 +114,9 @@ class Trainer:
         hf_config = read_model_config(self.config.model.policy_path)
         self.shape = ModelShape.from_hf_config(hf_config)
         self.router_aux_coef = router_aux_coef(self.config.dpo.router_aux_loss_coef, hf_config, self.shape)
+        note = positions_note(hf_config, self.config.training.max_seq_length)
+        if note:
+            self.logger.info(f"note: {note}")
         if train:  # refuse a run that cannot fit the GPU before tokenizing data or loading weights
             check_memory(self.config, self.shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
                          device_memory_bytes(self.dist.device))

@@ -195,6 +195,13 @@ def test_keep_end_truncation_keeps_the_completion(tokenizer):
     assert cut.chosen_ids == full.chosen_ids[-8:]
     completion_len = len(full.chosen_ids) - full.chosen_prompt_len
     assert len(cut.chosen_ids) - cut.chosen_prompt_len == completion_len
+    # Cut to fewer tokens than a completion holds, a side loses its whole prompt: counted, and logged by load_examples
+    stats = TokenizeStats()
+    gone = tokenize_record(record, tokenizer, completion_len - 1, "keep_end", stats)
+    assert min(gone.chosen_prompt_len, gone.rejected_prompt_len) == 0 and stats.prompt_cut_off == 1
+    stats = TokenizeStats()
+    tokenize_record(record, tokenizer, 8, "keep_end", stats)
+    assert stats.truncated == 1 and stats.prompt_cut_off == 0
 
 
 def test_collate_masks(tokenizer):

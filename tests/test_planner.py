@@ -763,3 +763,21 @@ def test_checkpointed_layers_recompute_only_the_first_k(tiny_policy):
     with pytest.raises(UserError, match="model.checkpointed_layers=3, but the model has 2 decoder layers"):
         prepare_policy(AutoModelForCausalLM.from_pretrained(tiny_policy), ModelConfig(base_model="x", gradient_checkpointing=True,
                                                                                       checkpointed_layers=3), None)
+
+
+def test_the_recomputed_layer_reuses_what_the_log_prob_chunks_freed(tmp_path):
+    """With every layer checkpointed, backward recomputes the first layer only after the log-prob chunks' backward
+    freed their buffers (measured at 16k tokens, one process: planned one layer high, +34%, before; now within 1%):
+    the recomputed layer counts only beyond the chunk. Checkpointing K < L layers stays above checkpointing all."""
+    from dpo_dist.planner import _layer_and_outside_bytes
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {base_model: x, gradient_checkpointing: true}\ntraining: {batch_size: 1, max_seq_length: 16384}\n")
+    config = load_config(path)
+    zero2 = {"zero_optimization": {"stage": 2}}
+    plan = plan_memory(config, QWEN3_4B, zero2, 8, "bfloat16", None)
+    one_layer, _ = _layer_and_outside_bytes(config, QWEN3_4B, 2)
+    chunk_buffers = 220 * QWEN3_4B.vocab * 8
+    assert plan.parts["activations"] == activation_bytes(config, QWEN3_4B, 2) - min(one_layer, chunk_buffers)
+    almost_all = dataclasses.replace(config, model=dataclasses.replace(config.model, checkpointed_layers=QWEN3_4B.layers - 1))
+    assert plan_memory(almost_all, QWEN3_4B, zero2, 8, "bfloat16", None).total > plan.total

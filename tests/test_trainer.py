@@ -337,3 +337,18 @@ def test_a_micro_batch_is_collated_while_the_previous_ones_forward_is_queued(tin
         in_step = in_step and event != "end"
     step = ["step", "collate", "collate", "backward", "collate", "backward", "backward", "end"]
     assert inside == step + step, events
+
+
+def test_a_max_seq_length_past_the_trained_positions_is_noted():
+    """Long-context runs past max_position_embeddings train on positions the model never saw: said, unless the
+    config extends RoPE (YaRN)."""
+    from transformers import Qwen3Config
+
+    from dpo_dist.trainer import positions_note
+
+    plain = Qwen3Config(max_position_embeddings=4096)
+    assert "training.max_seq_length=8192 is past the model's max_position_embeddings=4096" in positions_note(plain, 8192)
+    assert positions_note(plain, 4096) is None
+    yarn = Qwen3Config(max_position_embeddings=4096,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096})
+    assert positions_note(yarn, 8192) is None
