@@ -70,7 +70,8 @@ def unknown_flag_message(unknown: list[str], argv: list[str]) -> str:
         following = argv[argv.index(flag) + 1:]
         value = following[0] if following and "=" not in following[0] and not following[0].startswith("--") else ""
     homes, foreign = key_homes(name), FOREIGN_NAMES.get(name, "")
-    key = homes[0] if homes else (foreign if foreign in _all_keys() else None)  # an answer that is a key alone
+    answer_is_a_key = foreign in key_homes(foreign.rpartition(".")[2])  # an answer that is section.key alone
+    key = homes[0] if homes else (foreign if answer_is_a_key else None)
     if key is not None:  # a key of this config: the word to write (a switch given alone turns it on)
         instead = f": {key}={value or ('true' if _is_switch(key) else '...')}"
     elif foreign:
@@ -78,10 +79,6 @@ def unknown_flag_message(unknown: list[str], argv: list[str]) -> str:
     else:
         instead = " (e.g. training.num_epochs=1; --help lists every key)"
     return f"unrecognized arguments: {' '.join(unknown)}. Settings are section.key=value words after --config here{instead}"
-
-
-def _all_keys() -> set[str]:
-    return {f"{section}.{field.name}" for section, cls in SECTIONS.items() for field in dataclasses.fields(cls)}
 
 
 def _is_switch(key: str) -> bool:

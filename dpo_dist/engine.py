@@ -421,8 +421,8 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
         _fill(zero, "stage3_prefetch_bucket_size", decoder_layer_elements(shape))
         _fill(zero, "stage3_param_persistence_threshold", 10 * shape.hidden)
         _fill(zero, "sub_group_size", sub_group_elements(shape, offloads_optimizer(ds)))
-        for key in ZERO3_DEEPSPEED_DEFAULTS:  # OpenRLHF's files leave these "auto": DeepSpeed's own defaults
-            _fill(zero, key, ZERO3_DEEPSPEED_DEFAULTS[key])
+        for key, default in ZERO3_DEEPSPEED_DEFAULTS.items():  # OpenRLHF's files leave these "auto": DeepSpeed's own
+            _fill(zero, key, default)
     else:  # ZeRO-3's settings in a file shared by every stage (OpenRLHF's): DeepSpeed reads none of them below 3
         for key in [key for key, value in zero.items() if value == "auto" and key in ZERO3_ONLY]:
             del zero[key]

@@ -475,25 +475,20 @@ def _micro_batch(config: Config) -> tuple[int, int]:
     return 2 * config.training.batch_size + sft_rows, config.training.max_seq_length
 
 
-def activation_bytes(config: Config, shape: ModelShape, b: int) -> float:
-    """Bytes autograd holds at the start of backward for one micro-batch (the module docstring)."""
+def activation_bytes(config: Config, shape: ModelShape, b: int, chunk_buffers: float = 0.0) -> float:
+    """Bytes autograd holds at the start of backward for one micro-batch (the module docstring). With every layer
+    checkpointed, the one layer recomputed at a time reuses up to `chunk_buffers` bytes: the log-prob chunks'
+    buffers, freed before the first recompute (at 16k tokens the plan was one layer, +34%, high without this)."""
     one_layer, outside = _layer_and_outside_bytes(config, shape, b)
     if config.model.gradient_checkpointing:
         checkpointed = min(config.model.checkpointed_layers or shape.layers, shape.layers)
-        kept_inputs = _micro_batch_tokens(config) * checkpointed * shape.hidden * b
-        # all layers: one layer's recompute at a time on top of the inputs; the first K only: the other
-        # layers' full sets at the start of backward, gone before the first recompute
-        return kept_inputs + max(shape.layers - checkpointed, 1) * one_layer + outside
+        rows, seq = _micro_batch(config)
+        kept_inputs = rows * seq * checkpointed * shape.hidden * b
+        if checkpointed == shape.layers:  # all layers: one layer's recompute at a time on top of the inputs
+            return kept_inputs + max(one_layer - chunk_buffers, 0.0) + outside
+        # the first K only: the other layers' full sets at the start of backward, gone before the first recompute
+        return kept_inputs + (shape.layers - checkpointed) * one_layer + outside
     return shape.layers * one_layer + outside
-
-
-def recomputes_every_layer(config: Config, shape: ModelShape) -> bool:
-    return config.model.gradient_checkpointing and (config.model.checkpointed_layers or shape.layers) >= shape.layers
-
-
-def _micro_batch_tokens(config: Config) -> int:
-    rows, seq = _micro_batch(config)
-    return rows * seq
 
 
 def _layer_and_outside_bytes(config: Config, shape: ModelShape, b: int) -> tuple[float, float]:
@@ -549,11 +544,6 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
     bytes_per_logit = head_bytes_per_logit(config.model.compile, b, adapted_head)
     chunk = min(config.model.logps_chunk_tokens or default_chunk_tokens(shape.vocab, bytes_per_logit), tokens)
     logits = chunk * shape.vocab * bytes_per_logit
-    activations = activation_bytes(config, shape, b)
-    if recomputes_every_layer(config, shape):
-        # The log-prob chunks' backward ends before the last layer's is recomputed: the one recomputed layer reuses
-        # what their buffers freed (measured at 16k tokens: the plan was one layer high, +34%, without this)
-        activations -= min(_layer_and_outside_bytes(config, shape, b)[0], logits)
     head = shape.vocab * shape.hidden * b
     if config.lora is None:  # the lm_head's full-size gradient (twice while a later chunk's is added)
         logits += head * (2 if tokens > chunk else 1)
@@ -574,7 +564,7 @@ def plan_memory(config: Config, shape: ModelShape, ds_config: dict, world_size: 
         "buckets": bucket_bytes(ds_config, b),
         "optimizer": 0.0 if offload_optimizer else shard(trainable * 12, stage >= 1),
         "reference": reference,
-        "activations": activations,
+        "activations": activation_bytes(config, shape, b, chunk_buffers=chunk * shape.vocab * bytes_per_logit),
         # the layer running and the next one, prefetched, gathered whole
         "gathered": 2 * decoder_layer_elements(shape) * b if gathers else 0.0,
         "logits": logits,
