@@ -36,10 +36,13 @@
 #   lora-compiled  the lora case: TRL, then dpo-dist with prefix sharing + lean + compiled layers (its compile did not fit
 #              in the ~95 s lora-next had left for it)
 #   lora-compiled-ours  lora-compiled without TRL (whose first loss is ln 2 exactly; its speed: lora-compiled)
+#   lora-zero1  lora-compiled-ours under ds_configs/zero1.json (no reduce buckets, no overlap_comm synchronize)
 #   full-z2-compiled  the full case's model and data under ZeRO-2: TRL, then dpo-dist with prefix sharing + lean + compiled
 #              layers (the fourth GPU session ran these two by hand: ZeRO-2 against ZeRO-3 on one GPU, both tools)
+#   full-z1-compiled  full-z2-compiled under ds_configs/zero1.json for both tools (on one process ZeRO-1 ran the fastest
+#              step: the sixth GPU session), and dpo-dist with the first 8 of 28 layers checkpointed (the memory goal)
 #   full-z2-overlap  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers under zero2.json
-#              (overlap_comm on), bench/configs/zero2_no_overlap.json and bench/configs/zero1.json: on one process there
+#              (overlap_comm on; since the sixth GPU session's run of this case the engine turns it off on one process), bench/configs/zero2_no_overlap.json and ds_configs/zero1.json: on one process there
 #              is nothing to overlap or partition, DeepSpeed's overlap_comm synchronizes the device at the end of every
 #              backward, and ZeRO-2 copies every backward's gradients through its reduce buckets into accumulation
 #              tensors where ZeRO-1 lets autograd accumulate them in .grad and reduces once per step
@@ -122,11 +125,15 @@ for spec in "$@"; do
                              --variant sharedleancompileckpt10:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=10) ;;
         lora-compiled) args=("${LORA[@]}" --no-defaults "${LEAN_COMPILED[@]}") ;;
         lora-compiled-ours) args=("${LORA[@]}" --no-defaults --no-trl "${LEAN_COMPILED[@]}") ;;
+        lora-zero1) args=("${LORA[@]}" --no-defaults --no-trl
+                          --variant sharedleancompilezero1:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=ds_configs/zero1.json) ;;
+        full-z1-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero1.json --no-packing --no-defaults "${LEAN_COMPILED[@]}"
+                                --variant sharedleancompileckpt8:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=8) ;;
         full-z2-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults "${LEAN_COMPILED[@]}") ;;
         full-z2-overlap) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
                                "${LEAN_COMPILED[@]}"
                                --variant sharedleancompilenooverlap:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=bench/configs/zero2_no_overlap.json
-                               --variant sharedleancompilezero1:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=bench/configs/zero1.json) ;;
+                               --variant sharedleancompilezero1:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=ds_configs/zero1.json) ;;
         full-z2-metrics) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
                                "${LEAN_COMPILED[@]}"
                                --variant sharedleancompilenometrics:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,training.token_metrics=false) ;;

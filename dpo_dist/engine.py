@@ -426,6 +426,20 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     else:  # ZeRO-3's settings in a file shared by every stage (OpenRLHF's): DeepSpeed reads none of them below 3
         for key in [key for key, value in zero.items() if value == "auto" and key in ZERO3_ONLY]:
             del zero[key]
+    # DeepSpeed's throughput timer, on unless a file says otherwise, synchronizes the device at the start of every
+    # forward and the end of every step() call to time them: twice per micro-batch, each time leaving the device idle
+    # until the host has launched the next kernels. dpo-dist prints none of its numbers (tokens_per_second is its
+    # own, timed between optimizer steps), so it runs on host clocks, without the synchronizes.
+    timers = ds["timers"] = ds.get("timers") or {}
+    throughput = timers["throughput"] = timers.get("throughput") or {}
+    throughput.setdefault("synchronized", False)
+    if world_size == 1 and zero_stage(ds) in (1, 2) and zero.get("overlap_comm"):
+        # One process has no gradient reduction to overlap with the backward, but overlap_comm still makes DeepSpeed
+        # synchronize the device at the end of every backward and keep a second reduce bucket: on an H200 (Qwen3-1.7B
+        # full, ZeRO-2, compiled layers) turning it off ran 1.17x the tokens/s. The kernels are the same, on the
+        # default stream instead of a side one (bit for bit the same steps on CPU: tests/test_engine.py), and one
+        # reduce bucket is allocated instead of two; on several processes the file's setting stands.
+        zero["overlap_comm"] = False
     if offloads_optimizer(ds):
         # DeepSpeed refuses a client optimizer beside ZeRO-Offload unless told to keep it; dpo-dist always hands it
         # torch's AdamW (TrainEngine), which steps the offloaded fp32 partitions on the host
@@ -477,7 +491,8 @@ def reference_ds_config(train_ds: dict, offload: bool) -> dict:
     or when offloaded (ZeRO-3 param offload keeps its weights in CPU memory); no optimizer."""
     ds = {
         key: copy.deepcopy(train_ds[key])
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16")
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16",
+                    "timers")
         if key in train_ds
     }
     train_zero = train_ds.get("zero_optimization", {})

@@ -373,10 +373,11 @@ def optimizer_step_elements(groups: list[list[int]], ds_config: dict, world_size
 
 def bucket_bytes(ds_config: dict, dtype_bytes: int) -> float:
     """The gradient bucket buffers DeepSpeed allocates on the device: reduce_bucket_size elements of the
-    gradient dtype, once under ZeRO-3 (at start-up), twice under ZeRO-2 with overlap_comm (each backward)."""
+    gradient dtype, once under ZeRO-3 (at start-up), once under ZeRO-1 and 2 (each backward,
+    stage_1_and_2.py: setup_buckets), twice there with overlap_comm."""
     zero = ds_config.get("zero_optimization", {})
     stage, elements = zero_stage(ds_config), zero.get("reduce_bucket_size", 5e8)
-    if stage < 2 or not zero.get("contiguous_gradients", True) or not isinstance(elements, (int, float)):
+    if stage < 1 or not zero.get("contiguous_gradients", True) or not isinstance(elements, (int, float)):
         return 0.0
     buffers = 1 if stage == 3 else (2 if zero.get("overlap_comm", False) else 1)
     return float(buffers * elements * dtype_bytes)
@@ -650,20 +651,40 @@ def step_bytes(groups: list[list[int]], ds_config: dict, world_size: int, b: int
     return float(elements * (FP32 + flattened))
 
 
-def single_rank_zero3_note(ds_config: dict, world_size: int) -> str | None:
-    """A line for a ZeRO-3 run on one process without parameter offload, else None.
+def single_rank_note(ds_config: dict, world_size: int, on_gpu: bool, lora: bool) -> str | None:
+    """A line for a ZeRO-2 or ZeRO-3 run on one process without parameter offload, else None.
 
-    One rank shards nothing: it holds every parameter either way, and this planner puts ZeRO-2 within 1%
-    of ZeRO-3 there. ZeRO-3 still gathers and releases each layer in hooks on every forward and backward:
-    on the 28-layer one-rank CPU bench a step took 0.68-0.77 s against 0.38-0.39 s under ZeRO-2, with the
-    same losses and peak memory within 2%; on an H200 (Qwen3-1.7B full, compiled layers) ZeRO-2 ran 1.76x
-    the tokens/s in 4% more memory (46.5 against 44.7 GB; bench/RESULTS.md). Parameter offload is the one
-    thing ZeRO-3 adds on one rank, so a run using it gets no note."""
-    if zero_stage(ds_config) != 3 or world_size != 1 or offloads_parameters(ds_config):
+    One rank shards nothing: it holds every parameter, gradient and optimizer state whatever the stage, and
+    this planner puts ZeRO-1, 2 and 3 within 8% of one another there. ZeRO-3 still gathers and releases each
+    layer in hooks on every forward and backward: on the 28-layer one-rank CPU bench a step took 0.68-0.77 s
+    against 0.38-0.39 s under ZeRO-2, with the same losses and peak memory within 2%; on an H200 (Qwen3-1.7B
+    full, compiled layers) ZeRO-2 with overlap_comm ran 1.76x the tokens/s, and ZeRO-1 1.24x that in another
+    session's call. ZeRO-2 also copies every backward's gradients through its reduce buckets into an
+    accumulation buffer, where ZeRO-1 lets autograd accumulate them in .grad: on the H200 ZeRO-1 ran 1.06x
+    the tokens/s of ZeRO-2 as the engine runs it on one process (without overlap_comm) in 4% less memory,
+    ZeRO-3's. Not so for LoRA, whose adapters' gradients are few (the 4B LoRA step took the same time under
+    both), nor on CPU, where a copy costs little beside the arithmetic: those ZeRO-2 runs get no note. The
+    steps are the same (bit for bit on CPU, fp32 and bf16: tests/test_engine.py; on CUDA the same kernels
+    on another stream), unless the file sets `data_types.grad_accum_dtype` (ZeRO-2 then accumulates in that
+    dtype, bf16 ZeRO-1 becomes DeepSpeed's BF16_Optimizer) or a `gradient_predivide_factor` (applied per
+    micro-batch under ZeRO-2, once per step under ZeRO-1): no note then either. Parameter offload is the one
+    thing ZeRO-3 adds on one rank, so a run using it gets no note; nor does a ZeRO-2 run with its optimizer
+    offloaded (OpenRLHF's --adam_offload), which the suite tests under ZeRO-2 only."""
+    stage = zero_stage(ds_config)
+    if world_size != 1 or offloads_parameters(ds_config) or stage not in (2, 3):
         return None
-    return ("ZeRO-3 on one process shards nothing and still gathers each layer in hooks: "
-            "deepspeed.config=ds_configs/zero2.json trains the same math without them (on an H200, Qwen3-1.7B "
-            "full: 1.76x the tokens/s in 4% more memory)")
+    if stage == 3:
+        return ("ZeRO-3 on one process shards nothing and still gathers each layer in hooks: "
+                "deepspeed.config=ds_configs/zero1.json trains the same steps without them (on an H200, Qwen3-1.7B "
+                "full with compiled layers: ZeRO-2 ran 1.76x ZeRO-3's tokens/s, ZeRO-1 1.24x that, in ZeRO-3's "
+                "memory)")
+    arithmetic_differs = "grad_accum_dtype" in ds_config.get("data_types", {}) or \
+        ds_config.get("gradient_predivide_factor", 1.0) != 1.0
+    if not on_gpu or lora or offloads_optimizer(ds_config) or arithmetic_differs:
+        return None
+    return ("ZeRO-2 on one process partitions nothing and still copies every backward's gradients through its reduce "
+            "buckets: deepspeed.config=ds_configs/zero1.json trains the same steps without them (on an H200, "
+            "Qwen3-1.7B full with compiled layers: 1.06x the tokens/s in 4% less memory)")
 
 
 def device_memory_bytes(device: torch.device) -> float | None:

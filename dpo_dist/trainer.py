@@ -50,7 +50,7 @@ from dpo_dist.metrics import (
 )
 from dpo_dist.models import load_causal_lm, load_tokenizer, prepare_policy, read_model_config
 from dpo_dist.planner import (
-    ModelShape, check_host_memory, check_memory, device_memory_bytes, host_available_bytes, single_rank_zero3_note, zero_stage,
+    ModelShape, check_host_memory, check_memory, device_memory_bytes, host_available_bytes, single_rank_note, zero_stage,
 )
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, layout_mismatch, load_precomputed_reference
@@ -123,7 +123,8 @@ class Trainer:
             if self.dist.device.type == "cuda":  # the ranks on this node share its host memory
                 check_host_memory(self.config, self.shape, self.ds_config, self.dist.world_size, dtype_name(self.dtype),
                                   ranks_on_this_node(), host_available_bytes())
-            note = single_rank_zero3_note(self.ds_config, self.dist.world_size)
+            note = single_rank_note(self.ds_config, self.dist.world_size, self.dist.device.type == "cuda",
+                                    self.config.lora is not None)
             if note:
                 self.logger.info(f"note: {note}")
         self._setup_data(train)

@@ -23,7 +23,7 @@ from dpo_dist.engine import fill_ds_config, read_ds_config  # noqa: E402
 from dpo_dist.errors import UserError  # noqa: E402
 from dpo_dist.models import read_model_config  # noqa: E402
 from dpo_dist.planner import (  # noqa: E402
-    GIB, HostPlan, ModelShape, host_memory, plan_memory, single_rank_zero3_note, zero_stage,
+    GIB, HostPlan, ModelShape, host_memory, plan_memory, single_rank_note, zero_stage,
 )
 
 EXIT_DOES_NOT_FIT = 3
@@ -86,7 +86,7 @@ def main() -> None:
     if shape_note:
         print(f"  note: {shape_note}")
     print(plan.describe())
-    note = single_rank_zero3_note(ds, world)
+    note = single_rank_note(ds, world, on_gpu=True, lora=config.lora is not None)
     if note:
         print(f"  note: {note}")
     print(host.describe())

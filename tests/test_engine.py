@@ -88,7 +88,7 @@ def test_an_openrlhf_config_loads_at_every_stage_with_its_optimizer_offloaded():
         fill_ds_config(forced, training, torch.float32, TINY, 2, None)
 
 
-@pytest.mark.parametrize("ds_name", ["zero2.json", "openrlhf_zero2_offload.json"])
+@pytest.mark.parametrize("ds_name", ["zero1.json", "zero2.json", "openrlhf_zero2_offload.json"])
 def test_the_optimizer_is_torchs_fused_adamw(tmp_path, ds_name):
     """One update through the engine (ZeRO-2, a process of its own; also with the optimizer offloaded, as an OpenRLHF
     file has it) is Adam's formula, written out here
@@ -131,6 +131,96 @@ def test_the_optimizer_is_torchs_fused_adamw(tmp_path, ds_name):
     m, v = (1 - beta1) * grad, (1 - beta2) * grad * grad
     expected = before * (1 - lr * 0.01) - lr * (m / (1 - beta1)) / ((v / (1 - beta2)).sqrt() + eps)
     assert torch.allclose(torch.tensor(out["after"]), expected, atol=1e-6), (out["after"], expected)
+
+
+def test_overlap_comm_is_off_on_one_process_under_zero1_and_zero2():
+    """One process has no reduction to overlap; the file's setting stands on several, and under ZeRO-3 (whose
+    one-process runs get a note instead)."""
+    training = TrainingConfig(batch_size=2, gradient_accumulation_steps=4)
+    zero2 = read_ds_config("ds_configs/zero2.json")
+    assert zero2["zero_optimization"]["overlap_comm"] is True
+    assert fill_ds_config(zero2, training, torch.bfloat16, TINY, 1, None)["zero_optimization"]["overlap_comm"] is False
+    assert fill_ds_config(zero2, training, torch.bfloat16, TINY, 2, None)["zero_optimization"]["overlap_comm"] is True
+    zero1 = {"zero_optimization": {"stage": 1, "overlap_comm": True}}
+    assert fill_ds_config(zero1, training, torch.bfloat16, TINY, 1, None)["zero_optimization"]["overlap_comm"] is False
+    zero3 = read_ds_config("ds_configs/zero3.json")
+    assert fill_ds_config(zero3, training, torch.bfloat16, TINY, 1, None)["zero_optimization"]["overlap_comm"] is True
+
+
+def test_deepspeeds_throughput_timer_runs_on_host_clocks_unless_the_file_says_otherwise():
+    """Its device synchronizes (two per micro-batch) stall the step; a file that asks for them keeps them. The
+    reference's engine gets the same setting (it never calls step(), so its timer never synchronized anyway)."""
+    training = TrainingConfig(batch_size=2, gradient_accumulation_steps=4)
+    filled = fill_ds_config(read_ds_config("ds_configs/zero2.json"), training, torch.bfloat16, TINY, 2, None)
+    assert filled["timers"] == {"throughput": {"synchronized": False}}
+    assert reference_ds_config(filled, offload=False)["timers"] == filled["timers"]
+    asked = {**read_ds_config("ds_configs/zero2.json"), "timers": {"throughput": {"enabled": True, "synchronized": True}}}
+    assert fill_ds_config(asked, training, torch.bfloat16, TINY, 2, None)["timers"]["throughput"]["synchronized"] is True
+    empty = {**read_ds_config("ds_configs/zero2.json"), "timers": None}  # a key written with nothing under it
+    assert fill_ds_config(empty, training, torch.bfloat16, TINY, 2, None)["timers"] == filled["timers"]
+
+
+def test_one_process_takes_the_same_steps_under_zero1_and_zero2_without_synchronizing_the_device(tmp_path):
+    """What the one-process changes rest on (overlap_comm off, planner.single_rank_note's ZeRO-1 advice): three
+    optimizer steps of 4 accumulated micro-batches, fp32 and bf16, through DeepSpeed's engine in one process,
+    leave the same parameters bit for bit under ZeRO-2 with overlap_comm, ZeRO-2 without it and ZeRO-1. A
+    reduce bucket smaller than the model makes ZeRO-2 reduce in several buckets per backward, as a real model does.
+    And none of those steps synchronizes the device (DeepSpeed's accelerator call, counted), where DeepSpeed's own
+    throughput timer does twice per micro-batch from its third step on: 8 times in the third step here. (On CPU
+    DeepSpeed runs overlap_comm's reduction without a side stream or its synchronize: what the overlap_comm
+    runs compare here is its double buffering; on CUDA the kernels are the same, on another stream.)"""
+    from launching import ROOT, assert_ok, run
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "from dpo_dist.config import TrainingConfig\n"
+        "from dpo_dist.engine import TrainEngine, fill_ds_config, init_distributed, read_ds_config\n"
+        "from dpo_dist.planner import ModelShape\n"
+        "init_distributed(1.0)\n"
+        "accelerator, synchronizes = get_accelerator(), []\n"
+        "synchronize = accelerator.synchronize\n"
+        "accelerator.synchronize = lambda *args: synchronizes.append(1) or synchronize(*args)\n"
+        "training = TrainingConfig(batch_size=1, gradient_accumulation_steps=4, learning_rate=0.01, warmup_ratio=0.0)\n"
+        "shape = ModelShape(vocab=10, hidden=64, intermediate=128, layers=1, heads=1, kv_heads=1, head_dim=64, tied=True)\n"
+        "final, counted = {}, {}\n"
+        "runs = [(dtype, name, file, overlap) for dtype in (torch.float32, torch.bfloat16)\n"
+        "        for name, file, overlap in (('zero2', 'zero2.json', True), ('zero2-no-overlap', 'zero2.json', False),\n"
+        "                                    ('zero1', 'zero1.json', False))]\n"
+        "for dtype, name, file, overlap in runs + [(torch.float32, 'deepspeed-timer', 'zero2.json', False)]:\n"
+        "    torch.manual_seed(0)\n"
+        "    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).to(dtype)\n"
+        "    ds = fill_ds_config(read_ds_config(file), training, dtype, shape, 1, None)\n"
+        "    ds['zero_optimization'].update(overlap_comm=overlap, reduce_bucket_size=5000)\n"
+        "    if name == 'deepspeed-timer':\n"
+        "        del ds['timers']\n"
+        "    engine = TrainEngine(module, ds, training, total_steps=1000)\n"
+        "    inputs = torch.Generator().manual_seed(1)\n"
+        "    synchronizes.clear()\n"
+        "    for step in range(3):\n"
+        "        for micro in range(4):\n"
+        "            engine.backward(engine(torch.randn(8, 64, generator=inputs).to(dtype)).float().pow(2).mean())\n"
+        "            engine.step()  # DeepSpeed's: called per micro-batch, steps at the 4th\n"
+        "    final[f'{name} {dtype}'] = [p.detach().float().flatten().tolist() for p in module.parameters()]\n"
+        "    counted[f'{name} {dtype}'] = len(synchronizes)\n"
+        "print(json.dumps({'final': final, 'synchronizes': counted}))\n"
+    )
+    result = run([sys.executable, str(probe)])
+    assert_ok(result)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    final, synchronizes = out["final"], out["synchronizes"]
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        reference = final[f"zero2 {dtype}"]
+        for name in ("zero2-no-overlap", "zero1"):
+            assert final[f"{name} {dtype}"] == reference, (name, dtype)
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    moved = torch.tensor(final["zero2 torch.float32"][0]) - start[0].weight.detach().flatten()
+    assert moved.abs().max() > 0.02  # three steps of lr 0.01 moved them: the comparison above compares steps taken
+    assert synchronizes.pop("deepspeed-timer torch.float32") == 8
+    assert set(synchronizes.values()) == {0}, synchronizes
 
 
 # transformers' documented ZeRO-3 config, as TRL users bring it: its optimizer and scheduler are the Trainer's to fill
