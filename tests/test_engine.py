@@ -88,13 +88,23 @@ def test_an_openrlhf_config_loads_at_every_stage_with_its_optimizer_offloaded():
         fill_ds_config(forced, training, torch.float32, TINY, 2, None)
 
 
+def probe_output(probe: Path) -> dict:
+    """Run a probe script in a process of its own (DeepSpeed's engine wants its own process group) and read the
+    JSON line it prints last."""
+    from launching import assert_ok, run
+
+    result = run([sys.executable, str(probe)])
+    assert_ok(result)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("ds_name", ["zero1.json", "zero2.json", "openrlhf_zero2_offload.json"])
 def test_the_optimizer_is_torchs_fused_adamw(tmp_path, ds_name):
     """One update through the engine (ZeRO-2, a process of its own; also with the optimizer offloaded, as an OpenRLHF
     file has it) is Adam's formula, written out here
     (decoupled weight decay, bias-corrected moments), by the fused implementation: the one whose step keeps
     no temporaries (planner.step_bytes)."""
-    from launching import ROOT, assert_ok, run
+    from launching import ROOT
 
     ds_path = tmp_path / ds_name
     ds_path.write_text(json.dumps(OPENRLHF_ZERO2_OFFLOAD if ds_name.startswith("openrlhf") else read_ds_config(ds_name)))
@@ -119,9 +129,7 @@ def test_the_optimizer_is_torchs_fused_adamw(tmp_path, ds_name):
         "print(json.dumps({'fused': engine.engine.optimizer.optimizer.defaults['fused'], 'inputs': inputs.tolist(),\n"
         "                  'before': before, 'after': module.weight.detach().tolist()}))\n"
     )
-    result = run([sys.executable, str(probe)])
-    assert_ok(result)
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = probe_output(probe)
     assert out["fused"] is True
     inputs, before = torch.tensor(out["inputs"]), torch.tensor(out["before"])
     grad = 2 * (inputs @ before.T).T @ inputs  # d/dW of sum((x W^T)^2)
@@ -169,7 +177,7 @@ def test_one_process_takes_the_same_steps_under_zero1_and_zero2_without_synchron
     throughput timer does twice per micro-batch from its third step on: 8 times in the third step here. (On CPU
     DeepSpeed runs overlap_comm's reduction without a side stream or its synchronize: what the overlap_comm
     runs compare here is its double buffering; on CUDA the kernels are the same, on another stream.)"""
-    from launching import ROOT, assert_ok, run
+    from launching import ROOT
 
     probe = tmp_path / "probe.py"
     probe.write_text(
@@ -207,9 +215,7 @@ def test_one_process_takes_the_same_steps_under_zero1_and_zero2_without_synchron
         "    counted[f'{name} {dtype}'] = len(synchronizes)\n"
         "print(json.dumps({'final': final, 'synchronizes': counted}))\n"
     )
-    result = run([sys.executable, str(probe)])
-    assert_ok(result)
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = probe_output(probe)
     final, synchronizes = out["final"], out["synchronizes"]
     for dtype in ("torch.float32", "torch.bfloat16"):
         reference = final[f"zero2 {dtype}"]
