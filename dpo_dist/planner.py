@@ -15,8 +15,8 @@ Held through the whole step
   least N_t b / W, all of the embedding's where the embedding is longer than a slice); held only under
   ZeRO-3 (a buffer made at start-up) or with gradient accumulation, else they fill in during backward as
   activations are freed and count with the step;
-- buckets: DeepSpeed's gradient bucket buffers, reduce_bucket_size x b, once under ZeRO-3, twice under ZeRO-2
-  with overlap_comm ("auto": one decoder layer's parameters, or all of N_t when fewer; `reduce_bucket_elements`).
+- buckets: DeepSpeed's gradient bucket buffers, reduce_bucket_size x b, once under ZeRO-1/2/3, twice under
+  ZeRO-1/2 with overlap_comm, which the engine turns off on one process ("auto": one decoder layer's parameters, or all of N_t when fewer; `reduce_bucket_elements`).
 
 Alive around forward/backward (the "backward" phase, whose peak is when backward starts at the log-prob chunks)
 - activations: what autograd saves, per token of the micro-batch (2 x batch_size rows of max_seq_length,
@@ -320,7 +320,7 @@ def reduce_bucket_elements(shape: ModelShape, lora: LoRAConfig | None) -> int:
     with overlap_comm, a device synchronize) whatever its size. transformers' rule, hidden^2, cuts a Qwen3-1.7B
     layer into a dozen buckets and a 4B LoRA policy's 33 M adapter elements into five. A layer is also the
     unit whole-layer ZeRO-3 gathers and whose gradients come ready together. The cost is memory: one buffer of
-    this many elements under ZeRO-3, two under ZeRO-2 with overlap_comm (the `buckets` part of the plan):
+    this many elements under ZeRO-3 and ZeRO-1/2, two there with overlap_comm (the `buckets` part of the plan):
     ~100 MB for a 1.7B layer in bf16."""
     counted = sum(map(sum, trainable_groups(shape, lora)))
     # Adapters the planner does not count (lora.target_modules naming modules by path, e.g. "layers.0.self_attn.q_proj")
@@ -661,8 +661,8 @@ def single_rank_note(ds_config: dict, world_size: int, on_gpu: bool, lora: bool)
     full, compiled layers) ZeRO-2 with overlap_comm ran 1.76x the tokens/s, and ZeRO-1 1.24x that in another
     session's call. ZeRO-2 also copies every backward's gradients through its reduce buckets into an
     accumulation buffer, where ZeRO-1 lets autograd accumulate them in .grad: on the H200 ZeRO-1 ran 1.06x
-    the tokens/s of ZeRO-2 as the engine runs it on one process (without overlap_comm) in 4% less memory,
-    ZeRO-3's. Not so for LoRA, whose adapters' gradients are few (the 4B LoRA step took the same time under
+    the tokens/s of ZeRO-2 as the engine runs it on one process (without overlap_comm) in 4% less memory
+    (ZeRO-3's). Not so for LoRA, whose adapters' gradients are few (the 4B LoRA step took the same time under
     both), nor on CPU, where a copy costs little beside the arithmetic: those ZeRO-2 runs get no note. The
     steps are the same (bit for bit on CPU, fp32 and bf16: tests/test_engine.py; on CUDA the same kernels
     on another stream), unless the file sets `data_types.grad_accum_dtype` (ZeRO-2 then accumulates in that
@@ -678,7 +678,7 @@ def single_rank_note(ds_config: dict, world_size: int, on_gpu: bool, lora: bool)
                 "deepspeed.config=ds_configs/zero1.json trains the same steps without them (on an H200, Qwen3-1.7B "
                 "full with compiled layers: ZeRO-2 ran 1.76x ZeRO-3's tokens/s, ZeRO-1 1.24x that, in ZeRO-3's "
                 "memory)")
-    arithmetic_differs = "grad_accum_dtype" in ds_config.get("data_types", {}) or \
+    arithmetic_differs = "grad_accum_dtype" in (ds_config.get("data_types") or {}) or \
         ds_config.get("gradient_predivide_factor", 1.0) != 1.0
     if not on_gpu or lora or offloads_optimizer(ds_config) or arithmetic_differs:
         return None
