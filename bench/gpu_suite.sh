@@ -55,6 +55,9 @@
 #              backward over one micro-batch's 4,096 completion tokens, eager against model.compile's head
 #              (compiled_head.py), in the eager default's chunks (220 tokens) and the compiled default's (883);
 #              time and peak memory per setting (~1 min with the compiles)
+#   head-frozen  the same with the lm_head frozen (a LoRA run's head): the head case's peaks were all the lm_head
+#              gradient's accumulation (V x H > n x V for n < H); without it each chunk's own peak shows, to check
+#              logps.head_bytes_per_logit on the GPU (eager 8 bytes per logit, compiled bf16 ~2.17)
 #   liger-tests  tests/test_lean_ops.py -k liger: Liger-Kernel's model against the plain one (CUDA only; skipped in CI)
 #   full-fast  the full case without checkpointing (whole-layer ZeRO-3 gathering, the default): TRL, then dpo-dist
 #              with prefix sharing + Liger-Kernel
@@ -144,6 +147,11 @@ for spec in "$@"; do
         head)
             { timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096
               timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 --tokens 883
+            } 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
+            continue ;;
+        head-frozen)
+            { timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 --frozen-head
+              timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 --tokens 883 --frozen-head
             } 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
             continue ;;
         liger-tests)

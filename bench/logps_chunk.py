@@ -4,6 +4,7 @@
     python bench/logps_chunk.py --iters 3 --vocab 4096 --tokens 64
     python bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 50   # a GPU: adds peak memory
     python bench/logps_chunk.py --total-tokens 4096 --tokens 883   # a micro-batch's head, in chunks of 883
+    python bench/logps_chunk.py --frozen-head ...   # the lm_head takes no gradient, as in a LoRA run
 
 Each chunk also costs the host ~1.4-2 ms (the checkpoint, the autograd functions, the launches), about what an H200
 spends on a 220-token chunk's arithmetic: `--total-tokens` times a micro-batch's completion tokens chunk by chunk,
@@ -18,6 +19,9 @@ the chunk's logits. Per setting, interleaved, the median wall time of `--iters` 
 - `no-metrics`: `training.token_metrics: false`;
 - `compiled-metrics`, `compiled-no-metrics`: the same with `model.compile`'s head (`compiled_head.py`: the
   vocabulary-wide math in three compiled kernels, logits kept in the model's dtype), compiled in the warm-up.
+`--frozen-head` leaves the lm_head weight without a gradient, as a LoRA run without an lm_head adapter has it. On a
+GPU that is what shows a chunk's own peak: the weight's gradient (V x H, and the accumulation of each chunk's into
+it) is larger than a chunk's logits (n x V) whenever n < H, and otherwise sets the peak for every setting alike.
 Then the normaliser alone on one chunk's logits (the metrics' max + exp + sum against `torch.logsumexp`). Exits
 non-zero if an eager setting's gradients differ from `recompute-as-forward`'s (they are meant to be bit-identical)
 or a compiled one's by more than rounding (relative norm of the difference: 1e-5 in fp32, 1e-2 in bf16).
@@ -54,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--frozen-head", action="store_true",
+                        help="no gradient for the lm_head weight (a LoRA run's head): the peak is the chunk's own")
     return parser.parse_args()
 
 
@@ -65,6 +71,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"
     lm_head = nn.Linear(args.hidden, args.vocab, bias=False).to(device, dtype)
+    lm_head.weight.requires_grad_(not args.frozen_head)
     total = args.total_tokens or tokens
     hidden = torch.randn(total, args.hidden, device=device, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, args.vocab, (total,), device=device)
@@ -107,7 +114,8 @@ def main() -> None:
             torch.cuda.synchronize()
         elapsed = (time.perf_counter() - start) * 1e3
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if on_gpu else float("nan")
-        return elapsed, peak, hidden.grad.clone(), lm_head.weight.grad.clone()
+        weight_grad = None if args.frozen_head else lm_head.weight.grad.clone()
+        return elapsed, peak, hidden.grad.clone(), weight_grad
 
     first = {setting: run(setting) for setting in settings}  # warm-up (and compile), and the gradients to compare
     times = {setting: [] for setting in settings}
@@ -117,7 +125,8 @@ def main() -> None:
     what = f"one chunk: {tokens} tokens"
     if args.total_tokens:
         what = f"{total} tokens in {-(-total // tokens)} chunks of {tokens}"
-    print(f"{what} x vocabulary {args.vocab:,}, hidden {args.hidden}, {args.dtype} on {device}, "
+    frozen = ", lm_head frozen" if args.frozen_head else ""
+    print(f"{what} x vocabulary {args.vocab:,}, hidden {args.hidden}, {args.dtype} on {device}{frozen}, "
           f"{args.threads} thread(s), median of {args.iters} interleaved runs")
     baseline = statistics.median(times["recompute-as-forward"])
     for setting, runs in times.items():
@@ -147,13 +156,13 @@ def main() -> None:
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     differ = []
     for setting, (_, _, hidden_grad, weight_grad) in first.items():
+        pairs = [(hidden_grad, reference[2])] + ([] if args.frozen_head else [(weight_grad, reference[3])])
         if setting.startswith("compiled"):
-            errors = [((got.float() - want.float()).norm() / want.float().norm()).item()
-                      for got, want in ((hidden_grad, reference[2]), (weight_grad, reference[3]))]
+            errors = [((got.float() - want.float()).norm() / want.float().norm()).item() for got, want in pairs]
             print(f"  {setting}: gradients' relative difference from eager {max(errors):.2e}")
             if max(errors) > tolerance:
                 differ.append(setting)
-        elif not (torch.equal(hidden_grad, reference[2]) and torch.equal(weight_grad, reference[3])):
+        elif not all(torch.equal(got, want) for got, want in pairs):
             differ.append(setting)
     print("gradients alike across settings" if not differ else f"gradients DIFFER: {', '.join(differ)}")
     sys.exit(1 if differ else 0)

@@ -6,6 +6,8 @@ import json
 import math
 import sys
 
+import pytest
+
 from launching import assert_ok, run, write_config
 
 
@@ -98,16 +100,18 @@ def test_collate_times_every_layout():
     assert reported == ["padded", "packed", "prefix-shared", "prefix-shared packed"], result.stdout
 
 
-def test_logps_chunk_times_each_setting_and_finds_their_gradients_alike():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_logps_chunk_times_each_setting_and_finds_their_gradients_alike(frozen):
     """bench/logps_chunk.py at a small vocabulary: all five settings run and report, the eager ones' gradients are
     bit-identical (the script exits non-zero otherwise): the normaliser the recompute now takes, torch.logsumexp,
     gives the same bits as the exp pass the forward takes with the metrics, so the change moves no gradient; and
     the compiled head's are theirs up to fp32 rounding. Over 100 tokens in chunks of 40 (a shorter last one), as a
-    micro-batch's head runs."""
+    micro-batch's head runs. Also with the lm_head frozen (a LoRA run's head: only the hidden states' gradients)."""
     result = run([sys.executable, "bench/logps_chunk.py", "--vocab", "3000", "--hidden", "16", "--tokens", "40",
-                  "--total-tokens", "100", "--iters", "2"])
+                  "--total-tokens", "100", "--iters", "2", *(["--frozen-head"] if frozen else [])])
     assert_ok(result)
     assert result.stdout.startswith("100 tokens in 3 chunks of 40"), result.stdout
+    assert ("lm_head frozen" in result.stdout.splitlines()[0]) == frozen
     reported = [line.split()[0] for line in result.stdout.splitlines() if line.endswith("%")]
     settings = ["recompute-as-forward", "metrics", "no-metrics", "compiled-metrics", "compiled-no-metrics"]
     assert reported == settings, result.stdout
