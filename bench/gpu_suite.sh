@@ -42,11 +42,11 @@
 #   full-z1-compiled  full-z2-compiled under ds_configs/zero1.json for both tools (on one process ZeRO-1 ran the fastest
 #              step: the sixth GPU session), and dpo-dist with the first 8 of 28 layers checkpointed (the memory goal)
 #   full-z2-overlap  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers under zero2.json
-#              (overlap_comm on; since the sixth GPU session's run of this case the engine turns it off on one process), bench/configs/zero2_no_overlap.json and ds_configs/zero1.json: on one process there
-#              is nothing to overlap or partition, DeepSpeed's overlap_comm synchronizes the device at the end of every
-#              backward, and ZeRO-2 copies every backward's gradients through its reduce buckets into accumulation
-#              tensors where ZeRO-1 lets autograd accumulate them in .grad and reduces once per step
-#              (stage_1_and_2.py: process_gradients, independent_gradient_partition_epilogue)
+#              and ds_configs/zero1.json. The sixth GPU session ran it with zero2.json's overlap_comm on and a third
+#              variant without it (bench/configs/zero2_no_overlap.json, since removed): on one process the engine
+#              now turns overlap_comm off itself, so that variant would repeat the first. ZeRO-2 still copies every
+#              backward's gradients through its reduce buckets into accumulation tensors where ZeRO-1 lets autograd
+#              accumulate them in .grad and reduces once per step (stage_1_and_2.py: process_gradients)
 #   full-z2-metrics  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers with TRL's
 #              per-token metrics (the default) and without them (training.token_metrics=false): what they cost a GPU step
 #   compile-parity  bench/compile_parity.py on the 4B LoRA shape: do the policy's and the reference's forwards score alike,
@@ -135,7 +135,6 @@ for spec in "$@"; do
         full-z2-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults "${LEAN_COMPILED[@]}") ;;
         full-z2-overlap) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
                                "${LEAN_COMPILED[@]}"
-                               --variant sharedleancompilenooverlap:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=bench/configs/zero2_no_overlap.json
                                --variant sharedleancompilezero1:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=ds_configs/zero1.json) ;;
         full-z2-metrics) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
                                "${LEAN_COMPILED[@]}"

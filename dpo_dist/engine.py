@@ -417,7 +417,7 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     # (DeepSpeed's own default, 5e7, is about one Qwen3-1.7B layer.) The persistence threshold as transformers'.
     # ZeRO-3's optimizer sub-group: one decoder layer too (planner.sub_group_elements says why).
     _fill(zero, "reduce_bucket_size", reduce_bucket_elements(shape, lora))
-    if zero_stage(ds) == 3:
+    if stage == 3:
         _fill(zero, "stage3_prefetch_bucket_size", decoder_layer_elements(shape))
         _fill(zero, "stage3_param_persistence_threshold", 10 * shape.hidden)
         _fill(zero, "sub_group_size", sub_group_elements(shape, offloads_optimizer(ds)))
@@ -433,7 +433,7 @@ def fill_ds_config(raw: dict, training: TrainingConfig, dtype: torch.dtype, shap
     timers = ds["timers"] = ds.get("timers") or {}
     throughput = timers["throughput"] = timers.get("throughput") or {}
     throughput.setdefault("synchronized", False)
-    if world_size == 1 and zero_stage(ds) in (1, 2) and zero.get("overlap_comm"):
+    if world_size == 1 and stage in (1, 2) and zero.get("overlap_comm"):
         # One process has no gradient reduction to overlap with the backward, but overlap_comm still makes DeepSpeed
         # synchronize the device at the end of every backward and keep a second reduce bucket: on an H200 (Qwen3-1.7B
         # full, ZeRO-2, compiled layers) turning it off ran 1.17x the tokens/s. The kernels are the same, on the

@@ -16,7 +16,8 @@ Held through the whole step
   ZeRO-3 (a buffer made at start-up) or with gradient accumulation, else they fill in during backward as
   activations are freed and count with the step;
 - buckets: DeepSpeed's gradient bucket buffers, reduce_bucket_size x b, once under ZeRO-1/2/3, twice under
-  ZeRO-1/2 with overlap_comm, which the engine turns off on one process ("auto": one decoder layer's parameters, or all of N_t when fewer; `reduce_bucket_elements`).
+  ZeRO-1/2 with overlap_comm, which the engine turns off on one process ("auto": one decoder layer's parameters,
+  or all of N_t when fewer; `reduce_bucket_elements`).
 
 Alive around forward/backward (the "backward" phase, whose peak is when backward starts at the log-prob chunks)
 - activations: what autograd saves, per token of the micro-batch (2 x batch_size rows of max_seq_length,

@@ -294,8 +294,9 @@ class Trainer:
                 sft_nll = -policy_logps.sft_logps / policy_logps.sft_tokens.clamp(min=1)
                 objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
             # The next micro-batch is collated here, while the device works through this one's queued forward:
-            # after the backward, DeepSpeed's ZeRO-2 with overlap_comm (several processes) waits for the device, which would then idle
-            # through the collation. Nothing may stop between here and the backward: the engine holds this forward
+            # after the backward, DeepSpeed's ZeRO-2 with overlap_comm (several processes) waits for the device,
+            # which would then idle through the collation. Nothing may stop between here and the backward: the
+            # engine holds this forward
             following = next(upcoming, None)
             self.policy.backward(objective)
             self.policy.step()
@@ -379,7 +380,8 @@ class Trainer:
     def _micro_batches(self, epoch: int, epoch_step: int) -> Iterator[data_lib.PairBatch]:
         """This rank's micro-batches of the step at (epoch, epoch_step), each collated when it is asked for: what
         goes in is chosen now; `train_step` asks for micro-batch k + 1 once k's forward is queued, so that it overlaps
-        the device's work on k (after k's backward DeepSpeed's ZeRO-2 with overlap_comm, on several processes, waits for the device)."""
+        the device's work on k (after k's backward DeepSpeed's ZeRO-2 with overlap_comm, on several processes, waits
+        for the device)."""
         training = self.config.training
         if self._order_epoch != epoch:
             self._order = data_lib.epoch_order(len(self.train_examples), epoch, training.seed, self.config.data.shuffle)

@@ -100,8 +100,8 @@ def probe_output(probe: Path) -> dict:
 
 @pytest.mark.parametrize("ds_name", ["zero1.json", "zero2.json", "openrlhf_zero2_offload.json"])
 def test_the_optimizer_is_torchs_fused_adamw(tmp_path, ds_name):
-    """One update through the engine (ZeRO-2, a process of its own; also with the optimizer offloaded, as an OpenRLHF
-    file has it) is Adam's formula, written out here
+    """One update through the engine (ZeRO-1 and ZeRO-2, a process of its own; also ZeRO-2 with the optimizer
+    offloaded, as an OpenRLHF file has it) is Adam's formula, written out here
     (decoupled weight decay, bias-corrected moments), by the fused implementation: the one whose step keeps
     no temporaries (planner.step_bytes)."""
     from launching import ROOT
