@@ -41,6 +41,8 @@
 #              layers (the fourth GPU session ran these two by hand: ZeRO-2 against ZeRO-3 on one GPU, both tools)
 #   full-z1-compiled  full-z2-compiled under ds_configs/zero1.json for both tools (on one process ZeRO-1 ran the fastest
 #              step: the sixth GPU session), and dpo-dist with the first 8 of 28 layers checkpointed (the memory goal)
+#   full-z1-ckpt  full-z1-compiled with dpo-dist's first 18 layers checkpointed instead of 8 (8 left it at 0.73x TRL's
+#              memory in the seventh GPU session, ~236 MB a layer above the 0.7x goal), and no unchecked run
 #   full-z2-overlap  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers under zero2.json
 #              and ds_configs/zero1.json. The sixth GPU session ran it with zero2.json's overlap_comm on and a third
 #              variant without it (bench/configs/zero2_no_overlap.json, since removed): on one process the engine
@@ -74,6 +76,7 @@
 #              step ("device busy" against wall time) and the host syncs left, i.e. whether that step waits on the host
 #   sample-full-compiled  the same config under profile_step.py --sample-host 2 (3 warm-up steps, 2 sampled): the
 #              host's time by Python function in a compiled ZeRO-3 step (DeepSpeed's hooks, compiled layers, ours)
+#   profile-full-z1-compiled  profile-full-z2-compiled on full-z1-compiled's first dpo-dist run (ZeRO-1: the best MFU)
 #   profile-full-z2-compiled, sample-full-z2-compiled  the same two on full-z2-compiled's dpo-dist run (ZeRO-2, no
 #              per-layer hooks): where a compiled step's time goes once the hooks are gone (the MFU gap left)
 # all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).
@@ -132,6 +135,8 @@ for spec in "$@"; do
                           --variant sharedleancompilezero1:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,deepspeed.config=ds_configs/zero1.json) ;;
         full-z1-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero1.json --no-packing --no-defaults "${LEAN_COMPILED[@]}"
                                 --variant sharedleancompileckpt8:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=8) ;;
+        full-z1-ckpt) args=(--preset qwen3-1.7b --ds-config ds_configs/zero1.json --no-packing --no-defaults
+                            --variant sharedleancompileckpt18:data.prefix_sharing=true,model.lean_activations=true,model.compile=true,model.gradient_checkpointing=true,model.checkpointed_layers=18) ;;
         full-z2-compiled) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults "${LEAN_COMPILED[@]}") ;;
         full-z2-overlap) args=(--preset qwen3-1.7b --ds-config ds_configs/zero2.json --no-packing --no-defaults --no-trl
                                "${LEAN_COMPILED[@]}"
@@ -185,8 +190,8 @@ for spec in "$@"; do
             timeout "$seconds" python3 bench/decoder_ceiling.py --preset qwen3-1.7b --lora-r 0 --variants liger,compile 2>&1 \
                 | grep -v -e WARNING -e "warn" | tee "$OUT/$case.log"
             continue ;;
-        profile-full-compiled|sample-full-compiled|profile-full-z2-compiled|sample-full-z2-compiled)
-            source_case=${case#*-}  # full-compiled or full-z2-compiled
+        profile-full-compiled|sample-full-compiled|profile-full-z2-compiled|sample-full-z2-compiled|profile-full-z1-compiled)
+            source_case=${case#*-}  # full-compiled, full-z2-compiled or full-z1-compiled
             config=$WORK/$source_case/dpo_dist_sharedleancompile/config.yaml  # the run's resolved config, variant included
             [ -f "$config" ] || { echo "$case: run $source_case first"; continue; }
             how=(--steps 1) report=profile.json
