@@ -12,7 +12,12 @@ first-step work), then `--steps` steps under torch.profiler (CPU, plus CUDA on a
   device tensor) and `aten::nonzero` (boolean-mask selection: only the device knows the result's size)
   calls, and on a GPU cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls; on a
   GPU each one waits for the stream, on CPU they are counted where they WOULD wait; each with the Python
-  lines (outside torch) that made them, so a sync on the hot path can be found and removed;
+  lines (outside torch) that made them and the trainer phase (`trainer.phase`: to_device, reference,
+  policy_forward, loss, collate, backward, step, metrics) they ran in, so a sync on the hot path can be found
+  and removed;
+- the host's time per phase, and on a GPU where the device waited: its idle time between kernels, charged to the
+  phase whose launch ended each gap and split by whether the host launched that kernel only after the device had
+  run out of work (the host was late) or in time (the kernel waited on something else), with the longest gaps;
 and writes `profile.json` (the same numbers) and a Chrome/Perfetto trace `trace.json` under
 `<training.output_dir>/profile/`. Nothing is checkpointed, exported or logged: the steps' metrics are summed
 as in training but never reduced or written (a logging step's one all-reduce is not in the profile).
@@ -54,6 +59,13 @@ from dpo_dist.trainer import Trainer  # noqa: E402
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 TOP_OPS = 25
 STACK_DEPTH = 4  # Python frames (outside torch) kept per sync site
+PHASE_PREFIX = "dpo:"  # trainer.phase's ranges
+NO_PHASE = "(outside the phases)"
+LAUNCH_UNKNOWN = "(launch not found)"
+# Idle spans between kernels shorter than this are the device's own spacing between queued kernels (a few us), not
+# a wait for anything
+MIN_GAP_US = 5.0
+TOP_GAPS = 10
 
 
 def next_batches(trainer: Trainer, count: int) -> list:
@@ -123,21 +135,120 @@ def kernel_summary(kernels: list[tuple[str, float, float]]) -> tuple[list[dict],
     return rows, busy_us / 1e3
 
 
-def sync_sites(prof, steps: int) -> list[dict]:
-    """Each host-sync op per step, grouped by the innermost Python lines outside torch that led to it."""
+def outside_torch(frame: str) -> bool:
+    return not frame.startswith("torch/") and "/torch/" not in frame
+
+
+def python_frames(event) -> list[str]:
+    """The innermost Python lines outside torch that led to `event`: its Python-call ancestors in the profile's
+    tree, else the stack recorded with the op itself or its nearest ancestor op (the seventh GPU session's H200
+    profiles, torch 2.11, named no Python line for any sync, where CPU profiles do: why is not known, so both)."""
+    frames, parent = [], event.cpu_parent
+    while parent is not None and len(frames) < STACK_DEPTH:
+        if ".py(" in parent.name and outside_torch(parent.name):
+            frames.append(parent.name)
+        parent = parent.cpu_parent
+    holder = event
+    while not frames and holder is not None:
+        frames = [frame for frame in (getattr(holder, "stack", None) or []) if outside_torch(frame)][:STACK_DEPTH]
+        holder = holder.cpu_parent
+    return frames
+
+
+def sync_sites(prof, steps: int, regions: list[tuple[str, float, float]]) -> list[dict]:
+    """Each host-sync op per step, grouped by the phase it ran in and the innermost Python lines outside torch that
+    led to it."""
     counts: dict[tuple, int] = {}
     for event in prof.events():
         if event.name not in SYNC_OPS:
             continue
-        frames, parent = [], event.cpu_parent
-        while parent is not None and len(frames) < STACK_DEPTH:
-            if ".py(" in parent.name and not parent.name.startswith("torch/") and "/torch/" not in parent.name:
-                frames.append(parent.name)
-            parent = parent.cpu_parent
-        counts[(event.name, *frames)] = counts.get((event.name, *frames), 0) + 1
-    sites = [{"op": key[0], "per_step": count / steps, "stack": list(key[1:])} for key, count in counts.items()]
+        key = (event.name, phase_at(regions, event.time_range.start), *python_frames(event))
+        counts[key] = counts.get(key, 0) + 1
+    sites = [{"op": key[0], "phase": key[1], "per_step": count / steps, "stack": list(key[2:])} for key, count in counts.items()]
     sites.sort(key=lambda site: site["per_step"], reverse=True)
     return sites
+
+
+def phase_regions(prof) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of each trainer.phase range on the host, by start."""
+    from torch.autograd import DeviceType
+
+    regions = [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
+               if event.device_type == DeviceType.CPU and event.name.startswith(PHASE_PREFIX)]
+    return sorted(regions, key=lambda region: region[1])
+
+
+def phase_at(regions: list[tuple[str, float, float]], host_us: float | None) -> str:
+    """The innermost phase range around host time `host_us` (the shortest that holds it)."""
+    if host_us is None:
+        return LAUNCH_UNKNOWN
+    holding = [(end - start, name) for name, start, end in regions if start <= host_us <= end]
+    return min(holding)[1] if holding else NO_PHASE
+
+
+def phase_times(regions: list[tuple[str, float, float]], steps: int) -> list[dict]:
+    """Each phase's host time and calls per step, the most time first. Time on the host, not the device's: with
+    the device behind, a phase's time is how long the host took to queue its work (or to wait, at a sync)."""
+    totals: dict[str, list] = {}
+    for name, start, end in regions:
+        calls_and_us = totals.setdefault(name, [0, 0.0])
+        calls_and_us[0] += 1
+        calls_and_us[1] += end - start
+    rows = [{"phase": name, "calls_per_step": calls / steps, "host_ms_per_step": us / 1e3 / steps}
+            for name, (calls, us) in totals.items()]
+    return sorted(rows, key=lambda row: row["host_ms_per_step"], reverse=True)
+
+
+def idle_by_phase(kernels: list[tuple[str, float, float, float | None]], regions: list[tuple[str, float, float]],
+                  steps: int, min_gap_us: float = MIN_GAP_US) -> dict:
+    """Where the device waited. `kernels`: (name, start us, end us, host us at which its launch call began, or None
+    where the profile does not link the two) on the device; `regions`: the host's phase ranges.
+
+    Each span longer than `min_gap_us` in which no kernel ran (between the union of the kernels' intervals, so
+    from the first kernel to the last) is charged to the kernel that ends it: to the phase around that kernel's
+    launch, and as "host late" when the launch began after the span did, i.e. the device had run out of queued
+    work and waited for the host to launch more. A kernel launched before the span began was queued in time and
+    waited on something else (a kernel on another stream, an event, a copy)."""
+    per_phase: dict[str, list] = {}  # phase -> [gaps, idle us, host-late us]
+    gaps, idle_us, covered_until = [], 0.0, None
+    for name, start, end, launch in sorted(kernels, key=lambda kernel: kernel[1]):
+        if covered_until is not None and start - covered_until > min_gap_us:
+            gap_us, phase = start - covered_until, phase_at(regions, launch)
+            late = launch is not None and launch > covered_until
+            row = per_phase.setdefault(phase, [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += gap_us
+            row[2] += gap_us if late else 0.0
+            idle_us += gap_us
+            gaps.append({"idle_ms": gap_us / 1e3, "phase": phase, "host_late": late, "next_kernel": name})
+        covered_until = end if covered_until is None else max(covered_until, end)
+    rows = [{"phase": phase, "idle_ms_per_step": us / 1e3 / steps, "gaps_per_step": count / steps,
+             "host_late_ms_per_step": late_us / 1e3 / steps}
+            for phase, (count, us, late_us) in per_phase.items()]
+    rows.sort(key=lambda row: row["idle_ms_per_step"], reverse=True)
+    gaps.sort(key=lambda gap: gap["idle_ms"], reverse=True)
+    return {"idle_ms_per_step": idle_us / 1e3 / steps, "by_phase": rows, "longest": gaps[:TOP_GAPS]}
+
+
+def device_kernels(prof) -> list[tuple[str, float, float, float | None]]:
+    """(name, start us, end us, launch us) of each kernel and device copy. A kernel and the runtime call that
+    launched it (cudaLaunchKernel, cuLaunchKernelEx, cudaMemcpyAsync, ...) share CUPTI's correlation id, and that
+    call is linked to the op it ran in (`linked_correlation_id`); where no runtime call is found the launching op's
+    start stands in (earlier than the launch: the host then looks less late than it was)."""
+    from torch.autograd import DeviceType
+
+    runtime_starts, op_starts, kernels = {}, {}, []
+    for event in prof.events():
+        linked = getattr(event, "linked_correlation_id", 0) or 0
+        if event.device_type == DeviceType.CPU:
+            (runtime_starts if linked > 0 else op_starts)[event.id] = event.time_range.start
+        elif not getattr(event, "is_user_annotation", False):
+            kernels.append((event, linked))
+    rows = []
+    for event, linked in kernels:
+        launch = runtime_starts.get(event.id, op_starts.get(linked) if linked > 0 else None)
+        rows.append((event.name, event.time_range.start, event.time_range.end, launch))
+    return rows
 
 
 def main(config, args) -> int:
@@ -165,8 +276,11 @@ def main(config, args) -> int:
         out = Path(config.training.output_dir) / "profile"
         out.mkdir(parents=True, exist_ok=True)
         ops, busy_ms = top_ops(prof, on_gpu)
+        regions = phase_regions(prof)
         summary = {"device": str(trainer.dist.device), "world_size": trainer.dist.world_size, "steps": args.steps,
-                   "wall_ms": wall_ms, "busy_ms": busy_ms, "top_ops": ops, "syncs": sync_sites(prof, args.steps)}
+                   "wall_ms": wall_ms, "busy_ms": busy_ms, "top_ops": ops, "phases": phase_times(regions, args.steps),
+                   "idle": idle_by_phase(device_kernels(prof), regions, args.steps) if on_gpu else None,
+                   "syncs": sync_sites(prof, args.steps, regions)}
         (out / "profile.json").write_text(json.dumps(summary, indent=1))
         prof.export_chrome_trace(str(out / "trace.json"))
         print_summary(summary, out)
@@ -247,9 +361,22 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"top {'kernels by device' if unit == 'device' else 'ops by self CPU'} time, rank 0:")
     for row in summary["top_ops"]:
         print(f"  {row['share']:6.1%} {row['self_ms']:10.1f} ms {row['calls']:7d}x  {row['op']}")
-    print("\nhost syncs per step, by call site:" if summary["syncs"] else "\nhost syncs per step: none")
+    print("\nhost time by phase (trainer.phase), ms per step:")
+    for row in summary["phases"]:
+        print(f"  {row['host_ms_per_step']:9.1f} ms  {row['calls_per_step']:5.1f} calls  {row['phase']}")
+    idle = summary["idle"]
+    if idle is not None:
+        print(f"\ndevice idle {idle['idle_ms_per_step']:.1f} ms per step, in gaps over {MIN_GAP_US:g} us between kernels, "
+              "by the phase that launched the kernel ending each gap (host late: launched after the device ran out of work):")
+        for row in idle["by_phase"]:
+            print(f"  {row['idle_ms_per_step']:9.1f} ms  {row['gaps_per_step']:7.1f} gaps  host late {row['host_late_ms_per_step']:8.1f} ms  "
+                  f"{row['phase']}")
+        print("longest gaps:")
+        for gap in idle["longest"]:
+            print(f"  {gap['idle_ms']:9.2f} ms  {gap['phase']}{'  host late' if gap['host_late'] else ''}  then {gap['next_kernel'][:90]}")
+    print("\nhost syncs per step, by phase and call site:" if summary["syncs"] else "\nhost syncs per step: none")
     for site in summary["syncs"]:
-        print(f"  {site['per_step']:6.1f}  {site['op']}")
+        print(f"  {site['per_step']:6.1f}  {site['op']}  in {site['phase']}")
         for frame in site["stack"]:
             print(f"           {frame}")
     print(f"\nwrote {out / 'profile.json'} and {out / 'trace.json'}")

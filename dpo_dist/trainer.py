@@ -7,6 +7,7 @@ accumulation boundary. Logging, eval and export are calls around it, not branche
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
@@ -55,6 +56,15 @@ from dpo_dist.planner import (
 from dpo_dist.records import validate, validate_sft
 from dpo_dist.reference import AdapterReference, build_model_reference, layout_mismatch, load_precomputed_reference
 from dpo_dist.replicas import agree_with_main
+
+
+def phase(name: str):
+    """A named range ("dpo:<name>") in torch.profiler's trace while a profiler runs, else nothing (a disabled check
+    costs well under a microsecond; an always-on range ~16 on this repo's CPU). bench/profile_step.py sums the host's
+    time by phase and charges each device idle gap to the phase whose launch ended it."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(f"dpo:{name}")
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -256,9 +266,16 @@ class Trainer:
     def _pair_loss(self, batch: data_lib.PairBatch):
         """Per-pair loss (the weighted preference losses, WPO-weighted with dpo.use_weighting, + sft_weight x chosen
         NLL), and what the metrics need."""
+        with phase("reference"):
+            ref_logps = self.reference.logps(batch.pairs_only()) if self.reference is not None else None
+        with phase("policy_forward"):
+            policy_logps = forward_pair(self.policy, batch, token_metrics=self.config.training.token_metrics)
+        with phase("loss"):
+            return self._combine_losses(batch, ref_logps, policy_logps)
+
+    def _combine_losses(self, batch: data_lib.PairBatch, ref_logps, policy_logps):
+        """_pair_loss's result from the two models' log-probs (the reference's None under reference-free losses)."""
         dpo = self.config.dpo
-        ref_logps = self.reference.logps(batch.pairs_only()) if self.reference is not None else None
-        policy_logps = forward_pair(self.policy, batch, token_metrics=self.config.training.token_metrics)
         inputs = PreferenceInputs(
             policy_chosen_logps=policy_logps.chosen_logps,
             policy_rejected_logps=policy_logps.rejected_logps,
@@ -285,7 +302,8 @@ class Trainer:
         upcoming = iter(micro_batches)
         batch = next(upcoming, None)
         while batch is not None:
-            batch = batch.to(self.dist.device)
+            with phase("to_device"):
+                batch = batch.to(self.dist.device)
             loss, policy_logps, nll = self._pair_loss(batch)
             # Mean over this micro-batch; DeepSpeed averages over ranks and accumulation steps.
             objective = loss.losses.mean()
@@ -297,11 +315,15 @@ class Trainer:
             # after the backward, DeepSpeed's ZeRO-2 with overlap_comm (several processes) waits for the device,
             # which would then idle through the collation. Nothing may stop between here and the backward: the
             # engine holds this forward
-            following = next(upcoming, None)
-            self.policy.backward(objective)
-            self.policy.step()
-            window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens, batch.attention_mask.sum(),
-                                  sft_nll, policy_logps.router_loss))
+            with phase("collate"):
+                following = next(upcoming, None)
+            with phase("backward"):
+                self.policy.backward(objective)
+            with phase("step"):  # DeepSpeed's optimizer step at the accumulation boundary, else bookkeeping
+                self.policy.step()
+            with phase("metrics"):
+                window.add(batch_sums(loss, policy_logps, nll, batch.pair_weight, batch.num_tokens,
+                                      batch.attention_mask.sum(), sft_nll, policy_logps.router_loss))
             batch = following
 
     # ---------------------------------------------------------------- the loop

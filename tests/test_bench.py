@@ -130,6 +130,17 @@ def test_profile_step_reports_ops_and_samples_compiled_layers_as_they_run(tiny_p
     report = json.loads((tmp_path / "out/profile/profile.json").read_text())
     assert report["steps"] == 1 and report["wall_ms"] > 0
     assert {"aten::mm", "aten::addmm"} & {row["op"] for row in report["top_ops"]}
+    # trainer.phase's ranges: every phase of a micro-batch once per micro-batch, the host's time in each; no device
+    phases = {row["phase"]: row for row in report["phases"]}
+    names = ["to_device", "reference", "policy_forward", "loss", "collate", "backward", "step", "metrics"]
+    assert set(phases) == {f"dpo:{name}" for name in names}, phases
+    micro_batches = phases["dpo:backward"]["calls_per_step"]
+    assert micro_batches >= 1 and all(row["calls_per_step"] == micro_batches for row in phases.values())
+    assert phases["dpo:backward"]["host_ms_per_step"] > phases["dpo:collate"]["host_ms_per_step"] > 0
+    assert sum(row["host_ms_per_step"] for row in phases.values()) < report["wall_ms"]
+    assert report["idle"] is None
+    # DeepSpeed's optimizer step reads the gradient norm on the host: its syncs are in the step phase
+    assert report["syncs"] and {site["phase"] for site in report["syncs"]} == {"dpo:step"}, report["syncs"]
     sampled = run([sys.executable, "bench/profile_step.py", "--sample-host", "1", "--warmup", "1", "--steps", "2",
                    "--config", str(config), f"training.output_dir={tmp_path / 'sampled'}"])
     assert_ok(sampled)
@@ -156,6 +167,41 @@ def test_profile_step_counts_each_kernel_once_and_overlaps_once():
     assert math.isclose(busy_ms, (400 + 400 + 100 + 100 + 100) / 1e3)
     assert [(row["op"], row["calls"]) for row in rows] == [("gemm", 2), ("norm", 2), ("copy", 1)]
     assert math.isclose(rows[0]["self_ms"], 0.8) and math.isclose(rows[0]["share"], 800 / 1150)
+
+
+def test_profile_step_charges_each_device_gap_to_the_phase_that_launched_its_end():
+    """Where the device waited: each gap between kernels (over 5 us; the union of their intervals, so overlapping
+    kernels leave none) is charged to the innermost trainer phase around the launch of the kernel that ends it,
+    and counted as the host's lateness only when that launch came after the device had run out of work. Host
+    time per phase is the sum of its ranges. Checked against sums worked out by hand."""
+    sys.path.insert(0, "bench")
+    try:
+        from profile_step import LAUNCH_UNKNOWN, NO_PHASE, idle_by_phase, phase_times
+    finally:
+        sys.path.remove("bench")
+    regions = [("dpo:backward", 0.0, 100.0), ("dpo:step", 100.0, 150.0), ("dpo:inner", 108.0, 112.0)]
+    kernels = [  # (name, start us, end us, launch us)
+        ("a", 0.0, 10.0, 1.0), ("b", 10.0, 30.0, 5.0),  # back to back: no gap
+        ("c", 40.0, 50.0, 39.0),  # 10 us idle, launched after the device ran dry at 30: host late, backward
+        ("d", 45.0, 60.0, 41.0),  # overlaps c (another stream): no gap
+        ("e", 62.0, 70.0, 20.0),  # 2 us: the device's own spacing, not counted
+        ("f", 120.0, 130.0, 110.0),  # 50 us, late, launched inside dpo:inner (innermost of step and inner)
+        ("g", 140.0, 141.0, 115.0),  # 10 us, queued at 115 before the device ran dry at 130: not late, step
+        ("h", 160.0, 170.0, None),  # 19 us, launch not in the profile
+        ("i", 200.0, 210.0, 180.0),  # 30 us, late, launched outside every phase
+    ]
+    idle = idle_by_phase(kernels, regions, steps=2)
+    assert math.isclose(idle["idle_ms_per_step"], (10 + 50 + 10 + 19 + 30) / 1e3 / 2)
+    got = {row["phase"]: (row["gaps_per_step"], round(row["idle_ms_per_step"] * 2e3, 6), round(row["host_late_ms_per_step"] * 2e3, 6))
+           for row in idle["by_phase"]}
+    assert got == {"dpo:inner": (0.5, 50, 50), "dpo:backward": (0.5, 10, 10), "dpo:step": (0.5, 10, 0),
+                   LAUNCH_UNKNOWN: (0.5, 19, 0), NO_PHASE: (0.5, 30, 30)}
+    assert [row["phase"] for row in idle["by_phase"]][:3] == ["dpo:inner", NO_PHASE, LAUNCH_UNKNOWN]
+    assert [(gap["next_kernel"], gap["host_late"]) for gap in idle["longest"]] == [
+        ("f", True), ("i", True), ("h", False), ("c", True), ("g", False)]
+    times = phase_times([("dpo:a", 0.0, 10.0), ("dpo:b", 10.0, 40.0), ("dpo:a", 50.0, 55.0)], steps=1)
+    assert times == [{"phase": "dpo:b", "calls_per_step": 1.0, "host_ms_per_step": 0.03},
+                     {"phase": "dpo:a", "calls_per_step": 2.0, "host_ms_per_step": 0.015}]
 
 
 def suite_cases() -> dict[str, str]:
