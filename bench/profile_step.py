@@ -230,23 +230,30 @@ def idle_by_phase(kernels: list[tuple[str, float, float, float | None]], regions
     return {"idle_ms_per_step": idle_us / 1e3 / steps, "by_phase": rows, "longest": gaps[:TOP_GAPS]}
 
 
+def is_launch_call(name: str) -> bool:
+    """A CUDA runtime or driver API call (cudaLaunchKernel, cuLaunchKernelEx: inductor's Triton kernels, ...)."""
+    return name.startswith("cuda") or (name.startswith("cu") and name[2:3].isupper())
+
+
 def device_kernels(prof) -> list[tuple[str, float, float, float | None]]:
-    """(name, start us, end us, launch us) of each kernel and device copy. A kernel and the runtime call that
-    launched it (cudaLaunchKernel, cuLaunchKernelEx, cudaMemcpyAsync, ...) share CUPTI's correlation id, and that
-    call is linked to the op it ran in (`linked_correlation_id`); where no runtime call is found the launching op's
-    start stands in (earlier than the launch: the host then looks less late than it was)."""
+    """(name, start us, end us, launch us) of each kernel and device copy. A kernel and the API call that launched
+    it share CUPTI's correlation id (kineto's RuntimeActivity, DriverActivity and GpuActivity all report it), an id
+    apart from the ops' own (their numbers can collide, so calls are told from ops by name); both link to the op
+    they ran under (`linked_correlation_id`: an aten op, or inductor's range named after the Triton kernel). Where
+    no call is found the linked op's start stands in (earlier than the launch: the host then looks less late than
+    it was), else the launch is unknown."""
     from torch.autograd import DeviceType
 
-    runtime_starts, op_starts, kernels = {}, {}, []
+    launch_starts, op_starts, kernels = {}, {}, []
     for event in prof.events():
-        linked = getattr(event, "linked_correlation_id", 0) or 0
         if event.device_type == DeviceType.CPU:
-            (runtime_starts if linked > 0 else op_starts)[event.id] = event.time_range.start
+            (launch_starts if is_launch_call(event.name) else op_starts)[event.id] = event.time_range.start
         elif not getattr(event, "is_user_annotation", False):
-            kernels.append((event, linked))
+            kernels.append(event)
     rows = []
-    for event, linked in kernels:
-        launch = runtime_starts.get(event.id, op_starts.get(linked) if linked > 0 else None)
+    for event in kernels:
+        linked = getattr(event, "linked_correlation_id", 0) or 0  # 0: not linked (or a torch without the attribute)
+        launch = launch_starts.get(event.id, op_starts.get(linked) if linked > 0 else None)
         rows.append((event.name, event.time_range.start, event.time_range.end, launch))
     return rows
 

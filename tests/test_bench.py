@@ -204,6 +204,45 @@ def test_profile_step_charges_each_device_gap_to_the_phase_that_launched_its_end
                      {"phase": "dpo:a", "calls_per_step": 2.0, "host_ms_per_step": 0.015}]
 
 
+def test_profile_step_finds_each_kernels_launch_by_its_cupti_id():
+    """A kernel's launch time comes from the API call with the same CUPTI correlation id (runtime or driver call,
+    told from ops by name: an op's id comes from another counter and may be the same number), else from the op
+    both link to, else it is unknown. Events are torch's own FunctionEvent, filled as _parse_kineto_results
+    fills them from kineto."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    sys.path.insert(0, "bench")
+    try:
+        from profile_step import device_kernels
+    finally:
+        sys.path.remove("bench")
+
+    def event(id, name, start, end, device=DeviceType.CPU, linked=0, annotation=False):
+        return FunctionEvent(id=id, name=name, thread=1, start_us=start, end_us=end, device_type=device,
+                             linked_correlation_id=linked, is_user_annotation=annotation)
+
+    cuda = DeviceType.CUDA
+    events = [
+        event(7, "aten::mm", 0.0, 10.0),  # op 7; also the CUPTI id of kernel "triton" below: must not be its launch
+        event(70, "cudaLaunchKernel", 2.0, 3.0, linked=7),
+        event(70, "gemm", 20.0, 30.0, cuda, linked=7),  # launched at 2
+        event(8, "triton_poi_fused_add_0", 40.0, 41.0),  # inductor's range around a Triton launch
+        event(7, "cuLaunchKernelEx", 40.5, 40.8, linked=8),
+        event(7, "triton_poi_fused_add_0", 50.0, 51.0, cuda, linked=8),  # launched at 40.5, not op 7's 0
+        event(90, "copy", 60.0, 61.0, cuda, linked=8),  # its call not in the profile: the linked op's start
+        event(91, "orphan", 70.0, 71.0, cuda),  # neither
+        event(5, "dpo:backward", 0.0, 100.0, cuda, annotation=True),  # the range's device span: not a kernel
+    ]
+
+    class Profile:  # what device_kernels reads of torch.profiler.profile: its events
+        def events(self):
+            return events
+
+    assert device_kernels(Profile()) == [("gemm", 20.0, 30.0, 2.0), ("triton_poi_fused_add_0", 50.0, 51.0, 40.5),
+                                         ("copy", 60.0, 61.0, 40.0), ("orphan", 70.0, 71.0, None)]
+
+
 def suite_cases() -> dict[str, str]:
     """bench/gpu_suite.sh's cases: each case name and the text of its branch, with the shared arrays it names
     spelled out (what bench/vs_trl.py or another bench script gets on the GPU)."""
