@@ -39,10 +39,11 @@
 #   lora-zero1  lora-compiled-ours under ds_configs/zero1.json (no reduce buckets, no overlap_comm synchronize)
 #   full-z2-compiled  the full case's model and data under ZeRO-2: TRL, then dpo-dist with prefix sharing + lean + compiled
 #              layers (the fourth GPU session ran these two by hand: ZeRO-2 against ZeRO-3 on one GPU, both tools)
-#   full-z1-compiled  full-z2-compiled under ds_configs/zero1.json for both tools (on one process ZeRO-1 ran the fastest
-#              step: the sixth GPU session), and dpo-dist with the first 8 of 28 layers checkpointed (the memory goal)
-#   full-z1-ckpt  full-z1-compiled with dpo-dist's first 18 layers checkpointed instead of 8 (8 left it at 0.73x TRL's
-#              memory in the seventh GPU session, ~236 MB a layer above the 0.7x goal), and no unchecked run
+#   full-z1-compiled  full-z2-compiled under ds_configs/zero1.json for both tools (ZeRO-1 takes 4% less memory than
+#              ZeRO-2 on one process), and dpo-dist with the first 8 of 28 layers checkpointed (the memory goal)
+#   full-z1-ckpt  full-z1-compiled with dpo-dist's first 18 layers checkpointed instead of 8, and no unchecked run (8
+#              left it at 0.73x TRL's memory in the seventh GPU session, ~1,980 MB above the 0.7x goal, each layer
+#              checkpointed saving ~236 MB)
 #   full-z2-overlap  the full-z2-compiled shape, dpo-dist alone: prefix sharing + lean + compiled layers under zero2.json
 #              and ds_configs/zero1.json. The sixth GPU session ran it with zero2.json's overlap_comm on and a third
 #              variant without it (bench/configs/zero2_no_overlap.json, since removed): on one process the engine
@@ -76,7 +77,7 @@
 #              step ("device busy" against wall time) and the host syncs left, i.e. whether that step waits on the host
 #   sample-full-compiled  the same config under profile_step.py --sample-host 2 (3 warm-up steps, 2 sampled): the
 #              host's time by Python function in a compiled ZeRO-3 step (DeepSpeed's hooks, compiled layers, ours)
-#   profile-full-z1-compiled  profile-full-z2-compiled on full-z1-compiled's first dpo-dist run (ZeRO-1: the best MFU)
+#   profile-full-z1-compiled  profile-full-z2-compiled on full-z1-compiled's first dpo-dist run (ZeRO-1)
 #   profile-full-z2-compiled, sample-full-z2-compiled  the same two on full-z2-compiled's dpo-dist run (ZeRO-2, no
 #              per-layer hooks): where a compiled step's time goes once the hooks are gone (the MFU gap left)
 # all at max_seq_length 2048, 2 pairs per micro-batch, 4 micro-batches per step, 5 steps (2 warm-up).

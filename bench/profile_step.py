@@ -13,9 +13,10 @@ first-step work), then `--steps` steps under torch.profiler (CPU, plus CUDA on a
   calls, and on a GPU cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls; on a
   GPU each one waits for the stream, on CPU they are counted where they WOULD wait; each with the Python
   lines (outside torch) that made them and the trainer phase (`trainer.phase`: to_device, reference,
-  policy_forward, loss, collate, backward, step, metrics) they ran in, so a sync on the hot path can be found
-  and removed;
-- the host's time per phase, and on a GPU where the device waited: its idle time between kernels, charged to the
+  policy_forward, loss, objective, collate, backward, step, metrics) they ran in, so a sync on the hot path can
+  be found and removed;
+- the host's time per phase (collate's is ~0 here: the micro-batches are collated before profiling, below), and on
+  a GPU where the device waited: its idle time between kernels, charged to the
   phase whose launch ended each gap and split by whether the host launched that kernel only after the device had
   run out of work (the host was late) or in time (the kernel waited on something else), with the longest gaps;
 and writes `profile.json` (the same numbers) and a Chrome/Perfetto trace `trace.json` under
@@ -164,7 +165,8 @@ def sync_sites(prof, steps: int, regions: list[tuple[str, float, float]]) -> lis
             continue
         key = (event.name, phase_at(regions, event.time_range.start), *python_frames(event))
         counts[key] = counts.get(key, 0) + 1
-    sites = [{"op": key[0], "phase": key[1], "per_step": count / steps, "stack": list(key[2:])} for key, count in counts.items()]
+    sites = [{"op": key[0], "phase": key[1], "per_step": count / steps, "stack": list(key[2:])}
+             for key, count in counts.items()]
     sites.sort(key=lambda site: site["per_step"], reverse=True)
     return sites
 
@@ -368,19 +370,21 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"top {'kernels by device' if unit == 'device' else 'ops by self CPU'} time, rank 0:")
     for row in summary["top_ops"]:
         print(f"  {row['share']:6.1%} {row['self_ms']:10.1f} ms {row['calls']:7d}x  {row['op']}")
-    print("\nhost time by phase (trainer.phase), ms per step:")
+    print("\nhost time by phase (trainer.phase), ms per step (collate: built before profiling, so ~0):")
     for row in summary["phases"]:
         print(f"  {row['host_ms_per_step']:9.1f} ms  {row['calls_per_step']:5.1f} calls  {row['phase']}")
     idle = summary["idle"]
     if idle is not None:
-        print(f"\ndevice idle {idle['idle_ms_per_step']:.1f} ms per step, in gaps over {MIN_GAP_US:g} us between kernels, "
-              "by the phase that launched the kernel ending each gap (host late: launched after the device ran out of work):")
+        print(f"\ndevice idle {idle['idle_ms_per_step']:.1f} ms per step, in gaps over {MIN_GAP_US:g} us between "
+              "kernels, by the phase that launched the kernel ending each gap (host late: launched after the device "
+              "ran out of work):")
         for row in idle["by_phase"]:
-            print(f"  {row['idle_ms_per_step']:9.1f} ms  {row['gaps_per_step']:7.1f} gaps  host late {row['host_late_ms_per_step']:8.1f} ms  "
-                  f"{row['phase']}")
+            print(f"  {row['idle_ms_per_step']:9.1f} ms  {row['gaps_per_step']:7.1f} gaps  "
+                  f"host late {row['host_late_ms_per_step']:8.1f} ms  {row['phase']}")
         print("longest gaps:")
         for gap in idle["longest"]:
-            print(f"  {gap['idle_ms']:9.2f} ms  {gap['phase']}{'  host late' if gap['host_late'] else ''}  then {gap['next_kernel'][:90]}")
+            late = "  host late" if gap["host_late"] else ""
+            print(f"  {gap['idle_ms']:9.2f} ms  {gap['phase']}{late}  then {gap['next_kernel'][:90]}")
     print("\nhost syncs per step, by phase and call site:" if summary["syncs"] else "\nhost syncs per step: none")
     for site in summary["syncs"]:
         print(f"  {site['per_step']:6.1f}  {site['op']}  in {site['phase']}")

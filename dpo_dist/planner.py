@@ -664,10 +664,10 @@ def single_rank_note(ds_config: dict, world_size: int, on_gpu: bool, lora: bool)
     accumulation buffer, where ZeRO-1 lets autograd accumulate them in .grad: on the H200 ZeRO-1 took 4% less
     memory (ZeRO-3's) than ZeRO-2 as the engine runs it on one process (no overlap_comm, no synchronizing timer),
     at the same speed (39,214 against 40,092 tokens/s in one call; with DeepSpeed's timer synchronizing both, an
-    earlier session measured ZeRO-1 1.06x faster). Not so for LoRA, whose adapters' gradients are few (the 4B
-    LoRA step took the same time and memory under both), nor on CPU, where no run has measured a difference:
-    those ZeRO-2 runs get no note. The
-    steps are the same (bit for bit on CPU, fp32 and bf16: tests/test_engine.py; on CUDA the same kernels
+    earlier session measured ZeRO-1 1.06x faster, within the spread). Not so for LoRA, whose adapters' gradients
+    are few (the 4B LoRA step took the same time and memory under both), nor on CPU, where the 28-layer bench could
+    not tell the two apart in speed and the buffer is host memory among much else: those ZeRO-2 runs get no note.
+    The steps are the same (bit for bit on CPU, fp32 and bf16: tests/test_engine.py; on CUDA the same kernels
     on another stream), unless the file sets `data_types.grad_accum_dtype` (ZeRO-2 then accumulates in that
     dtype, bf16 ZeRO-1 becomes DeepSpeed's BF16_Optimizer) or a `gradient_predivide_factor` (applied per
     micro-batch under ZeRO-2, once per step under ZeRO-1): no note then either. Parameter offload is the one

@@ -59,9 +59,9 @@ from dpo_dist.replicas import agree_with_main
 
 
 def phase(name: str):
-    """A named range ("dpo:<name>") in torch.profiler's trace while a profiler runs, else nothing (a disabled check
-    costs well under a microsecond; an always-on range ~16 on this repo's CPU). bench/profile_step.py sums the host's
-    time by phase and charges each device idle gap to the phase whose launch ended it."""
+    """A named range ("dpo:<name>") in torch.profiler's trace while a profiler runs, else nothing (~0.7 us per use
+    on this repo's 2-core CPU, where an always-on range took 12-16 us). bench/profile_step.py sums the host's time
+    by phase and charges each device idle gap to the phase whose launch ended it."""
     if torch.autograd._profiler_enabled():
         return torch.profiler.record_function(f"dpo:{name}")
     return contextlib.nullcontext()
@@ -305,12 +305,13 @@ class Trainer:
             with phase("to_device"):
                 batch = batch.to(self.dist.device)
             loss, policy_logps, nll = self._pair_loss(batch)
-            # Mean over this micro-batch; DeepSpeed averages over ranks and accumulation steps.
-            objective = loss.losses.mean()
-            sft_nll = None
-            if batch.num_sft:  # SFT rows mixed in against forgetting: their per-token NLL
-                sft_nll = -policy_logps.sft_logps / policy_logps.sft_tokens.clamp(min=1)
-                objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
+            with phase("objective"):
+                # Mean over this micro-batch; DeepSpeed averages over ranks and accumulation steps.
+                objective = loss.losses.mean()
+                sft_nll = None
+                if batch.num_sft:  # SFT rows mixed in against forgetting: their per-token NLL
+                    sft_nll = -policy_logps.sft_logps / policy_logps.sft_tokens.clamp(min=1)
+                    objective = objective + self.config.data.sft_loss_weight * sft_nll.mean()
             # The next micro-batch is collated here, while the device works through this one's queued forward:
             # after the backward, DeepSpeed's ZeRO-2 with overlap_comm (several processes) waits for the device,
             # which would then idle through the collation. Nothing may stop between here and the backward: the
