@@ -90,22 +90,17 @@ def is_python_frame(name: str) -> bool:
     return ".py(" in name or name.startswith("<built-in")
 
 
-def top_ops(prof, on_gpu: bool) -> tuple[list[dict], float]:
-    """CPU: the ops (not Python frames) with the most self CPU time, and the total of that time in ms. GPU: the
-    kernels with the most device time, and how long the device was busy (`kernel_summary`).
+def top_ops(prof, kernels: list[tuple[str, float, float, float | None]] | None) -> tuple[list[dict], float]:
+    """CPU (`kernels` None): the ops (not Python frames) with the most self CPU time, and the total of that time in
+    ms. GPU: of `kernels` (`device_kernels`), those with the most device time, and how long the device was busy
+    (`kernel_summary`).
 
     Not the ops' self device time on a GPU: torch's table lists each kernel twice, as itself and as the self device
     time of the op that launched it (aten::mm and its GEMM kernel, an inductor graph's call and its Triton
     kernels), so summing the table doubles the busy time (the fourth and fifth GPU sessions' "41%" and "101%" busy
     were that; bench/RESULTS.md)."""
-    if on_gpu:
-        from torch.autograd import DeviceType
-
-        # not the device-side spans of record_function regions (an inductor graph's call, ProfilerStep): they run
-        # from a region's first kernel to its last, gaps included, and torch's own table leaves them out too
-        kernels = [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
-                   if event.device_type != DeviceType.CPU and not getattr(event, "is_user_annotation", False)]
-        return kernel_summary(kernels)
+    if kernels is not None:
+        return kernel_summary([(name, start, end) for name, start, end, _ in kernels])
     averages = [event for event in prof.key_averages() if event.self_cpu_time_total > 0 and not is_python_frame(event.key)]
     total = sum(event.self_cpu_time_total for event in averages) or 1
     averages.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
@@ -250,6 +245,8 @@ def device_kernels(prof) -> list[tuple[str, float, float, float | None]]:
     for event in prof.events():
         if event.device_type == DeviceType.CPU:
             (launch_starts if is_launch_call(event.name) else op_starts)[event.id] = event.time_range.start
+        # not the device-side spans of record_function regions (an inductor graph's call, ProfilerStep, trainer.phase):
+        # they run from a region's first kernel to its last, gaps included, and torch's own table leaves them out too
         elif not getattr(event, "is_user_annotation", False):
             kernels.append(event)
     rows = []
@@ -284,11 +281,12 @@ def main(config, args) -> int:
     if trainer.dist.is_main:
         out = Path(config.training.output_dir) / "profile"
         out.mkdir(parents=True, exist_ok=True)
-        ops, busy_ms = top_ops(prof, on_gpu)
+        kernels = device_kernels(prof) if on_gpu else None  # one pass over the events, for both reports
+        ops, busy_ms = top_ops(prof, kernels)
         regions = phase_regions(prof)
         summary = {"device": str(trainer.dist.device), "world_size": trainer.dist.world_size, "steps": args.steps,
                    "wall_ms": wall_ms, "busy_ms": busy_ms, "top_ops": ops, "phases": phase_times(regions, args.steps),
-                   "idle": idle_by_phase(device_kernels(prof), regions, args.steps) if on_gpu else None,
+                   "idle": idle_by_phase(kernels, regions, args.steps) if on_gpu else None,
                    "syncs": sync_sites(prof, args.steps, regions)}
         (out / "profile.json").write_text(json.dumps(summary, indent=1))
         prof.export_chrome_trace(str(out / "trace.json"))
