@@ -149,14 +149,10 @@ for spec in "$@"; do
             timeout "$seconds" python3 bench/compile_parity.py --device cuda --preset qwen3-4b --lora-r 16 \
                 --variants eager,lean+compile,lean+compile+nodet 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
             continue ;;
-        head)
-            { timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096
-              timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 --tokens 883
-            } 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
-            continue ;;
-        head-frozen)
-            { timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 --frozen-head
-              timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 --tokens 883 --frozen-head
+        head|head-frozen)
+            frozen=(); [ "$case" = head-frozen ] && frozen=(--frozen-head)
+            { timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 "${frozen[@]}"
+              timeout "$seconds" python3 bench/logps_chunk.py --device cuda --dtype bfloat16 --hidden 2048 --iters 20 --total-tokens 4096 --tokens 883 "${frozen[@]}"
             } 2>&1 | grep -v -i -e warn | tee "$OUT/$case.log"
             continue ;;
         liger-tests)
