@@ -153,15 +153,22 @@ def test_profile_step_reports_ops_and_samples_compiled_layers_as_they_run(tiny_p
     assert any(name.startswith("torch/_inductor/output_code.py") and share > 0.05 for name, share in inclusive.items())
 
 
+def profile_step():
+    """bench/profile_step.py as a module, for its pure functions (bench/ is on the path only while it loads)."""
+    import importlib
+
+    sys.path.insert(0, "bench")
+    try:
+        return importlib.import_module("profile_step")
+    finally:
+        sys.path.remove("bench")
+
+
 def test_profile_step_counts_each_kernel_once_and_overlaps_once():
     """On a GPU the device's busy time is the union of the kernels' intervals, each kernel counted once: torch's
     op table also lists every kernel as the self device time of the op that launched it, and summing that table
     had doubled the busy time the GPU sessions reported. Two streams' overlapping kernels count once."""
-    sys.path.insert(0, "bench")
-    try:
-        from profile_step import kernel_summary
-    finally:
-        sys.path.remove("bench")
+    kernel_summary = profile_step().kernel_summary
     kernels = [("gemm", 0.0, 400.0), ("gemm", 1000.0, 1400.0), ("norm", 1400.0, 1500.0),
                ("copy", 1450.0, 1600.0),  # another stream, overlapping the norm by 50 us
                ("norm", 3000.0, 3100.0)]
@@ -176,11 +183,7 @@ def test_profile_step_charges_each_device_gap_to_the_phase_that_launched_its_end
     kernels leave none) is charged to the innermost trainer phase around the launch of the kernel that ends it,
     and counted as the host's lateness only when that launch came after the device had run out of work. Host
     time per phase is the sum of its ranges. Checked against sums worked out by hand."""
-    sys.path.insert(0, "bench")
-    try:
-        from profile_step import LAUNCH_UNKNOWN, NO_PHASE, idle_by_phase, phase_times
-    finally:
-        sys.path.remove("bench")
+    tool = profile_step()
     regions = [("dpo:backward", 0.0, 100.0), ("dpo:step", 100.0, 150.0), ("dpo:inner", 108.0, 112.0)]
     kernels = [  # (name, start us, end us, launch us)
         ("a", 0.0, 10.0, 1.0), ("b", 10.0, 30.0, 5.0),  # back to back: no gap
@@ -194,16 +197,16 @@ def test_profile_step_charges_each_device_gap_to_the_phase_that_launched_its_end
         ("i", 200.0, 210.0, 180.0),  # 30 us, late, launched outside every phase
     ]
     random.Random(0).shuffle(kernels)  # the profile's order is not the device's
-    idle = idle_by_phase(kernels, regions, steps=2)
+    idle = tool.idle_by_phase(kernels, regions, steps=2)
     assert math.isclose(idle["idle_ms_per_step"], (10 + 50 + 10 + 19 + 30) / 1e3 / 2)
     got = {row["phase"]: (row["gaps_per_step"], round(row["idle_ms_per_step"] * 2e3, 6),
                           round(row["host_late_ms_per_step"] * 2e3, 6)) for row in idle["by_phase"]}
     assert got == {"dpo:inner": (0.5, 50, 50), "dpo:backward": (0.5, 10, 10), "dpo:step": (0.5, 10, 0),
-                   LAUNCH_UNKNOWN: (0.5, 19, 0), NO_PHASE: (0.5, 30, 30)}
-    assert [row["phase"] for row in idle["by_phase"]][:3] == ["dpo:inner", NO_PHASE, LAUNCH_UNKNOWN]
+                   tool.LAUNCH_UNKNOWN: (0.5, 19, 0), tool.NO_PHASE: (0.5, 30, 30)}
+    assert [row["phase"] for row in idle["by_phase"]][:3] == ["dpo:inner", tool.NO_PHASE, tool.LAUNCH_UNKNOWN]
     assert [(gap["next_kernel"], gap["host_late"]) for gap in idle["longest"]] == [
         ("f", True), ("i", True), ("h", False), ("c", True), ("g", False)]
-    times = phase_times([("dpo:a", 0.0, 10.0), ("dpo:b", 10.0, 40.0), ("dpo:a", 50.0, 55.0)], steps=1)
+    times = tool.phase_times([("dpo:a", 0.0, 10.0), ("dpo:b", 10.0, 40.0), ("dpo:a", 50.0, 55.0)], steps=1)
     assert times == [{"phase": "dpo:b", "calls_per_step": 1.0, "host_ms_per_step": 0.03},
                      {"phase": "dpo:a", "calls_per_step": 2.0, "host_ms_per_step": 0.015}]
 
@@ -220,11 +223,7 @@ def test_profile_step_finds_each_kernels_launch_by_its_cupti_id():
 
     if not {"linked_correlation_id", "is_user_annotation"} <= set(inspect.signature(FunctionEvent).parameters):
         pytest.skip("this torch's FunctionEvent has no linked_correlation_id (device_kernels then reads none)")
-    sys.path.insert(0, "bench")
-    try:
-        from profile_step import device_kernels
-    finally:
-        sys.path.remove("bench")
+    device_kernels = profile_step().device_kernels
 
     def event(id, name, start, end, device=DeviceType.CPU, linked=0, annotation=False):
         return FunctionEvent(id=id, name=name, thread=1, start_us=start, end_us=end, device_type=device,
